@@ -1,0 +1,76 @@
+"""Command-line entry point: ``python main.py <subcommand> ...``.
+
+Only argument assembly and dispatch live here; every subcommand is a module at the repository
+root exposing ``add_parser(subparsers)`` (which ends with ``set_defaults(func=run)``).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+from errors import EXIT_INTERNAL, EXIT_USAGE, UserError
+
+# Subcommand modules, in the order `--help` lists them.
+COMMAND_MODULES = ("download_weights",)
+
+log = logging.getLogger("samlora")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Assemble the top-level parser from every command module's ``add_parser``."""
+    parser = argparse.ArgumentParser(
+        prog="main.py",
+        description="Fine-tune SAM / MobileSAM with LoRA for microscopy, evaluate, and segment.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug messages")
+    subparsers = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(subparsers)
+    return parser
+
+
+def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
+    """Log to stderr; ``--quiet`` keeps warnings only, ``--verbose`` adds debug messages."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    root = logging.getLogger()
+    root.setLevel(level)
+    if not any(getattr(h, "_samlora", False) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        handler._samlora = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen subcommand; returns the process exit code.
+
+    0 success, 2 bad input (usage errors and :class:`UserError`), 1 internal error.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors and 0 on --help
+        return int(exc.code or 0)
+    setup_logging(args.quiet, args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback
+        log.debug("internal error", exc_info=True)
+        log.error("internal error: %s: %s (rerun with --verbose for details)", type(exc).__name__, exc)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,596 @@
+"""Segmentation metrics: the one place where ``train``, ``evaluate`` and ``detect`` get numbers.
+
+Two families, each with a **per-image** function and a **pooled** (dataset-level) function:
+
+* Semantic (foreground vs background; any nonzero label is foreground):
+  :func:`semantic_metrics` -> ``dice``, ``iou``, ``precision``, ``recall`` and the pixel
+  counts ``tp``, ``fp``, ``fn``; :func:`pooled_semantic_metrics` sums the counts over images
+  first and computes the scores once ("pooled", "aggregated", "micro-averaged").
+* Instance (objects are label values): :func:`instance_metrics` -> ``aji`` (Kumar et al.
+  2017), ``aji_plus`` (Graham et al. 2019, HoVer-Net), ``pq`` = ``sq`` x ``rq`` (Kirillov et al.
+  2019, matching at IoU > 0.5), ``f1`` / ``precision`` / ``recall`` at IoU > 0.5,
+  ``f1@0.50`` ... ``f1@0.95`` (also ``precision@t``, ``recall@t``, ``tp@t``),
+  ``mean_matched_iou``, ``n_gt``, ``n_pred``, ``tp``, ``fp``, ``fn`` and the raw sums needed for
+  pooling; :func:`pooled_instance_metrics` pools them over images (AJI = summed intersections
+  / summed unions; PQ from summed TP / FP / FN and summed matched IoU).
+
+Per-image scores averaged over images and pooled scores are different numbers; report which
+one you give. :func:`summarize` gives mean, std and a seeded 95 % bootstrap interval of a list
+of per-image values; :class:`MetricAccumulator` collects per-image rows and gives both.
+
+Every returned dict is flat (``str`` -> ``int`` or ``float``), so a list of them is a CSV
+table; the pooled dicts have the same keys as the per-image ones.
+
+Conventions (no NaN, no division by zero, ever)
+----------------------------------------------
+* **Empty inputs.** When a score's denominator is zero, the score is ``1.0`` if ground truth
+  and prediction are *both* empty (nothing to find, nothing found: perfect) and ``0.0``
+  otherwise. Consequences: both empty -> every score is 1; exactly one empty -> every score
+  is 0 (including e.g. ``recall`` on an image without ground truth but with false positives,
+  and ``sq`` / ``mean_matched_iou`` when no pair matches). The pooled functions apply the same
+  rule to the summed counts, so they only reach it if the whole dataset is empty.
+* **Labels.** ``gt`` and ``pred`` are HxW maps of non-negative integers (or bool); 0 is
+  background. For instance metrics every distinct nonzero value is one object, whatever its
+  shape: values need not be consecutive, and an object may have several connected pieces. A
+  binary mask is therefore *one* object; call :func:`to_instances` first to split it into
+  connected components. Scores do not depend on which values are used (up to exact ties in
+  AJI's arg-max, broken towards the smallest prediction label).
+* **Ignore mask.** ``ignore`` (HxW, bool or integer, nonzero = ignored; e.g. NuInsSeg's
+  ambiguous regions) removes those pixels from both maps before anything is counted: they are
+  never TP / FP / FN, object areas and overlaps exclude them, and an object lying entirely
+  inside the ignored region does not exist (it is neither counted nor missed).
+* **Matching.** IoU thresholds are strict (a pair matches at ``t`` when IoU > t) and compared
+  in exact integer arithmetic (``100 * intersection > 100t * union``). For t >= 0.5 a ground-truth
+  object can overlap at most one prediction that much (predictions are disjoint), so the
+  matching is unique without any assignment step. ``mean_matched_iou`` is the mean IoU of the
+  pairs matched at 0.5, which is by definition the same number as ``sq``.
+* **AJI** (Kumar et al., IEEE TMI 2017, Algorithm 1): each ground-truth object is paired
+  with the prediction of highest IoU among those it overlaps; pair intersections go to C,
+  pair unions to U; a prediction may be chosen by several ground-truth objects (its area then
+  enters U several times); predictions never chosen add their area to U; a ground-truth object
+  that overlaps no prediction adds its own area to U (as in the MoNuSeg and HoVer-Net code).
+* **AJI+** (Graham et al., Med. Image Anal. 2019, HoVer-Net ``get_fast_aji_plus``): pairs
+  are a one-to-one assignment maximising the summed IoU (Hungarian, over overlapping pairs
+  only); unpaired ground-truth and predicted objects add their areas to the union.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Literal, Mapping
+
+import numpy as np
+from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+log = logging.getLogger(__name__)
+
+#: IoU thresholds 0.50, 0.55, ..., 0.95 of the ``f1@t`` family, as integer percents (exact).
+IOU_THRESHOLD_PERCENTS: tuple[int, ...] = tuple(range(50, 100, 5))
+
+#: Score keys of :func:`semantic_metrics` (counts ``tp``, ``fp``, ``fn`` come besides).
+SEMANTIC_SCORE_KEYS: tuple[str, ...] = ("dice", "iou", "precision", "recall")
+SEMANTIC_COUNT_KEYS: tuple[str, ...] = ("tp", "fp", "fn")
+
+#: Headline score keys of :func:`instance_metrics`, for short tables.
+INSTANCE_HEADLINE_KEYS: tuple[str, ...] = (
+    "aji", "aji_plus", "pq", "sq", "rq", "f1", "precision", "recall", "mean_matched_iou",
+)
+#: Raw sums of :func:`instance_metrics` that :func:`pooled_instance_metrics` adds up.
+INSTANCE_COUNT_KEYS: tuple[str, ...] = (
+    "n_gt", "n_pred", "tp", "fp", "fn", "sum_matched_iou",
+    "aji_intersection", "aji_union", "aji_plus_intersection", "aji_plus_union",
+) + tuple(f"tp@{p / 100:.2f}" for p in IOU_THRESHOLD_PERCENTS)
+
+# Above this many (gt, pred) cells the overlap table is built with np.unique instead of a
+# dense bincount (memory: 8 bytes per cell).
+_DENSE_PAIR_LIMIT = 1 << 22
+# Label maps whose largest value is below this are compacted with a lookup table (O(pixels)).
+_LUT_LABEL_LIMIT = 1 << 22
+
+
+def threshold_key(name: str, percent: int) -> str:
+    """Column name of a per-threshold value, e.g. ``threshold_key("f1", 75) == "f1@0.75"``."""
+    return f"{name}@{percent / 100:.2f}"
+
+
+def instance_score_keys() -> tuple[str, ...]:
+    """All float score keys of :func:`instance_metrics` (headline keys, then per threshold)."""
+    per_threshold = tuple(
+        threshold_key(name, p)
+        for name in ("f1", "precision", "recall")
+        for p in IOU_THRESHOLD_PERCENTS
+    )
+    return INSTANCE_HEADLINE_KEYS + per_threshold
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_label_map(arr: np.ndarray, name: str) -> np.ndarray:
+    """Return ``arr`` as an HxW non-negative integer array, or raise ``ValueError``."""
+    arr = np.asarray(arr)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D HxW label map, got shape {arr.shape}")
+    if arr.dtype == bool:
+        return arr.view(np.uint8)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(
+            f"{name} must have an integer or bool dtype, got {arr.dtype} "
+            "(threshold probabilities / cast labels before computing metrics)"
+        )
+    if np.issubdtype(arr.dtype, np.signedinteger) and arr.size and arr.min() < 0:
+        raise ValueError(f"{name} has negative labels (min {arr.min()}); labels must be >= 0")
+    return arr
+
+
+def _check_inputs(
+    gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Validate ``gt`` / ``pred`` / ``ignore``; return them with ``ignore`` as bool or None."""
+    gt = _check_label_map(gt, "gt")
+    pred = _check_label_map(pred, "pred")
+    if gt.shape != pred.shape:
+        raise ValueError(f"gt and pred shapes differ: gt {gt.shape} vs pred {pred.shape}")
+    if ignore is not None:
+        ignore = np.asarray(ignore)
+        if ignore.shape != gt.shape:
+            raise ValueError(
+                f"ignore mask shape {ignore.shape} differs from gt/pred shape {gt.shape}"
+            )
+        if ignore.dtype != bool:
+            if not np.issubdtype(ignore.dtype, np.integer):
+                raise ValueError(f"ignore must be a bool or integer mask, got {ignore.dtype}")
+            ignore = ignore != 0
+    return gt, pred, ignore
+
+
+def _ratio(num: float, den: float, both_empty: bool) -> float:
+    """``num / den``; if ``den == 0``: 1.0 when both inputs are empty, else 0.0."""
+    if den == 0:
+        return 1.0 if both_empty else 0.0
+    return float(num) / float(den)
+
+
+# --------------------------------------------------------------------------- semantic
+
+
+def _semantic_scores(tp: int, fp: int, fn: int) -> dict[str, float | int]:
+    """Scores from pixel counts; shared by the per-image and the pooled function."""
+    both_empty = tp + fp + fn == 0  # no foreground in gt nor in pred
+    return {
+        "dice": _ratio(2 * tp, 2 * tp + fp + fn, both_empty),
+        "iou": _ratio(tp, tp + fp + fn, both_empty),
+        "precision": _ratio(tp, tp + fp, both_empty),
+        "recall": _ratio(tp, tp + fn, both_empty),
+        "tp": int(tp),
+        "fp": int(fp),
+        "fn": int(fn),
+    }
+
+
+def semantic_metrics(
+    gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None = None
+) -> dict[str, float | int]:
+    """Per-image foreground Dice, IoU, precision and recall (pixel level).
+
+    Args:
+        gt: HxW ground truth, integer or bool; any nonzero value is foreground.
+        pred: HxW prediction, same shape and rules as ``gt``.
+        ignore: optional HxW mask (bool, or integer with nonzero = ignored); those pixels
+            are left out of every count.
+
+    Returns:
+        ``{"dice", "iou", "precision", "recall"}`` as floats in [0, 1] and the pixel counts
+        ``{"tp", "fp", "fn"}`` as ints (feed a list of these dicts to
+        :func:`pooled_semantic_metrics`). Zero denominators follow the module convention:
+        1.0 if gt and pred are both empty, else 0.0.
+
+    Raises:
+        ValueError: shapes differ, not 2-D, float dtype, or negative labels.
+    """
+    gt, pred, ignore = _check_inputs(gt, pred, ignore)
+    g = gt != 0
+    p = pred != 0
+    if ignore is not None:
+        keep = ~ignore
+        g &= keep
+        p &= keep
+    tp = int(np.count_nonzero(g & p))
+    fp = int(np.count_nonzero(p)) - tp
+    fn = int(np.count_nonzero(g)) - tp
+    return _semantic_scores(tp, fp, fn)
+
+
+def _sum_counts(rows: Iterable[Mapping[str, float]], keys: tuple[str, ...], what: str) -> dict:
+    """Sum ``keys`` over ``rows``; ValueError on no rows or a missing key."""
+    totals = dict.fromkeys(keys, 0)
+    n_rows = 0
+    for i, row in enumerate(rows):
+        missing = [k for k in keys if k not in row]
+        if missing:
+            raise ValueError(
+                f"row {i} lacks {missing}: pool the dicts returned by {what}, not a summary"
+            )
+        for k in keys:
+            totals[k] += row[k]
+        n_rows += 1
+    if n_rows == 0:
+        raise ValueError(f"nothing to pool: no per-image results of {what} were given")
+    return totals
+
+
+def pooled_semantic_metrics(rows: Iterable[Mapping[str, float]]) -> dict[str, float | int]:
+    """Dataset-level (pooled) scores: sum TP / FP / FN over images, then compute once.
+
+    This is not the mean of the per-image scores: large objects and images weigh more, and
+    images without foreground do not count as perfect or failed images.
+
+    Args:
+        rows: the dicts returned by :func:`semantic_metrics`, one per image.
+
+    Returns:
+        The same keys as :func:`semantic_metrics`, counts summed over images.
+
+    Raises:
+        ValueError: ``rows`` is empty or a row lacks ``tp`` / ``fp`` / ``fn``.
+    """
+    totals = _sum_counts(rows, SEMANTIC_COUNT_KEYS, "semantic_metrics")
+    return _semantic_scores(totals["tp"], totals["fp"], totals["fn"])
+
+
+# --------------------------------------------------------------------------- instance
+
+
+def to_instances(mask: np.ndarray, connectivity: int = 8) -> np.ndarray:
+    """Connected components of the foreground: one object per component.
+
+    Use this for binary predictions or masks; on a label map, touching objects with different
+    labels are merged (only foreground vs background is looked at).
+
+    Args:
+        mask: HxW integer or bool array; nonzero is foreground.
+        connectivity: 4 (edge neighbours) or 8 (edge and corner neighbours).
+
+    Returns:
+        HxW int32 label map, background 0, components numbered 1..N.
+
+    Raises:
+        ValueError: not 2-D, float dtype, negative values, or a bad ``connectivity``.
+    """
+    mask = _check_label_map(mask, "mask")
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
+    structure = ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
+    labels, _ = ndimage.label(mask != 0, structure=structure, output=np.int32)
+    return labels
+
+
+def _compact_labels(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Map the nonzero values of a flat label array onto 1..n (0 stays 0), keeping order.
+
+    Args:
+        labels: flat (N,) non-negative integer array.
+
+    Returns:
+        ``(idx, n)``: (N,) int64 array of compact labels, and the number of objects n.
+    """
+    if labels.size == 0:
+        return labels.astype(np.int64), 0
+    top = int(labels.max())
+    if top < _LUT_LABEL_LIMIT:
+        labels = labels.astype(np.intp, copy=False)  # uint64 cannot index / bincount safely
+        present = np.bincount(labels, minlength=top + 1) > 0
+        present[0] = False
+        lut = np.cumsum(present, dtype=np.int64)
+        lut[0] = 0
+        return lut[labels], int(lut[-1])
+    values, inverse = np.unique(labels, return_inverse=True)
+    inverse = inverse.astype(np.int64).ravel()
+    if values[0] == 0:
+        return inverse, len(values) - 1
+    return inverse + 1, len(values)
+
+
+def _overlaps(
+    gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Object areas and the sparse table of overlapping (gt, pred) pairs.
+
+    Returns:
+        ``(area_gt, area_pred, pair_gt, pair_pred, inter)``: (G,) and (P,) int64 areas of the
+        compacted objects; (K,) int64 indices (0-based, in label order) of the K overlapping
+        pairs and their (K,) int64 intersections (all > 0), sorted by (gt, pred).
+    """
+    g = gt.ravel()
+    p = pred.ravel()
+    if ignore is not None:
+        keep = ~ignore.ravel()
+        g = g[keep]
+        p = p[keep]
+    gi, n_gt = _compact_labels(g)
+    pi, n_pred = _compact_labels(p)
+    area_gt = np.bincount(gi, minlength=n_gt + 1)[1:]
+    area_pred = np.bincount(pi, minlength=n_pred + 1)[1:]
+    both = (gi > 0) & (pi > 0)
+    keys = (gi[both] - 1) * n_pred + (pi[both] - 1)
+    if n_gt * n_pred <= _DENSE_PAIR_LIMIT:
+        table = np.bincount(keys, minlength=n_gt * n_pred)
+        cells = np.flatnonzero(table)
+        inter = table[cells]
+    else:
+        cells, inter = np.unique(keys, return_counts=True)
+    if n_pred == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return area_gt, area_pred, empty, empty, empty
+    return area_gt, area_pred, cells // n_pred, cells % n_pred, inter.astype(np.int64)
+
+
+def _aji_sums(
+    area_gt: np.ndarray, area_pred: np.ndarray,
+    pair_gt: np.ndarray, pair_pred: np.ndarray, inter: np.ndarray, union: np.ndarray,
+) -> tuple[int, int]:
+    """Kumar et al.'s AJI intersection and union sums (see the module docstring)."""
+    if len(inter) == 0:
+        return 0, int(area_gt.sum() + area_pred.sum())
+    # Best prediction per gt object: sort by gt, IoU descending, pred index ascending (ties go
+    # to the smallest prediction label) and take the first pair of each gt. IoU as a double is
+    # exact enough: equal fractions give equal doubles, and distinct fractions with
+    # denominators below 2**26 differ by far more than the rounding error.
+    iou = inter / union
+    order = np.lexsort((pair_pred, -iou, pair_gt))
+    sorted_gt = pair_gt[order]
+    first = order[np.r_[True, sorted_gt[1:] != sorted_gt[:-1]]]
+    total_inter = int(inter[first].sum())
+    total_union = int(union[first].sum())
+    gt_paired = np.zeros(len(area_gt), dtype=bool)
+    gt_paired[pair_gt[first]] = True
+    pred_used = np.zeros(len(area_pred), dtype=bool)
+    pred_used[pair_pred[first]] = True
+    total_union += int(area_gt[~gt_paired].sum()) + int(area_pred[~pred_used].sum())
+    return total_inter, total_union
+
+
+def _aji_plus_sums(
+    area_gt: np.ndarray, area_pred: np.ndarray,
+    pair_gt: np.ndarray, pair_pred: np.ndarray, inter: np.ndarray, union: np.ndarray,
+) -> tuple[int, int]:
+    """AJI+ intersection and union sums: one-to-one pairs of maximal summed IoU.
+
+    The assignment decomposes over connected components of the overlap graph, so the
+    Hungarian algorithm only runs on the (small) components with more than one pair.
+    """
+    n_gt, n_pred = len(area_gt), len(area_pred)
+    if len(inter) == 0:
+        return 0, int(area_gt.sum() + area_pred.sum())
+    graph = coo_matrix(
+        (np.ones(len(inter)), (pair_gt, n_gt + pair_pred)), shape=(n_gt + n_pred,) * 2
+    )
+    _, component = connected_components(graph, directed=False)
+    pair_component = component[pair_gt]
+    pairs_per_component = np.bincount(pair_component)
+    single = pairs_per_component[pair_component] == 1
+    chosen = [np.flatnonzero(single)]  # components with one pair: that pair is the match
+    multi = np.flatnonzero(~single)
+    if len(multi):
+        iou = inter / union
+        multi = multi[np.argsort(pair_component[multi], kind="stable")]
+        bounds = np.flatnonzero(np.diff(pair_component[multi])) + 1
+        log.debug("AJI+: Hungarian on %d overlap components (largest %d pairs)",
+                  len(bounds) + 1, int(pairs_per_component.max()))
+        for block in np.split(multi, bounds):
+            rows, row_idx = np.unique(pair_gt[block], return_inverse=True)
+            cols, col_idx = np.unique(pair_pred[block], return_inverse=True)
+            cost = np.zeros((len(rows), len(cols)))
+            cost[row_idx, col_idx] = -iou[block]
+            pair_of_cell = np.full((len(rows), len(cols)), -1, dtype=np.int64)
+            pair_of_cell[row_idx, col_idx] = block
+            r, c = linear_sum_assignment(cost)
+            picked = pair_of_cell[r, c]
+            chosen.append(picked[picked >= 0])  # drop assignments of non-overlapping cells
+    sel = np.concatenate(chosen)
+    total_inter = int(inter[sel].sum())
+    total_union = int(union[sel].sum())
+    gt_paired = np.zeros(n_gt, dtype=bool)
+    gt_paired[pair_gt[sel]] = True
+    pred_paired = np.zeros(n_pred, dtype=bool)
+    pred_paired[pair_pred[sel]] = True
+    total_union += int(area_gt[~gt_paired].sum()) + int(area_pred[~pred_paired].sum())
+    return total_inter, total_union
+
+
+def _instance_scores(counts: Mapping[str, float]) -> dict[str, float | int]:
+    """Scores from the raw sums of :data:`INSTANCE_COUNT_KEYS` (per image or pooled)."""
+    n_gt, n_pred = int(counts["n_gt"]), int(counts["n_pred"])
+    both_empty = n_gt == 0 and n_pred == 0
+    tp, fp, fn = int(counts["tp"]), int(counts["fp"]), int(counts["fn"])
+    sq = _ratio(counts["sum_matched_iou"], tp, both_empty)
+    rq = _ratio(tp, tp + 0.5 * fp + 0.5 * fn, both_empty)
+    out: dict[str, float | int] = {
+        "aji": _ratio(counts["aji_intersection"], counts["aji_union"], both_empty),
+        "aji_plus": _ratio(counts["aji_plus_intersection"], counts["aji_plus_union"], both_empty),
+        "pq": sq * rq,
+        "sq": sq,
+        "rq": rq,
+        "f1": _ratio(2 * tp, n_gt + n_pred, both_empty),
+        "precision": _ratio(tp, n_pred, both_empty),
+        "recall": _ratio(tp, n_gt, both_empty),
+        "mean_matched_iou": sq,
+    }
+    for p in IOU_THRESHOLD_PERCENTS:
+        tp_t = int(counts[threshold_key("tp", p)])
+        out[threshold_key("f1", p)] = _ratio(2 * tp_t, n_gt + n_pred, both_empty)
+        out[threshold_key("precision", p)] = _ratio(tp_t, n_pred, both_empty)
+        out[threshold_key("recall", p)] = _ratio(tp_t, n_gt, both_empty)
+    for key in INSTANCE_COUNT_KEYS:
+        value = counts[key]
+        out[key] = float(value) if key == "sum_matched_iou" else int(value)
+    return out
+
+
+def instance_metrics(
+    gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None = None
+) -> dict[str, float | int]:
+    """Per-image instance metrics: AJI, AJI+, PQ / SQ / RQ, F1 at IoU 0.5 ... 0.95.
+
+    Args:
+        gt: HxW ground-truth label map, integer or bool; 0 is background, every other value
+            is one object (values need not be consecutive; a binary mask is one object, use
+            :func:`to_instances` to split it into connected components).
+        pred: HxW predicted label map, same shape and rules as ``gt``.
+        ignore: optional HxW mask (bool, or integer with nonzero = ignored) of pixels removed
+            from both maps before counting.
+
+    Returns:
+        A flat dict (see the module docstring for definitions and conventions):
+
+        * floats in [0, 1]: ``aji``, ``aji_plus``, ``pq``, ``sq``, ``rq``, ``f1``,
+          ``precision``, ``recall`` (matching at IoU > 0.5; ``f1 == rq``),
+          ``mean_matched_iou`` (== ``sq``), and ``f1@t``, ``precision@t``, ``recall@t`` for
+          t in 0.50, 0.55, ..., 0.95 (keys like ``"f1@0.75"``);
+        * ints: ``n_gt``, ``n_pred``, ``tp``, ``fp``, ``fn`` (at IoU > 0.5), ``tp@t``,
+          ``aji_intersection``, ``aji_union``, ``aji_plus_intersection``, ``aji_plus_union``
+          (pixel sums); float ``sum_matched_iou``. These make
+          :func:`pooled_instance_metrics` possible.
+
+    Raises:
+        ValueError: shapes differ, not 2-D, float dtype, or negative labels.
+    """
+    gt, pred, ignore = _check_inputs(gt, pred, ignore)
+    area_gt, area_pred, pair_gt, pair_pred, inter = _overlaps(gt, pred, ignore)
+    union = area_gt[pair_gt] + area_pred[pair_pred] - inter
+    n_gt, n_pred = len(area_gt), len(area_pred)
+
+    counts: dict[str, float] = {"n_gt": n_gt, "n_pred": n_pred}
+    for p in IOU_THRESHOLD_PERCENTS:
+        counts[threshold_key("tp", p)] = int(np.count_nonzero(100 * inter > p * union))
+    matched = 2 * inter > union  # IoU > 0.5: unique pairs
+    tp = int(np.count_nonzero(matched))
+    counts.update(
+        tp=tp, fp=n_pred - tp, fn=n_gt - tp,
+        sum_matched_iou=float(np.sum(inter[matched] / union[matched])),
+    )
+    counts["aji_intersection"], counts["aji_union"] = _aji_sums(
+        area_gt, area_pred, pair_gt, pair_pred, inter, union
+    )
+    counts["aji_plus_intersection"], counts["aji_plus_union"] = _aji_plus_sums(
+        area_gt, area_pred, pair_gt, pair_pred, inter, union
+    )
+    return _instance_scores(counts)
+
+
+def pooled_instance_metrics(rows: Iterable[Mapping[str, float]]) -> dict[str, float | int]:
+    """Dataset-level (pooled, "aggregated") instance metrics from per-image results.
+
+    AJI and AJI+ are summed intersections over summed unions across images (the way AJI is
+    defined on a dataset in the literature); PQ, SQ, RQ, F1, precision and recall come from
+    summed TP / FP / FN / matched IoU. Not the mean of the per-image scores.
+
+    Args:
+        rows: the dicts returned by :func:`instance_metrics`, one per image.
+
+    Returns:
+        The same keys as :func:`instance_metrics`, counts summed over images.
+
+    Raises:
+        ValueError: ``rows`` is empty or a row lacks one of :data:`INSTANCE_COUNT_KEYS`.
+    """
+    totals = _sum_counts(rows, INSTANCE_COUNT_KEYS, "instance_metrics")
+    return _instance_scores(totals)
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def summarize(
+    values: Iterable[float], n_boot: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> dict[str, float | int]:
+    """Mean, standard deviation and a percentile-bootstrap confidence interval of the mean.
+
+    Args:
+        values: per-image scores (finite numbers).
+        n_boot: bootstrap resamples (with replacement, same size as ``values``).
+        confidence: interval coverage, e.g. 0.95 -> 2.5th and 97.5th percentiles.
+        seed: seed of the resampling generator; equal inputs give equal intervals.
+
+    Returns:
+        ``{"mean", "std", "ci_low", "ci_high", "n"}``. ``std`` is the sample standard
+        deviation (ddof=1). Conventions, never NaN: no values -> every float 0.0 and
+        ``n == 0`` (check ``n``); one value -> ``std == 0`` and the interval is that value.
+
+    Raises:
+        ValueError: a value is NaN or infinite, or ``n_boot`` / ``confidence`` is invalid.
+    """
+    x = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=float)
+    x = x.ravel()
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"values contain {np.count_nonzero(~np.isfinite(x))} NaN/inf entries")
+    n = len(x)
+    if n == 0:
+        return {"mean": 0.0, "std": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 0}
+    mean = float(x.mean())
+    if n == 1:
+        return {"mean": mean, "std": 0.0, "ci_low": mean, "ci_high": mean, "n": 1}
+    rng = np.random.default_rng(seed)
+    # Resample in chunks so memory stays ~8M indices whatever n is.
+    chunk = max(1, (1 << 23) // n)
+    means = np.concatenate([
+        x[rng.integers(0, n, size=(min(chunk, n_boot - start), n))].mean(axis=1)
+        for start in range(0, n_boot, chunk)
+    ])
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return {
+        "mean": mean,
+        "std": float(x.std(ddof=1)),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "n": n,
+    }
+
+
+class MetricAccumulator:
+    """Collects per-image metric rows and gives pooled scores and per-image summaries.
+
+    Example::
+
+        acc = MetricAccumulator("instance")
+        for gt, pred in pairs:
+            row = acc.update(gt, pred)          # per-image dict, also kept in acc.rows
+        acc.pooled()                            # dataset-level (summed counts)
+        acc.summary()["aji"]                    # mean / std / 95 % CI over images
+    """
+
+    def __init__(self, kind: Literal["semantic", "instance"]) -> None:
+        if kind not in ("semantic", "instance"):
+            raise ValueError(f"kind must be 'semantic' or 'instance', got {kind!r}")
+        self.kind = kind
+        self.rows: list[dict[str, float | int]] = []
+
+    def update(
+        self, gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None = None
+    ) -> dict[str, float | int]:
+        """Score one HxW image pair, keep the row, and return it (see the metric function)."""
+        fn = semantic_metrics if self.kind == "semantic" else instance_metrics
+        row = fn(gt, pred, ignore)
+        self.rows.append(row)
+        return row
+
+    def score_keys(self) -> tuple[str, ...]:
+        """The float score keys of this kind (the ones :meth:`summary` summarises)."""
+        return SEMANTIC_SCORE_KEYS if self.kind == "semantic" else instance_score_keys()
+
+    def pooled(self) -> dict[str, float | int]:
+        """Dataset-level scores from counts summed over all rows (ValueError if no rows)."""
+        if self.kind == "semantic":
+            return pooled_semantic_metrics(self.rows)
+        return pooled_instance_metrics(self.rows)
+
+    def summary(self, **kwargs: float) -> dict[str, dict[str, float | int]]:
+        """``{key: summarize(per-image values)}`` for every score key; kwargs go to summarize."""
+        return {k: summarize([r[k] for r in self.rows], **kwargs) for k in self.score_keys()}

@@ -1,0 +1,604 @@
+"""Build, load and run SAM (ViT-B/L/H) and MobileSAM (TinyViT) at 1024, 512 or 256 px.
+
+One forward path serves training, evaluation and inference:
+
+    prepared = prepare_image(image, sam.image_encoder.img_size)   # numpy HxWx3 uint8 -> tensor
+    out = sam_forward(sam, prepared.tensor[None], [prompts], [prepared.input_size],
+                      [prepared.original_size])
+
+``Sam.forward`` in segment-anything runs under ``torch.no_grad()``, so we call the image
+encoder, prompt encoder and mask decoder ourselves (differentiable). Pre-processing is SAM's:
+the longest side resized to ``image_size`` (``ResizeLongestSide``), pixel mean/std, bottom-right
+zero padding; post-processing upsamples the low-resolution logits to the padded input, crops the
+padding away and resizes to the original image size.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from errors import UserError
+
+log = logging.getLogger(__name__)
+
+PATCH_SIZE = 16
+PROMPT_EMBED_DIM = 256
+SUPPORTED_IMAGE_SIZES = (1024, 512, 256)
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+# --------------------------------------------------------------------------------------------
+# Builders
+# --------------------------------------------------------------------------------------------
+def import_mobile_sam_modeling():
+    """``mobile_sam.modeling``, imported without timm's deprecation and registry warnings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import mobile_sam.modeling
+
+    return mobile_sam.modeling
+
+
+def _prompt_encoder_and_decoder(image_size: int, package: str) -> tuple[nn.Module, nn.Module]:
+    """SAM's prompt encoder (sized for ``image_size``) and mask decoder from ``package``."""
+    if package == "mobile_sam":
+        modeling = import_mobile_sam_modeling()
+        MaskDecoder, PromptEncoder, TwoWayTransformer = (
+            modeling.MaskDecoder, modeling.PromptEncoder, modeling.TwoWayTransformer)
+    else:
+        from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+    grid = image_size // PATCH_SIZE
+    prompt_encoder = PromptEncoder(
+        embed_dim=PROMPT_EMBED_DIM,
+        image_embedding_size=(grid, grid),
+        input_image_size=(image_size, image_size),
+        mask_in_chans=16,
+    )
+    mask_decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8),
+        transformer_dim=PROMPT_EMBED_DIM,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+    return prompt_encoder, mask_decoder
+
+
+def build_sam_vit(
+    image_size: int = 1024,
+    embed_dim: int = 768,
+    depth: int = 12,
+    num_heads: int = 12,
+    global_attn_indexes: Sequence[int] = (2, 5, 8, 11),
+    window_size: int = 14,
+) -> nn.Module:
+    """A segment-anything ``Sam`` with a ViT encoder for ``image_size`` px input (random weights).
+
+    The defaults are ViT-B; tests pass tiny sizes. The absolute position embedding is
+    ``(image_size/16)^2`` and the global-attention relative position tables follow it.
+    """
+    from segment_anything.modeling import ImageEncoderViT, Sam
+
+    encoder = ImageEncoderViT(
+        depth=depth,
+        embed_dim=embed_dim,
+        img_size=image_size,
+        mlp_ratio=4,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        num_heads=num_heads,
+        patch_size=PATCH_SIZE,
+        qkv_bias=True,
+        use_rel_pos=True,
+        global_attn_indexes=tuple(global_attn_indexes),
+        window_size=window_size,
+        out_chans=PROMPT_EMBED_DIM,
+    )
+    prompt_encoder, mask_decoder = _prompt_encoder_and_decoder(image_size, "segment_anything")
+    return Sam(encoder, prompt_encoder, mask_decoder, pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD))
+
+
+def _tinyvit_class() -> type:
+    """MobileSAM's TinyViT with the final ``view(B, 64, 64, C)`` made size-independent."""
+    class SizedTinyViT(import_mobile_sam_modeling().TinyViT):
+        """TinyViT whose token grid side is ``img_size / 16`` instead of a hard-coded 64."""
+
+        def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # x: Bx3xSxS
+            x = self.patch_embed(x)
+            for layer in self.layers:
+                x = layer(x)
+            batch, _, channels = x.shape
+            side = self.img_size // PATCH_SIZE
+            x = x.view(batch, side, side, channels).permute(0, 3, 1, 2)
+            return self.neck(x)  # Bx256x(S/16)x(S/16)
+
+    return SizedTinyViT
+
+
+def build_mobile_sam(image_size: int = 1024) -> nn.Module:
+    """MobileSAM (TinyViT-5M encoder) for ``image_size`` px input, random weights.
+
+    TinyViT's attention biases are per window, so nothing needs interpolating across sizes;
+    only the final token reshape depended on 1024 px.
+    """
+    Sam = import_mobile_sam_modeling().Sam
+    encoder = _tinyvit_class()(
+        img_size=image_size,
+        in_chans=3,
+        num_classes=1000,
+        embed_dims=[64, 128, 160, 320],
+        depths=[2, 2, 6, 2],
+        num_heads=[2, 4, 5, 10],
+        window_sizes=[7, 7, 14, 7],
+        mlp_ratio=4.0,
+        drop_rate=0.0,
+        drop_path_rate=0.0,
+        use_checkpoint=False,
+        mbconv_expand_ratio=4.0,
+        local_conv_size=3,
+        layer_lr_decay=0.8,
+    )
+    prompt_encoder, mask_decoder = _prompt_encoder_and_decoder(image_size, "mobile_sam")
+    return Sam(encoder, prompt_encoder, mask_decoder, pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one model type; ``encoder_depth`` identifies a checkpoint's type."""
+
+    builder: Callable[..., nn.Module]
+    description: str
+    encoder_depth: int
+
+
+MODEL_REGISTRY: dict[str, ModelSpec] = {
+    "vit_t": ModelSpec(build_mobile_sam, "MobileSAM (TinyViT-5M encoder)", 12),
+    "vit_b": ModelSpec(partial(build_sam_vit, embed_dim=768, depth=12, num_heads=12,
+                               global_attn_indexes=(2, 5, 8, 11)), "SAM ViT-B", 12),
+    "vit_l": ModelSpec(partial(build_sam_vit, embed_dim=1024, depth=24, num_heads=16,
+                               global_attn_indexes=(5, 11, 17, 23)), "SAM ViT-L", 24),
+    "vit_h": ModelSpec(partial(build_sam_vit, embed_dim=1280, depth=32, num_heads=16,
+                               global_attn_indexes=(7, 15, 23, 31)), "SAM ViT-H", 32),
+}
+
+
+def build_model(model_type: str, checkpoint: str | Path | None = None, image_size: int = 1024) -> nn.Module:
+    """Build ``model_type`` (vit_t, vit_b, vit_l, vit_h) for ``image_size`` px input.
+
+    ``checkpoint=None`` gives random weights; otherwise the file is loaded with
+    ``weights_only=True`` (position embeddings interpolated when ``image_size`` differs from the
+    checkpoint's). The model is returned in eval mode; ``sam.checkpoint_sha256`` records the
+    base weights' hash (``None`` for random weights).
+    """
+    if model_type not in MODEL_REGISTRY:
+        raise UserError(f"unknown model type {model_type!r}: choose one of {', '.join(MODEL_REGISTRY)}")
+    if image_size not in SUPPORTED_IMAGE_SIZES:
+        raise UserError(f"image size {image_size} is not supported: choose one of {SUPPORTED_IMAGE_SIZES}")
+    sam = MODEL_REGISTRY[model_type].builder(image_size=image_size)
+    sam.model_type = model_type
+    sam.checkpoint_sha256 = None
+    if checkpoint is not None:
+        load_checkpoint(sam, checkpoint, model_type)
+    return sam.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint loading
+# --------------------------------------------------------------------------------------------
+def detect_model_type(state: dict[str, torch.Tensor]) -> str | None:
+    """Guess which registry type a SAM state dict belongs to (``None`` if it is not SAM's)."""
+    if any(k.startswith("image_encoder.layers.") for k in state):
+        return "vit_t"
+    blocks = {k.split(".")[2] for k in state if k.startswith("image_encoder.blocks.")}
+    by_depth = {spec.encoder_depth: name for name, spec in MODEL_REGISTRY.items() if name != "vit_t"}
+    return by_depth.get(len(blocks))
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a checkpoint's tensors with ``weights_only=True``; unwrap ``{"model": ...}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a file that is not a checkpoint
+        raise UserError(
+            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}): re-download it with "
+            "`python main.py download` or pass the right file with --checkpoint"
+        ) from None
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} holds no model state dict (is it a LoRA adapter? pass it with --model_path)")
+    return state
+
+
+def _resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """1xHxWxC absolute position embedding -> 1xGxGxC (bicubic)."""
+    resized = F.interpolate(pos.permute(0, 3, 1, 2).float(), size=(grid, grid), mode="bicubic", align_corners=False)
+    return resized.permute(0, 2, 3, 1).to(pos.dtype)
+
+
+def _resize_rel_pos(table: torch.Tensor, length: int) -> torch.Tensor:
+    """(2L-1)xC relative position table -> length x C (linear), as SAM's ``get_rel_pos`` does."""
+    resized = F.interpolate(table.float().T[None], size=length, mode="linear")
+    return resized[0].T.to(table.dtype)
+
+
+def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Interpolate size-dependent tensors (position embedding, global rel-pos tables) to ``model``."""
+    target = model.state_dict()
+    adapted = dict(state)
+    for key, value in state.items():
+        if key not in target or target[key].shape == value.shape:
+            continue
+        if key.endswith("pos_embed") and value.ndim == 4:
+            adapted[key] = _resize_pos_embed(value, target[key].shape[1])
+        elif key.endswith(("rel_pos_h", "rel_pos_w")) and value.ndim == 2:
+            adapted[key] = _resize_rel_pos(value, target[key].shape[0])
+    return adapted
+
+
+def load_checkpoint(sam: nn.Module, path: str | Path, model_type: str) -> None:
+    """Load SAM/MobileSAM weights from ``path`` into ``sam`` (built for ``model_type``).
+
+    Refuses files of another model type and files missing any of the model's tensors;
+    unexpected extra keys are reported as a warning.
+    """
+    from checkpoints import sha256_file
+
+    state = read_state_dict(path)
+    found = detect_model_type(state)
+    if found is None:
+        raise UserError(f"{path} is not a SAM or MobileSAM checkpoint (no image_encoder weights found)")
+    if found != model_type:
+        raise UserError(
+            f"{path} is a {found} checkpoint but --model_type is {model_type}: pass --model_type {found} "
+            f"or the {model_type} weights (python main.py download --model_type {model_type})"
+        )
+    state = adapt_state_dict(state, sam)
+    target = sam.state_dict()
+    mismatched = [k for k, v in state.items() if k in target and target[k].shape != v.shape]
+    if mismatched:
+        raise UserError(f"{path}: tensors of the wrong shape for {model_type}: {', '.join(mismatched[:5])}")
+    missing, unexpected = sam.load_state_dict(state, strict=False)
+    if missing:
+        raise UserError(
+            f"{path} lacks {len(missing)} tensors of {model_type} (e.g. {', '.join(missing[:3])}): "
+            "the file is incomplete or not the official checkpoint"
+        )
+    if unexpected:
+        log.warning("%s: ignored %d unexpected keys (e.g. %s)", path, len(unexpected), ", ".join(unexpected[:3]))
+    sam.checkpoint_sha256 = sha256_file(path)
+    log.info("loaded %s weights from %s (sha256 %s...)", model_type, path, sam.checkpoint_sha256[:12])
+
+
+# --------------------------------------------------------------------------------------------
+# Pre- and post-processing
+# --------------------------------------------------------------------------------------------
+def preprocess_shape(original_size: tuple[int, int], image_size: int) -> tuple[int, int]:
+    """(H, W) after resizing the longest side to ``image_size`` (SAM's rounding)."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    return ResizeLongestSide.get_preprocess_shape(original_size[0], original_size[1], image_size)
+
+
+@dataclass
+class PreparedImage:
+    """An image ready for the encoder: ``tensor`` 3xSxS normalised and padded bottom-right."""
+
+    tensor: torch.Tensor
+    input_size: tuple[int, int]  # (h, w) of the resized image inside the padded square
+    original_size: tuple[int, int]  # (H, W) of the image as given
+
+
+def prepare_image(image: np.ndarray, image_size: int) -> PreparedImage:
+    """HxWx3 uint8 RGB -> SAM input: resize longest side, normalise, pad to SxS.
+
+    The resize is SAM's own ``ResizeLongestSide.apply_image`` so that results match the
+    official predictors exactly.
+    """
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an HxWx3 uint8 image, got shape {image.shape} dtype {image.dtype}")
+    resized = ResizeLongestSide(image_size).apply_image(image)
+    tensor = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float()
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    tensor = (tensor - mean) / std
+    h, w = tensor.shape[-2:]
+    tensor = F.pad(tensor, (0, image_size - w, 0, image_size - h))
+    return PreparedImage(tensor, (h, w), image.shape[:2])
+
+
+def scale_coords(coords: torch.Tensor, original_size: tuple[int, int], image_size: int) -> torch.Tensor:
+    """...x2 (x, y) pixel coordinates in the original image -> the resized input frame."""
+    new_h, new_w = preprocess_shape(original_size, image_size)
+    scale = torch.tensor([new_w / original_size[1], new_h / original_size[0]], dtype=torch.float32,
+                         device=coords.device)
+    return coords.float() * scale
+
+
+def postprocess_logits(
+    low_res: torch.Tensor, image_size: int, input_size: tuple[int, int], original_size: tuple[int, int]
+) -> torch.Tensor:
+    """NxCx(S/4)x(S/4) logits -> NxCxHxW at the original size (upsample, crop padding, resize)."""
+    logits = F.interpolate(low_res, (image_size, image_size), mode="bilinear", align_corners=False)
+    logits = logits[..., : input_size[0], : input_size[1]]
+    return F.interpolate(logits, original_size, mode="bilinear", align_corners=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The forward pass
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Prompts:
+    """The prompts of one image, N objects, in the resized input frame (see ``scale_coords``).
+
+    boxes: Nx4 xyxy; points: NxKx2 (x, y); point_labels: NxK (1 fg, 0 bg, -1 pad);
+    masks: Nx1x(S/4)x(S/4) low-resolution mask logits. Any may be None, not all.
+    """
+
+    boxes: torch.Tensor | None = None
+    points: torch.Tensor | None = None
+    point_labels: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        for t in (self.boxes, self.points, self.masks):
+            if t is not None:
+                return int(t.shape[0])
+        return 0
+
+
+@dataclass
+class SamOutput:
+    """Per-image output: ``low_res`` NxCx(S/4)x(S/4) logits, ``iou`` NxC predicted IoUs,
+    ``logits`` NxCxHxW at the original image size (None when not asked for)."""
+
+    low_res: torch.Tensor
+    iou: torch.Tensor
+    logits: torch.Tensor | None = None
+
+
+def encode_images(sam: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Bx3xSxS prepared images -> Bx256x(S/16)x(S/16) image embeddings."""
+    return sam.image_encoder(images)
+
+
+def decode(
+    sam: nn.Module, embedding: torch.Tensor, prompts: Prompts, multimask_output: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's 256x(S/16)x(S/16) embedding and N prompts -> (NxCx(S/4)x(S/4) logits, NxC IoUs).
+
+    C is 3 with ``multimask_output`` else 1. The decoder runs once for all N prompts.
+    """
+    points = None
+    if prompts.points is not None:
+        if prompts.point_labels is None:
+            raise ValueError("points need point_labels")
+        points = (prompts.points, prompts.point_labels)
+    sparse, dense = sam.prompt_encoder(points=points, boxes=prompts.boxes, masks=prompts.masks)
+    return sam.mask_decoder(
+        image_embeddings=embedding[None],
+        image_pe=sam.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask_output,
+    )
+
+
+def sam_forward(
+    sam: nn.Module,
+    images: torch.Tensor | None,
+    prompts: Sequence[Prompts],
+    input_sizes: Sequence[tuple[int, int]],
+    original_sizes: Sequence[tuple[int, int]] | None = None,
+    multimask_output: bool = False,
+    image_embeddings: torch.Tensor | None = None,
+) -> list[SamOutput]:
+    """The one differentiable forward: B prepared images (Bx3xSxS) and their prompts.
+
+    Each image is encoded once and all its prompts are decoded together. Pass
+    ``image_embeddings`` (Bx256x(S/16)x(S/16)) instead of ``images`` to skip the encoder (cached
+    embeddings for a frozen encoder). With ``original_sizes`` the logits are also returned at
+    each image's original size (post-processed as SAM does); without, only low-res logits.
+    """
+    if image_embeddings is None:
+        if images is None:
+            raise ValueError("give images or image_embeddings")
+        image_embeddings = encode_images(sam, images)
+    if len(prompts) != image_embeddings.shape[0]:
+        raise ValueError(f"{image_embeddings.shape[0]} images but {len(prompts)} prompt sets")
+    image_size = sam.image_encoder.img_size
+    outputs = []
+    for i, image_prompts in enumerate(prompts):
+        low_res, iou = decode(sam, image_embeddings[i], image_prompts, multimask_output)
+        logits = None
+        if original_sizes is not None:
+            logits = postprocess_logits(low_res, image_size, input_sizes[i], original_sizes[i])
+        outputs.append(SamOutput(low_res, iou, logits))
+    return outputs
+
+
+def make_prompts(
+    original_size: tuple[int, int],
+    image_size: int,
+    boxes: np.ndarray | torch.Tensor | None = None,
+    points: np.ndarray | torch.Tensor | None = None,
+    point_labels: np.ndarray | torch.Tensor | None = None,
+    mask_inputs: np.ndarray | torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> Prompts:
+    """Prompts in original pixel coordinates -> :class:`Prompts` in the input frame.
+
+    boxes: Nx4 (or 4) xyxy; points: NxKx2, or Kx2 for a single prompt; point_labels: NxK or K;
+    mask_inputs: Nx(S/4)x(S/4) or Nx1x(S/4)x(S/4) low-res logits. Raises ``ValueError`` when the
+    numbers of prompts disagree.
+    """
+    def tensor(x: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x, dtype=dtype, device=device)
+
+    out = Prompts()
+    if boxes is not None:
+        b = tensor(boxes, torch.float32).reshape(-1, 4)
+        out.boxes = scale_coords(b.reshape(-1, 2, 2), original_size, image_size).reshape(-1, 4)
+    if points is not None:
+        if point_labels is None:
+            raise ValueError("points were given without point_labels")
+        p = tensor(points, torch.float32)
+        lab = tensor(point_labels, torch.int64)
+        if p.ndim == 2:
+            p, lab = p[None], lab.reshape(1, -1)
+        if p.ndim != 3 or p.shape[-1] != 2 or lab.shape != p.shape[:2]:
+            raise ValueError(f"points must be NxKx2 with labels NxK, got {tuple(p.shape)} and {tuple(lab.shape)}")
+        out.points, out.point_labels = scale_coords(p, original_size, image_size), lab.int()
+    if mask_inputs is not None:
+        m = tensor(mask_inputs, torch.float32)
+        out.masks = m[:, None] if m.ndim == 3 else m
+    sizes = {int(t.shape[0]) for t in (out.boxes, out.points, out.masks) if t is not None}
+    if len(sizes) > 1:
+        raise ValueError(f"prompts disagree on the number of objects: {sorted(sizes)}")
+    if not sizes:
+        raise ValueError("no prompt given: pass boxes, points or mask inputs")
+    return out
+
+
+@torch.no_grad()
+def predict(
+    sam: nn.Module,
+    image: np.ndarray,
+    boxes: np.ndarray | None = None,
+    points: np.ndarray | None = None,
+    point_labels: np.ndarray | None = None,
+    multimask_output: bool = False,
+    mask_inputs: np.ndarray | None = None,
+    threshold: float = 0.0,
+    image_embedding: torch.Tensor | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Segment one HxWx3 uint8 image with N prompts in pixel coordinates.
+
+    Returns ``(masks, scores, logits)``: masks NxHxW bool, scores N predicted IoUs, logits
+    Nx(S/4)x(S/4) low-resolution logits; with ``multimask_output`` each gains a C=3 axis after N
+    (NxCxHxW, NxC, NxCx(S/4)x(S/4)). Same path as training (:func:`sam_forward`).
+    ``image_embedding`` (1x256x(S/16)x(S/16), from :func:`encode_images`) skips the encoder when
+    one image is prompted several times.
+    """
+    device = next(sam.parameters()).device
+    image_size = sam.image_encoder.img_size
+    original_size = tuple(image.shape[:2])
+    if image_embedding is None:
+        prepared = prepare_image(image, image_size)
+        images, input_size = prepared.tensor[None].to(device), prepared.input_size
+    else:
+        images, input_size = None, preprocess_shape(original_size, image_size)
+    prompts = make_prompts(original_size, image_size, boxes, points, point_labels, mask_inputs, device)
+    out = sam_forward(sam, images, [prompts], [input_size], [original_size], multimask_output,
+                      image_embeddings=image_embedding)[0]
+    masks = (out.logits > threshold).cpu().numpy()
+    scores, low_res = out.iou.float().cpu().numpy(), out.low_res.float().cpu().numpy()
+    if not multimask_output:
+        masks, scores, low_res = masks[:, 0], scores[:, 0], low_res[:, 0]
+    return masks, scores, low_res
+
+
+# --------------------------------------------------------------------------------------------
+# Device, precision and the shared command-line options
+# --------------------------------------------------------------------------------------------
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> cuda if available, else mps, else cpu; an unavailable choice is a UserError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available: use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps was asked for but MPS is not available: use --device cpu or auto")
+    if name not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for ``precision`` (fp32 = no autocast). fp16 needs CUDA."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}: use fp32, bf16 or fp16")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    if dtype is torch.float16 and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA GPU: use bf16 on CPU")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def resolve_checkpoint(model_type: str, checkpoint: str | None, weights_dir: str | Path = "weights") -> Path | None:
+    """``--checkpoint`` value -> a path, or None for random weights (``none``).
+
+    The default (None) looks for the official file in ``weights_dir`` and stops with the
+    download command when it is missing.
+    """
+    from checkpoints import default_checkpoint_path
+
+    if checkpoint is not None and checkpoint.lower() == "none":
+        log.warning("RANDOM WEIGHTS (--checkpoint none): outputs are meaningless, for tests and smoke runs only")
+        return None
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise UserError(f"checkpoint {path} does not exist: give the .pth file, or `none` for random weights")
+        return path
+    path = default_checkpoint_path(model_type, weights_dir)
+    if not path.is_file():
+        raise UserError(
+            f"no {model_type} weights at {path}: run `python main.py download --model_type {model_type}` "
+            "(or pass --checkpoint PATH, or --checkpoint none for random weights)"
+        )
+    return path
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model options shared by every command that builds a model."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model_type", default="vit_t", choices=list(MODEL_REGISTRY),
+                       help="vit_t = MobileSAM (fast, laptop-friendly); vit_b/l/h = SAM")
+    group.add_argument("--checkpoint", "--pretrained", dest="checkpoint", default=None,
+                       help="base weights (.pth); default: the official file in weights/; "
+                            "'none' = random weights (tests, smoke runs)")
+    group.add_argument("--image_size", type=int, default=1024, choices=list(SUPPORTED_IMAGE_SIZES),
+                       help="model input side in px; 512 or 256 make CPU training practical")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    group.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                       help="bf16 roughly halves CPU time; fp16 only on CUDA")
+
+
+def model_from_args(args: argparse.Namespace) -> nn.Module:
+    """Build the base model the shared options describe, on the chosen device."""
+    checkpoint = resolve_checkpoint(args.model_type, args.checkpoint)
+    sam = build_model(args.model_type, checkpoint, args.image_size)
+    sam.random_weights = checkpoint is None
+    return sam.to(resolve_device(args.device))
+
+
+def grid_side(sam: nn.Module) -> int:
+    """Side of the image embedding grid, ``image_size / 16``."""
+    return sam.image_encoder.img_size // PATCH_SIZE
+

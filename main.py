@@ -14,7 +14,7 @@ from typing import Sequence
 from errors import EXIT_INTERNAL, EXIT_USAGE, UserError
 
 # Subcommand modules, in the order `--help` lists them.
-COMMAND_MODULES = ("download_weights",)
+COMMAND_MODULES = ("download_weights", "train", "parameter_search")
 
 log = logging.getLogger("samlora")
 
@@ -36,15 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
-    """Log to stderr; ``--quiet`` keeps warnings only, ``--verbose`` adds debug messages."""
-    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    """Log to stderr; ``--quiet`` keeps warnings only, ``--verbose`` adds debug messages.
+
+    The root logger passes INFO on in any case, so the log files in output directories are
+    complete whatever the console shows.
+    """
     root = logging.getLogger()
-    root.setLevel(level)
-    if not any(getattr(h, "_samlora", False) for h in root.handlers):
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    handler = next((h for h in root.handlers if getattr(h, "_samlora", False)), None)
+    if handler is None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         handler._samlora = True  # type: ignore[attr-defined]
         root.addHandler(handler)
+    handler.setStream(sys.stderr)  # the current stderr (tests swap it between calls)
+    handler.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -363,6 +363,13 @@ class Prompts:
                 return int(t.shape[0])
         return 0
 
+    def to(self, device: torch.device | str) -> "Prompts":
+        """The same prompts on ``device``."""
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Prompts(move(self.boxes), move(self.points), move(self.point_labels), move(self.masks))
+
 
 @dataclass
 class SamOutput:

@@ -1,0 +1,659 @@
+"""Hand-written LoRA for SAM (ViT) and MobileSAM (TinyViT): wrap, freeze, merge, save adapters.
+
+A :class:`LoRALinear` wraps a frozen ``nn.Linear`` (kept as ``.base``) and adds a low-rank
+update on a side path::
+
+    y = base(x) + (dropout(x) @ lora_A.T @ lora_B.T) * scaling        scaling = alpha / rank
+
+``lora_A`` (rank x in) is Kaiming-uniform initialised and ``lora_B`` (out x rank) starts at zero,
+so a freshly injected model computes exactly what the base model computes.
+
+Where LoRA goes is chosen by name from :data:`TARGETS` (``--lora_targets qkv,proj,mlp,decoder``).
+Layers are found by walking ``named_modules()`` of the right sub-module (``image_encoder`` for the
+encoder targets, ``mask_decoder`` for ``decoder``), matching the parent module's class name and the
+child attribute name, and replaced through the parent with ``setattr``.
+
+``qkv`` layouts differ (see ../shared/STYLE.md): SAM ViT's fused qkv output is ``[q | k | v]``
+blocks of ``dim`` each, MobileSAM's TinyViT lays it out per head, ``[q_h | k_h | v_h]`` for each
+head h (``view(B, N, heads, -1).split([key_dim, key_dim, d])``). The ``qkv`` target adapts the
+whole output and is layout-free; the ``qv`` target adapts only the q and v outputs through a
+per-architecture output mask (:func:`qv_output_mask`).
+
+Adapter files (:func:`save_adapter`) hold the LoRA tensors, every other parameter that was
+trained (e.g. the mask decoder) and the run's config; :func:`merged_state_dict` exports a plain
+state dict that the unmodified ``segment_anything`` / ``mobile_sam`` models load with
+``strict=True``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from errors import UserError
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FORMAT = "samlora-adapter"
+ADAPTER_VERSION = 1
+_LORA_SUFFIXES = ("lora_A", "lora_B")
+
+
+# --------------------------------------------------------------------------------------------
+# The layer
+# --------------------------------------------------------------------------------------------
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update.
+
+    Args:
+        base: the layer to adapt; it is kept as ``self.base`` and its parameters are frozen.
+        rank: inner dimension r of the update (> 0).
+        alpha: scale numerator; the update is multiplied by ``alpha / rank``.
+        dropout: dropout probability on the LoRA path only (``base(x)`` never sees it).
+        out_mask: optional ``(out_features,)`` 0/1 tensor; output features where it is 0 get no
+            update (used by the ``qv`` target). Stored as a non-persistent buffer.
+        target: the :data:`TARGETS` name that created this layer (informational).
+
+    Input ``...xIN``, output ``...xOUT``, like the wrapped layer. ``merge()`` folds the update
+    into ``base.weight`` and ``unmerge()`` takes it out again; the ``merged`` flag says which
+    state the layer is in. ``.eval()`` / ``.train()`` never merge.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        out_mask: torch.Tensor | None = None,
+        target: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
+        _check_hyperparameters(rank, alpha, dropout)
+        self.base = base
+        self.base.requires_grad_(False)
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / self.rank
+        self.target = target
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if out_mask is not None:
+            out_mask = torch.as_tensor(out_mask).to(**factory).flatten()
+            if out_mask.numel() != self.out_features:
+                raise ValueError(
+                    f"out_mask has {out_mask.numel()} entries, the layer has "
+                    f"{self.out_features} outputs"
+                )
+        self.register_buffer("lora_out_mask", out_mask, persistent=False)
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update ``scaling * (B * mask) @ A`` as an ``OUTxIN`` tensor (base.weight's shape)."""
+        lora_B = self.lora_B
+        if self.lora_out_mask is not None:
+            lora_B = lora_B * self.lora_out_mask[:, None]
+        return (lora_B @ self.lora_A) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``...xIN -> ...xOUT``."""
+        result = self.base(x)
+        if self.merged:
+            return result
+        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+        update = update * self.scaling
+        if self.lora_out_mask is not None:
+            update = update * self.lora_out_mask
+        return result + update.to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the update to ``base.weight`` (no-op if already merged)."""
+        if not self.merged:
+            self.base.weight.add_(self.delta_weight().to(self.base.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update from ``base.weight`` again (no-op if not merged)."""
+        if self.merged:
+            self.base.weight.sub_(self.delta_weight().to(self.base.weight.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        mask = "" if self.lora_out_mask is None else (
+            f", adapted_outputs={int(self.lora_out_mask.sum())}/{self.out_features}"
+        )
+        return (
+            f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, "
+            f"target={self.target}, merged={self.merged}{mask}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Targets
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """Where one ``--lora_targets`` name puts LoRA.
+
+    ``scope``: the sub-module searched (``image_encoder`` or ``mask_decoder``); a model without
+    that attribute (a bare encoder or block) is searched whole. ``parents``: class names of the
+    module that owns the layer (any class in its MRO). ``children``: the attribute names of the
+    ``nn.Linear`` layers to wrap. ``qv_only``: adapt only the q and v outputs of a fused qkv.
+    """
+
+    description: str
+    scope: str
+    parents: tuple[str, ...]
+    children: tuple[str, ...]
+    qv_only: bool = False
+
+
+TARGETS: dict[str, Target] = {
+    "qkv": Target(
+        "image encoder attention qkv projection, whole output (SAM ViT Attention.qkv, "
+        "TinyViT Attention.qkv)",
+        "image_encoder", ("Attention",), ("qkv",),
+    ),
+    "qv": Target(
+        "like qkv but only the q and v outputs are adapted (per-architecture output mask); "
+        "excludes qkv",
+        "image_encoder", ("Attention",), ("qkv",), qv_only=True,
+    ),
+    "proj": Target(
+        "image encoder attention output projection (SAM ViT and TinyViT Attention.proj)",
+        "image_encoder", ("Attention",), ("proj",),
+    ),
+    "mlp": Target(
+        "image encoder MLP layers (SAM ViT MLPBlock.lin1/lin2, TinyViT Mlp.fc1/fc2)",
+        "image_encoder", ("MLPBlock", "Mlp"), ("lin1", "lin2", "fc1", "fc2"),
+    ),
+    "decoder": Target(
+        "mask decoder transformer attention q_proj/k_proj/v_proj/out_proj (all attention "
+        "modules of mask_decoder.transformer)",
+        "mask_decoder", ("Attention",), ("q_proj", "k_proj", "v_proj", "out_proj"),
+    ),
+}
+DEFAULT_TARGETS: tuple[str, ...] = ("qkv",)
+
+
+def parse_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
+    """``"qkv,proj"`` or ``["qkv", "proj"]`` -> ``("qkv", "proj")``, checked against TARGETS."""
+    items = targets.split(",") if isinstance(targets, str) else list(targets)
+    names: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise UserError(f"LoRA target names are strings, got {item!r}")
+        name = item.strip()
+        if name and name not in names:
+            names.append(name)
+    if not names:
+        raise UserError(f"no LoRA targets given; choose from {', '.join(TARGETS)}")
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown:
+        raise UserError(
+            f"unknown LoRA target(s) {', '.join(map(repr, unknown))}; "
+            f"choose from {', '.join(TARGETS)}"
+        )
+    if "qkv" in names and "qv" in names:
+        raise UserError("LoRA targets 'qkv' and 'qv' adapt the same layers; choose one")
+    return tuple(names)
+
+
+def qv_output_mask(attention: nn.Module, qkv: nn.Linear) -> torch.Tensor:
+    """0/1 mask over ``qkv``'s outputs that is 1 on q and v features and 0 on k features.
+
+    SAM ViT (``segment_anything`` ``Attention``: ``reshape(B, N, 3, heads, -1)``): outputs are
+    ``[q | k | v]`` blocks of ``dim`` each. TinyViT (``Attention`` with ``key_dim`` and ``d``:
+    ``view(B, N, heads, -1).split([key_dim, key_dim, d])``): each head owns a chunk of
+    ``2 * key_dim + d`` outputs laid out ``[q_h | k_h | v_h]``.
+    """
+    out = qkv.out_features
+    heads = getattr(attention, "num_heads", None)
+    key_dim = getattr(attention, "key_dim", None)
+    d = getattr(attention, "d", None)
+    if isinstance(heads, int) and isinstance(key_dim, int) and isinstance(d, int):
+        per_head = 2 * key_dim + d  # TinyViT
+        if heads * per_head != out:
+            raise UserError(
+                f"TinyViT-style qkv with {heads} heads x (2*{key_dim}+{d}) does not match its "
+                f"{out} outputs; use the 'qkv' target"
+            )
+        chunk = torch.ones(per_head)
+        chunk[key_dim:2 * key_dim] = 0
+        return chunk.repeat(heads)
+    if isinstance(heads, int) and out % 3 == 0 and (out // 3) % heads == 0:
+        dim = out // 3  # SAM ViT: [q | k | v]
+        mask = torch.ones(out)
+        mask[dim:2 * dim] = 0
+        return mask
+    raise UserError(
+        f"unknown qkv layout in {type(attention).__module__}.{type(attention).__name__}; "
+        "the 'qv' target supports SAM ViT and TinyViT, use 'qkv' instead"
+    )
+
+
+def _class_names(module: nn.Module) -> set[str]:
+    return {cls.__name__ for cls in type(module).__mro__}
+
+
+def _scope(model: nn.Module, name: str) -> tuple[str, nn.Module]:
+    """The sub-module a target searches, with its name prefix ('' for the whole model)."""
+    sub = getattr(model, name, None)
+    if isinstance(sub, nn.Module):
+        return name + ".", sub
+    has_any = any(isinstance(getattr(model, s, None), nn.Module) for s in ("image_encoder",
+                                                                         "mask_decoder"))
+    if has_any:
+        raise UserError(f"the model has no {name!r}, which this LoRA target needs")
+    return "", model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every :class:`LoRALinear` in ``model`` by its module name, in ``named_modules`` order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _check_hyperparameters(rank: Any, alpha: Any, dropout: Any) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
+        raise UserError(f"LoRA rank must be a positive integer, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0 \
+            or not math.isfinite(alpha):
+        raise UserError(f"LoRA alpha must be a positive number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) \
+            or not 0.0 <= dropout < 1.0:
+        raise UserError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+
+
+def inject_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float,
+    targets: str | Iterable[str] = DEFAULT_TARGETS,
+    dropout: float = 0.0,
+) -> list[str]:
+    """Wrap the layers named by ``targets`` (see :data:`TARGETS`) in :class:`LoRALinear`.
+
+    Returns the full module names of the wrapped layers, e.g.
+    ``image_encoder.blocks.0.attn.qkv``. Raises ``ValueError`` (:class:`errors.UserError`) for a
+    bad rank / alpha / dropout, an unknown target, a target that matches no layer of this model
+    (the message lists the targets and the linear layers that exist), or a layer that is already
+    wrapped (injecting twice is an error, not a silent no-op). Nothing is modified on error.
+    """
+    _check_hyperparameters(rank, alpha, dropout)
+    names = parse_targets(targets)
+    # (full name, parent, attribute, target, output mask): all checks happen before any change
+    plan: list[tuple[str, nn.Module, str, str, torch.Tensor | None]] = []
+    already: list[str] = []
+    for target_name in names:
+        target = TARGETS[target_name]
+        prefix, root = _scope(model, target.scope)
+        matched = 0
+        for parent_name, parent in root.named_modules():
+            if not _class_names(parent) & set(target.parents):
+                continue
+            for child_name in target.children:
+                child = getattr(parent, child_name, None)
+                full = prefix + (f"{parent_name}.{child_name}" if parent_name else child_name)
+                if isinstance(child, LoRALinear):
+                    already.append(full)
+                    matched += 1
+                elif isinstance(child, nn.Linear):
+                    mask = qv_output_mask(parent, child) if target.qv_only else None
+                    plan.append((full, parent, child_name, target_name, mask))
+                    matched += 1
+        if matched == 0:
+            linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+            shown = ", ".join(linear[:8]) + (f", ... ({len(linear)} in all)" if len(linear) > 8
+                                             else "")
+            raise UserError(
+                f"LoRA target {target_name!r} (of requested {', '.join(names)}) matched no layer "
+                f"in {type(model).__name__}: it looks for {'/'.join(target.children)} in "
+                f"{'/'.join(target.parents)} modules under {target.scope!r}. Linear layers "
+                f"present: {shown or 'none'}"
+            )
+    if already:
+        raise UserError(
+            f"{len(already)} layer(s) already carry LoRA (inject_lora called twice?), e.g. "
+            f"{', '.join(already[:3])}"
+        )
+    wrapped: list[str] = []
+    for full, parent, child_name, target_name, mask in plan:
+        base = getattr(parent, child_name)
+        setattr(parent, child_name, LoRALinear(base, rank, alpha, dropout, mask, target_name))
+        wrapped.append(full)
+    log.info("LoRA rank %d, alpha %g, dropout %g on %d layers (targets: %s)",
+             rank, alpha, dropout, len(wrapped), ", ".join(names))
+    return wrapped
+
+
+def remove_lora(model: nn.Module, names: Iterable[str] | None = None) -> list[str]:
+    """Put the base ``nn.Linear`` back in place of LoRA layers (all, or those in ``names``),
+    discarding their updates (merge first to keep them); returns the names unwrapped."""
+    layers = lora_layers(model)
+    chosen = list(layers) if names is None else list(names)
+    unknown = [n for n in chosen if n not in layers]
+    if unknown:
+        raise ValueError(f"not LoRA layers: {_few(unknown)}")
+    for name in chosen:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child_name, layers[name].base)
+    return chosen
+
+
+def _injected_targets(model: nn.Module) -> list[str]:
+    found = {layer.target for layer in lora_layers(model).values()}
+    return [name for name in TARGETS if name in found]
+
+
+# --------------------------------------------------------------------------------------------
+# Merge, freeze, count
+# --------------------------------------------------------------------------------------------
+def merge_lora(model: nn.Module) -> int:
+    """Fold every LoRA update into its base weight (for fast inference); returns the count."""
+    layers = lora_layers(model)
+    for layer in layers.values():
+        layer.merge()
+    return len(layers)
+
+
+def unmerge_lora(model: nn.Module) -> int:
+    """Undo :func:`merge_lora`; returns the number of LoRA layers."""
+    layers = lora_layers(model)
+    for layer in layers.values():
+        layer.unmerge()
+    return len(layers)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (shared parameters counted once)."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def mark_only_lora_as_trainable(model: nn.Module, train_decoder: bool = False) -> tuple[int, int]:
+    """Freeze everything except ``lora_A`` / ``lora_B`` (and the whole ``mask_decoder`` when
+    ``train_decoder``); logs and returns ``(trainable, total)``."""
+    layers = lora_layers(model)
+    if not layers and not train_decoder:
+        raise UserError("the model has no LoRA layers (call inject_lora first), nothing to train")
+    model.requires_grad_(False)
+    if train_decoder:
+        decoder = getattr(model, "mask_decoder", None)
+        if not isinstance(decoder, nn.Module):
+            raise UserError("train_decoder=True but the model has no mask_decoder")
+        decoder.requires_grad_(True)
+    for layer in layers.values():
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+    trainable, total = count_parameters(model)
+    log.info("trainable parameters: %s / %s (%.2f %%)%s", f"{trainable:,}", f"{total:,}",
+             100.0 * trainable / max(total, 1), " incl. the mask decoder" if train_decoder else "")
+    return trainable, total
+
+
+# --------------------------------------------------------------------------------------------
+# State dicts
+# --------------------------------------------------------------------------------------------
+def _is_lora_key(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in _LORA_SUFFIXES
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The ``lora_A`` / ``lora_B`` tensors by their state-dict key (detached copies)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if _is_lora_key(k)}
+
+
+def _check_not_merged(model: nn.Module, action: str) -> None:
+    merged = [n for n, layer in lora_layers(model).items() if layer.merged]
+    if merged:
+        raise UserError(f"cannot {action} while LoRA is merged ({merged[0]}, ...); "
+                        "call unmerge_lora(model) first")
+
+
+def _few(keys: Iterable[str], n: int = 4) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def _validate_state(model: nn.Module, state: Mapping[str, Any], where: str) -> None:
+    """Missing LoRA keys, keys the model lacks, non-tensors and shape mismatches -> ValueError."""
+    model_state = model.state_dict()
+    model_lora = {k for k in model_state if _is_lora_key(k)}
+    if not model_lora and any(_is_lora_key(k) for k in state):
+        raise UserError(f"{where}: the model has no LoRA layers; call inject_lora with the "
+                        "adapter's rank, alpha and targets first")
+    missing = model_lora - set(state)
+    unexpected = set(state) - set(model_state)
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_few(unexpected)}")
+    if problems:
+        raise UserError(f"{where} does not fit this model (other targets or model type?): "
+                        + "; ".join(problems))
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"{where}: {key} is a {type(value).__name__}, not a tensor")
+        if value.shape != model_state[key].shape:
+            hint = " (a different LoRA rank?)" if _is_lora_key(key) else ""
+            raise UserError(f"{where}: shape mismatch for {key}: {tuple(value.shape)} in the "
+                            f"adapter, {tuple(model_state[key].shape)} in the model{hint}")
+
+
+def load_lora_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load tensors saved by :func:`lora_state_dict` (or an adapter's ``state_dict``).
+
+    Every LoRA tensor of ``model`` must be present; other keys must exist in the model (they are
+    trained parameters such as the decoder's) and all shapes must match, else ``ValueError``.
+    """
+    _check_not_merged(model, "load LoRA weights")
+    _validate_state(model, state, "LoRA state dict")
+    model.load_state_dict(dict(state), strict=False)
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with LoRA folded in and the wrappers gone.
+
+    Keys are those of the un-wrapped ``segment_anything`` / ``mobile_sam`` model
+    (``...attn.qkv.weight``, not ``...qkv.base.weight``; no ``lora_A`` / ``lora_B``), so
+    ``sam_model_registry[t]().load_state_dict(sd, strict=True)`` works. The model itself is not
+    changed (merged or not, it stays as it is); the tensors are copies.
+    """
+    layers = lora_layers(model)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in layers and leaf in _LORA_SUFFIXES:
+            continue
+        layer_name, _, tag = owner.rpartition(".")
+        value = value.detach().clone()
+        if tag == "base" and layer_name in layers:
+            layer = layers[layer_name]
+            if leaf == "weight" and not layer.merged:
+                with torch.no_grad():
+                    value += layer.delta_weight().to(value.dtype)
+            key = f"{layer_name}.{leaf}"
+        out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Adapter files
+# --------------------------------------------------------------------------------------------
+def _plain_config(value: Any, where: str = "config") -> Any:
+    """Make ``value`` JSON-like (and loadable with ``weights_only=True``): paths become
+    strings, tuples lists, numpy scalars Python numbers; anything else is a ValueError."""
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain_config(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{where} keys must be strings, got {k!r}")
+            out[k] = _plain_config(v, f"{where}[{k!r}]")
+        return out
+    raise ValueError(f"{where} is a {type(value).__name__}; adapter configs hold only "
+                     "strings, numbers, booleans, None, lists and dicts")
+
+
+def _adapter_config(model: nn.Module, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The caller's config, completed with rank / alpha / targets / dropout from the layers
+    when they are uniform, and checked against them when given."""
+    config = _plain_config(dict(config))
+    layers = list(lora_layers(model).values())
+    if not layers:
+        return config
+    found: dict[str, Any] = {"targets": _injected_targets(model)}
+    for key, values in (("rank", {m.rank for m in layers}), ("alpha", {m.alpha for m in layers}),
+                        ("dropout", {float(getattr(m.lora_dropout, "p", 0.0)) for m in layers})):
+        if len(values) == 1:
+            found[key] = values.pop()
+    for key, value in found.items():
+        if key not in config:
+            config[key] = value
+        elif key == "targets":
+            if sorted(parse_targets(config[key])) != sorted(value):
+                raise ValueError(f"config targets {config[key]} differ from the model's LoRA "
+                                 f"targets {value}")
+        elif key != "dropout" and not math.isclose(float(config[key]), float(value)):
+            raise ValueError(f"config {key}={config[key]} differs from the model's LoRA "
+                             f"{key}={value}")
+    return config
+
+
+def save_adapter(path: str | os.PathLike, model: nn.Module, config: Mapping[str, Any]) -> Path:
+    """Write an adapter file: the LoRA tensors, every other trainable parameter and ``config``.
+
+    The file is ``{"format": "samlora-adapter", "version": 1, "config": config,
+    "state_dict": {...}}``. ``config`` is the caller's (model_type, rank, alpha, targets,
+    dropout, image_size, base checkpoint SHA-256, fold, ...); rank / alpha / targets / dropout
+    are filled in from the model when absent and must agree with it when present. The write is
+    atomic: a temporary file in the same directory, then ``os.replace``; on failure the old
+    file is untouched and no temporary file remains. Returns the path.
+    """
+    path = Path(path)
+    _check_not_merged(model, "save an adapter")
+    config = _adapter_config(model, config)
+    state = lora_state_dict(model)
+    for name, p in model.named_parameters():
+        if p.requires_grad and name not in state:
+            state[name] = p.detach().clone()
+    extra = sum(v.numel() for k, v in state.items() if not _is_lora_key(k))
+    total = count_parameters(model)[1]
+    if extra > total // 2:
+        log.warning("the adapter holds %s non-LoRA parameters (%.0f %% of the model): was "
+                    "mark_only_lora_as_trainable called?", f"{extra:,}", 100.0 * extra / total)
+    if not state:
+        raise UserError("nothing to save: the model has no LoRA layers and no trainable "
+                        "parameters")
+    state = {k: v.cpu().contiguous() for k, v in state.items()}
+    payload = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "config": config,
+               "state_dict": state}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; an adapter is an ordinary output file
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    log.info("saved adapter %s (%d tensors, %.2f MB)", path, len(state),
+             path.stat().st_size / 1e6)
+    return path
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and check an adapter file without a model: ``(config, state_dict)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"adapter file not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line error
+        raise UserError(f"{path.name} is not a LoRA adapter file (cannot be read by torch.load: "
+                        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
+        kind = "a state dict or checkpoint" if isinstance(payload, dict) else type(payload).__name__
+        raise UserError(f"{path.name} is not a LoRA adapter file (found {kind} without "
+                        f"format={ADAPTER_FORMAT!r}); a full model checkpoint goes to "
+                        "--checkpoint instead")
+    version = payload.get("version")
+    if version != ADAPTER_VERSION:
+        raise UserError(f"{path.name}: adapter format version {version!r} is not supported "
+                        f"(this code reads version {ADAPTER_VERSION})")
+    config, state = payload.get("config"), payload.get("state_dict")
+    if not isinstance(config, dict) or not isinstance(state, dict):
+        raise UserError(f"{path.name}: damaged adapter file (config or state_dict missing)")
+    return config, state
+
+
+def load_adapter(path: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
+    """Load an adapter written by :func:`save_adapter` into ``model``; returns its config.
+
+    When ``model`` has no LoRA layers yet they are injected from the config (rank, alpha,
+    targets, dropout); otherwise the model's layers must match the file. Raises ``ValueError``
+    (:class:`errors.UserError`) naming the file when it is not an adapter, when keys are missing
+    or unexpected (a few are listed), or when shapes differ (e.g. another rank).
+    """
+    path = Path(path)
+    config, state = read_adapter(path)
+    _check_not_merged(model, "load an adapter")
+    injected: list[str] = []
+    if not lora_layers(model) and any(_is_lora_key(k) for k in state):
+        missing = [k for k in ("rank", "alpha", "targets") if k not in config]
+        if missing:
+            raise UserError(f"{path.name}: the model has no LoRA layers and the adapter config "
+                            f"lacks {', '.join(missing)}; call inject_lora first")
+        try:
+            injected = inject_lora(model, config["rank"], config["alpha"], config["targets"],
+                                   config.get("dropout", 0.0))
+        except ValueError as exc:
+            raise UserError(f"{path.name}: cannot inject LoRA from its config: {exc}") from exc
+    try:
+        _validate_state(model, state, path.name)
+    except ValueError:
+        remove_lora(model, injected)  # leave the model as it came
+        raise
+    model.load_state_dict(state, strict=False)
+    log.info("loaded adapter %s (%d tensors)", path, len(state))
+    return config

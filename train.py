@@ -1,0 +1,53 @@
+"""``python main.py train``: LoRA / decoder fine-tuning with grouped k-fold cross-validation.
+
+Writes to ``--output_dir``: ``config.json``, ``folds.json``, ``metrics.csv`` (a row per fold and
+epoch), ``summary.json`` (mean and standard deviation over folds), ``train.log`` and per fold
+``fold_k/best.pt`` (adapter of the best validation Dice), ``fold_k/last.pt`` (resume state).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import dataset as data
+import model as sam_model
+import trainer
+from errors import UserError
+from runlog import log_to_file
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train", help="fine-tune with LoRA (k-fold cross-validation, resumable)",
+        description="Fine-tune SAM / MobileSAM with LoRA adapters (and optionally the mask decoder). "
+                    "Example: python main.py train --data_dir data/em --lora_rank 8 --cross_validation",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    trainer.add_train_arguments(parser)
+    parser.add_argument("--export_merged", type=Path, default=None,
+                        help="after training, write the best fold's model with LoRA merged as a plain "
+                             "SAM / MobileSAM state dict that segment_anything / mobile_sam load unchanged")
+    parser.add_argument("--embedding_cache", type=Path, default=None,
+                        help="directory keeping frozen-encoder image embeddings across runs")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    config = trainer.TrainConfig.from_args(args)
+    if args.num_workers < 0:
+        raise UserError(f"--num_workers must be >= 0, got {args.num_workers}")
+    device = sam_model.resolve_device(args.device)
+    sam_model.autocast(device, config.precision)  # rejects fp16 on CPU before any work
+    sam_model.resolve_checkpoint(config.model_type, config.checkpoint)  # missing weights: fail early
+    if args.export_merged is not None and args.export_merged.exists():
+        raise UserError(f"--export_merged {args.export_merged} exists: choose a new path (nothing was overwritten)")
+    samples = data.load_from_args(args)
+    trainer.prepare_output_dir(config, args.resume, args.overwrite)
+    with log_to_file(Path(config.output_dir) / "train.log"):
+        summary = trainer.run_training(config, samples, device, args.num_workers, cache_dir=args.embedding_cache)
+        if args.export_merged is not None and trainer.Distributed.setup(device).rank == 0:
+            trainer.export_merged(config, Path(summary["best_adapter"]), args.export_merged)
+    return 0

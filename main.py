@@ -14,7 +14,7 @@ from typing import Sequence
 from errors import EXIT_INTERNAL, EXIT_USAGE, UserError
 
 # Subcommand modules, in the order `--help` lists them.
-COMMAND_MODULES = ("download_weights", "train", "parameter_search")
+COMMAND_MODULES = ("download_weights", "train", "parameter_search", "evaluate", "detect")
 
 log = logging.getLogger("samlora")
 
@@ -49,7 +49,11 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         handler._samlora = True  # type: ignore[attr-defined]
         root.addHandler(handler)
-    handler.setStream(sys.stderr)  # the current stderr (tests swap it between calls)
+    if handler.stream is not sys.stderr:  # the current stderr (tests swap it between calls)
+        if getattr(handler.stream, "closed", False):
+            handler.stream = sys.stderr  # setStream would flush the closed stream
+        else:
+            handler.setStream(sys.stderr)
     handler.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
 
 

@@ -45,9 +45,14 @@ def run(args: argparse.Namespace) -> int:
     if args.export_merged is not None and args.export_merged.exists():
         raise UserError(f"--export_merged {args.export_merged} exists: choose a new path (nothing was overwritten)")
     samples = data.load_from_args(args)
-    trainer.prepare_output_dir(config, args.resume, args.overwrite)
+    processes = trainer.Distributed.setup(device)  # torchrun: one process per device
+    if processes.rank == 0:
+        trainer.prepare_output_dir(config, args.resume, args.overwrite)
+    else:  # one voice: the other processes report warnings and errors only
+        logging.getLogger().setLevel(logging.WARNING)
+    processes.barrier()
     with log_to_file(Path(config.output_dir) / "train.log"):
         summary = trainer.run_training(config, samples, device, args.num_workers, cache_dir=args.embedding_cache)
-        if args.export_merged is not None and trainer.Distributed.setup(device).rank == 0:
+        if args.export_merged is not None and processes.rank == 0:
             trainer.export_merged(config, Path(summary["best_adapter"]), args.export_merged)
     return 0

@@ -275,10 +275,16 @@ def collate(items: list[Item]) -> list[Item]:
 
 def make_loader(dataset: PromptDataset, batch_size: int, shuffle_seed: int | None, num_workers: int,
                 rank: int = 0, world: int = 1) -> torch.utils.data.DataLoader:
-    """Batches of items; ``shuffle_seed`` orders an epoch; ranks take interleaved shares."""
+    """Batches of items; ``shuffle_seed`` orders a training epoch; ranks take interleaved shares.
+
+    Training orders are padded (repeating a few items) so that every rank takes the same number
+    of steps, as each step all-reduces gradients; validation shares are not padded.
+    """
     order = list(range(len(dataset)))
     if shuffle_seed is not None:
         order = list(np.random.default_rng(shuffle_seed).permutation(len(dataset)))
+    if shuffle_seed is not None and world > 1 and len(order) % world:
+        order += order[: world - len(order) % world]  # every rank takes as many steps (collectives)
     order = order[rank::world]
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=collate,
                                        num_workers=num_workers, persistent_workers=False)
@@ -442,9 +448,22 @@ def all_reduce_gradients(params: Sequence[nn.Parameter], world: int) -> None:
         p.grad /= world
 
 
+def set_train_mode(sam: nn.Module) -> None:
+    """Training mode for the LoRA layers (their dropout) only.
+
+    The frozen base stays in eval mode: TinyViT's BatchNorm would otherwise normalise with batch
+    statistics and overwrite its running statistics, which no adapter file stores, so the
+    trained model and the one evaluated later would differ. SAM's decoder has no dropout or
+    normalisation whose behaviour depends on the mode, so training it is unaffected.
+    """
+    sam.eval()
+    for layer in lora.lora_layers(sam).values():
+        layer.train()
+
+
 def train_one_epoch(ctx: Context, loader: torch.utils.data.DataLoader, epoch: int, fold: int) -> dict[str, float]:
     """One pass over the training fold; returns mean loss and low-res Dice. Stops on NaN."""
-    ctx.sam.train()
+    set_train_mode(ctx.sam)
     params = [p for p in ctx.sam.parameters() if p.requires_grad]
     losses, dices = [], []
     bar = tqdm(loader, desc=f"fold {fold} epoch {epoch}", leave=False, disable=ctx.rank != 0 or None)
@@ -456,7 +475,7 @@ def train_one_epoch(ctx: Context, loader: torch.utils.data.DataLoader, epoch: in
         if loss is None:  # no objects on this rank, but it must join the gradient reduction
             loss = sum(p.sum() * 0 for p in params)
         elif not torch.isfinite(loss):
-            raise UserError(f"the loss became {float(loss)} in fold {fold}, epoch {epoch}: training "
+            raise UserError(f"the loss became {float(loss.detach())} in fold {fold}, epoch {epoch}: training "
                             "stopped and the last good checkpoint kept; lower --learning_rate or use "
                             "--precision fp32")
         ctx.optimizer.zero_grad(set_to_none=True)
@@ -486,20 +505,20 @@ def instance_map(masks: np.ndarray, scores: np.ndarray) -> np.ndarray:
 def validate(ctx: Context, loader: torch.utils.data.DataLoader) -> dict[str, float]:
     """Dice and IoU at the original image size on the validation fold (no augmentation).
 
-    Box prompts without jitter (points when training used points). ``dice``/``iou`` are means
-    of per-image semantic scores; ``pooled_dice`` sums pixels over the fold first.
+    Box prompts without jitter (points when training used points); images without objects are
+    skipped, as in ``evaluate``. ``dice``/``iou`` are means of per-image semantic scores;
+    ``pooled_dice`` sums pixels over the fold first.
     """
     ctx.sam.eval()
     rows = []
     for items in loader:
         outputs = iter(forward_items(ctx, items, original_size=True))
         for item in items:
-            if len(item.prompts):
-                out = next(outputs)
-                masks = (out.logits[:, 0] > 0).cpu().numpy()
-                pred = instance_map(masks, out.iou[:, 0].float().cpu().numpy())
-            else:
-                pred = np.zeros_like(item.labels)
+            if not len(item.prompts):  # nothing to prompt: every model would score a trivial 1
+                continue
+            out = next(outputs)
+            masks = (out.logits[:, 0] > 0).cpu().numpy()
+            pred = instance_map(masks, out.iou[:, 0].float().cpu().numpy())
             rows.append(metrics.semantic_metrics(item.labels, pred, ignore=item.ignore))
     if ctx.world > 1:
         import torch.distributed as dist
@@ -611,7 +630,7 @@ def run_fold(config: TrainConfig, samples: Sequence[data.Sample], fold: int, tra
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     train_set = PromptDataset(samples, train_idx, config, fold, train=True)
     val_set = PromptDataset(samples, val_idx, config, fold, train=False)
-    steps_per_epoch = math.ceil(len(range(rank, len(train_set), world)) / config.batch_size)
+    steps_per_epoch = math.ceil(math.ceil(len(train_set) / world) / config.batch_size)
     scheduler = make_schedule(optimizer, steps_per_epoch * config.epochs, config.warmup_fraction)
     cache = EmbeddingCache(sam, config.precision, cache_dir) if not config.encoder_trained else None
     ctx = Context(sam, config, device, cache, optimizer, scheduler, rank, world)
@@ -747,6 +766,13 @@ class Distributed:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         return cls(dist.get_rank(), world)
 
+    def barrier(self) -> None:
+        """Wait for every process (no-op without torchrun)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
 
 def run_training(config: TrainConfig, samples: Sequence[data.Sample], device: torch.device,
                  num_workers: int = 0, folds: Sequence[tuple[list[int], list[int]]] | None = None,
@@ -757,9 +783,13 @@ def run_training(config: TrainConfig, samples: Sequence[data.Sample], device: to
     if dist_info.world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     checkpoint = sam_model.resolve_checkpoint(config.model_type, config.checkpoint)
-    if folds is None:
-        folds = data.load_or_make_folds(out, samples, config.num_splits, config.seed, config.slice_block,
-                                        config.val_fraction)
+    if folds is None:  # rank 0 writes folds.json, the others read it
+        if dist_info.rank == 0:
+            folds = data.load_or_make_folds(out, samples, config.num_splits, config.seed, config.slice_block,
+                                            config.val_fraction)
+        dist_info.barrier()
+        if dist_info.rank != 0:
+            folds = data.load_folds(out, samples)
     data.log_summary(samples, folds, config.slice_block)
     if dist_info.rank == 0:
         atomic_write_text(out / "config.json", json.dumps(config.to_json(), indent=1))

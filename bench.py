@@ -1,0 +1,234 @@
+"""Speed and memory figures, measured in one run and printed as ratios against the model's own
+compute (the limit a training loop can reach). Not a test: run ``python bench.py [--quick]``.
+
+Rows (issue 4 and 5 targets in brackets):
+- LoRA training step / bare encoder+decoder forward+backward on the same input   [<= 1.15]
+- bf16 training step / fp32 training step (CPU)                                    [<= 0.55]
+- frozen-encoder epoch with cached embeddings / the decoder's own fwd+bwd          [<= 1.10]
+  and / the same epoch without the cache (vit_t, vit_b)
+- 512 px step / 1024 px step                                                       [<= 0.33]
+- peak RSS of one LoRA training step (vit_t, vit_b; 1024 and 512 px)
+- where the mask decoder spends its time, per number of prompts
+- instance metrics on a 512x512 map with 500 objects on both sides                  [<< 1 s]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+import dataset as data
+import lora
+import metrics
+import model as sam_model
+import trainer
+
+log = logging.getLogger("bench")
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "data" / "em_vnc"
+
+
+def timed(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` over ``reps`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def make_config(model_type: str, image_size: int, precision: str = "fp32", **changes) -> trainer.TrainConfig:
+    base = dict(data_dir="", output_dir="", model_type=model_type, checkpoint="none", image_size=image_size,
+                precision=precision, max_objects=4, lora_rank=8, lora_alpha=8, box_jitter=0.1)
+    base.update(changes)
+    return trainer.TrainConfig(**base)
+
+
+class Setup:
+    """A LoRA model, a context with optimiser, and a one-image-per-step loader on real samples."""
+
+    def __init__(self, config: trainer.TrainConfig, samples: list[data.Sample]) -> None:
+        torch.manual_seed(0)
+        self.config = config
+        self.sam = trainer.build_trainable_model(config, None, torch.device("cpu"))
+        params = [p for p in self.sam.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        sched = trainer.make_schedule(opt, 10_000, 0.0)
+        cache = trainer.EmbeddingCache(self.sam, config.precision) if not config.encoder_trained else None
+        self.ctx = trainer.Context(self.sam, config, torch.device("cpu"), cache, opt, sched)
+        self.dataset = trainer.PromptDataset(samples, range(len(samples)), config, 0, train=True)
+        self.loader = trainer.make_loader(self.dataset, 1, None, 0)
+        self.item = self.dataset[0]
+
+    def epoch(self) -> float:
+        """Seconds per step of a real training epoch (data, prompts, loss, optimiser included)."""
+        start = time.perf_counter()
+        trainer.train_one_epoch(self.ctx, self.loader, 0, 0)
+        return (time.perf_counter() - start) / len(self.dataset)
+
+    def bare(self, encoder: bool = True) -> float:
+        """One bare forward+backward of the same model on a prepared input (no data work)."""
+        sam, item = self.sam, self.item
+        prompts = item.prompts
+        with sam_model.autocast(torch.device("cpu"), self.config.precision):
+            if encoder:
+                emb = sam.image_encoder(item.image[None])
+            else:
+                emb = self._embedding()
+            sparse, dense = sam.prompt_encoder(points=None, boxes=prompts.boxes, masks=None)
+            low, iou = sam.mask_decoder(image_embeddings=emb, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                        multimask_output=False)
+        h, w = item.targets.shape[-2:]
+        loss = trainer.compute_loss("dice_ce", low[..., :h, :w], iou, item.targets)
+        loss.backward()
+        self.sam.zero_grad(set_to_none=True)
+        return 0.0
+
+    def _embedding(self) -> torch.Tensor:
+        if not hasattr(self, "_emb"):
+            with torch.no_grad(), sam_model.autocast(torch.device("cpu"), self.config.precision):
+                self._emb = self.sam.image_encoder(self.item.image[None])
+        return self._emb
+
+
+def peak_rss_child(model_type: str, image_size: int, samples: list[data.Sample], queue: mp.Queue) -> None:
+    torch.set_num_threads(torch.get_num_threads())
+    setup = Setup(make_config(model_type, image_size), samples[:1])
+    setup.epoch()
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # MiB (Linux: KiB)
+
+
+def peak_rss(model_type: str, image_size: int, samples: list[data.Sample]) -> float:
+    """Peak resident memory (MiB) of a fresh process doing one LoRA training step."""
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=peak_rss_child, args=(model_type, image_size, samples, queue))
+    proc.start()
+    value = queue.get(timeout=1800)
+    proc.join()
+    return value
+
+
+def decoder_profile(setup: Setup, counts: list[int], reps: int) -> list[tuple[int, float, float, float]]:
+    """Decoder fwd+bwd seconds for N box prompts, and the shares of its forward spent in the
+    two-way transformer and in the output upscaling (both run once per prompt: SAM repeats the
+    image embedding for every prompt)."""
+    sam, emb, dec = setup.sam, setup._embedding(), setup.sam.mask_decoder
+    pe = sam.prompt_encoder.get_dense_pe()
+    rows = []
+    for n in counts:
+        boxes = setup.item.prompts.boxes[:1].repeat(n, 1)
+        with torch.no_grad():
+            sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+
+        def forward() -> tuple[torch.Tensor, torch.Tensor]:
+            return dec(image_embeddings=emb, image_pe=pe, sparse_prompt_embeddings=sparse,
+                       dense_prompt_embeddings=dense, multimask_output=False)
+
+        def forward_backward() -> None:
+            low, iou = forward()
+            (low.float().mean() + iou.mean()).backward()
+            sam.zero_grad(set_to_none=True)
+
+        total = timed(forward_backward, reps)
+        with torch.no_grad():
+            fwd = timed(forward, reps)
+            src = emb.repeat(n, 1, 1, 1) + dense
+            pos = pe.repeat(n, 1, 1, 1)
+            tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight]).expand(n, -1, -1)
+            tokens = torch.cat([tokens, sparse], dim=1)
+            transformer = timed(lambda: dec.transformer(src, pos, tokens), reps)
+            upscaling = timed(lambda: dec.output_upscaling(src), reps)
+        rows.append((n, total, transformer / fwd, upscaling / fwd))
+    return rows
+
+
+def bench_metrics(reps: int) -> float:
+    """Seconds for instance_metrics on 512x512 maps with 500 objects each (discs)."""
+    rng = np.random.default_rng(0)
+    gt = np.zeros((512, 512), np.int32)
+    pred = np.zeros_like(gt)
+    yy, xx = np.mgrid[:512, :512]
+    for i in range(500):
+        cy, cx = rng.integers(0, 512, 2)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < 64
+        gt[disc] = i + 1
+        pred[(yy - cy - 2) ** 2 + (xx - cx) ** 2 < 64] = i + 1
+    return timed(lambda: metrics.instance_metrics(gt, pred), reps)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="vit_t only, fewer repetitions")
+    parser.add_argument("--data_dir", type=Path, default=DEFAULT_DATA, help="real images to train on")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    reps = 2 if args.quick else 3
+    samples = data.load_dataset(args.data_dir)[:3]
+    models = ["vit_t"] if args.quick else ["vit_t", "vit_b"]
+    rows: list[tuple[str, float, str]] = []
+    figures: dict[str, float] = {}
+
+    def report(name: str, value: float, target: str = "") -> None:
+        rows.append((name, value, target))
+        figures[name] = value
+        print(f"{name:<68} {value:8.3f} {target}", flush=True)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, 4 box prompts per image, "
+          f"random weights, real EM sections ({args.data_dir.name})\n")
+    for model_type in models:
+        for size in (1024, 512):
+            setup = Setup(make_config(model_type, size), samples)
+            step = statistics.median(setup.epoch() for _ in range(reps))
+            bare = timed(setup.bare, reps)
+            report(f"{model_type} {size}px LoRA step (s)", step)
+            report(f"{model_type} {size}px bare encoder+decoder fwd+bwd (s)", bare)
+            report(f"{model_type} {size}px LoRA step / bare fwd+bwd", step / bare, "[<= 1.15]")
+            figures[f"{model_type}_{size}_step"] = step
+            if size == 1024:
+                bf16 = Setup(make_config(model_type, size, "bf16"), samples)
+                step_bf16 = statistics.median(bf16.epoch() for _ in range(reps))
+                report(f"{model_type} 1024px bf16 step / fp32 step", step_bf16 / step, "[<= 0.55]")
+        report(f"{model_type} 512px step / 1024px step",
+               figures[f"{model_type}_512_step"] / figures[f"{model_type}_1024_step"], "[<= 0.33]")
+
+        frozen_cfg = make_config(model_type, 1024, freeze_encoder=True, lora_targets="decoder", lora_rank=8)
+        frozen = Setup(frozen_cfg, samples)
+        frozen.epoch()  # fills the cache
+        cached = statistics.median(frozen.epoch() for _ in range(reps))
+        decoder_only = timed(lambda: frozen.bare(encoder=False), reps)
+        frozen.ctx.cache.memory.clear()
+        uncached = frozen.epoch()
+        report(f"{model_type} frozen encoder, cached epoch step / decoder fwd+bwd", cached / decoder_only, "[<= 1.10]")
+        report(f"{model_type} frozen encoder, cached / uncached epoch", cached / uncached)
+
+        prof = decoder_profile(frozen, [1, 4, 16], reps)
+        for n, total, tr, up in prof:
+            report(f"{model_type} decoder fwd+bwd, {n} prompts (s) [fwd: {tr:.0%} transformer, {up:.0%} upscaling]", total)
+
+    for model_type in models:
+        for size in (1024, 512):
+            report(f"{model_type} {size}px LoRA step peak RSS (MiB)", peak_rss(model_type, size, samples))
+    report("instance_metrics 512x512, 500 vs 500 objects (s)", bench_metrics(reps * 3), "[<< 1 s]")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,441 @@
+"""evaluate.py and figures.py: prompts, instance maps, honest baselines, the command end to end.
+
+The command runs through ``main([...])`` on small crops of the real data in ../shared/data
+with a randomly initialised MobileSAM at 256 px (``--checkpoint none --image_size 256``).
+Expected values are computed here from their definitions (analytic ellipse areas, cv2
+rasterisation, the folds the test itself writes), not taken from the code under test.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+import dataset
+import figures
+import lora
+import main as main_module
+import metrics
+import model as sam_model
+from evaluate import (InstanceCanvas, baseline_instances, ellipse_mask, interior_point, object_prompts,
+                      pooled_scores, score_image)
+
+SMALL = ["--checkpoint", "none", "--image_size", "256", "--model_type", "vit_t", "--device", "cpu"]
+# Dice and IoU of a filled box against the ellipse inscribed in it (areas pi/4 : 1).
+BOX_VS_ELLIPSE_DICE = 2 * (math.pi / 4) / (1 + math.pi / 4)
+BOX_VS_ELLIPSE_IOU = math.pi / 4
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures: small crops of the real data, the command registered, adapters
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """256 px inputs are too small for intra-op threads to pay off; on a busy 2-core machine
+    two spinning threads made each encoder pass 10-30x slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def main(monkeypatch):
+    """``main.main`` with the evaluate command registered (whatever main.py lists today).
+
+    Error lines are read from ``caplog`` (log records), not from a captured stderr: main's
+    console handler keeps the stream it was given, and a per-test capture stream is closed
+    when its test ends.
+    """
+    if "evaluate" not in main_module.COMMAND_MODULES:
+        monkeypatch.setattr(main_module, "COMMAND_MODULES", tuple(main_module.COMMAND_MODULES) + ("evaluate",))
+    yield main_module.main
+    for handler in logging.getLogger().handlers:  # never leave a closed capture stream behind
+        if getattr(handler, "_samlora", False) and getattr(handler.stream, "closed", False):
+            handler.stream = sys.stderr
+
+
+def _crop_em(shared_data: Path, out: Path, names: list[str], box=(256, 512, 256, 512)) -> Path:
+    y0, y1, x0, x1 = box
+    for sub in ("images", "masks"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            pixels = cv2.imread(str(shared_data / "em_vnc" / sub / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+            cv2.imwrite(str(out / sub / f"{name}.png"), pixels[y0:y1, x0:x1])
+    return out
+
+
+@pytest.fixture(scope="module")
+def em_dir(shared_data, tmp_path_factory) -> Path:
+    """Three 256x256 crops of consecutive VNC sections (mitochondria, binary masks)."""
+    return _crop_em(shared_data, tmp_path_factory.mktemp("em") / "em", ["00", "01", "02"])
+
+
+@pytest.fixture(scope="module")
+def nuclei_dir(shared_data, tmp_path_factory) -> Path:
+    """NuInsSeg layout, two 'organs' (the cpm15 magnifications), one 192x192 H&E crop each."""
+    root = tmp_path_factory.mktemp("nuclei") / "nuclei"
+    for group in ("cpm15 20x", "cpm15 40x"):
+        src = shared_data / "nuclei_cpm15" / group
+        image_path = sorted((src / "tissue images").glob("*.png"))[0]
+        labels = tifffile.imread(src / "label masks" / f"{image_path.stem}.tif")
+        (root / group / "tissue images").mkdir(parents=True)
+        (root / group / "label masks").mkdir(parents=True)
+        cv2.imwrite(str(root / group / "tissue images" / image_path.name), cv2.imread(str(image_path))[:192, :192])
+        tifffile.imwrite(root / group / "label masks" / f"{image_path.stem}.tif", labels[:192, :192])
+    return root
+
+
+@pytest.fixture(scope="module")
+def split_dir(shared_data, tmp_path_factory) -> Path:
+    """train/ and test/ folders (a fixed test split), each images/ + masks/."""
+    root = tmp_path_factory.mktemp("split") / "split"
+    _crop_em(shared_data, root / "train", ["00", "01"])
+    _crop_em(shared_data, root / "test", ["02"])
+    return root
+
+
+def make_adapter(path: Path, scale: float = 0.05, seed: int = 0, **config) -> Path:
+    """A vit_t / 256 px rank-4 qkv adapter on the seed's random base; ``lora_B`` drawn with
+    std ``scale`` (0 = the base model exactly)."""
+    torch.manual_seed(seed)
+    sam = sam_model.build_model("vit_t", None, 256)
+    lora.inject_lora(sam, rank=4, alpha=4, targets="qkv")
+    lora.mark_only_lora_as_trainable(sam)
+    generator = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for layer in lora.lora_layers(sam).values():
+            layer.lora_B.copy_(scale * torch.randn(layer.lora_B.shape, generator=generator))
+    values = {"model_type": "vit_t", "image_size": 256, "base_checkpoint_sha256": None, "seed": seed} | config
+    return lora.save_adapter(path, sam, values)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def error_lines(caplog) -> list[str]:
+    """The ERROR messages logged (each must be one line, without a traceback)."""
+    records = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert all(r.exc_info is None and "\n" not in r.getMessage() for r in records)
+    return [r.getMessage() for r in records]
+
+
+# --------------------------------------------------------------------------------------------
+# prompts, instance maps, baselines (no model)
+# --------------------------------------------------------------------------------------------
+def test_object_prompts_boxes_points_and_subset():
+    labels = np.zeros((40, 50), np.int32)
+    labels[5:15, 10:30] = 7  # a 10x20 rectangle, non-consecutive id
+    labels[20:35, 2:6] = 3   # an L shape: a vertical bar ...
+    labels[31:35, 2:20] = 3  # ... and a foot
+    prompts = object_prompts(labels)
+    assert prompts.ids.tolist() == [3, 7]
+    np.testing.assert_array_equal(prompts.boxes, [[2, 20, 19, 34], [10, 5, 29, 14]])  # inclusive corners
+    for (x, y), obj in zip(prompts.points, prompts.ids):
+        assert labels[int(y), int(x)] == obj  # inside its own object
+    # The rectangle's point is as deep as a 10x20 rectangle allows (5 px from the border).
+    x, y = prompts.points[1]
+    assert min(y - 5 + 1, 14 - y + 1, x - 10 + 1, 29 - x + 1) == 5
+    assert prompts.ignore is None
+
+    # max_objects: a seeded subset; the others' pixels are ignored, not counted as missed.
+    many = np.zeros((30, 30), np.int32)
+    for k in range(9):
+        many[(k // 3) * 10 + 2:(k // 3) * 10 + 8, (k % 3) * 10 + 2:(k % 3) * 10 + 8] = k + 1
+    sub = object_prompts(many, max_objects=4, rng=np.random.default_rng(0))
+    again = object_prompts(many, max_objects=4, rng=np.random.default_rng(0))
+    assert len(sub) == 4 and sub.ids.tolist() == again.ids.tolist()
+    np.testing.assert_array_equal(sub.ignore, (many > 0) & ~np.isin(many, sub.ids))
+
+
+def test_interior_point_is_the_deepest_pixel():
+    mask = np.zeros((9, 30), bool)
+    mask[1:8, 2:29] = True  # 7 rows: the middle row is 4 px from the border
+    y, x = interior_point(mask)
+    assert y == 4 and mask[y, x]
+    with pytest.raises(ValueError):
+        interior_point(np.zeros((3, 3), bool))
+
+
+def test_instance_canvas_higher_score_wins_in_any_order():
+    a = np.zeros((10, 10), bool)
+    a[0:6, 0:6] = True
+    b = np.zeros((10, 10), bool)
+    b[3:9, 3:9] = True
+    for order in ([(a, 0.9, 1), (b, 0.5, 2)], [(b, 0.5, 2), (a, 0.9, 1)]):
+        canvas = InstanceCanvas((10, 10))
+        for mask, score, label in order:
+            canvas.paste(mask, score, label)
+        assert (canvas.labels[3:6, 3:6] == 1).all()  # the overlap goes to the higher score
+        assert (canvas.labels[6:9, 6:9] == 2).all() and (canvas.labels[a] == 1).all()
+    canvas = InstanceCanvas((10, 10))
+    canvas.paste(a, 0.5, 1)
+    canvas.paste(b, 0.5, 2)
+    assert (canvas.labels[3:6, 3:6] == 2).all()  # equal scores: the later mask
+    canvas.paste(np.zeros((10, 10), bool), 1.0, 3)  # an empty mask changes nothing
+    assert 3 not in canvas.labels
+
+
+def test_baselines_against_analytic_areas():
+    """Box vs ellipse: Dice = 2(pi/4)/(1+pi/4), IoU = pi/4 (ellipse area / box area)."""
+    h, w, y0, x0 = 120, 200, 30, 40
+    ellipse_gt = np.zeros((200, 300), np.uint8)  # rasterised by cv2, not by evaluate.py
+    cv2.ellipse(ellipse_gt, (x0 + w // 2, y0 + h // 2), (w // 2, h // 2), 0, 0, 360, 1, -1)
+    prompts = object_prompts(ellipse_gt.astype(np.int32))
+    box = score_image(ellipse_gt, baseline_instances(ellipse_gt.shape, prompts, "box"))
+    assert box["dice"] == pytest.approx(BOX_VS_ELLIPSE_DICE, abs=0.01)
+    assert box["iou"] == pytest.approx(BOX_VS_ELLIPSE_IOU, abs=0.01)
+    assert box["pixel_recall"] == 1.0  # the box covers its object
+    ellipse = score_image(ellipse_gt, baseline_instances(ellipse_gt.shape, prompts, "ellipse"))
+    assert ellipse["dice"] > 0.98 and ellipse["pq"] > 0.95
+
+    rect_gt = np.zeros((200, 300), np.int32)
+    rect_gt[y0:y0 + h, x0:x0 + w] = 1
+    prompts = object_prompts(rect_gt)
+    assert score_image(rect_gt, baseline_instances(rect_gt.shape, prompts, "box"))["dice"] == 1.0
+    on_rect = score_image(rect_gt, baseline_instances(rect_gt.shape, prompts, "ellipse"))
+    assert on_rect["dice"] == pytest.approx(BOX_VS_ELLIPSE_DICE, abs=0.01)
+    assert ellipse_mask(h, w).sum() == pytest.approx(math.pi / 4 * h * w, rel=0.01)
+    with pytest.raises(ValueError):
+        baseline_instances(rect_gt.shape, prompts, "triangle")
+
+
+def test_baseline_overlaps_go_to_the_smaller_shape():
+    labels = np.zeros((60, 60), np.int32)
+    labels[5:55, 5:55] = 1  # a large object ...
+    labels[25:35, 25:35] = 2  # ... with a small one inside its box
+    pred = baseline_instances(labels.shape, object_prompts(labels), "box")
+    assert (pred[25:35, 25:35] == 2).all() and (pred[5:55, 5:55] > 0).all()
+
+
+def test_pooled_scores_sum_counts_and_names_semantic_columns():
+    gt = np.zeros((20, 20), np.int32)
+    gt[2:8, 2:8] = 1
+    pred_a = gt.copy()
+    pred_b = np.zeros_like(gt)
+    pred_b[10:12, 10:12] = 1
+    rows = [score_image(gt, pred_a), score_image(gt, pred_b)]
+    assert {"dice", "iou", "pixel_precision", "pixel_recall", "aji", "pq", "f1", "precision"} <= set(rows[0])
+    pooled = pooled_scores(rows)
+    tp, fp, fn = 36, 4, 36  # pixels: a is perfect; b misses 36 and adds 4
+    assert pooled["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert pooled["aji"] == pytest.approx(metrics.pooled_instance_metrics(rows)["aji"])
+    assert rows[1]["pixel_precision"] == 0.0 and rows[1]["precision"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# figures
+# --------------------------------------------------------------------------------------------
+def test_draw_instances_colours_each_contour(tmp_path):
+    image = np.full((50, 60, 3), 128, np.uint8)
+    labels = np.zeros((50, 60), np.int32)
+    labels[10:20, 10:20] = 5
+    labels[25:45, 30:55] = 9
+    drawn = figures.draw_instances(image, labels, thickness=1, fill_alpha=0)
+    colors = figures.instance_colors(np.array([5, 9]))
+    assert (drawn[10, 15] == colors[0]).all() and (drawn[25, 40] == colors[1]).all()  # edges
+    assert (drawn[15, 15] == 128).all() and (drawn[0, 0] == 128).all()  # interior, background
+    assert not np.array_equal(colors[0], colors[1])
+    assert figures.with_warning("Dice", True).startswith(figures.RANDOM_WEIGHTS)
+    path = figures.save_side_by_side(tmp_path / "a.png", image, [figures.Panel("image"),
+                                     figures.Panel("gt", labels)], "title", random_weights=True)
+    assert path.stat().st_size > 1000
+    cell = {"mean": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 3}
+    bars = figures.save_grouped_bars(tmp_path / "b.png", {"tag": {"base": cell, "baseline_box": cell}},
+                                     "Dice", "t", baselines=["baseline_box"])
+    box = figures.save_box_plot(tmp_path / "c.png", {"base": [0.1, 0.5, 0.7]}, "Dice", "t")
+    assert bars.stat().st_size > 1000 and box.stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------------
+def test_help(main, capsys):
+    assert main(["evaluate", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--model_path", "--compare", "--cv_run", "--split", "--prompt", "--visualize", "--plot",
+                 "--max_objects", "--batch_prompts", "--output_dir", "--overwrite"):
+        assert flag in out
+
+
+def test_box_prompts_end_to_end(main, nuclei_dir, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--data_dir", str(nuclei_dir), *SMALL, "--output_dir", str(out),
+                 "--plot", "--visualize", "--batch_prompts", "16"]) == 0
+    rows = read_csv(out / "per_image.csv")
+    for column in ("model", "kind", "image", "path", "tag", "group", "dice", "iou", "pixel_precision",
+                   "pixel_recall", "aji", "aji_plus", "pq", "sq", "rq", "f1", "precision", "recall",
+                   "mean_matched_iou", "f1@0.75", "n_gt", "n_pred"):
+        assert column in rows[0]
+    assert [r["model"] for r in rows] == ["base"] * 2 + ["baseline_box"] * 2 + ["baseline_ellipse"] * 2
+    for r in rows:  # every object prompted; the baselines paste one shape per object
+        assert int(r["n_prompts"]) == int(r["n_objects"]) == int(r["n_gt"]) > 0
+        assert 0.0 <= float(r["dice"]) <= 1.0
+    ellipse = [r for r in rows if r["model"] == "baseline_ellipse"]
+    assert all(int(r["n_pred"]) <= int(r["n_gt"]) for r in ellipse)
+
+    groups = read_csv(out / "per_group.csv")
+    assert {(g["model"], g["tag"]) for g in groups} >= {("base", "cpm15 20x"), ("base", "cpm15 40x"),
+                                                        ("base", "(all)"), ("baseline_box", "(all)")}
+    assert {"dice_mean", "dice_std", "dice_ci_low", "dice_ci_high", "dice_pooled", "aji_pooled"} <= set(groups[0])
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prompt"] == "box" and summary["split"] == "all" and summary["random_weights"] is True
+    assert list(summary["models"]) == ["base", "baseline_box", "baseline_ellipse"]
+    base = summary["models"]["base"]
+    dice = base["per_image_mean"]["dice"]
+    assert set(dice) == {"mean", "std", "ci_low", "ci_high", "n"} and dice["n"] == 2
+    assert dice["ci_low"] <= dice["mean"] <= dice["ci_high"]
+    per_image = [float(r["dice"]) for r in rows if r["model"] == "base"]
+    assert dice["mean"] == pytest.approx(np.mean(per_image), abs=1e-5)
+    pooled = {k: sum(int(r[k]) for r in rows if r["model"] == "base") for k in ("pixel_tp", "pixel_fp", "pixel_fn")}
+    assert base["pooled"]["dice"] == pytest.approx(
+        2 * pooled["pixel_tp"] / (2 * pooled["pixel_tp"] + pooled["pixel_fp"] + pooled["pixel_fn"]))
+    config = json.loads((out / "config.json").read_text())
+    assert config["image_size"] == 256 and config["models"] == {"base": "base"}
+    log_text = (out / "evaluate.log").read_text()
+    assert "with box prompts" in log_text and "Dice mean" in log_text  # the replayed start and the table
+    for name in summary["files"]:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    pngs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert "comparison.png" in pngs and "plots/dice_by_tag.png" in pngs and "plots/dice_boxplot.png" in pngs
+    assert len([p for p in pngs if p.startswith("visualizations/")]) == 2
+
+
+def test_compare_base_and_adapter(main, em_dir, tmp_path):
+    adapter = make_adapter(tmp_path / "adapter.pt")
+    out = tmp_path / "eval"
+    # --model_type / --image_size left out: taken from the adapter (vit_t, 256)
+    assert main(["evaluate", "--data_dir", str(em_dir), "--checkpoint", "none", "--device", "cpu",
+                 "--output_dir", str(out), "--compare", "base=base", f"lora={adapter}"]) == 0
+    rows = read_csv(out / "per_image.csv")
+    by_model = {m: [r for r in rows if r["model"] == m] for m in ("base", "lora", "baseline_box", "baseline_ellipse")}
+    assert all(len(v) == 3 for v in by_model.values())
+    assert [r["image"] for r in by_model["base"]] == [r["image"] for r in by_model["lora"]]  # same images
+    assert [r["dice"] for r in by_model["base"]] != [r["dice"] for r in by_model["lora"]]  # the adapter acts
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["image_size"] == 256 and summary["models"]["lora"]["source"] == str(adapter)
+    assert (out / "comparison.png").stat().st_size > 1000
+
+
+def test_cross_validated_run_scores_each_fold_with_its_own_adapter(main, em_dir, tmp_path):
+    """A run whose fold 0 adapter equals the base model: fold-0 images score exactly as base."""
+    run = tmp_path / "run"
+    samples = dataset.load_dataset(em_dir, slice_block=1)
+    folds = dataset.make_folds(samples, 3, seed=0, slice_block=1)
+    run.mkdir()
+    dataset.save_folds(run / "folds.json", folds, samples, slice_block=1, seed=0)
+    config = {"data_dir": str(em_dir), "data_format": "auto", "patch_size": 0, "patch_overlap": 0,
+              "drop_empty_patches": False, "slice_block": 1, "nifti_axis": 2, "model_type": "vit_t",
+              "checkpoint": "none", "image_size": 256, "seed": 0}
+    (run / "config.json").write_text(json.dumps(config))
+    for k in range(3):
+        make_adapter(run / f"fold_{k}" / "best.pt", scale=0.0 if k == 0 else 0.05, fold=k)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--cv_run", str(run), "--device", "cpu", "--output_dir", str(out), "--plot",
+                 "--compare", "base=base", f"cv={run}"]) == 0
+    rows = read_csv(out / "per_image.csv")
+    fold_of = {samples[i].key: k for k, (_, val) in enumerate(folds) for i in val}
+    base = {r["image"]: r for r in rows if r["model"] == "base"}
+    for r in (r for r in rows if r["model"] == "cv"):
+        assert int(r["fold"]) == fold_of[r["image"]]
+        same = r["dice"] == base[r["image"]]["dice"] and r["aji"] == base[r["image"]]["aji"]
+        assert same == (fold_of[r["image"]] == 0)
+    per_fold = read_csv(out / "per_fold.csv")
+    assert {(r["model"], r["fold"]) for r in per_fold} >= {("cv", "0"), ("cv", "1"), ("cv", "2")}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["split"] == "val" and set(summary["per_fold"]["cv"]) == {"0", "1", "2"}
+    assert (out / "plots" / "dice_by_fold.png").stat().st_size > 1000
+
+
+def test_point_and_auto_prompts(main, split_dir, tmp_path):
+    out = tmp_path / "point"
+    # the data has a fixed test split: it is the default
+    assert main(["evaluate", "--data_dir", str(split_dir), *SMALL, "--output_dir", str(out), "--prompt", "point"]) == 0
+    rows = read_csv(out / "per_image.csv")
+    assert {r["model"] for r in rows} == {"base"}  # no box baselines for point prompts
+    assert [r["split"] for r in rows] == ["test"]
+    out = tmp_path / "auto"
+    assert main(["evaluate", "--data_dir", str(split_dir), *SMALL, "--output_dir", str(out), "--prompt", "auto",
+                 "--points_per_side", "4", "--pred_iou_thresh", "0", "--stability_score_thresh", "0",
+                 "--split", "test", "--visualize"]) == 0
+    rows = read_csv(out / "per_image.csv")
+    assert len(rows) == 1 and rows[0]["n_prompts"] == "0"
+    assert json.loads((out / "summary.json").read_text())["prompt"] == "auto"
+    assert len(list((out / "visualizations").glob("*.png"))) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: one clear line, exit code 2, nothing of the user's touched
+# --------------------------------------------------------------------------------------------
+def test_existing_output_dir_is_refused_and_untouched(main, em_dir, tmp_path, caplog):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["evaluate", "--data_dir", str(em_dir), *SMALL, "--output_dir", str(out)]) == 2
+    lines = error_lines(caplog)
+    assert len(lines) == 1 and "not empty" in lines[0] and "--overwrite" in lines[0]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("case", ["missing_data", "other_model_type", "not_an_adapter", "no_test_split",
+                                  "val_without_run", "no_labels", "bad_compare", "unknown_prompt",
+                                  "run_with_test_split", "output_in_data"])
+def test_bad_input(main, case, em_dir, tmp_path, caplog, request):
+    out = tmp_path / "eval"
+    args = ["evaluate", "--data_dir", str(em_dir), *SMALL, "--output_dir", str(out)]
+    expected = {
+        "missing_data": "does not exist", "other_model_type": "vit_b", "not_an_adapter": "not a LoRA adapter",
+        "no_test_split": "no fixed test split", "val_without_run": "needs a training run",
+        "no_labels": "no labelled object", "bad_compare": "NAME=SOURCE", "unknown_prompt": "invalid choice",
+        "run_with_test_split": "needs --split val", "output_in_data": "input of this evaluation"}[case]
+    if case == "missing_data":
+        args[2] = str(tmp_path / "nowhere")
+    elif case == "other_model_type":
+        args += ["--model_path", str(make_adapter(tmp_path / "b.pt", model_type="vit_b"))]
+    elif case == "not_an_adapter":
+        torch.save({"image_encoder.x": torch.zeros(2)}, tmp_path / "state.pt")
+        args += ["--model_path", str(tmp_path / "state.pt")]
+    elif case == "no_test_split":
+        args += ["--split", "test"]
+    elif case == "val_without_run":
+        args += ["--split", "val"]
+    elif case == "no_labels":
+        empty = tmp_path / "empty"
+        for sub in ("images", "masks"):
+            (empty / sub).mkdir(parents=True)
+        cv2.imwrite(str(empty / "images" / "a.png"), np.zeros((64, 64), np.uint8))
+        cv2.imwrite(str(empty / "masks" / "a.png"), np.zeros((64, 64), np.uint8))
+        args[2] = str(empty)
+    elif case == "bad_compare":
+        args += ["--compare", "base"]
+    elif case == "unknown_prompt":  # argparse's own message on stderr, before logging is set up
+        args += ["--prompt", "yolo"]
+        capsys = request.getfixturevalue("capsys")
+    elif case == "run_with_test_split":
+        run = tmp_path / "run"
+        run.mkdir()
+        (run / "folds.json").write_text("{}")
+        (run / "config.json").write_text(json.dumps({"data_dir": str(em_dir)}))
+        args += ["--cv_run", str(run), "--split", "test"]
+    elif case == "output_in_data":
+        args[args.index("--output_dir") + 1] = str(em_dir / "results")
+    assert main(args) == 2
+    if case == "unknown_prompt":
+        assert expected in capsys.readouterr().err
+    else:
+        lines = error_lines(caplog)
+        assert len(lines) == 1 and expected in lines[0], lines
+    assert not out.exists()  # a refused run leaves no trace
+    assert not (em_dir / "results").exists()

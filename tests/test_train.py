@@ -1,0 +1,225 @@
+"""train / parameter_search: end-to-end runs on real EM crops with tiny, random-weight models."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import trainer
+from main import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--checkpoint", "none", "--model_type", "vit_t", "--image_size", "256", "--max_objects", "4",
+        "--lora_rank", "4", "--lora_alpha", "4"]
+
+
+@pytest.fixture(scope="module")
+def em_crops(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """Six 256x256 crops of real EM sections with mitochondria (separate groups: named a..f)."""
+    root = tmp_path_factory.mktemp("em_crops")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    for name, section in zip("abcdef", ("00", "03", "06", "09", "12", "15")):
+        image = cv2.imread(str(shared_data / "em_vnc" / "images" / f"{section}.png"), cv2.IMREAD_GRAYSCALE)
+        mask = cv2.imread(str(shared_data / "em_vnc" / "masks" / f"{section}.png"), cv2.IMREAD_GRAYSCALE)
+        # the 256 px window with the most mitochondria pixels
+        best = max(((y, x) for y in range(0, 769, 128) for x in range(0, 769, 128)),
+                   key=lambda yx: mask[yx[0]:yx[0] + 256, yx[1]:yx[1] + 256].sum())
+        y, x = best
+        cv2.imwrite(str(root / "images" / f"{name}.png"), image[y:y + 256, x:x + 256])
+        cv2.imwrite(str(root / "masks" / f"{name}.png"), mask[y:y + 256, x:x + 256])
+    return root
+
+
+def run_train(data_dir: Path, out: Path, *extra: str) -> int:
+    return main(["train", "--data_dir", str(data_dir), "--output_dir", str(out), *TINY, *extra])
+
+
+def test_cross_validation_writes_every_file(em_crops: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert run_train(em_crops, out, "--cross_validation", "--num_folds", "3", "--epochs", "2") == 0
+    for name in ("config.json", "folds.json", "metrics.csv", "summary.json", "train.log"):
+        assert (out / name).is_file(), name
+    rows = (out / "metrics.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("fold,epoch,train_loss")
+    assert len(rows) == 1 + 3 * 2
+    summary = json.loads((out / "summary.json").read_text())
+    dices = [f["best_val_dice"] for f in summary["folds"]]
+    assert len(dices) == 3 and all(0 <= d <= 1 for d in dices)
+    assert summary["mean_best_val_dice"] == pytest.approx(np.mean(dices))
+    assert summary["std_best_val_dice"] == pytest.approx(np.std(dices, ddof=1))
+    folds = json.loads((out / "folds.json").read_text())["folds"]
+    for fold in folds:  # grouped: no image on both sides
+        assert not set(fold["train_groups"]) & set(fold["val_groups"])
+    for k in range(3):
+        adapter = out / f"fold_{k}" / "best.pt"
+        assert adapter.is_file() and adapter.stat().st_size < 2_000_000  # adapter only, not a model
+        assert (out / f"fold_{k}" / "last.pt").is_file()
+    # a second run into the same directory is refused, and nothing is lost
+    before = (out / "summary.json").read_bytes()
+    assert run_train(em_crops, out, "--cross_validation", "--num_folds", "3", "--epochs", "2") == 2
+    assert (out / "summary.json").read_bytes() == before
+
+
+def test_resume_after_interruption_matches_uninterrupted(em_crops: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    args = ("--epochs", "3", "--lora_dropout", "0.1", "--prompt", "mix")
+    assert run_train(em_crops, tmp_path / "full", *args) == 0
+
+    original = trainer.train_one_epoch
+
+    def interrupted(ctx, loader, epoch, fold):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(ctx, loader, epoch, fold)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", interrupted)
+    assert run_train(em_crops, tmp_path / "cut", *args) == 130
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    monkeypatch.setattr(trainer, "train_one_epoch", original)
+    assert run_train(em_crops, tmp_path / "cut", *args, "--resume") == 0
+
+    full = (tmp_path / "full" / "metrics.csv").read_text().splitlines()
+    cut = (tmp_path / "cut" / "metrics.csv").read_text().splitlines()
+    strip = lambda rows: [r.rsplit(",", 1)[0] for r in rows]  # drop the seconds column
+    assert strip(full) == strip(cut)
+    a = torch.load(tmp_path / "full" / "fold_0" / "last.pt", weights_only=True)["trainable"]
+    b = torch.load(tmp_path / "cut" / "fold_0" / "last.pt", weights_only=True)["trainable"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_frozen_encoder_embeds_each_image_once(em_crops: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    original = trainer.sam_model.encode_images
+
+    def counting(sam, images):
+        calls.append(images.shape[0])
+        return original(sam, images)
+
+    monkeypatch.setattr(trainer.sam_model, "encode_images", counting)
+    out = tmp_path / "frozen"
+    assert run_train(em_crops, out, "--freeze_encoder", "--lora_targets", "decoder", "--epochs", "3",
+                     "--no_augment") == 0
+    # 6 images, each embedded exactly once over 3 epochs of training and validation
+    assert sum(calls) == 6
+    rows = (out / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 4
+
+
+def test_parameter_search_ranks_and_skips(em_crops: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "search"
+    argv = ["parameter_search", "--data_dir", str(em_crops), "--output_dir", str(out), *TINY,
+            "--lora_ranks", "2,4", "--lora_alphas", "4", "--learning_rates", "1e-3", "--num_folds", "2",
+            "--epochs", "1"]
+    assert main(argv) == 0
+    lines = (out / "results.csv").read_text().strip().splitlines()
+    assert lines[0].startswith("name,lora_rank,lora_alpha,learning_rate,mean_val_dice,std_val_dice")
+    dices = [float(line.split(",")[4]) for line in lines[1:]]
+    assert len(dices) == 2 and dices == sorted(dices, reverse=True)
+    best = json.loads((out / "best_config.json").read_text())
+    assert best["mean_val_dice"] == dices[0]
+    # every configuration trained on the same folds
+    folds = {json.dumps(json.loads((d / "folds.json").read_text())["folds"]) for d in out.glob("rank*")} \
+        if any(out.glob("rank*/folds.json")) else set()
+    assert len(folds) <= 1
+    # a re-run skips finished configurations
+    monkeypatch.setattr(trainer, "run_fold", lambda *a, **k: pytest.fail("re-trained a finished configuration"))
+    assert main(argv) == 0
+
+
+def test_export_merged_loads_in_the_official_registry(em_crops: Path, tmp_path: Path) -> None:
+    import mobile_sam
+
+    import lora
+    from model import build_model, import_mobile_sam_modeling, predict
+
+    out, export = tmp_path / "run", tmp_path / "merged.pt"
+    assert run_train(em_crops, out, "--epochs", "1", "--learning_rate", "1e-2", "--export_merged", str(export)) == 0
+    import_mobile_sam_modeling()
+    official = mobile_sam.sam_model_registry["vit_t"](checkpoint=str(export)).eval()
+    # ours: the same random base (seed 0) with the adapter, unmerged
+    torch.manual_seed(0)
+    ours = build_model("vit_t")
+    lora.load_adapter(out / "fold_0" / "best.pt", ours)
+    adapter_changed = any(v.abs().sum() > 0 for k, v in lora.lora_state_dict(ours).items() if "lora_B" in k)
+    assert adapter_changed
+    image = cv2.cvtColor(cv2.imread(str(em_crops / "images" / "a.png")), cv2.COLOR_BGR2RGB)
+    box = np.array([[40, 40, 120, 140]])
+    with torch.no_grad():
+        m1, s1, l1 = predict(ours.eval(), image, boxes=box)
+        m2, s2, l2 = predict(official, image, boxes=box)
+    assert np.abs(l1 - l2).max() < 1e-3
+    assert (m1 != m2).mean() < 1e-3
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--cross_validation", "--num_folds", "1"], "at least 2"),
+    (["--cross_validation", "--num_folds", "9"], "cannot make 9 folds from 6 groups"),
+    (["--loss", "hinge"], "unknown --loss"),
+    (["--prompt", "scribble"], "unknown --prompt"),
+    (["--resume"], "no run to resume"),
+    (["--lora_targets", "qkv,nope"], "unknown LoRA target"),
+    (["--precision", "fp16"], "fp16 needs a CUDA GPU"),
+])
+def test_bad_training_input(em_crops: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                            extra: list[str], message: str) -> None:
+    out = tmp_path / "bad"
+    assert run_train(em_crops, out, *extra) == 2
+    assert message in caplog.text
+    assert "Traceback" not in caplog.text
+    assert not (out / "summary.json").exists()
+
+
+def test_checkpoint_of_another_model_type(em_crops: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from model import build_model
+
+    wrong = tmp_path / "sam_vit_b.pth"
+    torch.save(build_model("vit_b", image_size=256).state_dict(), wrong)
+    argv = ["train", "--data_dir", str(em_crops), "--output_dir", str(tmp_path / "o"), "--checkpoint", str(wrong),
+            "--model_type", "vit_t", "--image_size", "256"]
+    assert main(argv) == 2
+    assert "is a vit_b checkpoint but --model_type is vit_t" in caplog.text
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(em_crops: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    original = trainer.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(kind, logits, iou, targets):
+        calls["n"] += 1
+        loss = original(kind, logits, iou, targets)
+        return loss * float("nan") if calls["n"] > 5 else loss  # 5 images = epoch 0 of fold 0
+
+    monkeypatch.setattr(trainer, "compute_loss", poisoned)
+    out = tmp_path / "nan"
+    assert run_train(em_crops, out, "--epochs", "3") == 2
+    assert "loss became nan" in caplog.text
+    saved = torch.load(out / "fold_0" / "last.pt", weights_only=True)
+    assert saved["state"]["epoch"] == 0  # epoch 0 kept; the poisoned epoch 1 was not saved
+    assert all(torch.isfinite(v).all() for v in saved["trainable"].values())
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(em_crops: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "main.py"), "train", "--data_dir", str(em_crops), "--output_dir", str(out), *TINY,
+           "--epochs", "2", "--device", "cpu"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["folds"]) == 1 and 0 <= summary["folds"][0]["best_val_dice"] <= 1
+    rows = (out / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 3  # one writer (rank 0): header + 2 epochs, no duplicates

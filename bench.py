@@ -171,6 +171,85 @@ def bench_metrics(reps: int) -> float:
     return timed(lambda: metrics.instance_metrics(gt, pred), reps)
 
 
+def bench_detect(samples: list[data.Sample], quick: bool) -> list[tuple[str, float, str]]:
+    """``detect predict``'s per-image pipeline against its model parts measured alone (issue 6).
+
+    On the first real 1024x1024 section of ``samples``: MobileSAM (vit_t, random weights) at
+    1024 px and an untrained YOLOv8n (ultralytics' yolov8n.yaml, nothing downloaded) at 640 px
+    whose very low confidence threshold makes it propose boxes, capped at 16 so that every
+    measurement decodes the same boxes. The pipeline is what ``detect predict`` runs per image
+    (:class:`yolo_sam.Segmenter`: YOLO predict with its pre- and post-processing and NMS, SAM's
+    input preparation, one encoder pass, the boxes decoded, masks at full size, cropped and
+    painted), its parts the bare model calls on prepared inputs: the YOLO network forward on the
+    letterboxed 640 px input, the image encoder, and prompt encoder + mask decoder over the 16
+    boxes. Measurements are interleaved (one of each per repetition, medians) so that load from
+    other processes hits both sides alike. Also bf16 / fp32 of the whole pipeline.
+
+    Returns ``(name, value, target)`` rows for :func:`main`'s table.
+    """
+    import tempfile
+
+    import yolo_sam
+
+    reps, n_boxes, yolo_size = (2 if quick else 3), 16, 640
+    image = next(s.image for s in samples if s.image.shape[:2] == (1024, 1024))
+    torch.manual_seed(0)
+    sam = sam_model.build_model("vit_t", None, 1024).eval()
+    ultralytics = yolo_sam.import_ultralytics()
+    with tempfile.TemporaryDirectory() as tmp:  # saved and loaded as detect predict loads best.pt
+        untrained = ultralytics.YOLO("yolov8n.yaml", task="detect")
+        untrained.ckpt = {"train_args": {"imgsz": yolo_size, "task": "detect"}}
+        untrained.save(Path(tmp) / "yolov8n_untrained.pt")
+        yolo = yolo_sam.load_yolo(Path(tmp) / "yolov8n_untrained.pt")
+    options = {"conf": 1e-5, "max_det": n_boxes, "imgsz": yolo_size}
+    pipelines = {p: yolo_sam.Segmenter(sam, yolo_sam.SegmentOptions(precision=p, **options), yolo)
+                 for p in ("fp32", "bf16")}
+    boxes, _ = yolo_sam.yolo_boxes(yolo, image, options["conf"], 0.7, yolo_size, "cpu", n_boxes)
+    if len(boxes) != n_boxes:
+        raise RuntimeError(f"the untrained YOLO proposed {len(boxes)} boxes, not {n_boxes}: lower conf")
+
+    letterboxed = torch.zeros(1, 3, yolo_size, yolo_size)  # a square image letterboxes to a square
+    prepared = sam_model.prepare_image(image, 1024).tensor[None]
+    with torch.no_grad():
+        embedding = sam.image_encoder(prepared)
+        prompts = sam_model.make_prompts(image.shape[:2], 1024, boxes)
+
+    @torch.no_grad()
+    def decoder() -> None:
+        sparse, dense = sam.prompt_encoder(points=None, boxes=prompts.boxes, masks=None)
+        sam.mask_decoder(image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
+                         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
+
+    @torch.no_grad()
+    def yolo_forward() -> None:
+        yolo.predictor.model(letterboxed)
+
+    @torch.no_grad()
+    def encoder() -> None:
+        sam.image_encoder(prepared)
+
+    found = len(pipelines["fp32"](image)[1])
+    measured = {"pipeline": pipelines["fp32"], "bf16": pipelines["bf16"], "yolo": yolo_forward,
+                "encoder": encoder, "decoder": decoder}
+    times: dict[str, list[float]] = {name: [] for name in measured}
+    for rep in range(reps + 1):  # the first round warms up (bf16 kernels, ultralytics' predictor)
+        for name, fn in measured.items():
+            start = time.perf_counter()
+            fn(image) if name in ("pipeline", "bf16") else fn()
+            if rep:
+                times[name].append(time.perf_counter() - start)
+    t = {name: statistics.median(values) for name, values in times.items()}
+    parts = t["yolo"] + t["encoder"] + t["decoder"]
+    label = f"detect vit_t 1024px + YOLOv8n {yolo_size}px, {n_boxes} boxes"
+    return [
+        (f"{label}: per image (s) [{found} objects painted]", t["pipeline"], ""),
+        (f"{label}: parts alone (s) [YOLO {t['yolo']:.3f} + encoder {t['encoder']:.3f} "
+         f"+ decoder {t['decoder']:.3f}]", parts, ""),
+        (f"{label}: per image / sum of model parts", t["pipeline"] / parts, "[<= 1.15]"),
+        (f"{label}: bf16 / fp32 per image", t["bf16"] / t["pipeline"], ""),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="vit_t only, fewer repetitions")
@@ -224,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     for model_type in models:
         for size in (1024, 512):
             report(f"{model_type} {size}px LoRA step peak RSS (MiB)", peak_rss(model_type, size, samples))
+    for name, value, target in bench_detect(samples, args.quick):
+        report(name, value, target)
     report("instance_metrics 512x512, 500 vs 500 objects (s)", bench_metrics(reps * 3), "[<< 1 s]")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))

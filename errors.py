@@ -6,6 +6,9 @@ Library functions called from Python raise ``ValueError`` subclasses, so ``UserE
 """
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
 
 class UserError(ValueError):
     """Bad input from the user: reported as one line, exit code 2."""
@@ -14,3 +17,22 @@ class UserError(ValueError):
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def write_error(path: Path, exc: BaseException, existed: bool, rerun: str = "rerun with --resume") -> UserError | None:
+    """The one-line :class:`UserError` for a failed write the user can fix, else None.
+
+    A full disk (or quota) and a folder that is not writable are the user's to fix; the
+    message names the file, says what to do and whether an earlier version of it survived
+    (``existed``: the file was there before this write, which atomic writes leave intact).
+    """
+    if not isinstance(exc, OSError) or exc.errno not in DISK_FULL + NOT_WRITABLE:
+        return None
+    kept = f"the previous {Path(path).name} is intact" if existed else "no partial file was left"
+    if exc.errno in DISK_FULL:
+        return UserError(f"no space left on device writing {path}: free some space and {rerun} ({kept})")
+    return UserError(f"cannot write {path} ({exc.strerror}): make {Path(path).parent} writable or choose "
+                     f"another --output_dir, then {rerun} ({kept})")

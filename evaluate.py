@@ -19,7 +19,8 @@ Prompts (``--prompt``), one per ground-truth object
     ``box``: the object's bounding box (x0, y0, x1, y1, inclusive pixel corners). ``point``:
     one positive point at the object pixel farthest from the object's border (Euclidean
     distance transform; the first such pixel in row-major order), deterministic. ``auto``: SAM's
-    automatic mask generator (a grid of points, no ground truth used). ``--max_objects N``
+    automatic mask generator (a grid of points, no ground truth used). ``yolo``: the automatic
+    pipeline of ``detect predict`` (see below). ``--max_objects N``
     prompts a seeded random subset of N objects per image and ignores the pixels of the others.
     Each image is encoded once per model; its prompts are decoded in chunks of
     ``--batch_prompts``.
@@ -34,6 +35,17 @@ Honest baselines (box prompts)
     ``baseline_box`` (the prompt box filled) and ``baseline_ellipse`` (the ellipse inscribed in
     the prompt box), scored with the same metrics on the same images; where two overlap, the
     smaller shape wins. A box-prompted score means little until it is set beside these.
+
+Detector prompts (``--prompt yolo --yolo_model best.pt``)
+    A YOLO detector (``detect train``) proposes boxes (``--conf``, NMS at ``--iou``, at the size
+    it was trained at), once per image; they prompt each model (one encoder pass, boxes decoded
+    in chunks, overlaps to the higher predicted IoU). Every model gets three kinds of row on the
+    same images: ``yolo+sam`` (``yolo+NAME`` when several models are compared) with the
+    detector's boxes, the model's own name with the ground-truth boxes (the upper bound a perfect
+    detector would reach), and the box-only detection masks ``baseline_yolo_box`` (each YOLO box
+    filled, higher confidence on top) beside the ground-truth ``baseline_box`` /
+    ``baseline_ellipse``. summary.json adds the detector's box precision / recall / F1 at IoU >
+    0.5 against the ground-truth objects' boxes (one-to-one matching, counts pooled over images).
 
 Metrics (metrics.py), pixels in ``Sample.ignore`` left out
     Semantic (foreground = label > 0): ``dice``, ``iou``, ``pixel_precision``,
@@ -79,16 +91,20 @@ import figures
 import lora
 import metrics
 import model as sam_model
+import yolo_sam
 from errors import UserError
 from runlog import log_to_file
 
 log = logging.getLogger(__name__)
 
-PROMPTS = ("box", "point", "auto")
+PROMPTS = ("box", "point", "auto", "yolo")
 SPLITS = ("test", "val", "all")
 BASELINE_BOX = "baseline_box"
 BASELINE_ELLIPSE = "baseline_ellipse"
 BASELINES = (BASELINE_BOX, BASELINE_ELLIPSE)
+BASELINE_YOLO_BOX = "baseline_yolo_box"  # --prompt yolo: the detector's boxes filled
+YOLO_PREFIX = "yolo+"  # --prompt yolo: rows of a model prompted by the detector's boxes
+DETECTION_IOU = 0.5  # box IoU above which a detection matches a ground-truth object
 OUTPUT_FORMAT = "samlora-evaluation"
 LOG_FILE = "evaluate.log"
 RUN_DATA_OPTIONS = ("data_dir", "data_format", "patch_size", "patch_overlap", "drop_empty_patches",
@@ -161,7 +177,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                          "the data has one, else all")
     ev.add_argument("--prompt", choices=PROMPTS, default="box",
                     help="box = ground-truth box per object, point = one interior point per object, "
-                         "auto = SAM's automatic mask generator (no ground truth used)")
+                         "auto = SAM's automatic mask generator (no ground truth used), yolo = the "
+                         "boxes of a YOLO detector (--yolo_model), beside ground-truth boxes")
     ev.add_argument("--batch_prompts", type=int, default=64,
                     help="prompts decoded together (also the automatic generator's points per batch)")
     ev.add_argument("--output_dir", type=Path, default=Path("runs/evaluate"),
@@ -178,6 +195,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                       help="drop masks whose predicted IoU is below this")
     auto.add_argument("--stability_score_thresh", type=float, default=0.95,
                       help="drop masks whose stability score is below this")
+    det = parser.add_argument_group("detector (--prompt yolo)")
+    det.add_argument("--yolo_model", type=Path, default=None,
+                     help="the YOLO detector's best.pt written by `python main.py detect train`")
+    det.add_argument("--conf", type=float, default=0.1,
+                     help="YOLO confidence threshold for the proposals (low = high recall)")
+    det.add_argument("--iou", type=float, default=0.7, help="YOLO NMS IoU threshold")
+    det.add_argument("--max_det", type=int, default=1000, help="most YOLO boxes per image")
     fig = parser.add_argument_group("figures")
     fig.add_argument("--visualize", action="store_true",
                      help="per image: image | ground truth | prediction of each model (contours)")
@@ -225,6 +249,7 @@ class EvaluateConfig:
     bootstrap: int
     cv_run: str | None = None
     auto: dict[str, float] | None = None
+    detector: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -257,6 +282,9 @@ def parse_sources(args: argparse.Namespace) -> list[ModelSource]:
         if name.startswith("baseline"):
             raise UserError(f"model name {name!r}: names starting with 'baseline' are reserved for "
                             "the trivial box / ellipse baselines")
+        if name.startswith(YOLO_PREFIX):
+            raise UserError(f"model name {name!r}: names starting with {YOLO_PREFIX!r} are reserved for "
+                            "the detector-prompted rows of --prompt yolo")
         seen.add(name)
         sources.append(_source(name, spec))
     return sources
@@ -800,6 +828,76 @@ def load_job_model(bases: BaseModels, job: Job, adapter_config: Mapping[str, Any
 
 
 # --------------------------------------------------------------------------------------------
+# The detector (--prompt yolo)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Detector:
+    """The YOLO detector of ``--prompt yolo``: each image's boxes are found once and shared by
+    every model and the box-only baseline."""
+
+    yolo: Any
+    path: Path
+    conf: float
+    iou: float
+    imgsz: int | None
+    device: str
+    max_det: int = 1000
+    found: dict[int, tuple[np.ndarray, np.ndarray, float]] = field(default_factory=dict)
+    counts: dict[int, yolo_sam.BoxCounts] = field(default_factory=dict)
+
+    def boxes(self, i: int, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """``(boxes, confidences, seconds)`` of image ``i`` (HxWx3 uint8): Nx4 float32 xyxy pixel
+        boxes, N confidences and the detector's time on it."""
+        if i not in self.found:
+            tick = time.perf_counter()
+            boxes, confidences = yolo_sam.yolo_boxes(self.yolo, image, self.conf, self.iou, imgsz=self.imgsz,
+                                                     device=self.device, max_det=self.max_det)
+            self.found[i] = (boxes, confidences, time.perf_counter() - tick)
+        return self.found[i]
+
+    def columns(self, i: int, labels: np.ndarray) -> dict[str, float | int]:
+        """Per-image detection columns: the boxes of image ``i`` (found before) matched one to one
+        to the HxW ground-truth objects' boxes at IoU > :data:`DETECTION_IOU`."""
+        if i not in self.counts:
+            self.counts[i] = yolo_sam.match_boxes(yolo_sam.label_boxes(labels), self.found[i][0], DETECTION_IOU)
+        scores = self.counts[i].scores()
+        return {f"det_{k}": scores[k] for k in ("precision", "recall", "f1", "tp", "fp", "fn")}
+
+    def summary(self, selection: Selection) -> dict[str, Any]:
+        """Box precision / recall / F1 with the counts summed over the scored images."""
+        total = yolo_sam.BoxCounts()
+        for i in selection.indices:
+            self.columns(i, selection.samples[i].labels)
+            total += self.counts[i]
+        return {**self.record(), "n_images": len(selection.indices),
+                "aggregate": "pooled: TP, FP, FN summed over the images, then the scores",
+                **total.scores()}
+
+    def record(self) -> dict[str, Any]:
+        return {"yolo_model": str(self.path), "conf": self.conf, "iou": self.iou, "imgsz": self.imgsz,
+                "max_det": self.max_det, "match_iou": DETECTION_IOU}
+
+
+def load_detector(args: argparse.Namespace, device: torch.device) -> Detector | None:
+    """The ``--yolo_model`` detector for ``--prompt yolo`` (None for other prompts); a file that
+    is missing or not a YOLO detector is a UserError (from :func:`yolo_sam.load_yolo`)."""
+    if args.prompt != "yolo":
+        return None
+    yolo = yolo_sam.load_yolo(args.yolo_model)
+    detector = Detector(yolo, Path(args.yolo_model), args.conf, args.iou, yolo_sam.yolo_imgsz(yolo),
+                        yolo_sam.yolo_device(device), args.max_det)
+    log.info("detector %s (input %s px, --conf %g, --iou %g)", args.yolo_model, detector.imgsz or "default",
+             args.conf, args.iou)
+    return detector
+
+
+def yolo_row_name(source_name: str, n_sources: int) -> str:
+    """The rows of a model prompted by the detector: ``yolo+sam``, or ``yolo+NAME`` when
+    several models are compared."""
+    return YOLO_PREFIX + ("sam" if n_sources == 1 else source_name)
+
+
+# --------------------------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------------------------
 @dataclass
@@ -820,6 +918,18 @@ def check_numbers(args: argparse.Namespace) -> None:
                              ("--max_visualize", args.max_visualize, 0), ("--max_objects", args.max_objects, 0)):
         if value < low:
             raise UserError(f"{flag} must be at least {low}, got {value}")
+    if args.prompt == "yolo":
+        if args.yolo_model is None:
+            raise UserError("--prompt yolo needs --yolo_model (the best.pt written by `python main.py "
+                            "detect train`)")
+        for flag, value in (("--conf", args.conf), ("--iou", args.iou)):
+            if not 0.0 <= value <= 1.0:
+                raise UserError(f"{flag} must be in 0..1, got {value}")
+        if args.max_det < 1:
+            raise UserError(f"--max_det must be at least 1, got {args.max_det}")
+        if args.max_objects:
+            raise UserError("--max_objects does not apply to --prompt yolo: the detector looks for every "
+                            "object, so every object is scored (leave --max_objects out)")
 
 
 def data_options(args: argparse.Namespace, run_dirs: Sequence[Path],
@@ -877,6 +987,7 @@ def run(args: argparse.Namespace) -> int:
         selection = select_data(args, options, split, run_dirs)
         jobs, adapter_configs = plan_jobs(sources, selection.indices, selection.fold_of, selection.num_folds)
         bases = base_models(args, adapter_configs, run_config)
+        detector = load_detector(args, bases.device)
         check_output_dir(args.output_dir, args.overwrite, protected)  # still free after loading?
         prepare_output_dir(args.output_dir)
         root.removeHandler(buffer)
@@ -884,14 +995,16 @@ def run(args: argparse.Namespace) -> int:
             _replay(buffer.records, args.output_dir / LOG_FILE)
             keep = set(selection.indices if args.max_visualize == 0 else selection.indices[:args.max_visualize]) \
                 if args.visualize else set()
-            rows, visuals = score_models(args, jobs, adapter_configs, bases, selection, keep)
-            baselines = BASELINES if args.prompt == "box" else ()
+            rows, visuals = score_models(args, jobs, adapter_configs, bases, selection, keep, detector)
+            if detector is not None:
+                rows += score_detector_baseline(selection, detector)
+            baselines = BASELINES if args.prompt in ("box", "yolo") else ()
             if baselines:
                 rows += score_baselines(selection, baselines)
             else:
                 log.info("no box / ellipse baselines: they need box prompts (--prompt box)")
             write_outputs(args, sources, baselines, rows, visuals, selection, bases, options,
-                          run_dirs, time.time() - started)
+                          run_dirs, time.time() - started, detector)
     finally:
         root.removeHandler(buffer)
     return 0
@@ -950,43 +1063,80 @@ def base_models(args: argparse.Namespace, adapter_configs: Mapping[Path, Mapping
 
 
 def image_row(selection: Selection, i: int, name: str, kind: str, fold: int | None,
-              pred: np.ndarray, seconds: float, prompt: str) -> dict[str, Any]:
-    """The per_image.csv row of image ``i`` predicted by ``name``."""
+              pred: np.ndarray, seconds: float, prompt: str, n_prompts: int | None = None) -> dict[str, Any]:
+    """The per_image.csv row of image ``i`` predicted by ``name`` (``n_prompts``: the number of
+    prompts when they are not the image's ground-truth prompts, e.g. detector boxes)."""
     sample, prompts = selection.samples[i], selection.prompts[i]
     fold = fold if fold is not None else selection.fold_of.get(i)
+    if n_prompts is None:
+        n_prompts = 0 if prompt == "auto" else len(prompts)
     row: dict[str, Any] = {
         "model": name, "kind": kind, "fold": fold, "image": sample.key, "path": str(sample.path),
         "tag": sample.tag, "group": sample.group, "split": sample.split or "",
         "height": sample.labels.shape[0], "width": sample.labels.shape[1], "n_objects": sample.num_objects,
-        "n_prompts": 0 if prompt == "auto" else len(prompts), "seconds": seconds}
+        "n_prompts": n_prompts, "seconds": seconds}
     row.update(score_image(sample.labels, pred, prompts.ignore))
     return row
 
 
 def score_models(args: argparse.Namespace, jobs: Sequence[Job],
                  adapter_configs: Mapping[Path, Mapping[str, Any]], bases: BaseModels, selection: Selection,
-                 keep: set[int]) -> tuple[list[dict[str, Any]], dict[int, dict[str, np.ndarray]]]:
-    """Run every job; returns the per-image rows and the predictions of the images in ``keep``."""
+                 keep: set[int], detector: Detector | None = None,
+                 ) -> tuple[list[dict[str, Any]], dict[int, dict[str, np.ndarray]]]:
+    """Run every job; returns the per-image rows and the predictions of the images in ``keep``.
+
+    With a ``detector`` (``--prompt yolo``) each model is scored twice per image: with the
+    ground-truth boxes (its own name) and with the detector's boxes (:func:`yolo_row_name`).
+    """
     rows: list[dict[str, Any]] = []
     visuals: dict[int, dict[str, np.ndarray]] = defaultdict(dict)
+    n_sources = len({job.source.name for job in jobs})
+    prompt = "box" if detector is not None else args.prompt
     for job in jobs:
         sam = load_job_model(bases, job, adapter_configs.get(job.adapter), args.seed)
         generator = automatic_generator(sam, args) if args.prompt == "auto" else None
         label = job.source.name + (f" fold {job.fold}" if job.fold is not None else "")
+        yolo_name = yolo_row_name(job.source.name, n_sources)
         for i in tqdm(job.indices, desc=f"evaluate {label}", leave=False, disable=None):
             image = selection.samples[i].image
             tick = time.perf_counter()
             if generator is not None:
                 pred = automatic_instances(generator, image, args.precision)
             else:
-                pred = predict_instances(sam, image, selection.prompts[i], args.prompt,
+                pred = predict_instances(sam, image, selection.prompts[i], prompt,
                                          args.batch_prompts, args.precision)
             rows.append(image_row(selection, i, job.source.name, "model", job.fold, pred,
-                                  time.perf_counter() - tick, args.prompt))
+                                  time.perf_counter() - tick, prompt))
             if i in keep:
                 visuals[i][job.source.name] = pred
+            if detector is None:
+                continue
+            boxes, confidences, detect_seconds = detector.boxes(i, image)
+            tick = time.perf_counter()
+            pred = yolo_sam.segment_with_boxes(sam, image, boxes, confidences, batch=args.batch_prompts,
+                                               precision=args.precision)
+            row = image_row(selection, i, yolo_name, "model", job.fold, pred,
+                            detect_seconds + time.perf_counter() - tick, args.prompt, n_prompts=len(boxes))
+            rows.append(row | detector.columns(i, selection.samples[i].labels))
+            if i in keep:
+                visuals[i][yolo_name] = pred
         del sam, generator
     return rows, visuals
+
+
+def score_detector_baseline(selection: Selection, detector: Detector) -> list[dict[str, Any]]:
+    """Rows of the box-only detection masks: each of the detector's boxes filled
+    (:func:`yolo_sam.boxes_to_labels`, higher confidence on top), on the selected images."""
+    rows = []
+    for i in selection.indices:
+        sample = selection.samples[i]
+        boxes, confidences, detect_seconds = detector.boxes(i, sample.image)
+        tick = time.perf_counter()
+        pred = yolo_sam.boxes_to_labels(boxes, confidences, sample.labels.shape)
+        row = image_row(selection, i, BASELINE_YOLO_BOX, "baseline", None, pred,
+                        detect_seconds + time.perf_counter() - tick, "yolo", n_prompts=len(boxes))
+        rows.append(row | detector.columns(i, sample.labels))
+    return rows
 
 
 def score_baselines(selection: Selection, names: Sequence[str]) -> list[dict[str, Any]]:
@@ -1001,16 +1151,44 @@ def score_baselines(selection: Selection, names: Sequence[str]) -> list[dict[str
     return rows
 
 
-def model_summaries(rows: Sequence[Mapping[str, Any]], sources: Sequence[ModelSource],
-                    baselines: Sequence[str], n_boot: int, seed: int) -> dict[str, dict[str, Any]]:
-    """Per model: kind, source, number of images, ``per_image_mean`` and ``pooled`` scores."""
+@dataclass
+class RowSet:
+    """The rows of one name in the tables: what made them (``kind`` model or baseline, the
+    ``source`` model or shape, the ``prompts`` it was given)."""
+
+    kind: str
+    source: str
+    prompts: str
+
+
+def row_sets(prompt: str, sources: Sequence[ModelSource], baselines: Sequence[str],
+             detector: Detector | None = None) -> dict[str, RowSet]:
+    """Every row name of an evaluation in table order: per model its own rows (and with a
+    detector its detector-prompted rows), then the baselines."""
+    sets: dict[str, RowSet] = {}
+    for source in sources:
+        sets[source.name] = RowSet("model", source.spec, "box" if detector is not None else prompt)
+        if detector is not None:
+            sets[yolo_row_name(source.name, len(sources))] = RowSet(
+                "model", source.spec, f"yolo boxes of {detector.path}")
+    if detector is not None:
+        sets[BASELINE_YOLO_BOX] = RowSet("baseline", f"the boxes of {detector.path} filled",
+                                         f"yolo boxes of {detector.path}")
+    for name in baselines:
+        sets[name] = RowSet("baseline", f"{name.split('_', 1)[1]} from the ground-truth box", "box")
+    return sets
+
+
+def model_summaries(rows: Sequence[Mapping[str, Any]], sets: Mapping[str, RowSet], n_boot: int,
+                    seed: int) -> dict[str, dict[str, Any]]:
+    """Per row name: kind, source, prompts, number of images, ``per_image_mean`` and ``pooled``."""
     summaries = {}
-    for name in [s.name for s in sources] + list(baselines):
+    for name, info in sets.items():
         mine = [r for r in rows if r["model"] == name]
-        source = next((s for s in sources if s.name == name), None)
         summaries[name] = {
-            "kind": "model" if source else "baseline",
-            "source": source.spec if source else f"{name.split('_', 1)[1]} from the ground-truth box",
+            "kind": info.kind,
+            "source": info.source,
+            "prompts": info.prompts,
             "n_images": len(mine),
             "per_image_mean": summarize_rows(mine, SCORE_COLUMNS, n_boot, seed),
             "pooled": pooled_scores(mine),
@@ -1021,13 +1199,15 @@ def model_summaries(rows: Sequence[Mapping[str, Any]], sources: Sequence[ModelSo
 def write_outputs(args: argparse.Namespace, sources: Sequence[ModelSource], baselines: Sequence[str],
                   rows: list[dict[str, Any]], visuals: Mapping[int, Mapping[str, np.ndarray]],
                   selection: Selection, bases: BaseModels, options: Mapping[str, Any],
-                  run_dirs: Sequence[Path], seconds: float) -> None:
+                  run_dirs: Sequence[Path], seconds: float, detector: Detector | None = None) -> None:
     """per_image.csv, per_group.csv, per_fold.csv, config.json, figures, summary.json; the table."""
     out = args.output_dir
-    model_rank = {name: n for n, name in enumerate([s.name for s in sources] + list(baselines))}
+    sets = row_sets(args.prompt, sources, baselines, detector)
+    baselines = [name for name, info in sets.items() if info.kind == "baseline"]
+    model_rank = {name: n for n, name in enumerate(sets)}
     image_rank = {selection.samples[i].key: n for n, i in enumerate(selection.indices)}
     rows.sort(key=lambda r: (model_rank[r["model"]], image_rank[r["image"]]))
-    summaries = model_summaries(rows, sources, baselines, args.bootstrap, args.seed)
+    summaries = model_summaries(rows, sets, args.bootstrap, args.seed)
     files = [LOG_FILE, "per_image.csv", "per_group.csv"]
     write_csv(out / "per_image.csv", rows, per_image_columns(rows))
     group_table = group_rows(rows, "tag", args.bootstrap, args.seed)
@@ -1047,7 +1227,8 @@ def write_outputs(args: argparse.Namespace, sources: Sequence[ModelSource], base
         batch_prompts=args.batch_prompts, seed=args.seed, bootstrap=args.bootstrap,
         cv_run=str(run_dirs[0]) if run_dirs else None,
         auto={"points_per_side": args.points_per_side, "pred_iou_thresh": args.pred_iou_thresh,
-              "stability_score_thresh": args.stability_score_thresh} if args.prompt == "auto" else None)
+              "stability_score_thresh": args.stability_score_thresh} if args.prompt == "auto" else None,
+        detector=detector.record() if detector is not None else None)
     _atomic_write(out / "config.json", json.dumps(config.to_json(), indent=1) + "\n")
     files.append("config.json")
     files += write_figures(args, out, selection.samples, visuals, rows, summaries, group_table, fold_table,
@@ -1068,6 +1249,7 @@ def write_outputs(args: argparse.Namespace, sources: Sequence[ModelSource], base
                     "(baselines: to the smaller shape)",
         "models": summaries,
         "per_fold": fold_summary(fold_table) if fold_table else None,
+        "detection": detector.summary(selection) if detector is not None else None,
         "files": files,
         "seconds": round(seconds, 2),
     }
@@ -1077,6 +1259,11 @@ def write_outputs(args: argparse.Namespace, sources: Sequence[ModelSource], base
     for line in format_table(summaries):
         log.info("%s", line)
     log.info("mean = mean of per-image scores; pooled = counts summed over images first")
+    if detector is not None:
+        det = summary["detection"]
+        log.info("detector boxes at IoU > %.2f: precision %.3f, recall %.3f, F1 %.3f (%d TP, %d FP, %d FN; "
+                 "pooled over %d images, --conf %g)", DETECTION_IOU, det["precision"], det["recall"], det["f1"],
+                 det["tp"], det["fp"], det["fn"], det["n_images"], detector.conf)
     log.info("wrote %d files to %s (summary.json, per_image.csv, per_group.csv%s)", len(files), out,
              ", per_fold.csv" if fold_table else "")
 

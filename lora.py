@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from errors import UserError
+from errors import UserError, write_error
 
 log = logging.getLogger(__name__)
 
@@ -582,6 +582,7 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, config: Mapping[str,
     payload = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "config": config,
                "state_dict": state}
     path.parent.mkdir(parents=True, exist_ok=True)
+    existed = path.exists()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -590,11 +591,14 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, config: Mapping[str,
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600; an adapter is an ordinary output file
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        error = write_error(path, exc, existed)  # a full disk: one line, not a traceback
+        if error is not None:
+            raise error from None
         raise
     log.info("saved adapter %s (%d tensors, %.2f MB)", path, len(state),
              path.stat().st_size / 1e6)

@@ -14,7 +14,7 @@ from typing import Sequence
 from errors import EXIT_INTERNAL, EXIT_USAGE, UserError
 
 # Subcommand modules, in the order `--help` lists them.
-COMMAND_MODULES = ("download_weights", "train", "parameter_search", "evaluate", "detect")
+COMMAND_MODULES = ("download_weights", "train", "parameter_search", "evaluate", "detect", "demo")
 
 log = logging.getLogger("samlora")
 
@@ -74,7 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        log.error("interrupted")
+        log.error("interrupted: %s", "the finished epochs are saved; rerun the same command with --resume to continue"
+                  if args.command in ("train", "parameter_search") else "rerun the same command to resume"
+                  if args.command == "download" else "rerun the same command (with --overwrite if it had "
+                  "already written outputs)")
         return 130
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback
         log.debug("internal error", exc_info=True)

@@ -34,7 +34,7 @@ import dataset as data
 import lora
 import metrics
 import model as sam_model
-from errors import UserError
+from errors import UserError, write_error
 
 log = logging.getLogger(__name__)
 
@@ -538,25 +538,41 @@ def validate(ctx: Context, loader: torch.utils.data.DataLoader) -> dict[str, flo
 # Model set-up, checkpoints
 # --------------------------------------------------------------------------------------------
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never a half file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a half file.
+
+    On any failure the temporary file is removed and an existing ``path`` is left as it was; a
+    full disk or an unwritable folder becomes one :class:`UserError` line (what to do, and that
+    ``--resume`` continues from the intact previous checkpoint).
+    """
+    existed, tmp = path.exists(), None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        error = write_error(path, exc, existed)
+        if error is not None:
+            raise error from None
         raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write ``text`` atomically (temporary file, then rename); failures as :func:`atomic_torch_save`."""
+    existed, tmp = path.exists(), None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        error = write_error(path, exc, existed)
+        if error is not None:
+            raise error from None
         raise
 
 

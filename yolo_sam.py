@@ -170,7 +170,12 @@ def yolo_boxes(yolo: Any, image: np.ndarray, conf: float = 0.1, iou: float = 0.7
     if device is not None:
         kwargs["device"] = device
     bgr = np.ascontiguousarray(image[..., ::-1])  # ultralytics takes numpy images as OpenCV BGR
-    result = yolo.predict(bgr, **kwargs)[0]
+    threads = torch.get_num_threads()
+    try:
+        result = yolo.predict(bgr, **kwargs)[0]
+    finally:  # its CPU device setup sets torch to cpu_count - 1 threads: SAM would run on fewer
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
     boxes = result.boxes.xyxy.float().cpu().numpy().reshape(-1, 4).astype(np.float32)
     return boxes, result.boxes.conf.float().cpu().numpy().astype(np.float32)
 

@@ -67,7 +67,6 @@ socket.create_connection = blocked("create_connection")
 socket.getaddrinfo = blocked("getaddrinfo")
 sys.path.insert(0, os.environ["REPO"])
 import main
-main.COMMAND_MODULES = (*main.COMMAND_MODULES, "detect")
 try:
     code = main.main(sys.argv[1:])
 finally:
@@ -96,8 +95,6 @@ def yolo_config_dir(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def detect_main(monkeypatch: pytest.MonkeyPatch):
     """``main.main`` with the detect command registered (main.py lists it once merged)."""
-    if "detect" not in main_module.COMMAND_MODULES:
-        monkeypatch.setattr(main_module, "COMMAND_MODULES", (*main_module.COMMAND_MODULES, "detect"))
     return main_module.main
 
 

@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -56,8 +57,6 @@ def main(monkeypatch):
     console handler keeps the stream it was given, and a per-test capture stream is closed
     when its test ends.
     """
-    if "evaluate" not in main_module.COMMAND_MODULES:
-        monkeypatch.setattr(main_module, "COMMAND_MODULES", tuple(main_module.COMMAND_MODULES) + ("evaluate",))
     yield main_module.main
     for handler in logging.getLogger().handlers:  # never leave a closed capture stream behind
         if getattr(handler, "_samlora", False) and getattr(handler.stream, "closed", False):
@@ -421,7 +420,7 @@ def test_bad_input(main, case, em_dir, tmp_path, caplog, request):
     elif case == "bad_compare":
         args += ["--compare", "base"]
     elif case == "unknown_prompt":  # argparse's own message on stderr, before logging is set up
-        args += ["--prompt", "yolo"]
+        args += ["--prompt", "lasso"]
         capsys = request.getfixturevalue("capsys")
     elif case == "run_with_test_split":
         run = tmp_path / "run"
@@ -439,3 +438,93 @@ def test_bad_input(main, case, em_dir, tmp_path, caplog, request):
         assert len(lines) == 1 and expected in lines[0], lines
     assert not out.exists()  # a refused run leaves no trace
     assert not (em_dir / "results").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# --prompt yolo: detector boxes vs ground-truth boxes vs box-only detection masks
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def untrained_yolo(tmp_path_factory) -> Path:
+    """An untrained YOLOv8n (from ultralytics' yolov8n.yaml, nothing downloaded) saved as a .pt
+    that says it was trained at 128 px; ultralytics' settings and font go to a temporary folder.
+    Its confidences are tiny (~1e-4), so the tests use a --conf below them to get boxes."""
+    config = tmp_path_factory.mktemp("ultralytics_config")
+    old = os.environ.get("YOLO_CONFIG_DIR")
+    os.environ["YOLO_CONFIG_DIR"] = str(config)
+    import yolo_sam
+
+    torch.manual_seed(0)
+    yolo = yolo_sam.import_ultralytics().YOLO("yolov8n.yaml", task="detect")
+    yolo.ckpt = {"train_args": {"imgsz": 128, "task": "detect"}}
+    path = tmp_path_factory.mktemp("yolo") / "untrained_yolov8n.pt"
+    yolo.save(path)
+    yield path
+    if old is None:
+        os.environ.pop("YOLO_CONFIG_DIR", None)
+    else:
+        os.environ["YOLO_CONFIG_DIR"] = old
+
+
+YOLO_ARGS = ["--prompt", "yolo", "--conf", "0.00001", "--max_det", "6"]
+
+
+def test_yolo_prompts_end_to_end(main, em_dir, untrained_yolo, tmp_path, caplog):
+    out = tmp_path / "eval"
+    with caplog.at_level(logging.INFO):
+        assert main(["evaluate", "--data_dir", str(em_dir), *SMALL, "--output_dir", str(out), *YOLO_ARGS,
+                     "--yolo_model", str(untrained_yolo), "--visualize", "--max_visualize", "1"]) == 0
+    rows = read_csv(out / "per_image.csv")
+    names = ["base", "yolo+sam", "baseline_yolo_box", "baseline_box", "baseline_ellipse"]
+    assert [r["model"] for r in rows] == [n for n in names for _ in range(3)]  # same 3 images each
+    by_model = {n: {r["image"]: r for r in rows if r["model"] == n} for n in names}
+    for column in ("dice", "iou", "aji", "pq", "f1", "precision", "recall", "n_pred", "seconds",
+                   "det_precision", "det_recall", "det_f1", "det_tp", "det_fp", "det_fn"):
+        assert column in rows[0]
+    gt_boxes = {}
+    for image, r in by_model["yolo+sam"].items():
+        assert r["kind"] == "model" and 1 <= int(r["n_prompts"]) <= 6  # the detector's boxes, capped
+        assert int(r["det_tp"]) + int(r["det_fp"]) == int(r["n_prompts"])
+        assert int(r["det_tp"]) + int(r["det_fn"]) == int(r["n_objects"])
+        assert 0.0 <= float(r["dice"]) <= 1.0
+        filled = by_model["baseline_yolo_box"][image]  # the same boxes, filled
+        assert filled["kind"] == "baseline" and filled["n_prompts"] == r["n_prompts"]
+        assert [filled[k] for k in ("det_tp", "det_fp", "det_fn")] == [r[k] for k in ("det_tp", "det_fp", "det_fn")]
+        assert 1 <= int(filled["n_pred"]) <= int(r["n_prompts"])
+        gt = by_model["base"][image]  # ground-truth box prompts, as --prompt box scores them
+        assert gt["n_prompts"] == gt["n_objects"] and gt["det_tp"] == ""
+        gt_boxes[image] = int(gt["n_prompts"])
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prompt"] == "yolo" and list(summary["models"]) == names
+    assert summary["models"]["yolo+sam"]["prompts"].startswith("yolo boxes")
+    assert summary["models"]["base"]["prompts"] == "box"
+    assert summary["models"]["baseline_yolo_box"]["kind"] == "baseline"
+    detection = summary["detection"]
+    assert detection["match_iou"] == 0.5 and detection["n_images"] == 3
+    tp, fp, fn = (sum(int(r[f"det_{k}"]) for r in by_model["yolo+sam"].values()) for k in ("tp", "fp", "fn"))
+    assert (detection["tp"], detection["fp"], detection["fn"]) == (tp, fp, fn)
+    assert fn + tp == sum(gt_boxes.values())
+    assert detection["precision"] == pytest.approx(tp / (tp + fp))
+    assert detection["recall"] == pytest.approx(tp / (tp + fn))
+    config = json.loads((out / "config.json").read_text())
+    assert config["detector"]["yolo_model"] == str(untrained_yolo) and config["detector"]["imgsz"] == 128
+    assert "detector boxes at IoU > 0.50" in (out / "evaluate.log").read_text()
+    assert len(list((out / "visualizations").glob("*.png"))) == 1
+
+
+@pytest.mark.parametrize("case", ["missing", "not_a_file", "not_yolo", "bad_conf"])
+def test_yolo_bad_detector(main, case, em_dir, untrained_yolo, tmp_path, caplog):
+    out = tmp_path / "eval"
+    args = ["evaluate", "--data_dir", str(em_dir), *SMALL, "--output_dir", str(out), *YOLO_ARGS]
+    not_yolo = tmp_path / "state.pt"
+    torch.save({"image_encoder.x": torch.zeros(2)}, not_yolo)
+    extra, expected = {
+        "missing": ([], "needs --yolo_model"),
+        "not_a_file": (["--yolo_model", str(tmp_path / "none.pt")], "not found"),
+        "not_yolo": (["--yolo_model", str(not_yolo)], "is not a YOLO model"),
+        "bad_conf": (["--yolo_model", str(untrained_yolo), "--conf", "2"], "--conf must be in 0..1"),
+    }[case]
+    assert main(args + extra) == 2
+    lines = error_lines(caplog)
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert not out.exists()

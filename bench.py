@@ -106,7 +106,6 @@ class Setup:
 
 
 def peak_rss_child(model_type: str, image_size: int, samples: list[data.Sample], queue: mp.Queue) -> None:
-    torch.set_num_threads(torch.get_num_threads())
     setup = Setup(make_config(model_type, image_size), samples[:1])
     setup.epoch()
     queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # MiB (Linux: KiB)
@@ -172,27 +171,31 @@ def bench_metrics(reps: int) -> float:
 
 
 def bench_detect(samples: list[data.Sample], quick: bool) -> list[tuple[str, float, str]]:
-    """``detect predict``'s per-image pipeline against its model parts measured alone (issue 6).
+    """``detect predict``'s per-image time against its model parts measured alone (issue 6).
 
     On the first real 1024x1024 section of ``samples``: MobileSAM (vit_t, random weights) at
     1024 px and an untrained YOLOv8n (ultralytics' yolov8n.yaml, nothing downloaded) at 640 px
     whose very low confidence threshold makes it propose boxes, capped at 16 so that every
-    measurement decodes the same boxes. The pipeline is what ``detect predict`` runs per image
-    (:class:`yolo_sam.Segmenter`: YOLO predict with its pre- and post-processing and NMS, SAM's
-    input preparation, one encoder pass, the boxes decoded, masks at full size, cropped and
-    painted), its parts the bare model calls on prepared inputs: the YOLO network forward on the
-    letterboxed 640 px input, the image encoder, and prompt encoder + mask decoder over the 16
-    boxes. Measurements are interleaved (one of each per repetition, medians) so that load from
-    other processes hits both sides alike. Also bf16 / fp32 of the whole pipeline.
+    measurement decodes the same boxes. Per image, ``detect predict`` runs
+    :func:`detect.segment_file` (read the file; :class:`yolo_sam.Segmenter`: YOLO predict with
+    its pre- and post-processing and NMS, SAM's input preparation, one encoder pass, the boxes
+    decoded, masks at full size, cropped and painted; then the label TIFF, overlay PNG and COCO
+    RLE); the Segmenter alone is timed too. The parts are the bare model calls on prepared
+    inputs: the YOLO network forward on the letterboxed 640 px input, the image encoder, and
+    prompt encoder + mask decoder over the 16 boxes. Measurements are interleaved (one of each
+    per repetition, medians) so that load from other processes hits both sides alike. Also
+    bf16 / fp32 of the Segmenter.
 
     Returns ``(name, value, target)`` rows for :func:`main`'s table.
     """
     import tempfile
 
+    import detect
     import yolo_sam
 
     reps, n_boxes, yolo_size = (2 if quick else 3), 16, 640
-    image = next(s.image for s in samples if s.image.shape[:2] == (1024, 1024))
+    sample = next(s for s in samples if s.image.shape[:2] == (1024, 1024))
+    image = sample.image
     torch.manual_seed(0)
     sam = sam_model.build_model("vit_t", None, 1024).eval()
     ultralytics = yolo_sam.import_ultralytics()
@@ -229,24 +232,32 @@ def bench_detect(samples: list[data.Sample], quick: bool) -> list[tuple[str, flo
         sam.image_encoder(prepared)
 
     found = len(pipelines["fp32"](image)[1])
-    measured = {"pipeline": pipelines["fp32"], "bf16": pipelines["bf16"], "yolo": yolo_forward,
-                "encoder": encoder, "decoder": decoder}
-    times: dict[str, list[float]] = {name: [] for name in measured}
-    for rep in range(reps + 1):  # the first round warms up (bf16 kernels, ultralytics' predictor)
-        for name, fn in measured.items():
-            start = time.perf_counter()
-            fn(image) if name in ("pipeline", "bf16") else fn()
-            if rep:
-                times[name].append(time.perf_counter() - start)
+    with tempfile.TemporaryDirectory() as out:
+        outputs = detect.output_paths(Path(out), sample.path, with_overlay=True)
+        coco = detect.CocoWriter("rle")
+        measured = {
+            "file": lambda: detect.segment_file(sample.path, sample.path.name, pipelines["fp32"], coco, outputs),
+            "pipeline": lambda: pipelines["fp32"](image), "bf16": lambda: pipelines["bf16"](image),
+            "yolo": yolo_forward, "encoder": encoder, "decoder": decoder}
+        times: dict[str, list[float]] = {name: [] for name in measured}
+        for rep in range(reps + 1):  # the first round warms up (bf16 kernels, ultralytics' predictor)
+            for name, fn in measured.items():
+                start = time.perf_counter()
+                fn()
+                if rep:
+                    times[name].append(time.perf_counter() - start)
     t = {name: statistics.median(values) for name, values in times.items()}
     parts = t["yolo"] + t["encoder"] + t["decoder"]
     label = f"detect vit_t 1024px + YOLOv8n {yolo_size}px, {n_boxes} boxes"
     return [
-        (f"{label}: per image (s) [{found} objects painted]", t["pipeline"], ""),
+        (f"{label}: detect predict per image (s) [{found} objects; read, segment, TIFF, overlay, COCO]",
+         t["file"], ""),
+        (f"{label}: Segmenter per image (s) [in memory]", t["pipeline"], ""),
         (f"{label}: parts alone (s) [YOLO {t['yolo']:.3f} + encoder {t['encoder']:.3f} "
          f"+ decoder {t['decoder']:.3f}]", parts, ""),
-        (f"{label}: per image / sum of model parts", t["pipeline"] / parts, "[<= 1.15]"),
-        (f"{label}: bf16 / fp32 per image", t["bf16"] / t["pipeline"], ""),
+        (f"{label}: detect predict per image / sum of model parts", t["file"] / parts, "[<= 1.15]"),
+        (f"{label}: Segmenter per image / sum of model parts", t["pipeline"] / parts, ""),
+        (f"{label}: bf16 / fp32 per image (Segmenter)", t["bf16"] / t["pipeline"], ""),
     ]
 
 

@@ -300,7 +300,8 @@ def run(args: argparse.Namespace) -> int:
         log.info("%d samples from %s; %s at %d px, base weights %s%s", len(samples), samples_dir,
                  model_type, image_size, "RANDOM (--checkpoint none)" if random_weights else checkpoint,
                  f", adapter {args.model_path}" if args.model_path else "")
-        rows, predictions = predict_all(models, samples, args.batch_prompts, args.precision)
+        rows, predictions = predict_all(models, samples, args.batch_prompts, args.precision,
+                                        progress=not getattr(args, "quiet", False))
         files = write_outputs(out, samples, predictions, rows, config)
         for line in format_table(rows, list(models) + [BASELINE]):
             log.info("%s", line)
@@ -312,13 +313,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def predict_all(models: dict[str, nn.Module], samples: Sequence[data.Sample], chunk: int,
-                precision: str) -> tuple[list[dict[str, Any]], list[dict[str, np.ndarray]]]:
-    """Every model (and the box baseline) on every sample: Dice rows and the instance maps."""
+def predict_all(models: dict[str, nn.Module], samples: Sequence[data.Sample], chunk: int, precision: str,
+                progress: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, np.ndarray]]]:
+    """Every model (and the box baseline) on every sample: Dice rows and the instance maps.
+
+    ``progress``: a tqdm bar per model on a terminal (``--quiet`` turns it off).
+    """
     prompts = [ground_truth_boxes(s) for s in samples]
     predictions: list[dict[str, np.ndarray]] = [{} for _ in samples]
     for name, sam in models.items():
-        for i in tqdm(range(len(samples)), desc=f"demo {name}", unit="image", leave=False, disable=None):
+        for i in tqdm(range(len(samples)), desc=f"demo {name}", unit="image", leave=False,
+                      disable=None if progress else True):
             predictions[i][name] = segment_with_boxes(sam, samples[i].image, prompts[i], chunk, precision)
     rows = []
     for i, sample in enumerate(samples):

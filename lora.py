@@ -614,7 +614,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line error
         raise UserError(f"{path.name} is not a LoRA adapter file (cannot be read by torch.load: "
-                        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                        f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0].split('. ')[0]})"
                         ) from exc
     if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
         kind = "a state dict or checkpoint" if isinstance(payload, dict) else type(payload).__name__

@@ -31,9 +31,10 @@ import torch
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 from torch import nn
+from torch.nn import functional as F
 
 from errors import UserError
-from model import autocast, encode_images, predict, prepare_image
+from model import autocast, decode, encode_images, make_prompts, postprocess_logits, prepare_image, preprocess_shape
 
 log = logging.getLogger(__name__)
 
@@ -292,18 +293,39 @@ def encode_image(sam: nn.Module, image: np.ndarray) -> torch.Tensor:
     return encode_images(sam, prepared.tensor[None].to(sam_device(sam)))
 
 
+def full_size_masks(low_res: torch.Tensor, image_size: int, input_size: tuple[int, int],
+                    original_size: tuple[int, int]) -> np.ndarray:
+    """Nx1x(S/4)x(S/4) mask logits -> NxHxW bool masks at the original size.
+
+    The same as :func:`model.postprocess_logits` then ``> 0`` (what ``model.predict`` does),
+    without its second full-size resize when the resized input already has the original size
+    (an image or tile of exactly the model's input size: the resize would be an identity,
+    ~3 % of ``detect predict``'s time on a 1024 px section with 16 boxes).
+    """
+    if tuple(input_size) != tuple(original_size):
+        return (postprocess_logits(low_res, image_size, input_size, original_size)[:, 0] > 0).cpu().numpy()
+    logits = F.interpolate(low_res, (image_size, image_size), mode="bilinear", align_corners=False)
+    return (logits[:, 0, :input_size[0], :input_size[1]] > 0).cpu().numpy()
+
+
+@torch.no_grad()
 def decode_boxes(sam: nn.Module, image: np.ndarray, embedding: torch.Tensor, boxes: np.ndarray,
                  confidences: np.ndarray | None = None, batch: int = 32) -> list[Instance]:
-    """Decode Nx4 xyxy pixel ``boxes`` of ``image`` against its ``embedding``, ``batch`` boxes
-    per decoder call; returns the non-empty masks as cropped :class:`Instance` objects."""
+    """Decode Nx4 xyxy pixel ``boxes`` of ``image`` against its 1x256x(S/16)x(S/16)
+    ``embedding``, ``batch`` boxes per decoder call; returns the non-empty masks as cropped
+    :class:`Instance` objects (masks as ``model.predict`` gives them)."""
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     confidences = np.ones(len(boxes), np.float32) if confidences is None else np.asarray(confidences)
+    image_size, original_size = sam.image_encoder.img_size, tuple(image.shape[:2])
+    input_size = preprocess_shape(original_size, image_size)
     instances = []
     for start in range(0, len(boxes), batch):
-        masks, ious, _ = predict(sam, image, boxes=boxes[start:start + batch], image_embedding=embedding)
-        for mask, iou, confidence in zip(masks, ious, confidences[start:start + batch]):
+        prompts = make_prompts(original_size, image_size, boxes[start:start + batch], device=embedding.device)
+        low_res, ious = decode(sam, embedding[0], prompts)
+        masks = full_size_masks(low_res, image_size, input_size, original_size)
+        for mask, iou, confidence in zip(masks, ious[:, 0].float().cpu().numpy(), confidences[start:start + batch]):
             instance = instance_from_mask(mask, iou, confidence)
             if instance is not None:
                 instances.append(instance)

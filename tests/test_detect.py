@@ -317,6 +317,18 @@ def test_rle_round_trip_through_the_dataset_reader(shared_data: Path) -> None:
         np.testing.assert_array_equal(rle_decode(rle), mask)
 
 
+def test_label_edges_match_3x3_filters() -> None:
+    from scipy import ndimage
+
+    from detect import label_edges
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (1, 6), (6, 1), (7, 9), (40, 33)]:
+        labels = rng.integers(0, 4, shape).astype(np.int32)
+        expected = (labels != ndimage.maximum_filter(labels, 3)) | (labels != ndimage.minimum_filter(labels, 3))
+        np.testing.assert_array_equal(label_edges(labels), expected)
+
+
 def test_polygons_outline_the_mask(shared_data: Path) -> None:
     from detect import polygons
 
@@ -344,6 +356,26 @@ def test_segment_with_ground_truth_boxes(shared_data: Path, tiny_sam: torch.nn.M
     assert 0 < values.size <= len(boxes)
     np.testing.assert_array_equal(values, np.arange(1, values.size + 1))  # consecutive
     assert segment_with_boxes(tiny_sam, image, np.zeros((0, 4)), None).max() == 0
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (200, 256), (300, 180)])
+def test_decode_boxes_gives_the_masks_of_model_predict(tiny_sam: torch.nn.Module, shape: tuple) -> None:
+    """decode_boxes post-processes the decoder's logits itself (skipping an identity resize):
+    masks and scores must be those of model.predict, whatever the image's size."""
+    from model import predict
+    from yolo_sam import decode_boxes, encode_image, instance_from_mask
+
+    image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    boxes = np.array([[10, 10, 100, 120], [50, 20, 150, 90], [0, 0, shape[1], shape[0]]], np.float32)
+    embedding = encode_image(tiny_sam, image)
+    found = decode_boxes(tiny_sam, image, embedding, boxes, np.array([0.9, 0.5, 0.2]))
+    masks, scores, _ = predict(tiny_sam, image, boxes=boxes, image_embedding=embedding)
+    expected = [instance_from_mask(m, s, c) for m, s, c in zip(masks, scores, [0.9, 0.5, 0.2])]
+    expected = [e for e in expected if e is not None]
+    assert len(found) == len(expected)
+    for a, b in zip(found, expected):
+        assert (a.box, a.score, a.confidence) == (b.box, b.score, b.confidence)
+        np.testing.assert_array_equal(a.mask, b.mask)
 
 
 def test_segmenter_tiles_and_merges(shared_data: Path, tiny_sam: torch.nn.Module,

@@ -27,8 +27,8 @@ import lora
 import main as main_module
 import metrics
 import model as sam_model
-from evaluate import (InstanceCanvas, baseline_instances, ellipse_mask, interior_point, object_prompts,
-                      pooled_scores, score_image)
+from evaluate import (BASELINES, Detector, InstanceCanvas, ModelSource, baseline_instances, ellipse_mask,
+                      interior_point, object_prompts, pooled_scores, row_sets, score_image)
 
 SMALL = ["--checkpoint", "none", "--image_size", "256", "--model_type", "vit_t", "--device", "cpu"]
 # Dice and IoU of a filled box against the ellipse inscribed in it (areas pi/4 : 1).
@@ -420,7 +420,7 @@ def test_bad_input(main, case, em_dir, tmp_path, caplog, request):
     elif case == "bad_compare":
         args += ["--compare", "base"]
     elif case == "unknown_prompt":  # argparse's own message on stderr, before logging is set up
-        args += ["--prompt", "lasso"]
+        args += ["--prompt", "lasso"]  # (yolo became a prompt: see test_yolo_bad_detector)
         capsys = request.getfixturevalue("capsys")
     elif case == "run_with_test_split":
         run = tmp_path / "run"
@@ -510,6 +510,22 @@ def test_yolo_prompts_end_to_end(main, em_dir, untrained_yolo, tmp_path, caplog)
     assert config["detector"]["yolo_model"] == str(untrained_yolo) and config["detector"]["imgsz"] == 128
     assert "detector boxes at IoU > 0.50" in (out / "evaluate.log").read_text()
     assert len(list((out / "visualizations").glob("*.png"))) == 1
+    # the ground-truth box rows are exactly what --prompt box gives
+    assert main(["evaluate", "--data_dir", str(em_dir), *SMALL, "--output_dir", str(tmp_path / "box")]) == 0
+    boxed = {r["image"]: r for r in read_csv(tmp_path / "box" / "per_image.csv") if r["model"] == "base"}
+    for image, r in by_model["base"].items():
+        assert [r[k] for k in ("dice", "aji", "pq", "n_pred")] == [boxed[image][k] for k in ("dice", "aji", "pq", "n_pred")]
+
+
+def test_yolo_row_names_with_several_models():
+    sources = [ModelSource("base", "base"), ModelSource("lora", "adapter", Path("lora.pt"))]
+    detector = Detector(None, Path("best.pt"), 0.1, 0.7, 640, "cpu")
+    sets = row_sets("yolo", sources, BASELINES, detector)
+    assert list(sets) == ["base", "yolo+base", "lora", "yolo+lora", "baseline_yolo_box", "baseline_box",
+                          "baseline_ellipse"]
+    assert sets["yolo+lora"].source == "lora.pt" and sets["lora"].prompts == "box"
+    assert list(row_sets("yolo", sources[:1], BASELINES, detector))[:2] == ["base", "yolo+sam"]
+    assert list(row_sets("box", sources[:1], BASELINES)) == ["base", "baseline_box", "baseline_ellipse"]
 
 
 @pytest.mark.parametrize("case", ["missing", "not_a_file", "not_yolo", "bad_conf"])

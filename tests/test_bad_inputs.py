@@ -1,0 +1,473 @@
+"""Every bad input answered: the user-facing contract of all subcommands, as one table.
+
+Each case builds the user's files under ``tmp_path/user`` (tiny copies of the real data in
+../shared/data, checkpoints, earlier outputs), runs ``main([...])`` and checks:
+
+* the exit code: 2 for bad input (argparse usage errors included), 130 for an interrupt;
+* exactly one error line, on one line, saying what is wrong (the expected words);
+* no traceback anywhere in the logs or on the console;
+* the user's files unchanged (every file under ``user/`` hashed before and after).
+
+Models are tiny settings of the real ones: ``--checkpoint none --image_size 256 --model_type
+vit_t`` on 128 px crops. Cases that already have tests elsewhere are repeated on purpose: this
+table is the contract a new user meets.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import shutil
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+import main as main_module
+import trainer
+
+SMALL = ["--checkpoint", "none", "--image_size", "256", "--model_type", "vit_t", "--device", "cpu"]
+FAST_TRAIN = [*SMALL, "--freeze_encoder", "--lora_targets", "decoder", "--lora_rank", "2", "--lora_alpha", "2",
+              "--max_objects", "2", "--no_augment", "--val_fraction", "0.25"]
+HTML = b"<html><body>404 Not Found</body></html>\n"  # what a failed download leaves behind
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures: tiny real data, one thread, the console stream restored
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny inputs: intra-op threads only slow a busy machine down."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def main():
+    """``main.main``; afterwards its console handler never keeps a closed capture stream."""
+    yield main_module.main
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, "_samlora", False) and getattr(handler.stream, "closed", False):
+            handler.stream = sys.stderr
+
+
+@pytest.fixture(scope="module")
+def em4(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four 128x128 crops of real EM sections (images/ + masks/), each with mitochondria."""
+    root = tmp_path_factory.mktemp("em4")
+    for sub in ("images", "masks"):
+        (root / sub).mkdir()
+    for name, section in zip("abcd", ("00", "05", "10", "15")):
+        image = cv2.imread(str(shared_data / "em_vnc" / "images" / f"{section}.png"), cv2.IMREAD_GRAYSCALE)
+        mask = cv2.imread(str(shared_data / "em_vnc" / "masks" / f"{section}.png"), cv2.IMREAD_GRAYSCALE)
+        y, x = max(((y, x) for y in range(0, 897, 128) for x in range(0, 897, 128)),
+                   key=lambda yx: int(mask[yx[0]:yx[0] + 128, yx[1]:yx[1] + 128].sum()))
+        cv2.imwrite(str(root / "images" / f"{name}.png"), image[y:y + 128, x:x + 128])
+        cv2.imwrite(str(root / "masks" / f"{name}.png"), mask[y:y + 128, x:x + 128])
+    return root
+
+
+@pytest.fixture(scope="module")
+def vit_b_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SAM ViT-B state dict (every ViT-B tensor name, a narrow width to stay small)."""
+    from model import build_sam_vit
+
+    path = tmp_path_factory.mktemp("ckpt") / "sam_vit_b_01ec64.pth"
+    torch.manual_seed(0)
+    sam = build_sam_vit(image_size=256, embed_dim=32, depth=12, num_heads=2, global_attn_indexes=(2, 5, 8, 11))
+    torch.save(sam.state_dict(), path)
+    return path
+
+
+@dataclass
+class Env:
+    """Where a case puts things: ``user`` (hashed: must not change) and ``out`` (fresh)."""
+
+    user: Path
+    out: Path
+    em4: Path
+    vit_b: Path
+    monkeypatch: pytest.MonkeyPatch
+    after: list[Callable[[], None]] = field(default_factory=list)  # extra checks after the run
+
+    def data(self, name: str = "em") -> Path:
+        """A copy of the four EM crops in ``user/<name>``."""
+        return Path(shutil.copytree(self.em4, self.user / name))
+
+    def file(self, name: str, content: bytes) -> Path:
+        path = self.user / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        return path
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file under ``root``."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------------------------
+# Case builders: each makes the user's files and returns the command line
+# --------------------------------------------------------------------------------------------
+def block_network(env: Env) -> None:
+    """No network at all, as on an offline laptop: every connection and lookup fails."""
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    env.monkeypatch.setattr(socket.socket, "connect", refuse)
+    env.monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    env.monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def download_offline(env: Env) -> list[str]:
+    block_network(env)
+    return ["download", "--model_type", "vit_t", "--output_dir", str(env.out / "weights")]
+
+
+def download_present_but_corrupt(env: Env) -> list[str]:
+    from checkpoints import CHECKPOINTS
+
+    env.file(f"weights/{CHECKPOINTS['vit_t'].filename}", HTML)
+    block_network(env)
+    return ["download", "--model_type", "vit_t", "--output_dir", str(env.user / "weights")]
+
+
+def train_args(env: Env, data_dir: Path, *extra: str) -> list[str]:
+    return ["train", "--data_dir", str(data_dir), "--output_dir", str(env.out / "run"), *FAST_TRAIN,
+            "--epochs", "1", *extra]
+
+
+def images_without_masks(env: Env) -> Path:
+    data = env.data()
+    shutil.rmtree(data / "masks")
+    return data
+
+
+def corrupt_image(env: Env) -> Path:
+    data = env.data()
+    path = data / "images" / "b.png"
+    path.write_bytes(path.read_bytes()[:200])  # truncated by an interrupted copy
+    return data
+
+
+def image_without_mask(env: Env) -> Path:
+    data = env.data()
+    (data / "masks" / "c.png").unlink()
+    return data
+
+
+def mask_of_another_size(env: Env) -> Path:
+    data = env.data()
+    mask = cv2.imread(str(data / "masks" / "a.png"), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(data / "masks" / "a.png"), mask[:100])
+    return data
+
+
+def empty_masks(env: Env) -> Path:
+    data = env.data()
+    for mask in (data / "masks").iterdir():
+        cv2.imwrite(str(mask), np.zeros((128, 128), np.uint8))
+    return data
+
+
+def stack_with_wrong_label_slices(env: Env) -> Path:
+    """EPFL layout, but the label volume has one slice less than the image volume."""
+    root = env.user / "stack"
+    root.mkdir(parents=True)
+    images = [cv2.imread(str(env.em4 / "images" / f"{n}.png"), cv2.IMREAD_GRAYSCALE) for n in "abc"]
+    masks = [cv2.imread(str(env.em4 / "masks" / f"{n}.png"), cv2.IMREAD_GRAYSCALE) for n in "ab"]
+    for name, planes in (("training.tif", images), ("training_groundtruth.tif", masks)):
+        tifffile.imwrite(root / name, np.stack(planes), photometric="minisblack", compression="zlib")
+    return root
+
+
+def existing_output(env: Env) -> Path:
+    """An output directory that already holds the user's own files."""
+    path = env.file("results/notes.txt", b"my notes\n").parent
+    return path
+
+
+def existing_run(env: Env) -> Path:
+    """An earlier training run's directory (its config.json and a checkpoint)."""
+    env.file("run/config.json", json.dumps({"data_dir": "x", "output_dir": "run"}).encode())
+    env.file("run/fold_0/best.pt", b"an earlier adapter")
+    return env.user / "run"
+
+
+def adapter_for_vit_b(env: Env) -> Path:
+    import lora
+
+    path = env.user / "vit_b_adapter.pt"
+    torch.save({"format": lora.ADAPTER_FORMAT, "version": lora.ADAPTER_VERSION,
+                "config": {"model_type": "vit_b", "image_size": 256, "rank": 2, "alpha": 2, "targets": ["qkv"]},
+                "state_dict": {}}, path)
+    return path
+
+
+def training_disk_full(target: str, nth: int) -> Callable[[Env], list[str]]:
+    """Training whose ``nth`` write of ``target`` (last.pt or best.pt) finds the disk full.
+
+    The write fails half-way through the temporary file (torch.save writes some bytes, then
+    ENOSPC), as a real full disk does. Afterwards: the checkpoint of the previous epoch is
+    intact, no temporary file is left, and ``--resume`` finishes the run.
+    """
+    def build(env: Env) -> list[str]:
+        data = env.data()
+        real_save = torch.save
+        writes = {"n": 0}
+        out = env.out / "run"
+
+        def full_disk(obj, f, *args, **kwargs):
+            keys = obj.keys() if isinstance(obj, dict) else ()
+            is_target = ("trainable" in keys) if target == "last.pt" else ("format" in keys)
+            if is_target:
+                writes["n"] += 1
+                if writes["n"] == nth:
+                    f.write(b"PK\x03\x04 half a zip")
+                    raise OSError(errno.ENOSPC, "No space left on device")
+            return real_save(obj, f, *args, **kwargs)
+
+        env.monkeypatch.setattr(torch, "save", full_disk)
+        argv = train_args(env, data, "--epochs", str(nth + 1))
+
+        def check() -> None:
+            assert not list(out.rglob("*.tmp")), "a temporary file was left behind"
+            if nth > 1:  # the previous epoch's checkpoint survived, whole
+                saved = torch.load(out / "fold_0" / target, weights_only=True)
+                epoch = saved["state"]["epoch"] if target == "last.pt" else saved["config"]["epoch"]
+                assert epoch == nth - 2
+            env.monkeypatch.setattr(torch, "save", real_save)  # space freed: --resume finishes the run
+            assert main_module.main([*argv, "--resume"]) == 0
+            assert (out / "summary.json").is_file()
+
+        env.after.append(check)
+        return argv
+    return build
+
+
+def interrupted_training(env: Env) -> list[str]:
+    """Ctrl-C in the second epoch: exit 130, the first epoch is kept, --resume continues."""
+    data = env.data()
+    original = trainer.train_one_epoch
+    out = env.out / "run"
+
+    def interrupt(ctx, loader, epoch, fold):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return original(ctx, loader, epoch, fold)
+
+    env.monkeypatch.setattr(trainer, "train_one_epoch", interrupt)
+
+    def check() -> None:
+        assert torch.load(out / "fold_0" / "last.pt", weights_only=True)["state"]["epoch"] == 0
+        assert not (out / "summary.json").exists()
+
+    env.after.append(check)
+    return train_args(env, data, "--epochs", "2")
+
+
+def missing_weights(command: str) -> Callable[[Env], list[str]]:
+    """The default --checkpoint (weights/ in the current directory) was never downloaded."""
+    def build(env: Env) -> list[str]:
+        env.monkeypatch.chdir(env.user)
+        if command == "demo":
+            return ["demo", "--output_dir", str(env.out / "demo"), "--image_size", "256"]
+        return ["train", "--data_dir", str(env.data()), "--output_dir", str(env.out / "run"),
+                "--image_size", "256"]
+    return build
+
+
+def demo_args(env: Env, *extra: str) -> list[str]:
+    return ["demo", "--output_dir", str(env.out / "demo"), *SMALL, "--num_samples", "1", *extra]
+
+
+def evaluate_args(env: Env, data_dir: Path | None, *extra: str) -> list[str]:
+    data = ["--data_dir", str(data_dir)] if data_dir is not None else []
+    return ["evaluate", *data, "--output_dir", str(env.out / "eval"), *SMALL, *extra]
+
+
+def predict_args(env: Env, *extra: str) -> list[str]:
+    return ["detect", "predict", "--output_dir", str(env.out / "pred"), "--mode", "amg", *SMALL, *extra]
+
+
+def detect_outputs_exist(env: Env) -> list[str]:
+    image = env.data() / "images" / "a.png"
+    env.file("pred/a_labels.tif", b"an earlier result")
+    return ["detect", "predict", "--input", str(image), "--output_dir", str(env.user / "pred"), "--mode", "amg",
+            *SMALL]
+
+
+def corrupt_tiff(env: Env) -> Path:
+    return env.file("scans/volume.tif", b"II*\x00" + b"\x00" * 20)
+
+
+def empty_dir(env: Env) -> Path:
+    path = env.user / "empty"
+    path.mkdir()
+    return path
+
+
+def one_image(env: Env) -> str:
+    return str(env.data() / "images" / "a.png")
+
+
+def search_args(env: Env, *extra: str) -> list[str]:
+    return ["parameter_search", "--data_dir", str(env.data()), "--output_dir", str(env.out / "search"), *SMALL,
+            *extra]
+
+
+# --------------------------------------------------------------------------------------------
+# The table: (id, command line builder, words the one error line must contain, exit code)
+# --------------------------------------------------------------------------------------------
+VIT_B_FOR_VIT_T = "is a vit_b checkpoint but --model_type is vit_t"
+DOWNLOAD_COMMAND = "python main.py download --model_type vit_t"
+CASES: list[tuple[str, Callable[[Env], list[str]], str, int]] = [
+    # download
+    ("download offline", download_offline, "cannot download", 2),
+    ("download present file corrupt", download_present_but_corrupt, "present file fails verification", 2),
+    ("download --url with all",
+     lambda e: ["download", "--model_type", "all", "--url", "http://127.0.0.1:9/x", "--output_dir", str(e.out)],
+     "use them with a single --model_type", 2),
+    ("download --sha256 not hex", lambda e: ["download", "--sha256", "xyz"], "expected 64 hex characters", 2),
+    # train: data
+    ("train data dir missing", lambda e: train_args(e, e.user / "nowhere"), "is not a directory", 2),
+    ("train data dir empty", lambda e: train_args(e, empty_dir(e)), "no images found", 2),
+    ("train images without masks folder", lambda e: train_args(e, images_without_masks(e)), "masks", 2),
+    ("train corrupt image", lambda e: train_args(e, corrupt_image(e)), "cannot read", 2),
+    ("train image without mask", lambda e: train_args(e, image_without_mask(e)), "without a mask", 2),
+    ("train mask of another size", lambda e: train_args(e, mask_of_another_size(e)), "size mismatch", 2),
+    ("train stack with a label slice missing", lambda e: train_args(e, stack_with_wrong_label_slices(e)),
+     "3 slices but its labels", 2),
+    # train: numbers
+    ("train negative epochs", lambda e: train_args(e, e.data(), "--epochs", "-1"),
+     "--epochs must be at least 1", 2),
+    ("train batch size 0", lambda e: train_args(e, e.data(), "--batch_size", "0"),
+     "--batch_size must be at least 1", 2),
+    ("train image size 300", lambda e: train_args(e, e.data(), "--image_size", "300"), "invalid choice: 300", 2),
+    ("train more folds than groups", lambda e: train_args(e, e.data(), "--cross_validation", "--num_folds", "10"),
+     "cannot make 10 folds from 4 groups", 2),
+    ("train validation fraction 1.5", lambda e: train_args(e, e.data(), "--val_fraction", "1.5"),
+     "--val_fraction must be between 0 and 1", 2),
+    ("train rank 0 and nothing else", lambda e: train_args(e, e.data(), "--lora_rank", "0"), "nothing to train", 2),
+    # train: checkpoints
+    ("train vit_b checkpoint for vit_t", lambda e: train_args(e, e.data(), "--checkpoint", str(e.vit_b)),
+     VIT_B_FOR_VIT_T, 2),
+    ("train checkpoint is an HTML page",
+     lambda e: train_args(e, e.data(), "--checkpoint", str(e.file("mobile_sam.pt", HTML))),
+     "is not a readable PyTorch checkpoint", 2),
+    ("train checkpoint missing", lambda e: train_args(e, e.data(), "--checkpoint", str(e.user / "none.pth")),
+     "does not exist", 2),
+    ("train weights never downloaded", missing_weights("train"), DOWNLOAD_COMMAND, 2),
+    # train: output directory
+    ("train output dir holds other files",
+     lambda e: [*train_args(e, e.data()), "--output_dir", str(existing_output(e))], "exists and is not empty", 2),
+    ("train output dir holds a run", lambda e: [*train_args(e, e.data()), "--output_dir", str(existing_run(e))],
+     "use --resume to continue it", 2),
+    ("train --resume without a run", lambda e: train_args(e, e.data(), "--resume"), "no run to resume", 2),
+    # train: during the run
+    ("train disk full writing last.pt", training_disk_full("last.pt", 2), "no space left on device writing", 2),
+    ("train disk full writing best.pt", training_disk_full("best.pt", 1), "no space left on device writing", 2),
+    ("train interrupted", interrupted_training, "rerun the same command with --resume", 130),
+    # parameter_search
+    ("search ranks not numbers", lambda e: search_args(e, "--lora_ranks", "a,b"),
+     "--lora_ranks must be a comma-separated list", 2),
+    ("search negative learning rate", lambda e: search_args(e, "--learning_rates", "1e-3,-1"),
+     "--learning_rates needs positive values", 2),
+    ("search more folds than groups", lambda e: search_args(e, "--num_folds", "9"),
+     "cannot make 9 folds from 4 groups", 2),
+    ("search output dir holds other files", lambda e: [*search_args(e), "--output_dir", str(existing_output(e))],
+     "is not a parameter search", 2),
+    # evaluate
+    ("evaluate no data dir", lambda e: evaluate_args(e, None), "--data_dir is required", 2),
+    ("evaluate masks all empty", lambda e: evaluate_args(e, empty_masks(e)), "no labelled object", 2),
+    ("evaluate adapter is a SAM checkpoint", lambda e: evaluate_args(e, e.data(), "--model_path", str(e.vit_b)),
+     "is not a LoRA adapter file", 2),
+    ("evaluate adapter of another model type",
+     lambda e: evaluate_args(e, e.data(), "--model_path", str(adapter_for_vit_b(e))),
+     "is an adapter for model_type vit_b", 2),
+    ("evaluate --compare without NAME=", lambda e: evaluate_args(e, e.data(), "--compare", "lora"),
+     "write NAME=SOURCE", 2),
+    ("evaluate --split test without one", lambda e: evaluate_args(e, e.data(), "--split", "test"),
+     "has no fixed test split", 2),
+    ("evaluate output dir holds other files",
+     lambda e: [*evaluate_args(e, e.data()), "--output_dir", str(existing_output(e))], "is not empty", 2),
+    ("evaluate vit_b checkpoint for vit_t", lambda e: [*evaluate_args(e, e.data()), "--checkpoint", str(e.vit_b)],
+     VIT_B_FOR_VIT_T, 2),
+    ("evaluate batch_prompts 0", lambda e: evaluate_args(e, e.data(), "--batch_prompts", "0"),
+     "--batch_prompts must be at least 1", 2),
+    # detect
+    ("detect predict input missing", lambda e: predict_args(e, "--input", str(e.user / "nothing.png")),
+     "does not exist", 2),
+    ("detect predict empty folder", lambda e: predict_args(e, "--input", str(empty_dir(e))), "holds no images", 2),
+    ("detect predict corrupt stack", lambda e: predict_args(e, "--input", str(corrupt_tiff(e))), "cannot read", 2),
+    ("detect predict yolo without model", lambda e: [*predict_args(e, "--input", one_image(e)), "--mode", "yolo"],
+     "needs --yolo_model", 2),
+    ("detect predict adapter is an HTML page",
+     lambda e: predict_args(e, "--input", one_image(e), "--model_path", str(e.file("adapter.pt", HTML))),
+     "is not a LoRA adapter file", 2),
+    ("detect predict vit_b checkpoint for vit_t",
+     lambda e: [*predict_args(e, "--input", one_image(e)), "--checkpoint", str(e.vit_b)], VIT_B_FOR_VIT_T, 2),
+    ("detect predict outputs exist", detect_outputs_exist, "already exists", 2),
+    ("detect train zero epochs",
+     lambda e: ["detect", "train", "--data_dir", str(e.data()), "--output_dir", str(e.out / "yolo"), "--epochs", "0"],
+     "--epochs and --batch_size must be >= 1", 2),
+    # demo
+    ("demo weights never downloaded", missing_weights("demo"), DOWNLOAD_COMMAND, 2),
+    ("demo output dir holds files", lambda e: [*demo_args(e), "--output_dir", str(existing_output(e))],
+     "already holds files", 2),
+    ("demo negative num_samples", lambda e: demo_args(e, "--num_samples", "-1"), "--num_samples must be 0", 2),
+    ("demo samples dir missing", lambda e: demo_args(e, "--samples_dir", str(e.user / "nowhere")),
+     "does not exist", 2),
+    ("demo samples dir empty", lambda e: demo_args(e, "--samples_dir", str(empty_dir(e))), "no sample datasets", 2),
+    ("demo adapter is a SAM checkpoint", lambda e: demo_args(e, "--model_path", str(e.vit_b)),
+     "is not a LoRA adapter file", 2),
+    ("demo vit_b checkpoint for vit_t", lambda e: [*demo_args(e), "--checkpoint", str(e.vit_b)], VIT_B_FOR_VIT_T, 2),
+    ("demo image size 300", lambda e: demo_args(e, "--image_size", "300"), "invalid choice: 300", 2),
+]
+
+
+def error_lines(caplog: pytest.LogCaptureFixture, stderr: str) -> list[str]:
+    """Logged errors, plus argparse's ``main.py ...: error: ...`` line (it prints, not logs)."""
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    return lines + [line for line in stderr.splitlines() if ": error: " in line]
+
+
+@pytest.mark.parametrize(("build", "message", "code"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(build: Callable[[Env], list[str]], message: str, code: int, main, em4: Path, vit_b_keys: Path,
+                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+                   capsys: pytest.CaptureFixture) -> None:
+    env = Env(tmp_path / "user", tmp_path / "out", em4, vit_b_keys, monkeypatch)
+    env.user.mkdir()
+    argv = build(env)
+    before = tree_hashes(env.user)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(argv) == code
+    captured = capsys.readouterr()
+    lines = error_lines(caplog, captured.err)
+    assert len(lines) == 1, lines
+    assert message in lines[0], lines[0]
+    assert "\n" not in lines[0].strip()
+    for text in (caplog.text, captured.err, captured.out):
+        assert "Traceback" not in text
+    assert tree_hashes(env.user) == before, "the user's files changed"
+    for check in env.after:
+        check()
+
+
+def test_the_table_covers_every_subcommand() -> None:
+    """At least 25 cases, and every subcommand is in the table."""
+    assert len(CASES) >= 25
+    commands = {c[0].split()[0] for c in CASES}
+    assert commands >= {"download", "train", "search", "evaluate", "detect", "demo"}

@@ -51,12 +51,10 @@ from yolo_sam import (
     Instance,
     Segmenter,
     SegmentOptions,
-    boxes_to_labels,  # noqa: F401 - re-exported for evaluate's box-only baseline
     import_ultralytics,
     label_boxes,
     load_yolo,
     match_boxes,
-    segment_with_boxes,  # noqa: F401 - re-exported for evaluate --prompt yolo
     yolo_boxes,
     yolo_device,
     yolo_imgsz,

@@ -57,6 +57,13 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     handler.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
+def torch_oom_errors() -> tuple[type[BaseException], ...]:
+    """The out-of-memory exceptions: Python's, and torch's (GPU) once torch is imported."""
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    return (MemoryError, oom) if oom is not None else (MemoryError,)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen subcommand; returns the process exit code.
 
@@ -73,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         log.error("%s", exc)
         return EXIT_USAGE
+    except (torch_oom_errors()) as exc:
+        log.error("out of memory (%s): lower --image_size (512, 256), use --model_type vit_t, --freeze_encoder, "
+                  "--precision bf16, a smaller --batch_size / --max_objects / --batch_prompts", type(exc).__name__)
+        return EXIT_INTERNAL
     except KeyboardInterrupt:
         log.error("interrupted: %s", "the finished epochs are saved; rerun the same command with --resume to continue"
                   if args.command in ("train", "parameter_search") else "rerun the same command to resume"

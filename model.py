@@ -211,7 +211,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # memory-mapped: checking a 2.5 GB file's keys costs no reading
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # files in torch's legacy (non-zip) format cannot be mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a file that is not a checkpoint
         raise UserError(
             f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}): re-download it with "
@@ -251,6 +254,18 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[s
     return adapted
 
 
+def check_model_type(state: dict[str, torch.Tensor], path: str | Path, model_type: str) -> None:
+    """Refuse a state dict that is not SAM's, or that belongs to another model type."""
+    found = detect_model_type(state)
+    if found is None:
+        raise UserError(f"{path} is not a SAM or MobileSAM checkpoint (no image_encoder weights found)")
+    if found != model_type:
+        raise UserError(
+            f"{path} is a {found} checkpoint but --model_type is {model_type}: pass --model_type {found} "
+            f"or the {model_type} weights (python main.py download --model_type {model_type})"
+        )
+
+
 def load_checkpoint(sam: nn.Module, path: str | Path, model_type: str) -> None:
     """Load SAM/MobileSAM weights from ``path`` into ``sam`` (built for ``model_type``).
 
@@ -260,14 +275,7 @@ def load_checkpoint(sam: nn.Module, path: str | Path, model_type: str) -> None:
     from checkpoints import sha256_file
 
     state = read_state_dict(path)
-    found = detect_model_type(state)
-    if found is None:
-        raise UserError(f"{path} is not a SAM or MobileSAM checkpoint (no image_encoder weights found)")
-    if found != model_type:
-        raise UserError(
-            f"{path} is a {found} checkpoint but --model_type is {model_type}: pass --model_type {found} "
-            f"or the {model_type} weights (python main.py download --model_type {model_type})"
-        )
+    check_model_type(state, path, model_type)
     state = adapt_state_dict(state, sam)
     target = sam.state_dict()
     mismatched = [k for k, v in state.items() if k in target and target[k].shape != v.shape]
@@ -557,28 +565,33 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def resolve_checkpoint(model_type: str, checkpoint: str | None, weights_dir: str | Path = "weights") -> Path | None:
-    """``--checkpoint`` value -> a path, or None for random weights (``none``).
+def resolve_checkpoint(model_type: str, checkpoint: str | None, weights_dir: str | Path = "weights",
+                       announce: bool = True) -> Path | None:
+    """``--checkpoint`` value -> a checked path, or None for random weights (``none``).
 
     The default (None) looks for the official file in ``weights_dir`` and stops with the
-    download command when it is missing.
+    download command when it is missing. The file's type is checked here (memory-mapped, so
+    cheaply), before a command writes anything: a foreign file or another model type's weights
+    is a UserError. ``announce`` logs the random-weights warning.
     """
     from checkpoints import default_checkpoint_path
 
     if checkpoint is not None and checkpoint.lower() == "none":
-        log.warning("RANDOM WEIGHTS (--checkpoint none): outputs are meaningless, for tests and smoke runs only")
+        if announce:
+            log.warning("RANDOM WEIGHTS (--checkpoint none): outputs are meaningless, for tests and smoke runs only")
         return None
     if checkpoint is not None:
         path = Path(checkpoint)
         if not path.is_file():
             raise UserError(f"checkpoint {path} does not exist: give the .pth file, or `none` for random weights")
-        return path
-    path = default_checkpoint_path(model_type, weights_dir)
-    if not path.is_file():
-        raise UserError(
-            f"no {model_type} weights at {path}: run `python main.py download --model_type {model_type}` "
-            "(or pass --checkpoint PATH, or --checkpoint none for random weights)"
-        )
+    else:
+        path = default_checkpoint_path(model_type, weights_dir)
+        if not path.is_file():
+            raise UserError(
+                f"no {model_type} weights at {path}: run `python main.py download --model_type {model_type}` "
+                "(or pass --checkpoint PATH, or --checkpoint none for random weights)"
+            )
+    check_model_type(read_state_dict(path), path, model_type)
     return path
 
 

@@ -18,6 +18,13 @@ def log_to_file(path: Path) -> Iterator[Path]:
     root.addHandler(handler)
     try:
         yield path
+    except Exception as exc:  # the one-line error reaches the file too, then main reports it
+        handler.emit(logging.LogRecord("main", logging.ERROR, __file__, 0, "%s: %s",
+                                       (type(exc).__name__, exc), None))
+        raise
+    except KeyboardInterrupt:
+        handler.emit(logging.LogRecord("main", logging.ERROR, __file__, 0, "interrupted", (), None))
+        raise
     finally:
         root.removeHandler(handler)
         handler.close()

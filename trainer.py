@@ -798,7 +798,7 @@ def run_training(config: TrainConfig, samples: Sequence[data.Sample], device: to
     dist_info = Distributed.setup(device)
     if dist_info.world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    checkpoint = sam_model.resolve_checkpoint(config.model_type, config.checkpoint)
+    checkpoint = sam_model.resolve_checkpoint(config.model_type, config.checkpoint, announce=False)
     if folds is None:  # rank 0 writes folds.json, the others read it
         if dist_info.rank == 0:
             folds = data.load_or_make_folds(out, samples, config.num_splits, config.seed, config.slice_block,
@@ -837,7 +837,7 @@ def export_merged(config: TrainConfig, adapter: Path, out_path: Path) -> Path:
     """
     if out_path.exists():
         raise UserError(f"{out_path} exists: choose another --export_merged path (nothing was overwritten)")
-    checkpoint = sam_model.resolve_checkpoint(config.model_type, config.checkpoint)
+    checkpoint = sam_model.resolve_checkpoint(config.model_type, config.checkpoint, announce=False)
     # Random base weights are rebuilt from the seed: the builders draw the same numbers at every
     # input size (size-dependent position tables are zero-initialised).
     torch.manual_seed(config.seed)

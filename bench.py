@@ -113,7 +113,7 @@ def peak_rss_child(model_type: str, image_size: int, samples: list[data.Sample],
 
 def peak_rss(model_type: str, image_size: int, samples: list[data.Sample]) -> float:
     """Peak resident memory (MiB) of a fresh process doing one LoRA training step."""
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # fork after torch started its threads can deadlock
     queue = ctx.Queue()
     proc = ctx.Process(target=peak_rss_child, args=(model_type, image_size, samples, queue))
     proc.start()

@@ -1257,6 +1257,8 @@ def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
     flip, turns = bool(rng.random() < 0.5), int(rng.integers(4))
 
     def geometric(array: np.ndarray) -> np.ndarray:
+        if not flip and turns == 0:
+            return array  # the identity: no copy
         if flip:
             array = array[:, ::-1]
         return np.ascontiguousarray(np.rot90(array, turns))

@@ -322,13 +322,12 @@ def prepare_image(image: np.ndarray, image_size: int) -> PreparedImage:
 
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 image, got shape {image.shape} dtype {image.dtype}")
-    resized = ResizeLongestSide(image_size).apply_image(image)
-    tensor = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float()
-    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
-    tensor = (tensor - mean) / std
-    h, w = tensor.shape[-2:]
-    tensor = F.pad(tensor, (0, image_size - w, 0, image_size - h))
+    target = ResizeLongestSide.get_preprocess_shape(image.shape[0], image.shape[1], image_size)
+    resized = image if target == image.shape[:2] else ResizeLongestSide(image_size).apply_image(image)
+    h, w = resized.shape[:2]
+    normalised = (resized.astype(np.float32) - np.float32(PIXEL_MEAN)) / np.float32(PIXEL_STD)  # HxWx3
+    tensor = torch.zeros(3, image_size, image_size)
+    tensor[:, :h, :w] = torch.from_numpy(normalised).permute(2, 0, 1)
     return PreparedImage(tensor, (h, w), image.shape[:2])
 
 

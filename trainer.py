@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -217,12 +218,17 @@ def content_key(image: np.ndarray) -> str:
 
 
 def low_res_targets(masks: np.ndarray, input_size: tuple[int, int]) -> torch.Tensor:
-    """NxHxW bool masks -> Nx1xhxw {0,1} float at the decoder's resolution (input size / 4)."""
+    """NxHxW bool masks -> Nx1xhxw {0,1} float at the decoder's resolution (input size / 4).
+
+    Area resampling (cv2, per object) then a 0.5 threshold: a low-res pixel is foreground
+    when at least half of the pixels it covers are.
+    """
     h, w = math.ceil(input_size[0] / 4), math.ceil(input_size[1] / 4)
-    t = torch.from_numpy(masks).float()[:, None]
-    if t.shape[0] == 0:
-        return t.new_zeros((0, 1, h, w))
-    return (F.interpolate(t, size=(h, w), mode="area") >= 0.5).float()
+    out = np.zeros((masks.shape[0], 1, h, w), np.float32)
+    for i, mask in enumerate(masks):
+        area = cv2.resize(mask.astype(np.uint8) * 255, (w, h), interpolation=cv2.INTER_AREA)
+        out[i, 0] = area >= 128
+    return torch.from_numpy(out)
 
 
 class PromptDataset(torch.utils.data.Dataset):
@@ -264,7 +270,8 @@ class PromptDataset(torch.utils.data.Dataset):
                 boxes=prompts.boxes if prompts.use_boxes else None,
                 points=prompts.points if prompts.use_points else None,
                 point_labels=prompts.point_labels if prompts.use_points else None)
-        return Item(index, content_key(image), prepared.tensor, prepared.input_size, prepared.original_size,
+        key = content_key(image) if not cfg.encoder_trained else ""  # only cached embeddings need it
+        return Item(index, key, prepared.tensor, prepared.input_size, prepared.original_size,
                     model_prompts, low_res_targets(prompts.masks, prepared.input_size), prompts.masks,
                     labels, ignore)
 

@@ -92,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
                 log.info("%s: training %d fold(s)", name, len(folds))
                 resume = (Path(config.output_dir) / "config.json").is_file()
                 trainer.prepare_output_dir(config, resume=resume, overwrite=False)
+                # the shared folds, so `evaluate --cv_run` works on any configuration's directory
+                data.save_folds(Path(config.output_dir), folds, samples, base.slice_block, base.seed)
                 summary = trainer.run_training(config, samples, device, args.num_workers, folds=folds)
             results.append({"name": name, "lora_rank": rank, "lora_alpha": alpha, "learning_rate": lr,
                             "mean_val_dice": summary.get("mean_best_val_dice", 0.0),

@@ -127,9 +127,9 @@ def test_parameter_search_ranks_and_skips(em_crops: Path, tmp_path: Path, monkey
     best = json.loads((out / "best_config.json").read_text())
     assert best["mean_val_dice"] == dices[0]
     # every configuration trained on the same folds
-    folds = {json.dumps(json.loads((d / "folds.json").read_text())["folds"]) for d in out.glob("rank*")} \
-        if any(out.glob("rank*/folds.json")) else set()
-    assert len(folds) <= 1
+    folds = {json.dumps(json.loads((d / "folds.json").read_text())["folds"]) for d in out.glob("rank*")}
+    assert len(list(out.glob("rank*"))) == 2 and len(folds) == 1
+    assert json.loads((out / "folds.json").read_text())["folds"] == json.loads(folds.pop())
     # a re-run skips finished configurations
     monkeypatch.setattr(trainer, "run_fold", lambda *a, **k: pytest.fail("re-trained a finished configuration"))
     assert main(argv) == 0

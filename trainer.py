@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -544,8 +544,8 @@ def validate(ctx: Context, loader: torch.utils.data.DataLoader) -> dict[str, flo
 # --------------------------------------------------------------------------------------------
 # Model set-up, checkpoints
 # --------------------------------------------------------------------------------------------
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never a half file.
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename: never a half file.
 
     On any failure the temporary file is removed and an existing ``path`` is left as it was; a
     full disk or an unwritable folder becomes one :class:`UserError` line (what to do, and that
@@ -554,8 +554,8 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     existed, tmp = path.exists(), None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            write(fh)
         os.replace(tmp, path)
     except BaseException as exc:
         if tmp is not None:
@@ -564,23 +564,16 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         if error is not None:
             raise error from None
         raise
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` atomically (temporary file, then rename); failures as :func:`atomic_torch_save`."""
-    existed, tmp = path.exists(), None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        error = write_error(path, exc, existed)
-        if error is not None:
-            raise error from None
-        raise
+    """Write ``text`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda fh: fh.write(text), mode="w")
 
 
 def build_trainable_model(config: TrainConfig, checkpoint: Path | None, device: torch.device) -> nn.Module:

@@ -43,22 +43,7 @@ HTML = b"<html><body>404 Not Found</body></html>\n"  # what a failed download le
 # --------------------------------------------------------------------------------------------
 # Fixtures: tiny real data, one thread, the console stream restored
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny inputs: intra-op threads only slow a busy machine down."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def main():
-    """``main.main``; afterwards its console handler never keeps a closed capture stream."""
-    yield main_module.main
-    for handler in logging.getLogger().handlers:
-        if getattr(handler, "_samlora", False) and getattr(handler.stream, "closed", False):
-            handler.stream = sys.stderr
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures `one_thread`, `main`: conftest.py
 
 
 @pytest.fixture(scope="module")

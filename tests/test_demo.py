@@ -28,22 +28,7 @@ SAMPLES = REPO / "samples"
 FAST = ["--checkpoint", "none", "--image_size", "256", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """256 px inputs: intra-op threads only slow a busy machine down."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def main():
-    """``main.main``; afterwards its console handler never keeps a closed capture stream."""
-    yield main_module.main
-    for handler in logging.getLogger().handlers:
-        if getattr(handler, "_samlora", False) and getattr(handler.stream, "closed", False):
-            handler.stream = sys.stderr
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures `one_thread`, `main`: conftest.py
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import warnings
 from dataclasses import dataclass
@@ -254,6 +255,20 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[s
     return adapted
 
 
+def _file_stamp(path: str | Path) -> tuple[int, int]:
+    stat = Path(path).stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a checkpoint, hashed once per (file, size, mtime): every fold builds the base
+    model again, and hashing vit_h's 2.4 GiB each time would cost seconds per fold."""
+    from checkpoints import sha256_file
+
+    return sha256_file(path)
+
+
 def check_model_type(state: dict[str, torch.Tensor], path: str | Path, model_type: str) -> None:
     """Refuse a state dict that is not SAM's, or that belongs to another model type."""
     found = detect_model_type(state)
@@ -272,8 +287,6 @@ def load_checkpoint(sam: nn.Module, path: str | Path, model_type: str) -> None:
     Refuses files of another model type and files missing any of the model's tensors;
     unexpected extra keys are reported as a warning.
     """
-    from checkpoints import sha256_file
-
     state = read_state_dict(path)
     check_model_type(state, path, model_type)
     state = adapt_state_dict(state, sam)
@@ -289,7 +302,7 @@ def load_checkpoint(sam: nn.Module, path: str | Path, model_type: str) -> None:
         )
     if unexpected:
         log.warning("%s: ignored %d unexpected keys (e.g. %s)", path, len(unexpected), ", ".join(unexpected[:3]))
-    sam.checkpoint_sha256 = sha256_file(path)
+    sam.checkpoint_sha256 = _cached_sha256(str(Path(path).resolve()), *_file_stamp(path))
     log.info("loaded %s weights from %s (sha256 %s...)", model_type, path, sam.checkpoint_sha256[:12])
 
 

@@ -307,10 +307,12 @@ class EmbeddingCache:
     content hash; values live in memory and, with ``directory``, also on disk across runs.
     """
 
-    def __init__(self, sam: nn.Module, precision: str, directory: Path | None = None) -> None:
+    def __init__(self, sam: nn.Module, precision: str, directory: Path | None = None,
+                 memory: dict[str, torch.Tensor] | None = None) -> None:
         self.sam, self.precision, self.directory = sam, precision, directory
         self.prefix = f"{sam.model_type}-{sam.checkpoint_sha256 or 'random'}-{sam.image_encoder.img_size}-{precision}"
-        self.memory: dict[str, torch.Tensor] = {}
+        # shared across the folds of a run: the frozen encoder is the same in every fold
+        self.memory: dict[str, torch.Tensor] = {} if memory is None else memory
         self.hits = self.misses = 0
 
     def _path(self, key: str) -> Path | None:
@@ -321,10 +323,10 @@ class EmbeddingCache:
         out: list[torch.Tensor | None] = []
         todo = []
         for item in items:
-            emb = self.memory.get(item.key)
+            emb = self.memory.get(self.prefix + item.key)
             path = self._path(item.key)
             if emb is None and path is not None and path.is_file():
-                emb = self.memory[item.key] = torch.load(path, weights_only=True)
+                emb = self.memory[self.prefix + item.key] = torch.load(path, weights_only=True)
             out.append(emb)
             if emb is None:
                 todo.append(len(out) - 1)
@@ -335,7 +337,7 @@ class EmbeddingCache:
             with torch.no_grad(), sam_model.autocast(device, self.precision):
                 embs = sam_model.encode_images(self.sam, batch).detach()
             for j, i in enumerate(todo):
-                out[i] = self.memory[items[i].key] = embs[j]
+                out[i] = self.memory[self.prefix + items[i].key] = embs[j]
                 path = self._path(items[i].key)
                 if path is not None:
                     path.parent.mkdir(parents=True, exist_ok=True)
@@ -633,11 +635,13 @@ def seed_everything(seed: int, fold: int, epoch: int) -> None:
 # --------------------------------------------------------------------------------------------
 def run_fold(config: TrainConfig, samples: Sequence[data.Sample], fold: int, train_idx: Sequence[int],
              val_idx: Sequence[int], checkpoint: Path | None, device: torch.device, num_workers: int = 0,
-             rank: int = 0, world: int = 1, cache_dir: Path | None = None) -> dict[str, Any]:
+             rank: int = 0, world: int = 1, cache_dir: Path | None = None,
+             embeddings: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Train one fold to the end (or early stop), resuming from ``fold_k/last.pt`` if present.
 
     Writes ``fold_k/best.pt`` (adapter of the best validation Dice), ``fold_k/last.pt`` (resume
     state, every epoch) and ``fold_k/done.json``; returns the fold's result and its history.
+    ``embeddings`` is the run's shared frozen-encoder cache (memory), reused by every fold.
     """
     fold_dir = Path(config.output_dir) / f"fold_{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
@@ -648,7 +652,7 @@ def run_fold(config: TrainConfig, samples: Sequence[data.Sample], fold: int, tra
     val_set = PromptDataset(samples, val_idx, config, fold, train=False)
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / world) / config.batch_size)
     scheduler = make_schedule(optimizer, steps_per_epoch * config.epochs, config.warmup_fraction)
-    cache = EmbeddingCache(sam, config.precision, cache_dir) if not config.encoder_trained else None
+    cache = EmbeddingCache(sam, config.precision, cache_dir, embeddings) if not config.encoder_trained else None
     ctx = Context(sam, config, device, cache, optimizer, scheduler, rank, world)
 
     state = {"epoch": -1, "best_dice": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
@@ -810,6 +814,7 @@ def run_training(config: TrainConfig, samples: Sequence[data.Sample], device: to
     if dist_info.rank == 0:
         atomic_write_text(out / "config.json", json.dumps(config.to_json(), indent=1))
     results = []
+    embeddings: dict[str, torch.Tensor] = {}  # frozen encoder: each image embedded once per run
     for fold, (train_idx, val_idx) in enumerate(folds):
         done = out / f"fold_{fold}" / "done.json"
         if done.is_file():
@@ -817,7 +822,7 @@ def run_training(config: TrainConfig, samples: Sequence[data.Sample], device: to
             log.info("fold %d: already finished (best val Dice %.4f)", fold, results[-1]["best_val_dice"])
             continue
         results.append(run_fold(config, samples, fold, train_idx, val_idx, checkpoint, device, num_workers,
-                                dist_info.rank, dist_info.world, cache_dir))
+                                dist_info.rank, dist_info.world, cache_dir, embeddings))
     summary = summarize_folds(results)
     summary["config"] = config.to_json()
     if dist_info.rank == 0:

@@ -113,6 +113,13 @@ def test_frozen_encoder_embeds_each_image_once(em_crops: Path, tmp_path: Path,
     rows = (out / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 4
 
+    # cross-validation: every image is in some fold's training and another's validation set,
+    # and the frozen encoder still runs once per image for the whole run, not once per fold
+    calls.clear()
+    assert run_train(em_crops, tmp_path / "frozen_cv", "--freeze_encoder", "--lora_targets", "decoder",
+                     "--epochs", "1", "--no_augment", "--cross_validation", "--num_folds", "3") == 0
+    assert sum(calls) == 6
+
 
 def test_parameter_search_ranks_and_skips(em_crops: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "search"

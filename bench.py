@@ -15,7 +15,6 @@ Rows (issue 4 and 5 targets in brackets):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import multiprocessing as mp
@@ -30,10 +29,13 @@ import numpy as np
 import torch
 
 import dataset as data
-import lora
+import losses
 import metrics
 import model as sam_model
 import trainer
+from sample import Sample
+from train_config import TrainConfig
+from training_data import EmbeddingCache, PromptDataset, make_loader
 
 log = logging.getLogger("bench")
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "data" / "em_vnc"
@@ -51,27 +53,27 @@ def timed(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def make_config(model_type: str, image_size: int, precision: str = "fp32", **changes) -> trainer.TrainConfig:
+def make_config(model_type: str, image_size: int, precision: str = "fp32", **changes) -> TrainConfig:
     base = dict(data_dir="", output_dir="", model_type=model_type, checkpoint="none", image_size=image_size,
                 precision=precision, max_objects=4, lora_rank=8, lora_alpha=8, box_jitter=0.1)
     base.update(changes)
-    return trainer.TrainConfig(**base)
+    return TrainConfig(**base)
 
 
 class Setup:
     """A LoRA model, a context with optimiser, and a one-image-per-step loader on real samples."""
 
-    def __init__(self, config: trainer.TrainConfig, samples: list[data.Sample]) -> None:
+    def __init__(self, config: TrainConfig, samples: list[Sample]) -> None:
         torch.manual_seed(0)
         self.config = config
         self.sam = trainer.build_trainable_model(config, None, torch.device("cpu"))
         params = [p for p in self.sam.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
         sched = trainer.make_schedule(opt, 10_000, 0.0)
-        cache = trainer.EmbeddingCache(self.sam, config.precision) if not config.encoder_trained else None
+        cache = EmbeddingCache(self.sam, config.precision) if not config.encoder_trained else None
         self.ctx = trainer.Context(self.sam, config, torch.device("cpu"), cache, opt, sched)
-        self.dataset = trainer.PromptDataset(samples, range(len(samples)), config, 0, train=True)
-        self.loader = trainer.make_loader(self.dataset, 1, None, 0)
+        self.dataset = PromptDataset(samples, range(len(samples)), config, 0, train=True)
+        self.loader = make_loader(self.dataset, 1, None, 0)
         self.item = self.dataset[0]
 
     def epoch(self) -> float:
@@ -83,7 +85,7 @@ class Setup:
     def bare(self, encoder: bool = True) -> float:
         """One bare forward+backward of the same model on a prepared input (no data work)."""
         sam, item = self.sam, self.item
-        prompts = item.prompts
+        prompts = item.tensors
         with sam_model.autocast(torch.device("cpu"), self.config.precision):
             if encoder:
                 emb = sam.image_encoder(item.image[None])
@@ -94,7 +96,7 @@ class Setup:
                                         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                         multimask_output=False)
         h, w = item.targets.shape[-2:]
-        loss = trainer.compute_loss("dice_ce", low[..., :h, :w], iou, item.targets)
+        loss = losses.compute_loss("dice_ce", low[..., :h, :w], iou, item.targets)
         loss.backward()
         self.sam.zero_grad(set_to_none=True)
         return 0.0
@@ -106,7 +108,7 @@ class Setup:
         return self._emb
 
 
-def peak_rss_child(model_type: str, image_size: int, samples: list[data.Sample], queue: mp.Queue) -> None:
+def peak_rss_child(model_type: str, image_size: int, samples: list[Sample], queue: mp.Queue) -> None:
     setup = Setup(make_config(model_type, image_size), samples[:1])
     setup.epoch()
     queue.put(peak_rss_mib())
@@ -122,7 +124,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: KiB or bytes
 
 
-def peak_rss(model_type: str, image_size: int, samples: list[data.Sample]) -> float:
+def peak_rss(model_type: str, image_size: int, samples: list[Sample]) -> float:
     """Peak resident memory (MiB) of a fresh process doing one LoRA training step."""
     ctx = mp.get_context("spawn")  # fork after torch started its threads can deadlock
     queue = ctx.Queue()
@@ -141,7 +143,7 @@ def decoder_profile(setup: Setup, counts: list[int], reps: int) -> list[tuple[in
     pe = sam.prompt_encoder.get_dense_pe()
     rows = []
     for n in counts:
-        boxes = setup.item.prompts.boxes[:1].repeat(n, 1)
+        boxes = setup.item.tensors.boxes[:1].repeat(n, 1)
         with torch.no_grad():
             sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
 
@@ -181,14 +183,14 @@ def bench_metrics(reps: int) -> float:
     return timed(lambda: metrics.instance_metrics(gt, pred), reps)
 
 
-def bench_detect(samples: list[data.Sample], quick: bool) -> list[tuple[str, float, str]]:
+def bench_detect(samples: list[Sample], quick: bool) -> list[tuple[str, float, str]]:
     """``detect predict``'s per-image time against its model parts measured alone (issue 6).
 
     On the first real 1024x1024 section of ``samples``: MobileSAM (vit_t, random weights) at
     1024 px and an untrained YOLOv8n (ultralytics' yolov8n.yaml, nothing downloaded) at 640 px
     whose very low confidence threshold makes it propose boxes, capped at 16 so that every
     measurement decodes the same boxes. Per image, ``detect predict`` runs
-    :func:`detect.segment_file` (read the file; :class:`yolo_sam.Segmenter`: YOLO predict with
+    :func:`labelfiles.segment_file` (read the file; :class:`inference.Segmenter`: YOLO predict with
     its pre- and post-processing and NMS, SAM's input preparation, one encoder pass, the boxes
     decoded, masks at full size, cropped and painted; then the label TIFF, overlay PNG and COCO
     RLE); the Segmenter alone is timed too. The parts are the bare model calls on prepared
@@ -201,24 +203,27 @@ def bench_detect(samples: list[data.Sample], quick: bool) -> list[tuple[str, flo
     """
     import tempfile
 
-    import detect
-    import yolo_sam
+    import detector
+    import inference
+    import labelfiles
+    from coco import CocoWriter
 
     reps, n_boxes, yolo_size = (2 if quick else 3), 16, 640
     sample = next(s for s in samples if s.image.shape[:2] == (1024, 1024))
     image = sample.image
     torch.manual_seed(0)
     sam = sam_model.build_model("vit_t", None, 1024).eval()
-    ultralytics = yolo_sam.import_ultralytics()
+    ultralytics = detector.import_ultralytics()
     with tempfile.TemporaryDirectory() as tmp:  # saved and loaded as detect predict loads best.pt
         untrained = ultralytics.YOLO("yolov8n.yaml", task="detect")
         untrained.ckpt = {"train_args": {"imgsz": yolo_size, "task": "detect"}}
         untrained.save(Path(tmp) / "yolov8n_untrained.pt")
-        yolo = yolo_sam.load_yolo(Path(tmp) / "yolov8n_untrained.pt")
-    options = {"conf": 1e-5, "max_det": n_boxes, "imgsz": yolo_size}
-    pipelines = {p: yolo_sam.Segmenter(sam, yolo_sam.SegmentOptions(precision=p, **options), yolo)
+        yolo = detector.load_yolo(Path(tmp) / "yolov8n_untrained.pt")
+    proposer = detector.Detector(yolo, Path("yolov8n_untrained.pt"),
+                                 detector.DetectorOptions(conf=1e-5, max_det=n_boxes, imgsz=yolo_size))
+    pipelines = {p: inference.Segmenter(sam, inference.SegmentOptions(precision=p), proposer)
                  for p in ("fp32", "bf16")}
-    boxes, _ = yolo_sam.yolo_boxes(yolo, image, options["conf"], 0.7, yolo_size, "cpu", n_boxes)
+    boxes, _ = proposer(image)
     if len(boxes) != n_boxes:
         raise RuntimeError(f"the untrained YOLO proposed {len(boxes)} boxes, not {n_boxes}: lower conf")
 
@@ -243,10 +248,10 @@ def bench_detect(samples: list[data.Sample], quick: bool) -> list[tuple[str, flo
         sam.image_encoder(prepared)
 
     with tempfile.TemporaryDirectory() as out:
-        outputs = detect.output_paths(Path(out), sample.path, with_overlay=True)
-        coco = detect.CocoWriter("rle")
+        outputs = labelfiles.output_paths(Path(out), sample.path, with_overlay=True)
+        coco = CocoWriter("rle")
         measured = {
-            "file": lambda: detect.segment_file(sample.path, sample.path.name, pipelines["fp32"], coco, outputs),
+            "file": lambda: labelfiles.segment_file(sample.path, sample.path.name, pipelines["fp32"], coco, outputs),
             "pipeline": lambda: pipelines["fp32"](image), "bf16": lambda: pipelines["bf16"](image),
             "yolo": yolo_forward, "encoder": encoder, "decoder": decoder}
         times: dict[str, list[float]] = {name: [] for name in measured}

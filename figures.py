@@ -16,6 +16,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+import runfiles
+
 RANDOM_WEIGHTS = "RANDOM WEIGHTS"
 DPI = 100
 # Bar / box colours: models get saturated colours, baselines grey ones.
@@ -34,10 +36,8 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    return path
+    """The figure as a PNG, written atomically (runfiles)."""
+    return runfiles.atomic_write(path, lambda fh: fig.savefig(fh, dpi=DPI, format="png"))
 
 
 def with_warning(title: str, random_weights: bool) -> str:
@@ -93,12 +93,29 @@ def draw_instances(image: np.ndarray, labels: np.ndarray, thickness: int | None 
     out = image.astype(np.float32)
     if fill_alpha > 0:
         out[inside] = (1 - fill_alpha) * out[inside] + fill_alpha * colors[compact[inside]]
-    size = 2 * thickness + 1
-    differs = (ndimage.maximum_filter(compact, size=size, mode="nearest") != compact) | \
-              (ndimage.minimum_filter(compact, size=size, mode="nearest") != compact)
+    if thickness == 1:
+        differs = label_edges(compact)
+    else:
+        size = 2 * thickness + 1
+        differs = (ndimage.maximum_filter(compact, size=size, mode="nearest") != compact) | \
+                  (ndimage.minimum_filter(compact, size=size, mode="nearest") != compact)
     edge = inside & differs
     out[edge] = colors[compact[edge]]
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def label_edges(labels: np.ndarray) -> np.ndarray:
+    """HxW bool: pixels with an 8-neighbour of another label (inside the image; the same as
+    comparing with 3x3 maximum and minimum filters, by four shifted comparisons)."""
+    height, width = labels.shape
+    edge = np.zeros(labels.shape, bool)
+    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
+        a = (slice(0, height - dy), slice(max(0, -dx), width - max(0, dx)))
+        b = (slice(dy, height), slice(max(0, dx), width - max(0, -dx)))
+        differ = labels[a] != labels[b]
+        edge[a] |= differ
+        edge[b] |= differ
+    return edge
 
 
 @dataclass

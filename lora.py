@@ -1,4 +1,4 @@
-"""Hand-written LoRA for SAM (ViT) and MobileSAM (TinyViT): wrap, freeze, merge, save adapters.
+"""Hand-written LoRA for SAM (ViT) and MobileSAM (TinyViT): the layer, where it goes, merging.
 
 A :class:`LoRALinear` wraps a frozen ``nn.Linear`` (kept as ``.base``) and adds a low-rank
 update on a side path::
@@ -19,32 +19,25 @@ head h (``view(B, N, heads, -1).split([key_dim, key_dim, d])``). The ``qkv`` tar
 whole output and is layout-free; the ``qv`` target adapts only the q and v outputs through a
 per-architecture output mask (:func:`qv_output_mask`).
 
-Adapter files (:func:`save_adapter`) hold the LoRA tensors, every other parameter that was
-trained (e.g. the mask decoder) and the run's config; :func:`merged_state_dict` exports a plain
-state dict that the unmodified ``segment_anything`` / ``mobile_sam`` models load with
-``strict=True``.
+:func:`merged_state_dict` exports a plain state dict that the unmodified ``segment_anything`` /
+``mobile_sam`` models load with ``strict=True``; adapter files are adapters.py's.
 """
 from __future__ import annotations
 
 import logging
 import math
 import numbers
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from errors import UserError, write_error
+from errors import UserError
 
 log = logging.getLogger(__name__)
 
-ADAPTER_FORMAT = "samlora-adapter"
-ADAPTER_VERSION = 1
 _LORA_SUFFIXES = ("lora_A", "lora_B")
 
 
@@ -359,7 +352,8 @@ def remove_lora(model: nn.Module, names: Iterable[str] | None = None) -> list[st
     return chosen
 
 
-def _injected_targets(model: nn.Module) -> list[str]:
+def injected_targets(model: nn.Module) -> list[str]:
+    """The :data:`TARGETS` names of the LoRA layers in ``model``, in registry order."""
     found = {layer.target for layer in lora_layers(model).values()}
     return [name for name in TARGETS if name in found]
 
@@ -417,16 +411,18 @@ def mark_only_lora_as_trainable(model: nn.Module, train_decoder: bool = False) -
 # --------------------------------------------------------------------------------------------
 # State dicts
 # --------------------------------------------------------------------------------------------
-def _is_lora_key(key: str) -> bool:
+def is_lora_key(key: str) -> bool:
+    """Whether a state-dict key names a LoRA tensor (``...lora_A`` / ``...lora_B``)."""
     return key.rsplit(".", 1)[-1] in _LORA_SUFFIXES
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The ``lora_A`` / ``lora_B`` tensors by their state-dict key (detached copies)."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if _is_lora_key(k)}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if is_lora_key(k)}
 
 
-def _check_not_merged(model: nn.Module, action: str) -> None:
+def check_not_merged(model: nn.Module, action: str) -> None:
+    """Refuse ``action`` on a model whose LoRA is merged into the base weights."""
     merged = [n for n, layer in lora_layers(model).items() if layer.merged]
     if merged:
         raise UserError(f"cannot {action} while LoRA is merged ({merged[0]}, ...); "
@@ -441,8 +437,8 @@ def _few(keys: Iterable[str], n: int = 4) -> str:
 def _validate_state(model: nn.Module, state: Mapping[str, Any], where: str) -> None:
     """Missing LoRA keys, keys the model lacks, non-tensors and shape mismatches -> ValueError."""
     model_state = model.state_dict()
-    model_lora = {k for k in model_state if _is_lora_key(k)}
-    if not model_lora and any(_is_lora_key(k) for k in state):
+    model_lora = {k for k in model_state if is_lora_key(k)}
+    if not model_lora and any(is_lora_key(k) for k in state):
         raise UserError(f"{where}: the model has no LoRA layers; call inject_lora with the "
                         "adapter's rank, alpha and targets first")
     missing = model_lora - set(state)
@@ -459,19 +455,20 @@ def _validate_state(model: nn.Module, state: Mapping[str, Any], where: str) -> N
         if not isinstance(value, torch.Tensor):
             raise UserError(f"{where}: {key} is a {type(value).__name__}, not a tensor")
         if value.shape != model_state[key].shape:
-            hint = " (a different LoRA rank?)" if _is_lora_key(key) else ""
+            hint = " (a different LoRA rank?)" if is_lora_key(key) else ""
             raise UserError(f"{where}: shape mismatch for {key}: {tuple(value.shape)} in the "
                             f"adapter, {tuple(model_state[key].shape)} in the model{hint}")
 
 
-def load_lora_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+def load_lora_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor],
+                         where: str = "LoRA state dict") -> None:
     """Load tensors saved by :func:`lora_state_dict` (or an adapter's ``state_dict``).
 
     Every LoRA tensor of ``model`` must be present; other keys must exist in the model (they are
     trained parameters such as the decoder's) and all shapes must match, else ``ValueError``.
     """
-    _check_not_merged(model, "load LoRA weights")
-    _validate_state(model, state, "LoRA state dict")
+    check_not_merged(model, "load LoRA weights")
+    _validate_state(model, state, where)
     model.load_state_dict(dict(state), strict=False)
 
 
@@ -499,165 +496,3 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             key = f"{layer_name}.{leaf}"
         out[key] = value
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Adapter files
-# --------------------------------------------------------------------------------------------
-def _plain_config(value: Any, where: str = "config") -> Any:
-    """Make ``value`` JSON-like (and loadable with ``weights_only=True``): paths become
-    strings, tuples lists, numpy scalars Python numbers; anything else is a ValueError."""
-    if value is None or isinstance(value, (str, bool)):
-        return value
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    if isinstance(value, (list, tuple)):
-        return [_plain_config(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ValueError(f"{where} keys must be strings, got {k!r}")
-            out[k] = _plain_config(v, f"{where}[{k!r}]")
-        return out
-    raise ValueError(f"{where} is a {type(value).__name__}; adapter configs hold only "
-                     "strings, numbers, booleans, None, lists and dicts")
-
-
-def _adapter_config(model: nn.Module, config: Mapping[str, Any]) -> dict[str, Any]:
-    """The caller's config, completed with rank / alpha / targets / dropout from the layers
-    when they are uniform, and checked against them when given."""
-    config = _plain_config(dict(config))
-    layers = list(lora_layers(model).values())
-    if not layers:
-        return config
-    found: dict[str, Any] = {"targets": _injected_targets(model)}
-    for key, values in (("rank", {m.rank for m in layers}), ("alpha", {m.alpha for m in layers}),
-                        ("dropout", {float(getattr(m.lora_dropout, "p", 0.0)) for m in layers})):
-        if len(values) == 1:
-            found[key] = values.pop()
-    for key, value in found.items():
-        if key not in config:
-            config[key] = value
-        elif key == "targets":
-            if sorted(parse_targets(config[key])) != sorted(value):
-                raise ValueError(f"config targets {config[key]} differ from the model's LoRA "
-                                 f"targets {value}")
-        elif key != "dropout" and not math.isclose(float(config[key]), float(value)):
-            raise ValueError(f"config {key}={config[key]} differs from the model's LoRA "
-                             f"{key}={value}")
-    return config
-
-
-def save_adapter(path: str | os.PathLike, model: nn.Module, config: Mapping[str, Any]) -> Path:
-    """Write an adapter file: the LoRA tensors, every other trainable parameter and ``config``.
-
-    The file is ``{"format": "samlora-adapter", "version": 1, "config": config,
-    "state_dict": {...}}``. ``config`` is the caller's (model_type, rank, alpha, targets,
-    dropout, image_size, base checkpoint SHA-256, fold, ...); rank / alpha / targets / dropout
-    are filled in from the model when absent and must agree with it when present. The write is
-    atomic: a temporary file in the same directory, then ``os.replace``; on failure the old
-    file is untouched and no temporary file remains. Returns the path.
-    """
-    path = Path(path)
-    _check_not_merged(model, "save an adapter")
-    config = _adapter_config(model, config)
-    state = lora_state_dict(model)
-    for name, p in model.named_parameters():
-        if p.requires_grad and name not in state:
-            state[name] = p.detach().clone()
-    extra = sum(v.numel() for k, v in state.items() if not _is_lora_key(k))
-    total = count_parameters(model)[1]
-    if extra > total // 2:
-        log.warning("the adapter holds %s non-LoRA parameters (%.0f %% of the model): was "
-                    "mark_only_lora_as_trainable called?", f"{extra:,}", 100.0 * extra / total)
-    if not state:
-        raise UserError("nothing to save: the model has no LoRA layers and no trainable "
-                        "parameters")
-    state = {k: v.cpu().contiguous() for k, v in state.items()}
-    payload = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "config": config,
-               "state_dict": state}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    existed = path.exists()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; an adapter is an ordinary output file
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        error = write_error(path, exc, existed)  # a full disk: one line, not a traceback
-        if error is not None:
-            raise error from None
-        raise
-    log.info("saved adapter %s (%d tensors, %.2f MB)", path, len(state),
-             path.stat().st_size / 1e6)
-    return path
-
-
-def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read and check an adapter file without a model: ``(config, state_dict)``."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"adapter file not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line error
-        raise UserError(f"{path.name} is not a LoRA adapter file (cannot be read by torch.load: "
-                        f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0].split('. ')[0]})"
-                        ) from exc
-    if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
-        kind = "a state dict or checkpoint" if isinstance(payload, dict) else type(payload).__name__
-        raise UserError(f"{path.name} is not a LoRA adapter file (found {kind} without "
-                        f"format={ADAPTER_FORMAT!r}); a full model checkpoint goes to "
-                        "--checkpoint instead")
-    version = payload.get("version")
-    if version != ADAPTER_VERSION:
-        raise UserError(f"{path.name}: adapter format version {version!r} is not supported "
-                        f"(this code reads version {ADAPTER_VERSION})")
-    config, state = payload.get("config"), payload.get("state_dict")
-    if not isinstance(config, dict) or not isinstance(state, dict):
-        raise UserError(f"{path.name}: damaged adapter file (config or state_dict missing)")
-    return config, state
-
-
-def load_adapter(path: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
-    """Load an adapter written by :func:`save_adapter` into ``model``; returns its config.
-
-    When ``model`` has no LoRA layers yet they are injected from the config (rank, alpha,
-    targets, dropout); otherwise the model's layers must match the file. Raises ``ValueError``
-    (:class:`errors.UserError`) naming the file when it is not an adapter, when keys are missing
-    or unexpected (a few are listed), or when shapes differ (e.g. another rank).
-    """
-    path = Path(path)
-    config, state = read_adapter(path)
-    _check_not_merged(model, "load an adapter")
-    injected: list[str] = []
-    if not lora_layers(model) and any(_is_lora_key(k) for k in state):
-        missing = [k for k in ("rank", "alpha", "targets") if k not in config]
-        if missing:
-            raise UserError(f"{path.name}: the model has no LoRA layers and the adapter config "
-                            f"lacks {', '.join(missing)}; call inject_lora first")
-        try:
-            injected = inject_lora(model, config["rank"], config["alpha"], config["targets"],
-                                   config.get("dropout", 0.0))
-        except ValueError as exc:
-            raise UserError(f"{path.name}: cannot inject LoRA from its config: {exc}") from exc
-    try:
-        _validate_state(model, state, path.name)
-    except ValueError:
-        remove_lora(model, injected)  # leave the model as it came
-        raise
-    model.load_state_dict(state, strict=False)
-    log.info("loaded adapter %s (%d tensors)", path, len(state))
-    return config

@@ -15,8 +15,7 @@ Two families, each with a **per-image** function and a **pooled** (dataset-level
   / summed unions; PQ from summed TP / FP / FN and summed matched IoU).
 
 Per-image scores averaged over images and pooled scores are different numbers; report which
-one you give. :func:`summarize` gives mean, std and a seeded 95 % bootstrap interval of a list
-of per-image values; :class:`MetricAccumulator` collects per-image rows and gives both.
+one you give (reports.py builds the tables with both, and bootstrap intervals of the means).
 
 Every returned dict is flat (``str`` -> ``int`` or ``float``), so a list of them is a CSV
 table; the pooled dicts have the same keys as the per-image ones.
@@ -56,7 +55,7 @@ Conventions (no NaN, no division by zero, ever)
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Literal, Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 from scipy import ndimage
@@ -498,99 +497,3 @@ def pooled_instance_metrics(rows: Iterable[Mapping[str, float]]) -> dict[str, fl
     """
     totals = _sum_counts(rows, INSTANCE_COUNT_KEYS, "instance_metrics")
     return _instance_scores(totals)
-
-
-# --------------------------------------------------------------------------- summaries
-
-
-def summarize(
-    values: Iterable[float], n_boot: int = 2000, confidence: float = 0.95, seed: int = 0
-) -> dict[str, float | int]:
-    """Mean, standard deviation and a percentile-bootstrap confidence interval of the mean.
-
-    Args:
-        values: per-image scores (finite numbers).
-        n_boot: bootstrap resamples (with replacement, same size as ``values``).
-        confidence: interval coverage, e.g. 0.95 -> 2.5th and 97.5th percentiles.
-        seed: seed of the resampling generator; equal inputs give equal intervals.
-
-    Returns:
-        ``{"mean", "std", "ci_low", "ci_high", "n"}``. ``std`` is the sample standard
-        deviation (ddof=1). Conventions, never NaN: no values -> every float 0.0 and
-        ``n == 0`` (check ``n``); one value -> ``std == 0`` and the interval is that value.
-
-    Raises:
-        ValueError: a value is NaN or infinite, or ``n_boot`` / ``confidence`` is invalid.
-    """
-    x = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=float)
-    x = x.ravel()
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError(f"values contain {np.count_nonzero(~np.isfinite(x))} NaN/inf entries")
-    n = len(x)
-    if n == 0:
-        return {"mean": 0.0, "std": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 0}
-    mean = float(x.mean())
-    if n == 1:
-        return {"mean": mean, "std": 0.0, "ci_low": mean, "ci_high": mean, "n": 1}
-    rng = np.random.default_rng(seed)
-    # Resample in chunks so memory stays ~8M indices whatever n is.
-    chunk = max(1, (1 << 23) // n)
-    means = np.concatenate([
-        x[rng.integers(0, n, size=(min(chunk, n_boot - start), n))].mean(axis=1)
-        for start in range(0, n_boot, chunk)
-    ])
-    alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(means, [alpha, 1.0 - alpha])
-    return {
-        "mean": mean,
-        "std": float(x.std(ddof=1)),
-        "ci_low": float(low),
-        "ci_high": float(high),
-        "n": n,
-    }
-
-
-class MetricAccumulator:
-    """Collects per-image metric rows and gives pooled scores and per-image summaries.
-
-    Example::
-
-        acc = MetricAccumulator("instance")
-        for gt, pred in pairs:
-            row = acc.update(gt, pred)          # per-image dict, also kept in acc.rows
-        acc.pooled()                            # dataset-level (summed counts)
-        acc.summary()["aji"]                    # mean / std / 95 % CI over images
-    """
-
-    def __init__(self, kind: Literal["semantic", "instance"]) -> None:
-        if kind not in ("semantic", "instance"):
-            raise ValueError(f"kind must be 'semantic' or 'instance', got {kind!r}")
-        self.kind = kind
-        self.rows: list[dict[str, float | int]] = []
-
-    def update(
-        self, gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None = None
-    ) -> dict[str, float | int]:
-        """Score one HxW image pair, keep the row, and return it (see the metric function)."""
-        fn = semantic_metrics if self.kind == "semantic" else instance_metrics
-        row = fn(gt, pred, ignore)
-        self.rows.append(row)
-        return row
-
-    def score_keys(self) -> tuple[str, ...]:
-        """The float score keys of this kind (the ones :meth:`summary` summarises)."""
-        return SEMANTIC_SCORE_KEYS if self.kind == "semantic" else instance_score_keys()
-
-    def pooled(self) -> dict[str, float | int]:
-        """Dataset-level scores from counts summed over all rows (ValueError if no rows)."""
-        if self.kind == "semantic":
-            return pooled_semantic_metrics(self.rows)
-        return pooled_instance_metrics(self.rows)
-
-    def summary(self, **kwargs: float) -> dict[str, dict[str, float | int]]:
-        """``{key: summarize(per-image values)}`` for every score key; kwargs go to summarize."""
-        return {k: summarize([r[k] for r in self.rows], **kwargs) for k in self.score_keys()}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import logging
 import warnings
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import checkpoints
 from errors import UserError
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,22 @@ def import_mobile_sam_modeling():
     return mobile_sam.modeling
 
 
-def _prompt_encoder_and_decoder(image_size: int, package: str) -> tuple[nn.Module, nn.Module]:
+@dataclass(frozen=True)
+class DecoderSizes:
+    """Sizes of the prompt encoder and mask decoder (SAM's for every model type; tests shrink them).
+
+    ``embed_dim`` is also the image embedding's channel count (the encoder neck's output).
+    """
+
+    embed_dim: int = PROMPT_EMBED_DIM
+    depth: int = 2
+    mlp_dim: int = 2048
+    num_heads: int = 8
+    iou_head_hidden_dim: int = 256
+
+
+def _prompt_encoder_and_decoder(image_size: int, package: str,
+                                sizes: DecoderSizes = DecoderSizes()) -> tuple[nn.Module, nn.Module]:
     """SAM's prompt encoder (sized for ``image_size``) and mask decoder from ``package``."""
     if package == "mobile_sam":
         modeling = import_mobile_sam_modeling()
@@ -62,17 +77,18 @@ def _prompt_encoder_and_decoder(image_size: int, package: str) -> tuple[nn.Modul
         from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
     grid = image_size // PATCH_SIZE
     prompt_encoder = PromptEncoder(
-        embed_dim=PROMPT_EMBED_DIM,
+        embed_dim=sizes.embed_dim,
         image_embedding_size=(grid, grid),
         input_image_size=(image_size, image_size),
         mask_in_chans=16,
     )
     mask_decoder = MaskDecoder(
         num_multimask_outputs=3,
-        transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8),
-        transformer_dim=PROMPT_EMBED_DIM,
+        transformer=TwoWayTransformer(depth=sizes.depth, embedding_dim=sizes.embed_dim, mlp_dim=sizes.mlp_dim,
+                                      num_heads=sizes.num_heads),
+        transformer_dim=sizes.embed_dim,
         iou_head_depth=3,
-        iou_head_hidden_dim=256,
+        iou_head_hidden_dim=sizes.iou_head_hidden_dim,
     )
     return prompt_encoder, mask_decoder
 
@@ -84,6 +100,7 @@ def build_sam_vit(
     num_heads: int = 12,
     global_attn_indexes: Sequence[int] = (2, 5, 8, 11),
     window_size: int = 14,
+    decoder: DecoderSizes = DecoderSizes(),
 ) -> nn.Module:
     """A segment-anything ``Sam`` with a ViT encoder for ``image_size`` px input (random weights).
 
@@ -104,9 +121,9 @@ def build_sam_vit(
         use_rel_pos=True,
         global_attn_indexes=tuple(global_attn_indexes),
         window_size=window_size,
-        out_chans=PROMPT_EMBED_DIM,
+        out_chans=decoder.embed_dim,
     )
-    prompt_encoder, mask_decoder = _prompt_encoder_and_decoder(image_size, "segment_anything")
+    prompt_encoder, mask_decoder = _prompt_encoder_and_decoder(image_size, "segment_anything", decoder)
     return Sam(encoder, prompt_encoder, mask_decoder, pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD))
 
 
@@ -127,11 +144,12 @@ def _tinyvit_class() -> type:
     return SizedTinyViT
 
 
-def build_mobile_sam(image_size: int = 1024) -> nn.Module:
+def build_mobile_sam(image_size: int = 1024, decoder: DecoderSizes = DecoderSizes()) -> nn.Module:
     """MobileSAM (TinyViT-5M encoder) for ``image_size`` px input, random weights.
 
     TinyViT's attention biases are per window, so nothing needs interpolating across sizes;
-    only the final token reshape depended on 1024 px.
+    only the final token reshape depended on 1024 px. ``decoder.embed_dim`` must stay 256
+    (TinyViT's neck is fixed); tests shrink the decoder's depth and widths.
     """
     Sam = import_mobile_sam_modeling().Sam
     encoder = _tinyvit_class()(
@@ -150,27 +168,26 @@ def build_mobile_sam(image_size: int = 1024) -> nn.Module:
         local_conv_size=3,
         layer_lr_decay=0.8,
     )
-    prompt_encoder, mask_decoder = _prompt_encoder_and_decoder(image_size, "mobile_sam")
+    prompt_encoder, mask_decoder = _prompt_encoder_and_decoder(image_size, "mobile_sam", decoder)
     return Sam(encoder, prompt_encoder, mask_decoder, pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD))
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to build one model type; ``encoder_depth`` identifies a checkpoint's type."""
+    """How to build one model type."""
 
     builder: Callable[..., nn.Module]
     description: str
-    encoder_depth: int
 
 
 MODEL_REGISTRY: dict[str, ModelSpec] = {
-    "vit_t": ModelSpec(build_mobile_sam, "MobileSAM (TinyViT-5M encoder)", 12),
+    "vit_t": ModelSpec(build_mobile_sam, "MobileSAM (TinyViT-5M encoder)"),
     "vit_b": ModelSpec(partial(build_sam_vit, embed_dim=768, depth=12, num_heads=12,
-                               global_attn_indexes=(2, 5, 8, 11)), "SAM ViT-B", 12),
+                               global_attn_indexes=(2, 5, 8, 11)), "SAM ViT-B"),
     "vit_l": ModelSpec(partial(build_sam_vit, embed_dim=1024, depth=24, num_heads=16,
-                               global_attn_indexes=(5, 11, 17, 23)), "SAM ViT-L", 24),
+                               global_attn_indexes=(5, 11, 17, 23)), "SAM ViT-L"),
     "vit_h": ModelSpec(partial(build_sam_vit, embed_dim=1280, depth=32, num_heads=16,
-                               global_attn_indexes=(7, 15, 23, 31)), "SAM ViT-H", 32),
+                               global_attn_indexes=(7, 15, 23, 31)), "SAM ViT-H"),
 }
 
 
@@ -190,120 +207,8 @@ def build_model(model_type: str, checkpoint: str | Path | None = None, image_siz
     sam.model_type = model_type
     sam.checkpoint_sha256 = None
     if checkpoint is not None:
-        load_checkpoint(sam, checkpoint, model_type)
+        checkpoints.load_checkpoint(sam, checkpoint, model_type)
     return sam.eval()
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoint loading
-# --------------------------------------------------------------------------------------------
-def detect_model_type(state: dict[str, torch.Tensor]) -> str | None:
-    """Guess which registry type a SAM state dict belongs to (``None`` if it is not SAM's)."""
-    if any(k.startswith("image_encoder.layers.") for k in state):
-        return "vit_t"
-    blocks = {k.split(".")[2] for k in state if k.startswith("image_encoder.blocks.")}
-    by_depth = {spec.encoder_depth: name for name, spec in MODEL_REGISTRY.items() if name != "vit_t"}
-    return by_depth.get(len(blocks))
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a checkpoint's tensors with ``weights_only=True``; unwrap ``{"model": ...}``."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        try:  # memory-mapped: checking a 2.5 GB file's keys costs no reading
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # files in torch's legacy (non-zip) format cannot be mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a file that is not a checkpoint
-        raise UserError(
-            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}): re-download it with "
-            "`python main.py download` or pass the right file with --checkpoint"
-        ) from None
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path} holds no model state dict (is it a LoRA adapter? pass it with --model_path)")
-    return state
-
-
-def _resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
-    """1xHxWxC absolute position embedding -> 1xGxGxC (bicubic)."""
-    resized = F.interpolate(pos.permute(0, 3, 1, 2).float(), size=(grid, grid), mode="bicubic", align_corners=False)
-    return resized.permute(0, 2, 3, 1).to(pos.dtype)
-
-
-def _resize_rel_pos(table: torch.Tensor, length: int) -> torch.Tensor:
-    """(2L-1)xC relative position table -> length x C (linear), as SAM's ``get_rel_pos`` does."""
-    resized = F.interpolate(table.float().T[None], size=length, mode="linear")
-    return resized[0].T.to(table.dtype)
-
-
-def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Interpolate size-dependent tensors (position embedding, global rel-pos tables) to ``model``."""
-    target = model.state_dict()
-    adapted = dict(state)
-    for key, value in state.items():
-        if key not in target or target[key].shape == value.shape:
-            continue
-        if key.endswith("pos_embed") and value.ndim == 4:
-            adapted[key] = _resize_pos_embed(value, target[key].shape[1])
-        elif key.endswith(("rel_pos_h", "rel_pos_w")) and value.ndim == 2:
-            adapted[key] = _resize_rel_pos(value, target[key].shape[0])
-    return adapted
-
-
-def _file_stamp(path: str | Path) -> tuple[int, int]:
-    stat = Path(path).stat()
-    return stat.st_size, stat.st_mtime_ns
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
-    """SHA-256 of a checkpoint, hashed once per (file, size, mtime): every fold builds the base
-    model again, and hashing vit_h's 2.4 GiB each time would cost seconds per fold."""
-    from checkpoints import sha256_file
-
-    return sha256_file(path)
-
-
-def check_model_type(state: dict[str, torch.Tensor], path: str | Path, model_type: str) -> None:
-    """Refuse a state dict that is not SAM's, or that belongs to another model type."""
-    found = detect_model_type(state)
-    if found is None:
-        raise UserError(f"{path} is not a SAM or MobileSAM checkpoint (no image_encoder weights found)")
-    if found != model_type:
-        raise UserError(
-            f"{path} is a {found} checkpoint but --model_type is {model_type}: pass --model_type {found} "
-            f"or the {model_type} weights (python main.py download --model_type {model_type})"
-        )
-
-
-def load_checkpoint(sam: nn.Module, path: str | Path, model_type: str) -> None:
-    """Load SAM/MobileSAM weights from ``path`` into ``sam`` (built for ``model_type``).
-
-    Refuses files of another model type and files missing any of the model's tensors;
-    unexpected extra keys are reported as a warning.
-    """
-    state = read_state_dict(path)
-    check_model_type(state, path, model_type)
-    state = adapt_state_dict(state, sam)
-    target = sam.state_dict()
-    mismatched = [k for k, v in state.items() if k in target and target[k].shape != v.shape]
-    if mismatched:
-        raise UserError(f"{path}: tensors of the wrong shape for {model_type}: {', '.join(mismatched[:5])}")
-    missing, unexpected = sam.load_state_dict(state, strict=False)
-    if missing:
-        raise UserError(
-            f"{path} lacks {len(missing)} tensors of {model_type} (e.g. {', '.join(missing[:3])}): "
-            "the file is incomplete or not the official checkpoint"
-        )
-    if unexpected:
-        log.warning("%s: ignored %d unexpected keys (e.g. %s)", path, len(unexpected), ", ".join(unexpected[:3]))
-    sam.checkpoint_sha256 = _cached_sha256(str(Path(path).resolve()), *_file_stamp(path))
-    log.info("loaded %s weights from %s (sha256 %s...)", model_type, path, sam.checkpoint_sha256[:12])
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,8 +270,10 @@ def postprocess_logits(
 # The forward pass
 # --------------------------------------------------------------------------------------------
 @dataclass
-class Prompts:
-    """The prompts of one image, N objects, in the resized input frame (see ``scale_coords``).
+class PromptTensors:
+    """The prompt encoder's input for N objects of one image, in the resized input frame.
+
+    Made from pixel-frame prompts (``prompts.Prompts``) by :func:`make_prompts`.
 
     boxes: Nx4 xyxy; points: NxKx2 (x, y); point_labels: NxK (1 fg, 0 bg, -1 pad);
     masks: Nx1x(S/4)x(S/4) low-resolution mask logits. Any may be None, not all.
@@ -383,12 +290,12 @@ class Prompts:
                 return int(t.shape[0])
         return 0
 
-    def to(self, device: torch.device | str) -> "Prompts":
+    def to(self, device: torch.device | str) -> "PromptTensors":
         """The same prompts on ``device``."""
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
-        return Prompts(move(self.boxes), move(self.points), move(self.point_labels), move(self.masks))
+        return PromptTensors(move(self.boxes), move(self.points), move(self.point_labels), move(self.masks))
 
 
 @dataclass
@@ -407,7 +314,7 @@ def encode_images(sam: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def decode(
-    sam: nn.Module, embedding: torch.Tensor, prompts: Prompts, multimask_output: bool = False
+    sam: nn.Module, embedding: torch.Tensor, prompts: PromptTensors, multimask_output: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One image's 256x(S/16)x(S/16) embedding and N prompts -> (NxCx(S/4)x(S/4) logits, NxC IoUs).
 
@@ -431,7 +338,7 @@ def decode(
 def sam_forward(
     sam: nn.Module,
     images: torch.Tensor | None,
-    prompts: Sequence[Prompts],
+    prompts: Sequence[PromptTensors],
     input_sizes: Sequence[tuple[int, int]],
     original_sizes: Sequence[tuple[int, int]] | None = None,
     multimask_output: bool = False,
@@ -469,8 +376,8 @@ def make_prompts(
     point_labels: np.ndarray | torch.Tensor | None = None,
     mask_inputs: np.ndarray | torch.Tensor | None = None,
     device: torch.device | str = "cpu",
-) -> Prompts:
-    """Prompts in original pixel coordinates -> :class:`Prompts` in the input frame.
+) -> PromptTensors:
+    """Prompts in original pixel coordinates -> :class:`PromptTensors` in the input frame.
 
     boxes: Nx4 (or 4) xyxy; points: NxKx2, or Kx2 for a single prompt; point_labels: NxK or K;
     mask_inputs: Nx(S/4)x(S/4) or Nx1x(S/4)x(S/4) low-res logits. Raises ``ValueError`` when the
@@ -479,7 +386,7 @@ def make_prompts(
     def tensor(x: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x, dtype=dtype, device=device)
 
-    out = Prompts()
+    out = PromptTensors()
     if boxes is not None:
         b = tensor(boxes, torch.float32).reshape(-1, 4)
         out.boxes = scale_coords(b.reshape(-1, 2, 2), original_size, image_size).reshape(-1, 4)
@@ -577,60 +484,36 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def resolve_checkpoint(model_type: str, checkpoint: str | None, weights_dir: str | Path = "weights",
-                       announce: bool = True) -> Path | None:
-    """``--checkpoint`` value -> a checked path, or None for random weights (``none``).
+@dataclass(frozen=True)
+class ModelOptions:
+    """Defaults of the shared model options (the one place they are defined; TrainConfig uses them)."""
 
-    The default (None) looks for the official file in ``weights_dir`` and stops with the
-    download command when it is missing. The file's type is checked here (memory-mapped, so
-    cheaply), before a command writes anything: a foreign file or another model type's weights
-    is a UserError. ``announce`` logs the random-weights warning.
+    model_type: str = "vit_t"
+    checkpoint: str | None = None
+    image_size: int = 1024
+    device: str = "auto"
+    precision: str = "fp32"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, from_adapter: bool = False) -> None:
+    """The model options shared by every command that builds a model.
+
+    ``from_adapter``: the command may load a LoRA adapter, whose model type and input size are
+    then the defaults (``--model_type`` / ``--image_size`` default to None, see adapters.py).
     """
-    from checkpoints import default_checkpoint_path
-
-    if checkpoint is not None and checkpoint.lower() == "none":
-        if announce:
-            log.warning("RANDOM WEIGHTS (--checkpoint none): outputs are meaningless, for tests and smoke runs only")
-        return None
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise UserError(f"checkpoint {path} does not exist: give the .pth file, or `none` for random weights")
-    else:
-        path = default_checkpoint_path(model_type, weights_dir)
-        if not path.is_file():
-            raise UserError(
-                f"no {model_type} weights at {path}: run `python main.py download --model_type {model_type}` "
-                "(or pass --checkpoint PATH, or --checkpoint none for random weights)"
-            )
-    check_model_type(read_state_dict(path), path, model_type)
-    return path
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model options shared by every command that builds a model."""
+    defaults = ModelOptions()
     group = parser.add_argument_group("model")
-    group.add_argument("--model_type", default="vit_t", choices=list(MODEL_REGISTRY),
-                       help="vit_t = MobileSAM (fast, laptop-friendly); vit_b/l/h = SAM")
-    group.add_argument("--checkpoint", "--pretrained", dest="checkpoint", default=None,
+    group.add_argument("--model_type", default=None if from_adapter else defaults.model_type,
+                       choices=list(MODEL_REGISTRY),
+                       help="vit_t = MobileSAM (fast, laptop-friendly); vit_b/l/h = SAM"
+                            + (f"; default: the adapter's, else {defaults.model_type}" if from_adapter else ""))
+    group.add_argument("--checkpoint", "--pretrained", dest="checkpoint", default=defaults.checkpoint,
                        help="base weights (.pth); default: the official file in weights/; "
                             "'none' = random weights (tests, smoke runs)")
-    group.add_argument("--image_size", type=int, default=1024, choices=list(SUPPORTED_IMAGE_SIZES),
-                       help="model input side in px; 512 or 256 make CPU training practical")
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    group.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+    group.add_argument("--image_size", type=int, default=None if from_adapter else defaults.image_size,
+                       choices=list(SUPPORTED_IMAGE_SIZES),
+                       help="model input side in px; 512 or 256 make CPU training practical"
+                            + (f"; default: the adapter's, else {defaults.image_size}" if from_adapter else ""))
+    group.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or mps")
+    group.add_argument("--precision", default=defaults.precision, choices=list(PRECISIONS),
                        help="bf16 roughly halves CPU time; fp16 only on CUDA")
-
-
-def model_from_args(args: argparse.Namespace) -> nn.Module:
-    """Build the base model the shared options describe, on the chosen device."""
-    checkpoint = resolve_checkpoint(args.model_type, args.checkpoint)
-    sam = build_model(args.model_type, checkpoint, args.image_size)
-    sam.random_weights = checkpoint is None
-    return sam.to(resolve_device(args.device))
-
-
-def grid_side(sam: nn.Module) -> int:
-    """Side of the image embedding grid, ``image_size / 16``."""
-    return sam.image_encoder.img_size // PATCH_SIZE
-

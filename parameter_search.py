@@ -8,18 +8,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import itertools
 import logging
-import shutil
 from pathlib import Path
+from typing import Any, Sequence
 
+import torch
+
+import checkpoints
 import dataset as data
+import folds as folds_lib
 import model as sam_model
+import runfiles
+import runs
 import trainer
 from errors import UserError
-from runlog import log_to_file
+from sample import Sample
+from train_config import TrainConfig, add_train_arguments
 
 log = logging.getLogger(__name__)
+
+SEARCH_FILE = "search.json"
+GRID_KEYS = ("lora_rank", "lora_alpha", "learning_rate")
 
 
 def parse_list(text: str, kind: type, flag: str) -> list:
@@ -34,12 +44,13 @@ def parse_list(text: str, kind: type, flag: str) -> list:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The ``parameter_search`` subcommand."""
     parser = subparsers.add_parser(
         "parameter_search", help="grid search over LoRA rank, alpha and learning rate",
         description="Train every combination of --lora_ranks x --lora_alphas x --learning_rates on the "
                     "same folds and rank them by validation Dice.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    trainer.add_train_arguments(parser)
+    add_train_arguments(parser)
     grid = parser.add_argument_group("grid")
     grid.add_argument("--lora_ranks", default="2,4,8,16", help="comma-separated LoRA ranks")
     grid.add_argument("--lora_alphas", default="2,4,8", help="comma-separated LoRA alphas")
@@ -49,68 +60,74 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def config_name(rank: int, alpha: float, lr: float) -> str:
+    """The sub-directory of one configuration."""
     return f"rank{rank}_alpha{alpha:g}_lr{lr:g}"
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train every configuration of the grid (skipping finished ones) and rank them."""
     ranks = parse_list(args.lora_ranks, int, "--lora_ranks")
     alphas = parse_list(args.lora_alphas, float, "--lora_alphas")
     lrs = parse_list(args.learning_rates, float, "--learning_rates")
-    base = trainer.TrainConfig.from_args(args)
+    base = TrainConfig.from_args(args)
     device = sam_model.resolve_device(args.device)
     sam_model.autocast(device, base.precision)
-    sam_model.resolve_checkpoint(base.model_type, base.checkpoint)
-    root = Path(base.output_dir)
-    search_file = root / "search.json"
-    search = {"base": {k: v for k, v in base.to_json().items() if k not in ("lora_rank", "lora_alpha",
-                                                                             "learning_rate", "output_dir")}}
-    if search_file.is_file():
-        previous = json.loads(search_file.read_text(encoding="utf-8"))
-        if previous.get("base") != search["base"] and not args.overwrite:
-            raise UserError(f"{root} holds a search with other options: use the same options, --overwrite, "
-                            "or a new --output_dir")
-        if args.overwrite and previous.get("base") != search["base"]:
-            shutil.rmtree(root)
-    elif root.exists() and any(root.iterdir()) and not args.overwrite:
-        raise UserError(f"{root} exists and is not a parameter search: choose a new --output_dir (or --overwrite)")
-    samples = data.load_from_args(args)
-    root.mkdir(parents=True, exist_ok=True)
-    trainer.atomic_write_text(search_file, json.dumps(search, indent=1))
-    with log_to_file(root / "search.log"):
-        folds = data.load_or_make_folds(root, samples, base.num_splits, base.seed, base.slice_block, base.val_fraction)
-        results = []
-        for rank, alpha, lr in trainer.iter_grid(ranks, alphas, lrs):
-            name = config_name(rank, alpha, lr)
-            config = dataclasses.replace(base, lora_rank=rank, lora_alpha=alpha, learning_rate=lr,
-                                         output_dir=str(root / name))
-            config.validate()
-            summary_path = Path(config.output_dir) / "summary.json"
-            if summary_path.is_file():
-                summary = json.loads(summary_path.read_text(encoding="utf-8"))
-                log.info("%s: finished earlier, skipped", name)
-            else:
-                log.info("%s: training %d fold(s)", name, len(folds))
-                resume = (Path(config.output_dir) / "config.json").is_file()
-                trainer.prepare_output_dir(config, resume=resume, overwrite=False)
-                # the shared folds, so `evaluate --cv_run` works on any configuration's directory
-                data.save_folds(Path(config.output_dir), folds, samples, base.slice_block, base.seed)
-                summary = trainer.run_training(config, samples, device, args.num_workers, folds=folds)
-            results.append({"name": name, "lora_rank": rank, "lora_alpha": alpha, "learning_rate": lr,
-                            "mean_val_dice": summary.get("mean_best_val_dice", 0.0),
-                            "std_val_dice": summary.get("std_best_val_dice", 0.0),
-                            "mean_val_iou": summary.get("mean_val_iou", 0.0),
-                            "folds": len(summary["folds"]), "best_adapter": summary["best_adapter"]})
-        results.sort(key=lambda r: -r["mean_val_dice"])
-        columns = list(results[0])
-        lines = [",".join(columns)] + [",".join(str(r[c]) for c in columns) for r in results]
-        trainer.atomic_write_text(root / "results.csv", "\n".join(lines) + "\n")
-        best = results[0]
-        trainer.atomic_write_text(root / "best_config.json", json.dumps(
-            {**best, "config": {**base.to_json(), "lora_rank": best["lora_rank"], "lora_alpha": best["lora_alpha"],
-                                "learning_rate": best["learning_rate"], "output_dir": str(root / best["name"])}},
-            indent=1))
-        log.info("parameter search: %d configurations; best %s with validation Dice %.4f +- %.4f",
-                 len(results), best["name"], best["mean_val_dice"], best["std_val_dice"])
-        for r in results:
-            log.info("  %-28s Dice %.4f +- %.4f", r["name"], r["mean_val_dice"], r["std_val_dice"])
+    checkpoints.resolve_checkpoint(base.model_type, base.checkpoint)
+    out = runfiles.OutputDir(base.output_dir, "parameter_search")
+    search = {"base": {k: v for k, v in base.to_json().items() if k not in GRID_KEYS + ("output_dir",)}}
+    previous = runs.read_json(out.path / SEARCH_FILE, "a parameter search") if (out.path / SEARCH_FILE).is_file() else None
+    same = previous is not None and previous.get("base") == search["base"]
+    if previous is not None and not same and not args.overwrite:
+        raise UserError(f"{out.path} holds a search with other options: use the same options, --overwrite, "
+                        "or a new --output_dir")
+    out.check(args.overwrite, resume=same and not args.overwrite)
+    samples = data.load_from_options(args)
+    out.claim(args.overwrite, resume=same and not args.overwrite)
+    runfiles.write_json(out.path / SEARCH_FILE, search)
+    with out.active("search.log"):
+        folds = folds_lib.load_or_make_folds(out.path, samples, base.num_splits, base.seed, base.slice_block,
+                                             base.val_fraction)
+        results = [train_configuration(base, rank, alpha, lr, samples, folds, device, args.num_workers)
+                   for rank, alpha, lr in itertools.product(ranks, alphas, lrs)]
+        write_results(out.path, base, results)
     return 0
+
+
+def train_configuration(base: TrainConfig, rank: int, alpha: float, lr: float, samples: Sequence[Sample],
+                        folds: Sequence[folds_lib.Fold], device: torch.device, num_workers: int) -> dict[str, Any]:
+    """Train one configuration on the shared folds (or read its finished summary); its results row."""
+    name = config_name(rank, alpha, lr)
+    config = dataclasses.replace(base, lora_rank=rank, lora_alpha=alpha, learning_rate=lr,
+                                 output_dir=str(Path(base.output_dir) / name))
+    config.validate()
+    summary_path = Path(config.output_dir) / runs.SUMMARY_FILE
+    if summary_path.is_file():
+        summary = runs.read_json(summary_path, "a finished training run")
+        log.info("%s: finished earlier, skipped", name)
+    else:
+        log.info("%s: training %d fold(s)", name, len(folds))
+        resume = (Path(config.output_dir) / runs.CONFIG_FILE).is_file()
+        out = trainer.claim_output_dir(config, resume=resume, overwrite=False)
+        with out.active():
+            # the shared folds, so `evaluate --cv_run` works on any configuration's directory
+            folds_lib.save_folds(out.path, folds, samples, base.slice_block, base.seed)
+            summary = trainer.run_training(config, samples, device, num_workers, folds=folds)
+    return {"name": name, "lora_rank": rank, "lora_alpha": alpha, "learning_rate": lr,
+            "mean_val_dice": summary.get("mean_best_val_dice", 0.0),
+            "std_val_dice": summary.get("std_best_val_dice", 0.0),
+            "mean_val_iou": summary.get("mean_val_iou", 0.0),
+            "folds": len(summary["folds"]), "best_adapter": summary["best_adapter"]}
+
+
+def write_results(root: Path, base: TrainConfig, results: list[dict[str, Any]]) -> None:
+    """results.csv (best first) and best_config.json; logs the ranking."""
+    results.sort(key=lambda r: -r["mean_val_dice"])
+    runfiles.write_csv(root / "results.csv", results, list(results[0]))
+    best = results[0]
+    runfiles.write_json(root / "best_config.json", {
+        **best, "config": {**base.to_json(), "lora_rank": best["lora_rank"], "lora_alpha": best["lora_alpha"],
+                           "learning_rate": best["learning_rate"], "output_dir": str(root / best["name"])}})
+    log.info("parameter search: %d configurations; best %s with validation Dice %.4f +- %.4f",
+             len(results), best["name"], best["mean_val_dice"], best["std_val_dice"])
+    for r in results:
+        log.info("  %-28s Dice %.4f +- %.4f", r["name"], r["mean_val_dice"], r["std_val_dice"])

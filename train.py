@@ -1,8 +1,9 @@
 """``python main.py train``: LoRA / decoder fine-tuning with grouped k-fold cross-validation.
 
-Writes to ``--output_dir``: ``config.json``, ``folds.json``, ``metrics.csv`` (a row per fold and
-epoch), ``summary.json`` (mean and standard deviation over folds), ``train.log`` and per fold
-``fold_k/best.pt`` (adapter of the best validation Dice), ``fold_k/last.pt`` (resume state).
+Writes to ``--output_dir`` (the layout of runs.py): ``config.json``, ``folds.json``,
+``metrics.csv`` (a row per fold and epoch), ``summary.json`` (mean and standard deviation over
+folds), ``train.log`` and per fold ``fold_k/best.pt`` (adapter of the best validation Dice),
+``fold_k/last.pt`` (resume state).
 """
 from __future__ import annotations
 
@@ -10,22 +11,26 @@ import argparse
 import logging
 from pathlib import Path
 
+import checkpoints
 import dataset as data
 import model as sam_model
+import runfiles
+import runs
 import trainer
 from errors import UserError
-from runlog import log_to_file
+from train_config import TrainConfig, add_train_arguments
 
 log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The ``train`` subcommand."""
     parser = subparsers.add_parser(
         "train", help="fine-tune with LoRA (k-fold cross-validation, resumable)",
         description="Fine-tune SAM / MobileSAM with LoRA adapters (and optionally the mask decoder). "
                     "Example: python main.py train --data_dir data/em --lora_rank 8 --cross_validation",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    trainer.add_train_arguments(parser)
+    add_train_arguments(parser)
     parser.add_argument("--export_merged", type=Path, default=None,
                         help="after training, write the best fold's model with LoRA merged as a plain "
                              "SAM / MobileSAM state dict that segment_anything / mobile_sam load unchanged")
@@ -36,23 +41,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    config = trainer.TrainConfig.from_args(args)
+    """Train every fold; with ``--export_merged`` also write the merged model."""
+    config = TrainConfig.from_args(args)
     if args.num_workers < 0:
         raise UserError(f"--num_workers must be >= 0, got {args.num_workers}")
     device = sam_model.resolve_device(args.device)
     sam_model.autocast(device, config.precision)  # rejects fp16 on CPU before any work
-    sam_model.resolve_checkpoint(config.model_type, config.checkpoint)  # missing weights: fail early
+    checkpoints.resolve_checkpoint(config.model_type, config.checkpoint)  # missing weights: fail early
     if args.export_merged is not None and args.export_merged.exists():
         raise UserError(f"--export_merged {args.export_merged} exists: choose a new path (nothing was overwritten)")
-    samples = data.load_from_args(args)
+    samples = data.load_from_options(args)
     processes = trainer.Distributed.setup(device)  # torchrun: one process per device
+    out = None
     if processes.rank == 0:
-        trainer.prepare_output_dir(config, args.resume, args.overwrite)
+        out = trainer.claim_output_dir(config, args.resume, args.overwrite)
     else:  # one voice: the other processes report warnings and errors only
         logging.getLogger().setLevel(logging.WARNING)
     processes.barrier()
-    with log_to_file(Path(config.output_dir) / "train.log"):
+    log_file = Path(config.output_dir) / runs.LOG_FILE
+    with out.active(runs.LOG_FILE) if out is not None else runfiles.log_to_file(log_file):
         summary = trainer.run_training(config, samples, device, args.num_workers, cache_dir=args.embedding_cache)
         if args.export_merged is not None and processes.rank == 0:
             trainer.export_merged(config, Path(summary["best_adapter"]), args.export_merged)
     return 0
+

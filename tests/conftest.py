@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -41,3 +42,41 @@ def main():
     for handler in logging.getLogger().handlers:
         if getattr(handler, "_samlora", False) and getattr(handler.stream, "closed", False):
             handler.stream = sys.stderr
+
+
+# Real data loaded once for the data tests (test_readers, test_folds, test_prompts, test_dataset);
+# no test changes the samples, so one load serves them all.
+@pytest.fixture(scope="session")
+def cpm15(shared_data):
+    """NuInsSeg-style H&E nuclei: 15 tiles from two organs."""
+    from dataset import load_dataset
+
+    return load_dataset(shared_data / "nuclei_cpm15")
+
+
+@pytest.fixture(scope="session")
+def em_folders(shared_data):
+    """20 EM slices read as unrelated images (``--data_format folders``)."""
+    from dataset import load_dataset
+
+    return load_dataset(shared_data / "em_vnc", "folders")
+
+
+@pytest.fixture(scope="session")
+def em_stack(shared_data):
+    """EPFL-style TIFF volumes: 15 training and 5 testing slices."""
+    from dataset import load_dataset
+
+    return load_dataset(shared_data / "em_vnc_stack")
+
+
+@pytest.fixture
+def pair_dir(shared_data, tmp_path):
+    """images/ + masks/ with two real nuclei tiles (PNG image, uint16 TIFF labels)."""
+    src = shared_data / "nuclei_cpm15" / "cpm15 20x"
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for name in ("image02", "image04"):
+        shutil.copy(src / "tissue images" / f"{name}.png", tmp_path / "images")
+        shutil.copy(src / "label masks" / f"{name}.tif", tmp_path / "masks")
+    return tmp_path

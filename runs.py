@@ -1,0 +1,102 @@
+"""Training run directories as ``train`` writes them and ``evaluate`` reads them; what a model argument names.
+
+A run directory holds ``config.json`` (the flat TrainConfig), ``folds.json`` (folds.py),
+``metrics.csv``, ``summary.json``, ``train.log`` and per fold ``fold_k/best.pt`` (the adapter of
+the best validation epoch), ``fold_k/last.pt`` (resume state) and ``fold_k/done.json``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import adapters
+from errors import UserError
+from folds import FOLDS_FILE, Fold, load_folds
+from sample import Sample
+
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.csv"
+LOG_FILE = "train.log"
+
+
+def fold_dir(run_dir: Path, fold: int) -> Path:
+    """``run_dir/fold_k``."""
+    return Path(run_dir) / f"fold_{fold}"
+
+
+def is_run(path: Path) -> bool:
+    """Whether ``path`` is a directory written by ``train`` (it has folds.json)."""
+    return Path(path).is_dir() and (Path(path) / FOLDS_FILE).is_file()
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``; a missing or unreadable file is a UserError naming ``what``."""
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: is {path.parent} {what}?")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(record, dict):
+        raise UserError(f"{path} does not hold a JSON object; is {path.parent} {what}?")
+    return record
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """A training run's ``config.json`` (flat ``TrainConfig`` fields)."""
+    return read_json(Path(run_dir) / CONFIG_FILE, "a run directory written by train")
+
+
+def fold_adapters(run_dir: Path, num_folds: int) -> list[Path]:
+    """``run_dir/fold_k/best.pt`` for every fold, or a UserError naming the missing one."""
+    paths = [fold_dir(run_dir, k) / "best.pt" for k in range(num_folds)]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise UserError(f"{missing[0]} does not exist: fold {missing[0].parent.name} of {run_dir} has no "
+                        "best adapter yet; finish the training (train --resume) first")
+    return paths
+
+
+def common_folds(samples: Sequence[Sample], run_dirs: Sequence[Path]) -> list[Fold] | None:
+    """The folds of the runs (which must agree), checked against the samples."""
+    folds = None
+    for run_dir in run_dirs:
+        found = load_folds(run_dir / FOLDS_FILE, samples)
+        if folds is not None and [sorted(v) for _, v in found] != [sorted(v) for _, v in folds]:
+            raise UserError(f"the runs {run_dirs[0]} and {run_dir} hold out different folds; compare runs "
+                            "made on the same folds (e.g. those of one parameter_search)")
+        folds = folds or found
+    return folds
+
+
+@dataclass
+class ModelSource:
+    """One model to score: ``kind`` is base, adapter or run (per-fold adapters)."""
+
+    name: str
+    kind: str
+    path: Path | None = None
+
+    @property
+    def spec(self) -> str:
+        return "base" if self.path is None else str(self.path)
+
+
+def model_source(name: str, spec: str) -> ModelSource:
+    """What a model argument names: ``base``, an adapter file (checked) or a training run directory."""
+    if spec == "base":
+        return ModelSource(name, "base")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not is_run(path):
+            raise UserError(f"{path} is a directory but not a training run (no {FOLDS_FILE}); "
+                            "give an adapter file such as RUN/fold_0/best.pt, a run directory or 'base'")
+        return ModelSource(name, "run", path)
+    if not path.is_file():
+        raise UserError(f"model {name!r}: {path} does not exist (give 'base', an adapter file from "
+                        "train such as RUN/fold_0/best.pt, or a run directory)")
+    adapters.read_adapter(path)  # refuses files that are not adapters, with the file name
+    return ModelSource(name, "adapter", path)

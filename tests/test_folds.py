@@ -1,0 +1,88 @@
+"""folds.py: grouped folds never split an image or a slice block; folds.json round trip."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dataset import load_dataset, make_patches
+from errors import UserError
+from folds import (fold_group, load_folds, load_or_make_folds, make_folds, make_holdout,
+                   save_folds, split_test)
+
+
+def _assert_no_leak(samples, folds, slice_block=10):
+    covered = []
+    for train, val in folds:
+        train_groups = {fold_group(samples[i], slice_block) for i in train}
+        val_groups = {fold_group(samples[i], slice_block) for i in val}
+        assert val and train and not train_groups & val_groups
+        assert not set(train) & set(val)
+        covered += val
+    return covered
+
+
+def test_patch_folds_never_split_an_image(shared_data):
+    samples = load_dataset(shared_data / "em_vnc", "folders", patch_size=256)
+    assert len(samples) == 20 * 16
+    folds = make_folds(samples, 5, seed=1)
+    covered = _assert_no_leak(samples, folds)
+    assert sorted(covered) == list(range(len(samples)))  # every patch validated exactly once
+    for train, val in folds:
+        val_sources = {samples[i].source for i in val}
+        assert all(samples[i].source not in val_sources for i in train)
+        assert len(val) == 4 * 16  # balanced: 4 whole images per fold
+    assert make_folds(samples, 5, seed=1) == folds
+    assert make_folds(samples, 5, seed=2) != folds
+
+
+def test_stack_folds_keep_slice_blocks_together(em_stack):
+    trainval, test = split_test(em_stack)
+    folds = make_folds(em_stack, 3, seed=0, slice_block=5)
+    covered = _assert_no_leak(em_stack, folds, slice_block=5)
+    assert sorted(covered) == trainval and not set(covered) & set(test)
+    blocks = ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12, 13, 14])
+    for _, val in folds:
+        assert [em_stack[i].slice_index for i in val] in blocks
+        side = {em_stack[i].slice_index: i in val for i in trainval}
+        for z in range(14):  # adjacent slices of one block are always on the same side
+            if z // 5 == (z + 1) // 5:
+                assert side[z] == side[z + 1]
+    # with the default blocks of 10 the 15 training slices are 2 groups
+    with pytest.raises(UserError, match="cannot make 3 folds from 2 groups"):
+        make_folds(em_stack, 3)
+    patches = [p for s in em_stack for p in make_patches(s, 512)]
+    _assert_no_leak(patches, make_folds(patches, 3, slice_block=5), slice_block=5)
+
+
+def test_more_folds_than_groups(cpm15):
+    with pytest.raises(UserError, match="cannot make 16 folds from 15 groups"):
+        make_folds(cpm15, 16)
+    with pytest.raises(UserError, match="at least 2 folds"):
+        make_folds(cpm15, 1)
+
+
+def test_holdout_is_grouped(em_folders):
+    patches = [p for s in em_folders for p in make_patches(s, 512)]
+    train, val = make_holdout(patches, 0.2, seed=3)
+    assert len(val) == 4 * 4 and len(train) == 16 * 4
+    assert not {patches[i].group for i in train} & {patches[i].group for i in val}
+
+
+def test_folds_json_round_trip_and_mismatch(cpm15, em_folders, tmp_path):
+    folds = make_folds(cpm15, 3, seed=7)
+    path = save_folds(tmp_path, folds, cpm15, seed=7)
+    assert path == tmp_path / "folds.json"
+    record = json.loads(path.read_text())
+    assert record["folds"][0]["val_groups"] == sorted({cpm15[i].group for i in folds[0][1]})
+    assert load_folds(path, cpm15) == folds
+    with pytest.raises(UserError, match="fresh --output_dir"):
+        load_folds(path, em_folders[:15])
+    with pytest.raises(UserError, match="fresh --output_dir"):
+        load_folds(path, list(reversed(cpm15)))
+    run = tmp_path / "run"
+    made = load_or_make_folds(run, cpm15, 3, seed=7)
+    assert made == folds and (run / "folds.json").is_file()
+    assert load_or_make_folds(run, cpm15, 3, seed=99) == folds  # re-used, not re-drawn
+    with pytest.raises(UserError, match="holds 3 fold"):
+        load_or_make_folds(run, cpm15, 5)

@@ -1,0 +1,166 @@
+"""The training configuration: every option of ``train`` and ``parameter_search``, checked, as one record.
+
+:class:`TrainConfig` is written to ``config.json`` next to every run; ``--resume`` compares it
+with the options given. The data and model options take their defaults from
+``dataset.DataOptions`` and ``model.ModelOptions`` (declared once, shared by every command).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dataset as data
+import lora
+import model as sam_model
+from errors import UserError
+from losses import LOSSES
+from prompts import PROMPT_MODES
+
+_DATA = data.DataOptions()
+_MODEL = sam_model.ModelOptions()
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; written to ``config.json``."""
+
+    data_dir: str
+    output_dir: str
+    data_format: str = _DATA.data_format
+    patch_size: int = _DATA.patch_size
+    patch_overlap: int = _DATA.patch_overlap
+    drop_empty_patches: bool = _DATA.drop_empty_patches
+    slice_block: int = _DATA.slice_block
+    nifti_axis: int = _DATA.nifti_axis
+    max_objects: int = 32
+    model_type: str = _MODEL.model_type
+    checkpoint: str | None = _MODEL.checkpoint
+    image_size: int = _MODEL.image_size
+    precision: str = _MODEL.precision
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "qkv"
+    train_decoder: bool = False
+    freeze_encoder: bool = False
+    batch_size: int = 1
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.01
+    epochs: int = 10
+    warmup_fraction: float = 0.05
+    grad_clip: float = 1.0
+    early_stopping: bool = False
+    patience: int = 5
+    cross_validation: bool = False
+    num_folds: int = 5
+    val_fraction: float = 0.2
+    prompt: str = "box"
+    num_points: int = 1
+    box_jitter: float = 0.1
+    augment: bool = True
+    loss: str = "dice_ce"
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in names}
+        config = cls(**values)
+        config.validate()
+        return config
+
+    @property
+    def num_splits(self) -> int:
+        """k folds with ``--cross_validation``, else one grouped hold-out split."""
+        return self.num_folds if self.cross_validation else 1
+
+    @property
+    def encoder_trained(self) -> bool:
+        """True when some encoder weights receive gradients (LoRA on an encoder target)."""
+        targets = lora.parse_targets(self.lora_targets) if self.lora_rank > 0 else ()
+        return not self.freeze_encoder and any(lora.TARGETS[t].scope == "image_encoder" for t in targets)
+
+    def validate(self) -> None:
+        """Reject nonsensical numbers with one clear message each."""
+        checks = [
+            (self.batch_size >= 1, f"--batch_size must be at least 1, got {self.batch_size}"),
+            (self.max_objects >= 0, f"--max_objects must be 0 (all) or positive, got {self.max_objects}"),
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.learning_rate > 0, f"--learning_rate must be positive, got {self.learning_rate}"),
+            (self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.patience >= 1, f"--patience must be at least 1, got {self.patience}"),
+            (self.lora_rank >= 0, f"--lora_rank must be >= 0 (0 = no LoRA), got {self.lora_rank}"),
+            (self.lora_alpha > 0, f"--lora_alpha must be positive, got {self.lora_alpha}"),
+            (0 <= self.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}"),
+            (self.loss in LOSSES, f"unknown --loss {self.loss!r}: choose {' or '.join(LOSSES)}"),
+            (self.prompt in PROMPT_MODES, f"unknown --prompt {self.prompt!r}: choose {', '.join(PROMPT_MODES)}"),
+            (not self.cross_validation or self.num_folds >= 2,
+             f"--num_folds must be at least 2 for cross-validation, got {self.num_folds}"),
+            (0 < self.val_fraction < 1, f"--val_fraction must be between 0 and 1, got {self.val_fraction}"),
+            (0 <= self.warmup_fraction < 1, f"--warmup_fraction must be in [0, 1), got {self.warmup_fraction}"),
+            (self.num_points >= 1, f"--num_points must be at least 1, got {self.num_points}"),
+            (0 <= self.box_jitter < 0.5, f"--box_jitter must be in [0, 0.5), got {self.box_jitter}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        if self.lora_rank > 0:
+            lora.parse_targets(self.lora_targets)
+        if self.lora_rank == 0 and not self.train_decoder:
+            raise UserError("nothing to train: --lora_rank 0 needs --train_decoder")
+        if self.freeze_encoder and self.lora_rank > 0 and \
+                all(lora.TARGETS[t].scope == "image_encoder" for t in lora.parse_targets(self.lora_targets)):
+            raise UserError("--freeze_encoder leaves the encoder LoRA targets "
+                            f"{self.lora_targets!r} untrained: use --lora_targets decoder and/or "
+                            "--train_decoder, or drop --freeze_encoder")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``train`` and ``parameter_search`` (model and data groups included)."""
+    data.add_data_arguments(parser)
+    sam_model.add_model_arguments(parser)
+    defaults = TrainConfig(data_dir="", output_dir="")
+    out = parser.add_argument_group("run")
+    out.add_argument("--output_dir", type=Path, default=Path("runs/train"), help="where the run is written")
+    out.add_argument("--resume", action="store_true", help="continue an interrupted run in --output_dir")
+    out.add_argument("--overwrite", action="store_true", help="replace a finished or different run in --output_dir")
+    out.add_argument("--seed", type=int, default=defaults.seed, help="seed for folds, prompts, augmentation and init")
+    out.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes for data preparation")
+    ad = parser.add_argument_group("LoRA")
+    ad.add_argument("--lora_rank", type=int, default=defaults.lora_rank, help="LoRA rank (0 = no LoRA)")
+    ad.add_argument("--lora_alpha", type=float, default=defaults.lora_alpha, help="LoRA alpha (scaling = alpha / rank)")
+    ad.add_argument("--lora_dropout", type=float, default=defaults.lora_dropout, help="dropout on the LoRA path")
+    ad.add_argument("--lora_targets", default=defaults.lora_targets,
+                    help=f"comma-separated layers to adapt: {', '.join(lora.TARGETS)}")
+    ad.add_argument("--train_decoder", action="store_true", help="also train the whole mask decoder")
+    ad.add_argument("--freeze_encoder", action="store_true",
+                    help="decoder-only fine-tuning: the encoder is frozen and each image embedded once")
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--batch_size", type=int, default=defaults.batch_size, help="images per step")
+    opt.add_argument("--learning_rate", type=float, default=defaults.learning_rate, help="peak AdamW learning rate")
+    opt.add_argument("--weight_decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
+    opt.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per fold")
+    opt.add_argument("--warmup_fraction", type=float, default=defaults.warmup_fraction,
+                     help="linear warm-up share of the steps before the cosine decay")
+    opt.add_argument("--grad_clip", type=float, default=defaults.grad_clip, help="gradient norm clip (0 = off)")
+    opt.add_argument("--early_stopping", action="store_true", help="stop a fold when validation Dice stops improving")
+    opt.add_argument("--patience", type=int, default=defaults.patience, help="epochs without improvement before stopping")
+    opt.add_argument("--loss", default=defaults.loss, help="dice_ce (Dice + BCE) or focal_dice_iou (finestSAM's 20:1:1)")
+    cv = parser.add_argument_group("validation")
+    cv.add_argument("--cross_validation", action="store_true", help="k-fold cross-validation grouped by image / slice block")
+    cv.add_argument("--num_folds", type=int, default=defaults.num_folds, help="folds with --cross_validation")
+    cv.add_argument("--val_fraction", type=float, default=defaults.val_fraction,
+                    help="validation share of the grouped hold-out split without --cross_validation")
+    pr = parser.add_argument_group("prompts")
+    pr.add_argument("--prompt", default=defaults.prompt, help="box, point or mix (per image one of box / points / both)")
+    pr.add_argument("--num_points", type=int, default=defaults.num_points, help="positive (and as many negative) points per object")
+    pr.add_argument("--box_jitter", type=float, default=defaults.box_jitter, help="box side noise as a fraction of its size")
+    pr.add_argument("--max_objects", type=int, default=defaults.max_objects,
+                    help="at most this many objects per image get prompts in one training step (0 = all)")
+    pr.add_argument("--no_augment", dest="augment", action="store_false", help="no flips, rotations or intensity changes")

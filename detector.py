@@ -176,7 +176,8 @@ def yolo_boxes(yolo: Any, image: np.ndarray, conf: float = 0.1, iou: float = 0.7
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
     boxes = result.boxes.xyxy.float().cpu().numpy().reshape(-1, 4).astype(np.float32)
-    boxes[:, 2:] -= 1.0  # ultralytics gives pixel edges; our boxes have inclusive max corners
+    # ultralytics gives pixel edges; our boxes have inclusive max corners (a sub-pixel box: one pixel)
+    boxes[:, 2:] = np.maximum(boxes[:, 2:] - 1.0, boxes[:, :2])
     return boxes, result.boxes.conf.float().cpu().numpy().astype(np.float32)
 
 
@@ -263,8 +264,9 @@ class DetectorOptions:
     max_det: int = 1000
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.conf <= 1.0 or not 0.0 <= self.iou <= 1.0:
-            raise UserError(f"--conf and --iou must be in 0..1, got {self.conf} and {self.iou}")
+        for flag, value in (("--conf", self.conf), ("--iou", self.iou)):
+            if not 0.0 <= value <= 1.0:
+                raise UserError(f"{flag} must be in 0..1, got {value}")
         if self.max_det < 1:
             raise UserError(f"--max_det must be at least 1, got {self.max_det}")
 

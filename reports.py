@@ -257,7 +257,8 @@ class Evaluation:
 
 
 def write_tables(out: Path, ev: Evaluation) -> tuple[dict[str, Any], list, list]:
-    """per_image.csv, per_group.csv and per_fold.csv; returns the summaries and the two tables."""
+    """per_image.csv, per_group.csv and per_fold.csv (with ``by_fold``); returns the summaries
+    and the group and fold tables."""
     n_boot, seed = ev.config.bootstrap, ev.config.seed
     model_rank = {name: n for n, name in enumerate(ev.sets)}
     image_rank = {ev.samples[i].key: n for n, i in enumerate(ev.indices)}
@@ -293,10 +294,11 @@ def write_evaluation(out: Path, ev: Evaluation) -> None:
         "models": summaries,
         "per_fold": fold_summary(fold_table) if fold_table else None,
         "detection": ev.detection,
-        "figures": figure_files,
+        "files": ["per_image.csv", "per_group.csv"] + (["per_fold.csv"] if fold_table else [])
+        + ["config.json"] + figure_files,
         "seconds": round(ev.seconds, 2),
     }
-    runfiles.write_json(out / "summary.json", summary)
+    runfiles.write_json(out / "summary.json", summary, sort_keys=False)  # models in table order
     if config.random_weights:
         log.warning("RANDOM WEIGHTS: these scores measure nothing (--checkpoint none)")
     for line in format_table(summaries):

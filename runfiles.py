@@ -94,9 +94,10 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     return write_bytes(path, encoded.tobytes())
 
 
-def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """``data`` as indented JSON with sorted keys (paths written as strings), atomically."""
-    return write_text(path, json.dumps(data, indent=1, sort_keys=True, default=_json_default) + "\n")
+def write_json(path: str | os.PathLike, data: Any, sort_keys: bool = True) -> Path:
+    """``data`` as indented JSON (paths written as strings), atomically. Keys are sorted unless
+    their order means something (``sort_keys=False``: e.g. models in table order)."""
+    return write_text(path, json.dumps(data, indent=1, sort_keys=sort_keys, default=_json_default) + "\n")
 
 
 def _json_default(value: Any) -> Any:
@@ -110,15 +111,14 @@ def _json_default(value: Any) -> Any:
 def csv_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
     """Rows as CSV text through the csv module (fields with commas or quotes are quoted).
 
-    Floats keep 6 significant digits, None is an empty field, keys not in ``columns`` are left
-    out and missing keys are empty.
+    Floats are written exactly (Python's shortest round-trip form), None is an empty field,
+    keys not in ``columns`` are left out and missing keys are empty.
     """
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v))
-                         for k, v in row.items()})
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
     return buffer.getvalue()
 
 
@@ -189,8 +189,8 @@ class OutputDir:
         for other in protected:
             other = Path(other).resolve()
             if resolved == other or other in resolved.parents or resolved in other.parents:
-                raise UserError(f"{flag} {self.path} overlaps {other}, an input of this command; choose a "
-                                "directory of its own (nothing was written)")
+                raise UserError(f"{flag} {self.path} overlaps {other}, which is an input of this command; "
+                                "choose a directory of its own (nothing was written)")
         owner = self.owner()
         if owner not in (None, self.command):
             raise UserError(f"{flag} {self.path} holds the outputs of `{owner}`; `{self.command}` writes into a "

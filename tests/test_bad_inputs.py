@@ -191,10 +191,10 @@ def existing_run(env: Env) -> Path:
 
 
 def adapter_for_vit_b(env: Env) -> Path:
-    import lora
+    import adapters
 
     path = env.user / "vit_b_adapter.pt"
-    torch.save({"format": lora.ADAPTER_FORMAT, "version": lora.ADAPTER_VERSION,
+    torch.save({"format": adapters.ADAPTER_FORMAT, "version": adapters.ADAPTER_VERSION,
                 "config": {"model_type": "vit_b", "image_size": 256, "rank": 2, "alpha": 2, "targets": ["qkv"]},
                 "state_dict": {}}, path)
     return path
@@ -372,7 +372,7 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str, int]] = [
     ("search more folds than groups", lambda e: search_args(e, "--num_folds", "9"),
      "cannot make 9 folds from 4 groups", 2),
     ("search output dir holds other files", lambda e: [*search_args(e), "--output_dir", str(existing_output(e))],
-     "is not a parameter search", 2),
+     "exists and is not empty", 2),
     # evaluate
     ("evaluate no data dir", lambda e: evaluate_args(e, None), "--data_dir is required", 2),
     ("evaluate masks all empty", lambda e: evaluate_args(e, empty_masks(e)), "no labelled object", 2),
@@ -403,14 +403,14 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str, int]] = [
      "is not a LoRA adapter file", 2),
     ("detect predict vit_b checkpoint for vit_t",
      lambda e: [*predict_args(e, "--input", one_image(e)), "--checkpoint", str(e.vit_b)], VIT_B_FOR_VIT_T, 2),
-    ("detect predict outputs exist", detect_outputs_exist, "already exists", 2),
+    ("detect predict outputs exist", detect_outputs_exist, "exists and is not empty", 2),
     ("detect train zero epochs",
      lambda e: ["detect", "train", "--data_dir", str(e.data()), "--output_dir", str(e.out / "yolo"), "--epochs", "0"],
      "--epochs and --batch_size must be >= 1", 2),
     # demo
     ("demo weights never downloaded", missing_weights("demo"), DOWNLOAD_COMMAND, 2),
     ("demo output dir holds files", lambda e: [*demo_args(e), "--output_dir", str(existing_output(e))],
-     "already holds files", 2),
+     "exists and is not empty", 2),
     ("demo negative num_samples", lambda e: demo_args(e, "--num_samples", "-1"), "--num_samples must be 0", 2),
     ("demo samples dir missing", lambda e: demo_args(e, "--samples_dir", str(e.user / "nowhere")),
      "does not exist", 2),

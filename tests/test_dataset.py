@@ -9,7 +9,7 @@ import pytest
 import tifffile
 
 from data_checks import assert_same_partition
-from dataset import (add_data_arguments, augment, load_dataset, load_from_args, make_patches,
+from dataset import (add_data_arguments, augment, load_dataset, load_from_options, make_patches,
                      summarize_dataset)
 from errors import UserError
 from folds import make_folds
@@ -50,17 +50,17 @@ def test_summary_lists_counts_tags_and_folds(cpm15):
     assert "val 5 samples / 5 groups" in text and "15 fold groups" in text
 
 
-def test_data_arguments_and_load_from_args(shared_data, caplog):
+def test_data_arguments_and_load_from_options(shared_data, caplog):
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_data_arguments(parser)
     help_text = parser.format_help()
     for flag in ("--data_dir", "--data_format", "--patch_size", "--patch_overlap",
-                 "--drop_empty_patches", "--slice_block", "--nifti_axis", "--max_objects"):
+                 "--drop_empty_patches", "--slice_block", "--nifti_axis"):
         assert flag in help_text
     args = parser.parse_args(["--data_dir", str(shared_data / "nuclei_dsb_fluo"), "--patch_size", "256"])
-    assert (args.data_format, args.slice_block, args.max_objects) == ("auto", 10, 32)
+    assert (args.data_format, args.slice_block) == ("auto", 10)
     with caplog.at_level(logging.INFO):
-        samples = load_from_args(args)
+        samples = load_from_options(args)
     assert len(samples) == 4 and "dataset: 4 samples (4 patches)" in caplog.text
     assert sum(s.num_objects for s in samples) >= 125
 

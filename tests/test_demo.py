@@ -19,6 +19,7 @@ import torch
 
 import demo
 import figures
+import adapters
 import lora
 import main as main_module
 from model import build_model
@@ -121,7 +122,7 @@ def test_demo_refuses_to_overwrite_and_overwrites_when_asked(main, tmp_path: Pat
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     caplog.clear()
     assert main(argv) == 2
-    assert "already holds files" in caplog.text and "--overwrite" in caplog.text
+    assert "holds an earlier `demo` run" in caplog.text and "--overwrite" in caplog.text
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert main(["demo", *FAST, "--output_dir", str(out), "--num_samples", "1", "--overwrite"]) == 0
     assert len(list(out.glob("*.png"))) == 2  # the earlier second figure went with its run
@@ -133,7 +134,7 @@ def test_demo_with_an_untrained_adapter_matches_the_base(main, drawn: list[dict]
     sam = build_model("vit_t", None, 256)
     lora.inject_lora(sam, 2, 2, ("qkv",))
     lora.mark_only_lora_as_trainable(sam)
-    adapter = lora.save_adapter(tmp_path / "best.pt", sam, {"model_type": "vit_t", "image_size": 256, "seed": 0})
+    adapter = adapters.save_adapter(tmp_path / "best.pt", sam, {"model_type": "vit_t", "image_size": 256, "seed": 0})
     out = tmp_path / "demo"
     assert main(["demo", "--checkpoint", "none", "--device", "cpu", "--model_path", str(adapter),
                  "--output_dir", str(out), "--num_samples", "1"]) == 0  # the image size comes from the adapter

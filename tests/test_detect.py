@@ -24,24 +24,16 @@ import tifffile
 import torch
 
 import main as main_module
-from dataset import rle_decode
+import inference
+from coco import polygons, rle_decode, rle_encode
+from detector import box_iou, load_yolo, match_boxes, yolo_boxes, yolo_label_lines
+from figures import label_edges
+from inference import Segmenter, SegmentOptions
+from instances import Instance, box_baseline, instance_from_mask, paint_instances
 from metrics import instance_metrics
 from model import build_model
-from yolo_sam import (
-    Instance,
-    Segmenter,
-    SegmentOptions,
-    box_iou,
-    boxes_to_labels,
-    label_boxes,
-    match_boxes,
-    merge_tiles,
-    paint_instances,
-    segment_with_boxes,
-    tile_starts,
-    tile_windows,
-    yolo_boxes,
-)
+from prompts import box_prompts, label_boxes
+from tiles import merge_tiles, tile_starts, tile_windows
 
 REPO = Path(__file__).resolve().parents[1]
 EM_IMAGES = ("00.png", "05.png", "10.png", "15.png")  # 4 of the 20 sections: 3 train, 1 val image
@@ -194,24 +186,25 @@ def test_help(detect_main, argv: list[str]) -> None:
 # boxes, matching, tiles, painting (pure numpy)
 # ---------------------------------------------------------------------------------------------
 def test_label_boxes_and_yolo_lines() -> None:
-    from detect import yolo_label_lines
-
     labels = np.zeros((10, 20), np.int32)
-    labels[2:4, 5:9] = 1  # x 5..8, y 2..3 -> box [5, 2, 9, 4) in pixel edges
+    labels[2:4, 5:9] = 1  # x 5..8, y 2..3 -> box [5, 2, 8, 3] with inclusive corners
     labels[9, 19] = 3  # a 1-pixel object in the corner; label 2 is absent
-    np.testing.assert_array_equal(label_boxes(labels), [[5, 2, 9, 4], [19, 9, 20, 10]])
+    ids, boxes = label_boxes(labels)
+    assert ids.tolist() == [1, 3]
+    np.testing.assert_array_equal(boxes, [[5, 2, 8, 3], [19, 9, 19, 9]])
     assert yolo_label_lines(labels) == ["0 0.350000 0.300000 0.200000 0.200000",
                                         "0 0.975000 0.950000 0.050000 0.100000"]
     assert yolo_label_lines(np.zeros((5, 5), np.int32)) == []
 
 
 def test_box_iou_and_matching() -> None:
-    gt = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]], np.float32)
-    pred = np.array([[0, 0, 10, 5],      # IoU 0.5 with gt 0: not a match (strict, as metrics.py)
-                     [0, 0, 10, 6],      # IoU 0.6 with gt 0
-                     [21, 21, 30, 30],   # IoU 0.81 with gt 1
-                     [20, 20, 30, 31],   # IoU 100/110 with gt 1, a duplicate: only one may match
-                     [100, 100, 110, 110]], np.float32)
+    # inclusive max corners: [0, 0, 9, 9] covers 10 x 10 pixels
+    gt = np.array([[0, 0, 9, 9], [20, 20, 29, 29], [50, 50, 59, 59]], np.float32)
+    pred = np.array([[0, 0, 9, 4],       # IoU 0.5 with gt 0: not a match (strict, as metrics.py)
+                     [0, 0, 9, 5],       # IoU 0.6 with gt 0
+                     [21, 21, 29, 29],   # IoU 0.81 with gt 1
+                     [20, 20, 29, 30],   # IoU 100/110 with gt 1, a duplicate: only one may match
+                     [100, 100, 109, 109]], np.float32)
     iou = box_iou(gt, pred)
     assert iou.shape == (3, 5)
     assert iou[0, 0] == pytest.approx(0.5) and iou[0, 1] == pytest.approx(0.6)
@@ -290,8 +283,8 @@ def test_tile_merge_joins_long_objects_and_keeps_neighbours_apart() -> None:
     assert instance_metrics(gt, labels)["aji"] == pytest.approx(1.0)
 
 
-def test_boxes_to_labels_fills_boxes() -> None:
-    labels = boxes_to_labels(np.array([[1, 1, 3.5, 4], [0, 0, 2, 2]]), np.array([0.2, 0.9]), (6, 6))
+def test_box_baseline_fills_detector_boxes() -> None:
+    labels = box_baseline(np.array([[1, 1, 2.5, 3], [0, 0, 1, 1]]), (6, 6))  # the smaller box on top
     assert labels[0, 0] == 1 and labels[3, 3] == 2 and labels[1, 1] == 1
     assert (labels == 2).sum() == 3 * 3 - 1  # x 1..3 (3.5 rounds out), y 1..3, less the shared pixel
 
@@ -300,8 +293,6 @@ def test_boxes_to_labels_fills_boxes() -> None:
 # output formats
 # ---------------------------------------------------------------------------------------------
 def test_rle_round_trip_through_the_dataset_reader(shared_data: Path) -> None:
-    from detect import rle_encode
-
     _, gt = em_labels(shared_data)
     rng = np.random.default_rng(0)
     cases = [(gt == v) for v in range(1, gt.max() + 1)]
@@ -320,8 +311,6 @@ def test_rle_round_trip_through_the_dataset_reader(shared_data: Path) -> None:
 def test_label_edges_match_3x3_filters() -> None:
     from scipy import ndimage
 
-    from detect import label_edges
-
     rng = np.random.default_rng(0)
     for shape in [(1, 1), (1, 6), (6, 1), (7, 9), (40, 33)]:
         labels = rng.integers(0, 4, shape).astype(np.int32)
@@ -330,8 +319,6 @@ def test_label_edges_match_3x3_filters() -> None:
 
 
 def test_polygons_outline_the_mask(shared_data: Path) -> None:
-    from detect import polygons
-
     _, gt = em_labels(shared_data)
     value = np.bincount(gt.ravel())[1:].argmax() + 1  # the largest object
     ys, xs = np.nonzero(gt == value)
@@ -349,32 +336,32 @@ def test_polygons_outline_the_mask(shared_data: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 def test_segment_with_ground_truth_boxes(shared_data: Path, tiny_sam: torch.nn.Module) -> None:
     image, gt = em_labels(shared_data)
-    boxes = label_boxes(gt)
-    labels = segment_with_boxes(tiny_sam, image, boxes, np.ones(len(boxes)), batch=4)
+    boxes = label_boxes(gt)[1]
+    labels = inference.segment(tiny_sam, image, box_prompts(boxes), 4, keep_ids=False, confidences=np.ones(len(boxes)))
     assert labels.shape == gt.shape and labels.dtype == np.int32
     values = np.unique(labels[labels > 0])
     assert 0 < values.size <= len(boxes)
     np.testing.assert_array_equal(values, np.arange(1, values.size + 1))  # consecutive
-    assert segment_with_boxes(tiny_sam, image, np.zeros((0, 4)), None).max() == 0
+    assert inference.segment(tiny_sam, image, box_prompts(np.zeros((0, 4)))).max() == 0
 
 
 @pytest.mark.parametrize("shape", [(256, 256), (200, 256), (300, 180)])
 def test_decode_boxes_gives_the_masks_of_model_predict(tiny_sam: torch.nn.Module, shape: tuple) -> None:
-    """decode_boxes post-processes the decoder's logits itself (skipping an identity resize):
+    """decode_instances post-processes the decoder's logits itself (skipping an identity resize):
     masks and scores must be those of model.predict, whatever the image's size."""
     from model import predict
-    from yolo_sam import decode_boxes, encode_image, instance_from_mask
 
     image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
     boxes = np.array([[10, 10, 100, 120], [50, 20, 150, 90], [0, 0, shape[1], shape[0]]], np.float32)
-    embedding = encode_image(tiny_sam, image)
-    found = decode_boxes(tiny_sam, image, embedding, boxes, np.array([0.9, 0.5, 0.2]))
+    embedding = inference.encode_image(tiny_sam, image)
+    found = inference.decode_instances(tiny_sam, embedding, box_prompts(boxes), image.shape[:2], 32,
+                                       np.array([0.9, 0.5, 0.2]), keep_ids=False)
     masks, scores, _ = predict(tiny_sam, image, boxes=boxes, image_embedding=embedding)
     expected = [instance_from_mask(m, s, c) for m, s, c in zip(masks, scores, [0.9, 0.5, 0.2])]
     expected = [e for e in expected if e is not None]
     assert len(found) == len(expected)
     for a, b in zip(found, expected):
-        assert (a.box, a.score, a.confidence) == (b.box, b.score, b.confidence)
+        assert (a.window, a.score, a.confidence) == (b.window, b.score, b.confidence)
         np.testing.assert_array_equal(a.mask, b.mask)
 
 
@@ -395,7 +382,7 @@ def test_segmenter_tiles_and_merges(shared_data: Path, tiny_sam: torch.nn.Module
         return out
 
     monkeypatch.setattr(Segmenter, "tile_instances", gt_tile)
-    segmenter = Segmenter(tiny_sam, SegmentOptions(tile_size=512, tile_overlap=128, min_area=0), yolo=object())
+    segmenter = Segmenter(tiny_sam, SegmentOptions(tile_size=512, tile_overlap=128, min_area=0), propose=object())
     labels, kept = segmenter(image)
     assert len(kept) == labels.max() == gt.max()
     assert instance_metrics(gt, labels)["f1"] == 1.0
@@ -538,8 +525,6 @@ def test_predict_amg_on_a_folder(detect_main, shared_data: Path, tmp_path: Path,
 
 
 def test_yolo_boxes_for_evaluate(best_pt: Path, shared_data: Path, no_network: list) -> None:
-    from yolo_sam import load_yolo
-
     yolo = load_yolo(best_pt)
     image, _ = em_labels(shared_data)
     boxes, scores = yolo_boxes(yolo, image[:256, :256], conf=0.001, iou=0.7, imgsz=256)

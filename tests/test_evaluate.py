@@ -22,13 +22,14 @@ import tifffile
 import torch
 
 import dataset
-import figures
+import folds as folds_lib
+import adapters
 import lora
 import main as main_module
-import metrics
 import model as sam_model
-from evaluate import (BASELINES, Detector, InstanceCanvas, ModelSource, baseline_instances, ellipse_mask,
-                      interior_point, object_prompts, pooled_scores, row_sets, score_image)
+from detector import Detector, DetectorOptions
+from evaluate import BASELINES, row_sets
+from runs import ModelSource
 
 SMALL = ["--checkpoint", "none", "--image_size", "256", "--model_type", "vit_t", "--device", "cpu"]
 # Dice and IoU of a filled box against the ellipse inscribed in it (areas pi/4 : 1).
@@ -115,7 +116,7 @@ def make_adapter(path: Path, scale: float = 0.05, seed: int = 0, **config) -> Pa
         for layer in lora.lora_layers(sam).values():
             layer.lora_B.copy_(scale * torch.randn(layer.lora_B.shape, generator=generator))
     values = {"model_type": "vit_t", "image_size": 256, "base_checkpoint_sha256": None, "seed": seed} | config
-    return lora.save_adapter(path, sam, values)
+    return adapters.save_adapter(path, sam, values)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -128,133 +129,6 @@ def error_lines(caplog) -> list[str]:
     records = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert all(r.exc_info is None and "\n" not in r.getMessage() for r in records)
     return [r.getMessage() for r in records]
-
-
-# --------------------------------------------------------------------------------------------
-# prompts, instance maps, baselines (no model)
-# --------------------------------------------------------------------------------------------
-def test_object_prompts_boxes_points_and_subset():
-    labels = np.zeros((40, 50), np.int32)
-    labels[5:15, 10:30] = 7  # a 10x20 rectangle, non-consecutive id
-    labels[20:35, 2:6] = 3   # an L shape: a vertical bar ...
-    labels[31:35, 2:20] = 3  # ... and a foot
-    prompts = object_prompts(labels)
-    assert prompts.ids.tolist() == [3, 7]
-    np.testing.assert_array_equal(prompts.boxes, [[2, 20, 19, 34], [10, 5, 29, 14]])  # inclusive corners
-    for (x, y), obj in zip(prompts.points, prompts.ids):
-        assert labels[int(y), int(x)] == obj  # inside its own object
-    # The rectangle's point is as deep as a 10x20 rectangle allows (5 px from the border).
-    x, y = prompts.points[1]
-    assert min(y - 5 + 1, 14 - y + 1, x - 10 + 1, 29 - x + 1) == 5
-    assert prompts.ignore is None
-
-    # max_objects: a seeded subset; the others' pixels are ignored, not counted as missed.
-    many = np.zeros((30, 30), np.int32)
-    for k in range(9):
-        many[(k // 3) * 10 + 2:(k // 3) * 10 + 8, (k % 3) * 10 + 2:(k % 3) * 10 + 8] = k + 1
-    sub = object_prompts(many, max_objects=4, rng=np.random.default_rng(0))
-    again = object_prompts(many, max_objects=4, rng=np.random.default_rng(0))
-    assert len(sub) == 4 and sub.ids.tolist() == again.ids.tolist()
-    np.testing.assert_array_equal(sub.ignore, (many > 0) & ~np.isin(many, sub.ids))
-
-
-def test_interior_point_is_the_deepest_pixel():
-    mask = np.zeros((9, 30), bool)
-    mask[1:8, 2:29] = True  # 7 rows: the middle row is 4 px from the border
-    y, x = interior_point(mask)
-    assert y == 4 and mask[y, x]
-    with pytest.raises(ValueError):
-        interior_point(np.zeros((3, 3), bool))
-
-
-def test_instance_canvas_higher_score_wins_in_any_order():
-    a = np.zeros((10, 10), bool)
-    a[0:6, 0:6] = True
-    b = np.zeros((10, 10), bool)
-    b[3:9, 3:9] = True
-    for order in ([(a, 0.9, 1), (b, 0.5, 2)], [(b, 0.5, 2), (a, 0.9, 1)]):
-        canvas = InstanceCanvas((10, 10))
-        for mask, score, label in order:
-            canvas.paste(mask, score, label)
-        assert (canvas.labels[3:6, 3:6] == 1).all()  # the overlap goes to the higher score
-        assert (canvas.labels[6:9, 6:9] == 2).all() and (canvas.labels[a] == 1).all()
-    canvas = InstanceCanvas((10, 10))
-    canvas.paste(a, 0.5, 1)
-    canvas.paste(b, 0.5, 2)
-    assert (canvas.labels[3:6, 3:6] == 2).all()  # equal scores: the later mask
-    canvas.paste(np.zeros((10, 10), bool), 1.0, 3)  # an empty mask changes nothing
-    assert 3 not in canvas.labels
-
-
-def test_baselines_against_analytic_areas():
-    """Box vs ellipse: Dice = 2(pi/4)/(1+pi/4), IoU = pi/4 (ellipse area / box area)."""
-    h, w, y0, x0 = 120, 200, 30, 40
-    ellipse_gt = np.zeros((200, 300), np.uint8)  # rasterised by cv2, not by evaluate.py
-    cv2.ellipse(ellipse_gt, (x0 + w // 2, y0 + h // 2), (w // 2, h // 2), 0, 0, 360, 1, -1)
-    prompts = object_prompts(ellipse_gt.astype(np.int32))
-    box = score_image(ellipse_gt, baseline_instances(ellipse_gt.shape, prompts, "box"))
-    assert box["dice"] == pytest.approx(BOX_VS_ELLIPSE_DICE, abs=0.01)
-    assert box["iou"] == pytest.approx(BOX_VS_ELLIPSE_IOU, abs=0.01)
-    assert box["pixel_recall"] == 1.0  # the box covers its object
-    ellipse = score_image(ellipse_gt, baseline_instances(ellipse_gt.shape, prompts, "ellipse"))
-    assert ellipse["dice"] > 0.98 and ellipse["pq"] > 0.95
-
-    rect_gt = np.zeros((200, 300), np.int32)
-    rect_gt[y0:y0 + h, x0:x0 + w] = 1
-    prompts = object_prompts(rect_gt)
-    assert score_image(rect_gt, baseline_instances(rect_gt.shape, prompts, "box"))["dice"] == 1.0
-    on_rect = score_image(rect_gt, baseline_instances(rect_gt.shape, prompts, "ellipse"))
-    assert on_rect["dice"] == pytest.approx(BOX_VS_ELLIPSE_DICE, abs=0.01)
-    assert ellipse_mask(h, w).sum() == pytest.approx(math.pi / 4 * h * w, rel=0.01)
-    with pytest.raises(ValueError):
-        baseline_instances(rect_gt.shape, prompts, "triangle")
-
-
-def test_baseline_overlaps_go_to_the_smaller_shape():
-    labels = np.zeros((60, 60), np.int32)
-    labels[5:55, 5:55] = 1  # a large object ...
-    labels[25:35, 25:35] = 2  # ... with a small one inside its box
-    pred = baseline_instances(labels.shape, object_prompts(labels), "box")
-    assert (pred[25:35, 25:35] == 2).all() and (pred[5:55, 5:55] > 0).all()
-
-
-def test_pooled_scores_sum_counts_and_names_semantic_columns():
-    gt = np.zeros((20, 20), np.int32)
-    gt[2:8, 2:8] = 1
-    pred_a = gt.copy()
-    pred_b = np.zeros_like(gt)
-    pred_b[10:12, 10:12] = 1
-    rows = [score_image(gt, pred_a), score_image(gt, pred_b)]
-    assert {"dice", "iou", "pixel_precision", "pixel_recall", "aji", "pq", "f1", "precision"} <= set(rows[0])
-    pooled = pooled_scores(rows)
-    tp, fp, fn = 36, 4, 36  # pixels: a is perfect; b misses 36 and adds 4
-    assert pooled["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
-    assert pooled["aji"] == pytest.approx(metrics.pooled_instance_metrics(rows)["aji"])
-    assert rows[1]["pixel_precision"] == 0.0 and rows[1]["precision"] == 0.0
-
-
-# --------------------------------------------------------------------------------------------
-# figures
-# --------------------------------------------------------------------------------------------
-def test_draw_instances_colours_each_contour(tmp_path):
-    image = np.full((50, 60, 3), 128, np.uint8)
-    labels = np.zeros((50, 60), np.int32)
-    labels[10:20, 10:20] = 5
-    labels[25:45, 30:55] = 9
-    drawn = figures.draw_instances(image, labels, thickness=1, fill_alpha=0)
-    colors = figures.instance_colors(np.array([5, 9]))
-    assert (drawn[10, 15] == colors[0]).all() and (drawn[25, 40] == colors[1]).all()  # edges
-    assert (drawn[15, 15] == 128).all() and (drawn[0, 0] == 128).all()  # interior, background
-    assert not np.array_equal(colors[0], colors[1])
-    assert figures.with_warning("Dice", True).startswith(figures.RANDOM_WEIGHTS)
-    path = figures.save_side_by_side(tmp_path / "a.png", image, [figures.Panel("image"),
-                                     figures.Panel("gt", labels)], "title", random_weights=True)
-    assert path.stat().st_size > 1000
-    cell = {"mean": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 3}
-    bars = figures.save_grouped_bars(tmp_path / "b.png", {"tag": {"base": cell, "baseline_box": cell}},
-                                     "Dice", "t", baselines=["baseline_box"])
-    box = figures.save_box_plot(tmp_path / "c.png", {"base": [0.1, 0.5, 0.7]}, "Dice", "t")
-    assert bars.stat().st_size > 1000 and box.stat().st_size > 1000
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,9 +206,9 @@ def test_cross_validated_run_scores_each_fold_with_its_own_adapter(main, em_dir,
     """A run whose fold 0 adapter equals the base model: fold-0 images score exactly as base."""
     run = tmp_path / "run"
     samples = dataset.load_dataset(em_dir, slice_block=1)
-    folds = dataset.make_folds(samples, 3, seed=0, slice_block=1)
+    folds = folds_lib.make_folds(samples, 3, seed=0, slice_block=1)
     run.mkdir()
-    dataset.save_folds(run / "folds.json", folds, samples, slice_block=1, seed=0)
+    folds_lib.save_folds(run / "folds.json", folds, samples, slice_block=1, seed=0)
     config = {"data_dir": str(em_dir), "data_format": "auto", "patch_size": 0, "patch_overlap": 0,
               "drop_empty_patches": False, "slice_block": 1, "nifti_axis": 2, "model_type": "vit_t",
               "checkpoint": "none", "image_size": 256, "seed": 0}
@@ -398,7 +272,7 @@ def test_bad_input(main, case, em_dir, tmp_path, caplog, request):
         "missing_data": "does not exist", "other_model_type": "vit_b", "not_an_adapter": "not a LoRA adapter",
         "no_test_split": "no fixed test split", "val_without_run": "needs a training run",
         "no_labels": "no labelled object", "bad_compare": "NAME=SOURCE", "unknown_prompt": "invalid choice",
-        "run_with_test_split": "needs --split val", "output_in_data": "input of this evaluation"}[case]
+        "run_with_test_split": "needs --split val", "output_in_data": "which is an input of this command"}[case]
     if case == "missing_data":
         args[2] = str(tmp_path / "nowhere")
     elif case == "other_model_type":
@@ -451,10 +325,10 @@ def untrained_yolo(tmp_path_factory) -> Path:
     config = tmp_path_factory.mktemp("ultralytics_config")
     old = os.environ.get("YOLO_CONFIG_DIR")
     os.environ["YOLO_CONFIG_DIR"] = str(config)
-    import yolo_sam
+    import detector
 
     torch.manual_seed(0)
-    yolo = yolo_sam.import_ultralytics().YOLO("yolov8n.yaml", task="detect")
+    yolo = detector.import_ultralytics().YOLO("yolov8n.yaml", task="detect")
     yolo.ckpt = {"train_args": {"imgsz": 128, "task": "detect"}}
     path = tmp_path_factory.mktemp("yolo") / "untrained_yolov8n.pt"
     yolo.save(path)
@@ -519,7 +393,7 @@ def test_yolo_prompts_end_to_end(main, em_dir, untrained_yolo, tmp_path, caplog)
 
 def test_yolo_row_names_with_several_models():
     sources = [ModelSource("base", "base"), ModelSource("lora", "adapter", Path("lora.pt"))]
-    detector = Detector(None, Path("best.pt"), 0.1, 0.7, 640, "cpu")
+    detector = Detector(None, Path("best.pt"), DetectorOptions(0.1, 0.7, 640))
     sets = row_sets("yolo", sources, BASELINES, detector)
     assert list(sets) == ["base", "yolo+base", "lora", "yolo+lora", "baseline_yolo_box", "baseline_box",
                           "baseline_ellipse"]

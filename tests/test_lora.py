@@ -14,18 +14,17 @@ import torch
 import torch.nn as nn
 
 import lora
+from adapters import load_adapter, save_adapter
 from lora import (
     TARGETS,
     LoRALinear,
     count_parameters,
     inject_lora,
-    load_adapter,
     load_lora_state_dict,
     lora_state_dict,
     mark_only_lora_as_trainable,
     merge_lora,
     merged_state_dict,
-    save_adapter,
     unmerge_lora,
 )
 

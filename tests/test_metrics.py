@@ -18,16 +18,15 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_score
 
 import metrics
+from reports import summarize
 from metrics import (
     IOU_THRESHOLD_PERCENTS,
     INSTANCE_COUNT_KEYS,
-    MetricAccumulator,
     instance_metrics,
     instance_score_keys,
     pooled_instance_metrics,
     pooled_semantic_metrics,
     semantic_metrics,
-    summarize,
     threshold_key,
     to_instances,
 )
@@ -377,25 +376,6 @@ def test_pooled_errors():
         pooled_instance_metrics(iter([]))
     with pytest.raises(ValueError, match="lacks"):
         pooled_instance_metrics([{"aji": 1.0}])
-
-
-def test_accumulator():
-    acc = MetricAccumulator("instance")
-    acc.update(GT_HAND, PRED_HAND)
-    gt2 = np.zeros((4, 4), np.uint8)
-    gt2[1:3, 1:3] = 3
-    acc.update(gt2, gt2)
-    assert acc.pooled()["aji"] == pytest.approx(7 / 12)
-    summary = acc.summary()
-    assert set(summary) == set(instance_score_keys())
-    assert summary["aji"]["mean"] == pytest.approx(0.6875)
-    assert summary["aji"]["n"] == 2
-    sem = MetricAccumulator("semantic")
-    sem.update(GT_HAND, PRED_HAND)
-    assert sem.pooled()["dice"] == pytest.approx(6 / 11)
-    assert set(sem.summary()) == {"dice", "iou", "precision", "recall"}
-    with pytest.raises(ValueError, match="kind"):
-        MetricAccumulator("panoptic")  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- conventions

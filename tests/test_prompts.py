@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from prompts import sample_prompts
+import pytest
+
+from prompts import interior_point, object_prompts, sample_prompts
 
 
 def test_boxes_enclose_masks_and_points_fall_inside_and_outside(cpm15):
@@ -14,7 +16,7 @@ def test_boxes_enclose_masks_and_points_fall_inside_and_outside(cpm15):
     assert prompts.boxes.shape == (n, 4) and prompts.boxes.dtype == np.float32
     assert prompts.points.shape == (n, 6, 2) and prompts.point_labels.shape == (n, 6)
     assert prompts.masks.shape == (n,) + labels.shape and prompts.masks.dtype == bool
-    assert prompts.use_points and not prompts.use_boxes and prompts.mask_inputs is None
+    assert prompts.use_points and not prompts.use_boxes
     for box, pts, pl, mask, obj in zip(prompts.boxes, prompts.points, prompts.point_labels,
                                        prompts.masks, prompts.object_ids, strict=True):
         assert np.array_equal(mask, labels == obj)
@@ -39,15 +41,14 @@ def test_box_jitter_is_bounded(cpm15):
     assert np.all(jittered[:, 2] >= jittered[:, 0]) and np.all(jittered[:, 3] >= jittered[:, 1])
 
 
-def test_prompts_without_objects_cap_mix_and_mask_prompt(cpm15):
+def test_prompts_without_objects_cap_and_mix(cpm15):
     empty = sample_prompts(np.zeros((50, 70), np.int32), np.random.default_rng(0), "mix", num_points=2)
     assert len(empty) == 0
     assert empty.boxes.shape == (0, 4) and empty.points.shape == (0, 4, 2)
     assert empty.point_labels.shape == (0, 4) and empty.masks.shape == (0, 50, 70)
     labels = cpm15[2].labels
-    capped = sample_prompts(labels, np.random.default_rng(0), max_objects=5, mask_prompt=True)
+    capped = sample_prompts(labels, np.random.default_rng(0), max_objects=5)
     assert len(capped) == 5 and len(set(capped.object_ids.tolist())) == 5
-    assert np.array_equal(capped.mask_inputs, capped.masks)
     modes = {(p.use_boxes, p.use_points) for p in
              (sample_prompts(labels, np.random.default_rng(s), "mix", max_objects=2) for s in range(12))}
     assert modes == {(True, False), (False, True), (True, True)}
@@ -63,3 +64,37 @@ def test_negative_points_avoid_ignored_pixels():
     p = sample_prompts(labels, np.random.default_rng(0), "point", num_points=20, ignore=ignore)
     negatives = p.points[0, 20:]
     assert np.all(negatives[:, 0] < 5)
+
+
+def test_object_prompts_boxes_points_and_subset():
+    labels = np.zeros((40, 50), np.int32)
+    labels[5:15, 10:30] = 7  # a 10x20 rectangle, non-consecutive id
+    labels[20:35, 2:6] = 3   # an L shape: a vertical bar ...
+    labels[31:35, 2:20] = 3  # ... and a foot
+    prompts = object_prompts(labels)
+    assert prompts.object_ids.tolist() == [3, 7]
+    np.testing.assert_array_equal(prompts.boxes, [[2, 20, 19, 34], [10, 5, 29, 14]])  # inclusive corners
+    for (x, y), obj in zip(prompts.points[:, 0], prompts.object_ids):
+        assert labels[int(y), int(x)] == obj  # inside its own object
+    # The rectangle's point is as deep as a 10x20 rectangle allows (5 px from the border).
+    x, y = prompts.points[1, 0]
+    assert min(y - 5 + 1, 14 - y + 1, x - 10 + 1, 29 - x + 1) == 5
+    assert prompts.ignore is None
+
+    # max_objects: a seeded subset; the others' pixels are ignored, not counted as missed.
+    many = np.zeros((30, 30), np.int32)
+    for k in range(9):
+        many[(k // 3) * 10 + 2:(k // 3) * 10 + 8, (k % 3) * 10 + 2:(k % 3) * 10 + 8] = k + 1
+    sub = object_prompts(many, max_objects=4, rng=np.random.default_rng(0))
+    again = object_prompts(many, max_objects=4, rng=np.random.default_rng(0))
+    assert len(sub) == 4 and sub.object_ids.tolist() == again.object_ids.tolist()
+    np.testing.assert_array_equal(sub.ignore, (many > 0) & ~np.isin(many, sub.object_ids))
+
+
+def test_interior_point_is_the_deepest_pixel():
+    mask = np.zeros((9, 30), bool)
+    mask[1:8, 2:29] = True  # 7 rows: the middle row is 4 px from the border
+    y, x = interior_point(mask)
+    assert y == 4 and mask[y, x]
+    with pytest.raises(ValueError):
+        interior_point(np.zeros((3, 3), bool))

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+import adapters
+import losses
 import trainer
 from main import main
 
@@ -155,7 +157,7 @@ def test_export_merged_loads_in_the_official_registry(em_crops: Path, tmp_path: 
     # ours: the same random base (seed 0) with the adapter, unmerged
     torch.manual_seed(0)
     ours = build_model("vit_t")
-    lora.load_adapter(out / "fold_0" / "best.pt", ours)
+    adapters.load_adapter(out / "fold_0" / "best.pt", ours)
     adapter_changed = any(v.abs().sum() > 0 for k, v in lora.lora_state_dict(ours).items() if "lora_B" in k)
     assert adapter_changed
     image = cv2.cvtColor(cv2.imread(str(em_crops / "images" / "a.png")), cv2.COLOR_BGR2RGB)
@@ -232,17 +234,17 @@ def test_torchrun_two_processes_on_cpu(em_crops: Path, tmp_path: Path) -> None:
     assert len(rows) == 3  # one writer (rank 0): header + 2 epochs, no duplicates
 
 
-@pytest.mark.parametrize("kind", trainer.LOSSES)
+@pytest.mark.parametrize("kind", losses.LOSSES)
 def test_losses_are_finite_on_empty_masks_and_match_hand_values(kind: str) -> None:
     logits = torch.tensor([[[[8.0, -8.0], [-8.0, -8.0]]], [[[-8.0, -8.0], [-8.0, -8.0]]]], requires_grad=True)
     targets = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])  # 2nd object: empty
     iou = torch.tensor([[1.0], [1.0]])
-    loss = trainer.compute_loss(kind, logits, iou, targets)
+    loss = losses.compute_loss(kind, logits, iou, targets)
     assert torch.isfinite(loss) and loss.item() < 0.05  # both predictions are right
     loss.backward()
     assert torch.isfinite(logits.grad).all()
     # all-wrong predictions cost more; an empty target with an empty prediction costs ~0
-    worse = trainer.compute_loss(kind, -logits.detach(), iou, targets)
+    worse = losses.compute_loss(kind, -logits.detach(), iou, targets)
     assert worse > 0.5
     # Dice + BCE by hand for one 1-pixel object predicted with logit 0 everywhere
     if kind == "dice_ce":
@@ -250,4 +252,4 @@ def test_losses_are_finite_on_empty_masks_and_match_hand_values(kind: str) -> No
         target = torch.tensor([[[[1.0, 0.0]]]])
         dice = 1 - (2 * 0.5 + 1) / (1.0 + 1 + 1)  # soft Dice with +1 smoothing: probs 0.5, 0.5
         bce = float(np.log(2))
-        assert trainer.compute_loss(kind, zero, iou[:1], target).item() == pytest.approx(dice + bce, rel=1e-5)
+        assert losses.compute_loss(kind, zero, iou[:1], target).item() == pytest.approx(dice + bce, rel=1e-5)

@@ -15,7 +15,6 @@ Rows (issue 4 and 5 targets in brackets):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import multiprocessing as mp
 import resource
@@ -32,6 +31,7 @@ import dataset as data
 import losses
 import metrics
 import model as sam_model
+import runfiles
 import trainer
 from sample import Sample
 from train_config import TrainConfig
@@ -183,6 +183,36 @@ def bench_metrics(reps: int) -> float:
     return timed(lambda: metrics.instance_metrics(gt, pred), reps)
 
 
+def interleaved_medians(measured: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median seconds of each function, measured interleaved (one of each per repetition, so that
+    load from other processes hits all alike), after one warm-up round."""
+    times: dict[str, list[float]] = {name: [] for name in measured}
+    for rep in range(reps + 1):  # the first round warms up (bf16 kernels, ultralytics' predictor)
+        for name, fn in measured.items():
+            start = time.perf_counter()
+            fn()
+            if rep:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def untrained_detector(yolo_size: int, max_det: int):
+    """An untrained YOLOv8n (ultralytics' yolov8n.yaml, nothing downloaded), saved and loaded as
+    ``detect predict`` loads best.pt, proposing boxes down to a very low confidence."""
+    import tempfile
+
+    import detector
+
+    ultralytics = detector.import_ultralytics()
+    with tempfile.TemporaryDirectory() as tmp:
+        untrained = ultralytics.YOLO("yolov8n.yaml", task="detect")
+        untrained.ckpt = {"train_args": {"imgsz": yolo_size, "task": "detect"}}
+        untrained.save(Path(tmp) / "yolov8n_untrained.pt")
+        yolo = detector.load_yolo(Path(tmp) / "yolov8n_untrained.pt")
+    return detector.Detector(yolo, Path("yolov8n_untrained.pt"),
+                             detector.DetectorOptions(conf=1e-5, max_det=max_det, imgsz=yolo_size))
+
+
 def bench_detect(samples: list[Sample], quick: bool) -> list[tuple[str, float, str]]:
     """``detect predict``'s per-image time against its model parts measured alone (issue 6).
 
@@ -203,7 +233,6 @@ def bench_detect(samples: list[Sample], quick: bool) -> list[tuple[str, float, s
     """
     import tempfile
 
-    import detector
     import inference
     import labelfiles
     from coco import CocoWriter
@@ -213,14 +242,7 @@ def bench_detect(samples: list[Sample], quick: bool) -> list[tuple[str, float, s
     image = sample.image
     torch.manual_seed(0)
     sam = sam_model.build_model("vit_t", None, 1024).eval()
-    ultralytics = detector.import_ultralytics()
-    with tempfile.TemporaryDirectory() as tmp:  # saved and loaded as detect predict loads best.pt
-        untrained = ultralytics.YOLO("yolov8n.yaml", task="detect")
-        untrained.ckpt = {"train_args": {"imgsz": yolo_size, "task": "detect"}}
-        untrained.save(Path(tmp) / "yolov8n_untrained.pt")
-        yolo = detector.load_yolo(Path(tmp) / "yolov8n_untrained.pt")
-    proposer = detector.Detector(yolo, Path("yolov8n_untrained.pt"),
-                                 detector.DetectorOptions(conf=1e-5, max_det=n_boxes, imgsz=yolo_size))
+    proposer = untrained_detector(yolo_size, n_boxes)
     pipelines = {p: inference.Segmenter(sam, inference.SegmentOptions(precision=p), proposer)
                  for p in ("fp32", "bf16")}
     boxes, _ = proposer(image)
@@ -241,7 +263,7 @@ def bench_detect(samples: list[Sample], quick: bool) -> list[tuple[str, float, s
 
     @torch.no_grad()
     def yolo_forward() -> None:
-        yolo.predictor.model(letterboxed)
+        proposer.yolo.predictor.model(letterboxed)
 
     @torch.no_grad()
     def encoder() -> None:
@@ -254,14 +276,7 @@ def bench_detect(samples: list[Sample], quick: bool) -> list[tuple[str, float, s
             "file": lambda: labelfiles.segment_file(sample.path, sample.path.name, pipelines["fp32"], coco, outputs),
             "pipeline": lambda: pipelines["fp32"](image), "bf16": lambda: pipelines["bf16"](image),
             "yolo": yolo_forward, "encoder": encoder, "decoder": decoder}
-        times: dict[str, list[float]] = {name: [] for name in measured}
-        for rep in range(reps + 1):  # the first round warms up (bf16 kernels, ultralytics' predictor)
-            for name, fn in measured.items():
-                start = time.perf_counter()
-                fn()
-                if rep:
-                    times[name].append(time.perf_counter() - start)
-    t = {name: statistics.median(values) for name, values in times.items()}
+        t = interleaved_medians(measured, reps)
     parts = t["yolo"] + t["encoder"] + t["decoder"]
     return [
         (f"detect predict per image, vit_t 1024px + YOLOv8n {yolo_size}px, {n_boxes} boxes (s)", t["file"], ""),
@@ -334,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         report(name, value, target)
     report("instance_metrics 512x512, 500 vs 500 objects (s)", bench_metrics(reps * 3), "[<< 1 s]")
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=1))
+        runfiles.write_json(args.json, figures)
     return 0
 
 

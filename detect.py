@@ -168,15 +168,15 @@ def run_predict(args: argparse.Namespace) -> int:
     adapter_configs = {args.model_path: adapters.read_adapter(args.model_path)[0]} if args.model_path else {}
     bases = adapters.bases_from_flags(args.model_type, args.image_size, args.checkpoint, args.device, adapter_configs)
     sam_model.autocast(bases.device, args.precision)  # rejects fp16 on CPU before any work
+    detector = load_detector(args.yolo_model, proposals, bases.device) if args.mode == "yolo" else None
     out.claim(args.overwrite)
     coco = CocoWriter(args.coco_segmentation)
     root = args.input if args.input.is_dir() else args.input.parent
     with out.active("detect_predict.log"):
-        detector = load_detector(args.yolo_model, proposals, bases.device) if args.mode == "yolo" else None
         segmenter = Segmenter(adapters.load_finetuned(bases, args.model_path, args.seed), options, detector)
         runfiles.write_json(out.path / "detect_predict_config.json",
                             {**args_record(args), "model_type": bases.model_type, "image_size": bases.image_size,
-                             "options": asdict(options), "detector": asdict(proposals)})
+                             "options": {**asdict(options), **asdict(proposals)}})
         total = 0
         for path in tqdm(files, desc="images", unit="file", disable=None if len(files) > 1 else True):
             outputs = output_paths(out.path, path, not args.no_overlay)

@@ -60,7 +60,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: b
     existed, tmp = path.exists(), None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as fh:
+        os.close(fd)  # reopened by name: some writers (tifffile) need the file object's name
+        with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as fh:
             write(fh)
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)

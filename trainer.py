@@ -267,16 +267,8 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_id
     cache = EmbeddingCache(sam, config.precision, cache_dir, embeddings) if not config.encoder_trained else None
     ctx = Context(sam, config, device, cache, optimizer, scheduler, rank, world)
 
-    state = {"epoch": -1, "best_dice": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
     last = fold_dir / "last.pt"
-    if last.is_file():
-        saved = torch.load(last, map_location="cpu", weights_only=True)
-        sam.load_state_dict(saved["trainable"], strict=False)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = saved["state"]
-        log.info("fold %d: resuming after epoch %d (best val Dice %.4f at epoch %d)", fold,
-                 state["epoch"], state["best_dice"], state["best_epoch"])
+    state = resume_fold(last, sam, optimizer, scheduler, fold)
     val_loader = make_loader(val_set, config.batch_size, None, num_workers, rank, world)
     for epoch in range(state["epoch"] + 1, config.epochs):
         if config.early_stopping and state["bad_epochs"] >= config.patience:
@@ -316,6 +308,22 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_id
     if rank == 0:
         runfiles.write_json(fold_dir / "done.json", result)
     return result
+
+
+def resume_fold(last: Path, sam: nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, fold: int) -> dict[str, Any]:
+    """The fold's training state: loaded from its resume checkpoint ``last`` (into the model,
+    optimiser and schedule) when there is one, else a fresh state."""
+    if not last.is_file():
+        return {"epoch": -1, "best_dice": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    sam.load_state_dict(saved["trainable"], strict=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    state = saved["state"]
+    log.info("fold %d: resuming after epoch %d (best val Dice %.4f at epoch %d)", fold,
+             state["epoch"], state["best_dice"], state["best_epoch"])
+    return state
 
 
 def fold_histories(output_dir: Path) -> list[dict[str, Any]]:

@@ -581,7 +581,8 @@ def test_train_bad_inputs(detect_main, em_subset: Path, tmp_path: Path, caplog: 
 def test_predict_with_lora_adapter(detect_main, shared_data: Path, tmp_path: Path,
                                    caplog: pytest.LogCaptureFixture) -> None:
     """--model_path: the adapter is injected and loaded; an adapter of another type is refused."""
-    from lora import inject_lora, save_adapter
+    from adapters import save_adapter
+    from lora import inject_lora
 
     sam = build_model("vit_t", None, 256)
     inject_lora(sam, 4, 4, "qkv")
@@ -601,4 +602,4 @@ def test_predict_with_lora_adapter(detect_main, shared_data: Path, tmp_path: Pat
     caplog.clear()
     assert detect_main([*base, "--output_dir", str(tmp_path / "b"), "--model_path", str(adapter),
                         "--model_type", "vit_b"]) == 2
-    assert "adapter for vit_t" in caplog.text
+    assert "an adapter for model_type vit_t" in caplog.text

@@ -1,7 +1,7 @@
 """Speed and memory figures, measured in one run and printed as ratios against the model's own
 compute (the limit a training loop can reach). Not a test: run ``python bench.py [--quick]``.
 
-Rows (issue 4 and 5 targets in brackets):
+Rows (targets in brackets):
 - LoRA training step / bare encoder+decoder forward+backward on the same input   [<= 1.15]
 - bf16 training step / fp32 training step (CPU)                                    [<= 0.55]
 - frozen-encoder epoch with cached embeddings / the decoder's own fwd+bwd          [<= 1.10]
@@ -214,7 +214,7 @@ def untrained_detector(yolo_size: int, max_det: int):
 
 
 def bench_detect(samples: list[Sample], quick: bool) -> list[tuple[str, float, str]]:
-    """``detect predict``'s per-image time against its model parts measured alone (issue 6).
+    """``detect predict``'s per-image time against its model parts measured alone.
 
     On the first real 1024x1024 section of ``samples``: MobileSAM (vit_t, random weights) at
     1024 px and an untrained YOLOv8n (ultralytics' yolov8n.yaml, nothing downloaded) at 640 px

@@ -178,7 +178,7 @@ def save_grouped_bars(path: str | Path, table: Mapping[str, Mapping[str, Mapping
 
     Args:
         table: ``{category: {series: {"mean", "ci_low", "ci_high"[, "n"]}}}``, e.g. per tag
-            or per fold of per-model Dice summaries (:func:`metrics.summarize` dicts). The bar is
+            or per fold of per-model Dice summaries (:func:`reports.summarize` dicts). The bar is
             the mean, the error bar the 95 % interval; ``n`` is written under the category.
         baselines: series names drawn in grey (trivial predictions).
     """

@@ -80,3 +80,22 @@ def pair_dir(shared_data, tmp_path):
         shutil.copy(src / "tissue images" / f"{name}.png", tmp_path / "images")
         shutil.copy(src / "label masks" / f"{name}.tif", tmp_path / "masks")
     return tmp_path
+
+
+def crop_em_sections(shared_data: Path, out: Path, sections: dict[str, str], size: int = 256) -> Path:
+    """``out/images`` + ``out/masks``: for each ``name: section`` of the real EM data
+    (../shared/data/em_vnc), the ``size`` px window (on a 128 px grid) holding the most
+    mitochondria pixels, saved as ``name.png``."""
+    import cv2
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    for name, section in sections.items():
+        image = cv2.imread(str(shared_data / "em_vnc" / "images" / f"{section}.png"), cv2.IMREAD_GRAYSCALE)
+        mask = cv2.imread(str(shared_data / "em_vnc" / "masks" / f"{section}.png"), cv2.IMREAD_GRAYSCALE)
+        starts = range(0, image.shape[0] - size + 1, 128)
+        y, x = max(((y, x) for y in starts for x in starts),
+                   key=lambda yx: int(mask[yx[0]:yx[0] + size, yx[1]:yx[1] + size].sum()))
+        cv2.imwrite(str(out / "images" / f"{name}.png"), image[y:y + size, x:x + size])
+        cv2.imwrite(str(out / "masks" / f"{name}.png"), mask[y:y + size, x:x + size])
+    return out

@@ -1,0 +1,122 @@
+"""runfiles.py: atomic writes with the user's umask, CSV through the csv module, the one output-directory rule."""
+from __future__ import annotations
+
+import csv
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+import runfiles
+from conftest import crop_em_sections
+from errors import UserError
+
+
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_writes_are_atomic_and_follow_the_umask(tmp_path: Path, umask_022) -> None:
+    path = runfiles.write_text(tmp_path / "a" / "notes.txt", "one")
+    assert path.read_text() == "one" and mode(path) == 0o644
+    os.umask(0o077)
+    assert mode(runfiles.write_json(tmp_path / "private.json", {"b": 1, "a": 2})) == 0o600
+    assert (tmp_path / "private.json").read_text() == '{\n "a": 2,\n "b": 1\n}\n'  # sorted keys
+
+    def fails(fh) -> None:
+        fh.write(b"half a file")
+        raise RuntimeError("disk trouble")
+
+    with pytest.raises(RuntimeError):
+        runfiles.atomic_write(path, fails)
+    assert path.read_text() == "one"  # the previous version is intact
+    assert sorted(p.name for p in path.parent.iterdir()) == ["notes.txt"]  # no temporary file left
+
+
+def test_csv_round_trips_commas_quotes_and_floats(tmp_path: Path) -> None:
+    rows = [{"path": "/data/em, day 2/a.png", "note": 'said "hi"', "dice": 0.1 + 0.2, "fold": None},
+            {"path": "b.png", "note": "line\nbreak", "dice": 1.0, "fold": 3}]
+    path = runfiles.write_csv(tmp_path / "t.csv", rows, ["path", "note", "dice", "fold"])
+    back = runfiles.read_csv(path)
+    assert [r["path"] for r in back] == [r["path"] for r in rows]
+    assert [r["note"] for r in back] == [r["note"] for r in rows]
+    assert float(back[0]["dice"]) == 0.1 + 0.2 and back[0]["fold"] == "" and back[1]["fold"] == "3"
+
+
+def test_output_dir_rule(tmp_path: Path) -> None:
+    out = runfiles.OutputDir(tmp_path / "run", "evaluate")
+    out.claim(overwrite=False)  # missing: taken
+    with out.active():
+        runfiles.write_text(out.path / "table.csv", "x")
+        runfiles.write_text(out.path / "plots" / "a.png", "x")
+    (out.path / "mine.txt").write_text("the user's notes")
+    again = runfiles.OutputDir(out.path, "evaluate")
+    with pytest.raises(UserError, match="holds an earlier `evaluate` run"):
+        again.check(overwrite=False)
+    again.claim(overwrite=True)  # removes what the earlier run recorded, and only that
+    assert sorted(p.name for p in out.path.iterdir()) == [runfiles.MANIFEST, "mine.txt"]
+    with pytest.raises(UserError, match="holds the outputs of `evaluate`"):
+        runfiles.OutputDir(out.path, "demo").check(overwrite=True)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="exists and is not empty"):
+        runfiles.OutputDir(foreign, "demo").check(overwrite=False)
+    with pytest.raises(UserError, match="which is an input of this command"):
+        runfiles.OutputDir(foreign / "results", "demo").check(overwrite=True, protected=[foreign])
+
+
+def test_nested_runs_are_recorded_in_the_outer_directory(tmp_path: Path) -> None:
+    search = runfiles.OutputDir(tmp_path / "search", "parameter_search").claim(overwrite=False)
+    with search.active():
+        runfiles.write_text(search.path / "results.csv", "x")
+        inner = runfiles.OutputDir(search.path / "rank2", "train").claim(overwrite=False)
+        with inner.active():
+            runfiles.write_text(inner.path / "fold_0" / "best.pt", "x")
+    assert "rank2/fold_0/best.pt" in search.recorded() and "fold_0/best.pt" in inner.recorded()
+    runfiles.OutputDir(search.path, "parameter_search").claim(overwrite=True)
+    assert sorted(p.name for p in search.path.iterdir()) == [runfiles.MANIFEST]  # nothing stale left
+
+
+@pytest.mark.slow
+def test_every_command_writes_with_the_umask_and_quoted_csv(main, shared_data: Path, tmp_path: Path,
+                                                            umask_022, one_thread) -> None:
+    """train, parameter_search, evaluate, demo and detect predict on data whose path has a comma:
+    every file they write is 0644 under umask 022, no temporary file is left, and every CSV
+    reads back through the csv module with the comma path intact."""
+    data = crop_em_sections(shared_data, tmp_path / "em, day 2", {"a": "00", "b": "05", "c": "10", "d": "15"})
+    small = ["--checkpoint", "none", "--image_size", "256", "--model_type", "vit_t", "--device", "cpu"]
+    train = [*small, "--data_dir", str(data), "--freeze_encoder", "--lora_targets", "decoder", "--lora_rank", "2",
+             "--max_objects", "2", "--epochs", "1", "--no_augment", "--cross_validation", "--num_folds", "2"]
+    out = tmp_path / "out"
+    commands = [
+        ["train", *train, "--output_dir", str(out / "train")],
+        ["parameter_search", *train, "--lora_ranks", "2", "--lora_alphas", "2", "--learning_rates", "1e-3",
+         "--output_dir", str(out / "search")],
+        ["evaluate", "--cv_run", str(out / "train"), *small, "--output_dir", str(out / "evaluate"), "--plot"],
+        ["demo", *small, "--samples_dir", str(data), "--num_samples", "1", "--output_dir", str(out / "demo")],
+        ["detect", "predict", "--mode", "amg", "--input", str(data / "images" / "a.png"), "--points_per_side", "2",
+         *small, "--output_dir", str(out / "detect")],
+    ]
+    for argv in commands:
+        assert main(argv) == 0, argv
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) > 30
+    assert [p for p in files if mode(p) != 0o644] == []
+    assert [p for p in files if p.name.endswith(".tmp")] == []
+    paths = []
+    for table in (p for p in files if p.suffix == ".csv"):
+        with open(table, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        assert rows and all(None not in r for r in rows), table  # no row has more fields than the header
+        paths += [r["path"] for r in rows if "path" in r]
+    assert paths and all(p.startswith(str(data)) for p in paths)
+

@@ -9,8 +9,10 @@ Each case builds the user's files under ``tmp_path/user`` (tiny copies of the re
 * the user's files unchanged (every file under ``user/`` hashed before and after).
 
 Models are tiny settings of the real ones: ``--checkpoint none --image_size 256 --model_type
-vit_t`` on 128 px crops. Cases that already have tests elsewhere are repeated on purpose: this
-table is the contract a new user meets.
+vit_t`` on 128 px crops (``em4``, conftest.py). Every command-level bad input lives here, in one
+table: the command tests (test_train.py, test_evaluate.py, ...) hold the runs that work.
+A refused ``evaluate`` leaves nothing at all under ``out`` (it checks everything before it
+creates its output directory), and no refused command leaves a ``summary.json``.
 """
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ import json
 import logging
 import shutil
 import socket
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -33,8 +34,8 @@ import torch
 
 import main as main_module
 import trainer
+from conftest import SMALL, tiny_sam
 
-SMALL = ["--checkpoint", "none", "--image_size", "256", "--model_type", "vit_t", "--device", "cpu"]
 FAST_TRAIN = [*SMALL, "--freeze_encoder", "--lora_targets", "decoder", "--lora_rank", "2", "--lora_alpha", "2",
               "--max_objects", "2", "--no_augment", "--val_fraction", "0.25"]
 HTML = b"<html><body>404 Not Found</body></html>\n"  # what a failed download leaves behind
@@ -43,34 +44,14 @@ HTML = b"<html><body>404 Not Found</body></html>\n"  # what a failed download le
 # --------------------------------------------------------------------------------------------
 # Fixtures: tiny real data, one thread, the console stream restored
 # --------------------------------------------------------------------------------------------
-pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures `one_thread`, `main`: conftest.py
-
-
-@pytest.fixture(scope="module")
-def em4(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Four 128x128 crops of real EM sections (images/ + masks/), each with mitochondria."""
-    root = tmp_path_factory.mktemp("em4")
-    for sub in ("images", "masks"):
-        (root / sub).mkdir()
-    for name, section in zip("abcd", ("00", "05", "10", "15")):
-        image = cv2.imread(str(shared_data / "em_vnc" / "images" / f"{section}.png"), cv2.IMREAD_GRAYSCALE)
-        mask = cv2.imread(str(shared_data / "em_vnc" / "masks" / f"{section}.png"), cv2.IMREAD_GRAYSCALE)
-        y, x = max(((y, x) for y in range(0, 897, 128) for x in range(0, 897, 128)),
-                   key=lambda yx: int(mask[yx[0]:yx[0] + 128, yx[1]:yx[1] + 128].sum()))
-        cv2.imwrite(str(root / "images" / f"{name}.png"), image[y:y + 128, x:x + 128])
-        cv2.imwrite(str(root / "masks" / f"{name}.png"), mask[y:y + 128, x:x + 128])
-    return root
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures `one_thread`, `main`, `em4`: conftest.py
 
 
 @pytest.fixture(scope="module")
 def vit_b_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A SAM ViT-B state dict (every ViT-B tensor name, a narrow width to stay small)."""
-    from model import build_sam_vit
-
+    """A SAM ViT-B state dict: every ViT-B tensor name (12 blocks), the tiny SAM's widths."""
     path = tmp_path_factory.mktemp("ckpt") / "sam_vit_b_01ec64.pth"
-    torch.manual_seed(0)
-    sam = build_sam_vit(image_size=256, embed_dim=32, depth=12, num_heads=2, global_attn_indexes=(2, 5, 8, 11))
-    torch.save(sam.state_dict(), path)
+    torch.save(tiny_sam("vit", image_size=256, depth=12).state_dict(), path)
     return path
 
 
@@ -80,10 +61,20 @@ class Env:
 
     user: Path
     out: Path
-    em4: Path
-    vit_b: Path
+    em4: Path  # four 128 px crops of real EM sections (conftest.py)
+    request: pytest.FixtureRequest
     monkeypatch: pytest.MonkeyPatch
     after: list[Callable[[], None]] = field(default_factory=list)  # extra checks after the run
+    words: list[str] = field(default_factory=list)  # more words for the error line, known once built
+
+    @property
+    def vit_b(self) -> Path:
+        """A vit_b checkpoint file (made once, when a case first needs it)."""
+        return self.request.getfixturevalue("vit_b_keys")
+
+    def fixture(self, name: str) -> Path:
+        """Another fixture, made only when a case needs it (e.g. ``untrained_yolo``)."""
+        return self.request.getfixturevalue(name)
 
     def data(self, name: str = "em") -> Path:
         """A copy of the four EM crops in ``user/<name>``."""
@@ -94,6 +85,12 @@ class Env:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
         return path
+
+    def leaves_nothing(self) -> None:
+        """Check after the run that the refused command created nothing under ``out``."""
+        def check() -> None:
+            assert not self.out.exists() or sorted(self.out.iterdir()) == [], sorted(self.out.rglob("*"))
+        self.after.append(check)
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
@@ -312,12 +309,76 @@ def search_args(env: Env, *extra: str) -> list[str]:
             *extra]
 
 
+def leaves_nothing(build: Callable[[Env], list[str]]) -> Callable[[Env], list[str]]:
+    """``build``, and afterwards: nothing was created under ``out`` (not even a folder)."""
+    def wrapped(env: Env) -> list[str]:
+        env.leaves_nothing()
+        return build(env)
+    return wrapped
+
+
+def download_unreachable(env: Env) -> list[str]:
+    """A mirror that refuses the connection: the line names the URL and where the file would go;
+    no file (not even a partial one) is left."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/mobile_sam.pt"  # closed when the with ends
+    weights = env.out / "weights"
+    env.words += [url, str((weights / "mobile_sam.pt").absolute())]
+
+    def no_file_left() -> None:
+        assert [p for p in env.out.rglob("*") if p.is_file()] == []
+
+    env.after.append(no_file_left)
+    return ["download", "--model_type", "vit_t", "--output_dir", str(weights), "--url", url,
+            "--sha256", "0" * 64, "--timeout", "5"]
+
+
+def evaluate_run_with_test_split(env: Env) -> list[str]:
+    """A training run (folds.json, config.json) scored with --split test."""
+    data = env.data()
+    env.file("run/folds.json", b"{}")
+    env.file("run/config.json", json.dumps({"data_dir": str(data)}).encode())
+    return evaluate_args(env, data, "--cv_run", str(env.user / "run"), "--split", "test")
+
+
+def evaluate_output_in_data(env: Env) -> list[str]:
+    data = env.data()
+
+    def nothing_in_the_data() -> None:
+        assert not (data / "results").exists()
+
+    env.after.append(nothing_in_the_data)
+    return [*evaluate_args(env, data), "--output_dir", str(data / "results")]
+
+
+def not_yolo(env: Env) -> str:
+    """A PyTorch file that is not a YOLO model."""
+    path = env.user / "not_yolo.pt"
+    torch.save({"image_encoder.weight": torch.zeros(2)}, path)
+    return str(path)
+
+
+def four_d_tiff(env: Env) -> str:
+    path = env.user / "4d.tif"
+    tifffile.imwrite(path, np.zeros((2, 2, 8, 8), np.uint8), photometric="minisblack")
+    return str(path)
+
+
+def detect_train_args(env: Env, *extra: str) -> list[str]:
+    return ["detect", "train", "--data_dir", str(env.data()), "--output_dir", str(env.out / "yolo"),
+            "--data_format", "folders", "--val_fraction", "0.25", "--epochs", "2", "--imgsz", "256",
+            "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--no_plots", "--seed", "0", *extra]
+
+
 # --------------------------------------------------------------------------------------------
-# The table: (id, command line builder, words the one error line must contain, exit code)
+# The table: (id, command line builder, words the one error line must contain (one string, or a
+# tuple of them), exit code)
 # --------------------------------------------------------------------------------------------
 VIT_B_FOR_VIT_T = "is a vit_b checkpoint but --model_type is vit_t"
 DOWNLOAD_COMMAND = "python main.py download --model_type vit_t"
-CASES: list[tuple[str, Callable[[Env], list[str]], str, int]] = [
+YOLO_ARGS = ["--prompt", "yolo", "--conf", "0.00001", "--max_det", "6"]
+CASES: list[tuple[str, Callable[[Env], list[str]], str | tuple[str, ...], int]] = [
     # download
     ("download offline", download_offline, "cannot download", 2),
     ("download present file corrupt", download_present_but_corrupt, "present file fails verification", 2),
@@ -325,6 +386,9 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str, int]] = [
      lambda e: ["download", "--model_type", "all", "--url", "http://127.0.0.1:9/x", "--output_dir", str(e.out)],
      "use them with a single --model_type", 2),
     ("download --sha256 not hex", lambda e: ["download", "--sha256", "xyz"], "expected 64 hex characters", 2),
+    ("download --sha256 too short", lambda e: ["download", "--sha256", "abc", "--output_dir", str(e.out)],
+     "expected 64 hex characters", 2),
+    ("download server unreachable", download_unreachable, "cannot download", 2),
     # train: data
     ("train data dir missing", lambda e: train_args(e, e.user / "nowhere"), "is not a directory", 2),
     ("train data dir empty", lambda e: train_args(e, empty_dir(e)), "no images found", 2),
@@ -345,6 +409,13 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str, int]] = [
     ("train validation fraction 1.5", lambda e: train_args(e, e.data(), "--val_fraction", "1.5"),
      "--val_fraction must be between 0 and 1", 2),
     ("train rank 0 and nothing else", lambda e: train_args(e, e.data(), "--lora_rank", "0"), "nothing to train", 2),
+    ("train cross-validation with one fold",
+     lambda e: train_args(e, e.data(), "--cross_validation", "--num_folds", "1"), "at least 2", 2),
+    ("train unknown loss", lambda e: train_args(e, e.data(), "--loss", "hinge"), "unknown --loss", 2),
+    ("train unknown prompt", lambda e: train_args(e, e.data(), "--prompt", "scribble"), "unknown --prompt", 2),
+    ("train unknown LoRA target", lambda e: train_args(e, e.data(), "--lora_targets", "qkv,nope"),
+     "unknown LoRA target", 2),
+    ("train fp16 on the CPU", lambda e: train_args(e, e.data(), "--precision", "fp16"), "fp16 needs a CUDA GPU", 2),
     # train: checkpoints
     ("train vit_b checkpoint for vit_t", lambda e: train_args(e, e.data(), "--checkpoint", str(e.vit_b)),
      VIT_B_FOR_VIT_T, 2),
@@ -375,6 +446,7 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str, int]] = [
      "exists and is not empty", 2),
     # evaluate
     ("evaluate no data dir", lambda e: evaluate_args(e, None), "--data_dir is required", 2),
+    ("evaluate data dir missing", lambda e: evaluate_args(e, e.user / "nowhere"), "does not exist", 2),
     ("evaluate masks all empty", lambda e: evaluate_args(e, empty_masks(e)), "no labelled object", 2),
     ("evaluate adapter is a SAM checkpoint", lambda e: evaluate_args(e, e.data(), "--model_path", str(e.vit_b)),
      "is not a LoRA adapter file", 2),
@@ -385,19 +457,45 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str, int]] = [
      "write NAME=SOURCE", 2),
     ("evaluate --split test without one", lambda e: evaluate_args(e, e.data(), "--split", "test"),
      "has no fixed test split", 2),
+    ("evaluate --split val without a run", lambda e: evaluate_args(e, e.data(), "--split", "val"),
+     "needs a training run", 2),
+    ("evaluate run with --split test", evaluate_run_with_test_split, "needs --split val", 2),
+    ("evaluate unknown prompt", lambda e: evaluate_args(e, e.data(), "--prompt", "lasso"), "invalid choice", 2),
     ("evaluate output dir holds other files",
-     lambda e: [*evaluate_args(e, e.data()), "--output_dir", str(existing_output(e))], "is not empty", 2),
+     lambda e: [*evaluate_args(e, e.data()), "--output_dir", str(existing_output(e))], ("is not empty", "--overwrite"),
+     2),
+    ("evaluate output dir inside the data", evaluate_output_in_data, "which is an input of this command", 2),
     ("evaluate vit_b checkpoint for vit_t", lambda e: [*evaluate_args(e, e.data()), "--checkpoint", str(e.vit_b)],
      VIT_B_FOR_VIT_T, 2),
     ("evaluate batch_prompts 0", lambda e: evaluate_args(e, e.data(), "--batch_prompts", "0"),
      "--batch_prompts must be at least 1", 2),
+    ("evaluate yolo without a model", lambda e: evaluate_args(e, e.data(), *YOLO_ARGS), "needs --yolo_model", 2),
+    ("evaluate yolo model missing",
+     lambda e: evaluate_args(e, e.data(), *YOLO_ARGS, "--yolo_model", str(e.user / "none.pt")), "not found", 2),
+    ("evaluate yolo model not a YOLO file",
+     lambda e: evaluate_args(e, e.data(), *YOLO_ARGS, "--yolo_model", not_yolo(e)), "is not a YOLO model", 2),
+    ("evaluate yolo conf 2",
+     lambda e: evaluate_args(e, e.data(), *YOLO_ARGS, "--yolo_model", str(e.fixture("untrained_yolo")), "--conf", "2"),
+     "--conf must be in 0..1", 2),
     # detect
     ("detect predict input missing", lambda e: predict_args(e, "--input", str(e.user / "nothing.png")),
      "does not exist", 2),
     ("detect predict empty folder", lambda e: predict_args(e, "--input", str(empty_dir(e))), "holds no images", 2),
+    ("detect predict input is a text file", lambda e: predict_args(e, "--input", str(e.file("notes.txt", b"hello"))),
+     "neither an image", 2),
+    ("detect predict 4-D TIFF", lambda e: predict_args(e, "--input", four_d_tiff(e)), "only 2-D images and 3-D", 2),
+    ("detect predict tile overlap as large as the tile",
+     lambda e: predict_args(e, "--input", one_image(e), "--tile_size", "100", "--tile_overlap", "100"),
+     "--tile_overlap", 2),
     ("detect predict corrupt stack", lambda e: predict_args(e, "--input", str(corrupt_tiff(e))), "cannot read", 2),
     ("detect predict yolo without model", lambda e: [*predict_args(e, "--input", one_image(e)), "--mode", "yolo"],
      "needs --yolo_model", 2),
+    ("detect predict YOLO model missing",
+     lambda e: [*predict_args(e, "--input", one_image(e)), "--mode", "yolo", "--yolo_model", str(e.user / "none.pt")],
+     "YOLO model", 2),
+    ("detect predict not a YOLO model",
+     lambda e: [*predict_args(e, "--input", one_image(e)), "--mode", "yolo", "--yolo_model", not_yolo(e)],
+     "is not a YOLO model", 2),
     ("detect predict adapter is an HTML page",
      lambda e: predict_args(e, "--input", one_image(e), "--model_path", str(e.file("adapter.pt", HTML))),
      "is not a LoRA adapter file", 2),
@@ -407,8 +505,17 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str, int]] = [
     ("detect train zero epochs",
      lambda e: ["detect", "train", "--data_dir", str(e.data()), "--output_dir", str(e.out / "yolo"), "--epochs", "0"],
      "--epochs and --batch_size must be >= 1", 2),
+    ("detect train yolo config not found", lambda e: detect_train_args(e, "--yolo_model", "no_such_model.yaml"),
+     "not found", 2),
+    ("detect train yolo model of another format", lambda e: detect_train_args(e, "--yolo_model", "model.onnx"),
+     "neither a model config", 2),
+    ("detect train yolo_args amp", lambda e: detect_train_args(e, "--yolo_args", "amp=True"),
+     "set by detect itself", 2),
+    ("detect train yolo_args without =", lambda e: detect_train_args(e, "--yolo_args", "mosaic"),
+     "expects key=value", 2),
+    ("detect train fold 3 of 1", lambda e: detect_train_args(e, "--fold", "3"), "does not exist", 2),
     # demo
-    ("demo weights never downloaded", missing_weights("demo"), DOWNLOAD_COMMAND, 2),
+    ("demo weights never downloaded", leaves_nothing(missing_weights("demo")), DOWNLOAD_COMMAND, 2),
     ("demo output dir holds files", lambda e: [*demo_args(e), "--output_dir", str(existing_output(e))],
      "exists and is not empty", 2),
     ("demo negative num_samples", lambda e: demo_args(e, "--num_samples", "-1"), "--num_samples must be 0", 2),
@@ -428,13 +535,21 @@ def error_lines(caplog: pytest.LogCaptureFixture, stderr: str) -> list[str]:
     return lines + [line for line in stderr.splitlines() if ": error: " in line]
 
 
-@pytest.mark.parametrize(("build", "message", "code"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input(build: Callable[[Env], list[str]], message: str, code: int, main, em4: Path, vit_b_keys: Path,
-                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-                   capsys: pytest.CaptureFixture) -> None:
-    env = Env(tmp_path / "user", tmp_path / "out", em4, vit_b_keys, monkeypatch)
+# Cases that train for an epoch or more (with a resume): the rest fail before any real work.
+TRAINING = {"train disk full writing last.pt", "train disk full writing best.pt", "train interrupted"}
+
+
+@pytest.mark.parametrize(("build", "message", "code"),
+                         [pytest.param(*c[1:], id=c[0], marks=[pytest.mark.slow] if c[0] in TRAINING else [])
+                          for c in CASES])
+def test_bad_input(build: Callable[[Env], list[str]], message: str | tuple[str, ...], code: int, main, em4: Path,
+                   tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+                   caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture) -> None:
+    env = Env(tmp_path / "user", tmp_path / "out", em4, request, monkeypatch)
     env.user.mkdir()
     argv = build(env)
+    if argv[0] == "evaluate":
+        env.leaves_nothing()
     before = tree_hashes(env.user)
     caplog.clear()
     with caplog.at_level(logging.INFO):
@@ -442,11 +557,13 @@ def test_bad_input(build: Callable[[Env], list[str]], message: str, code: int, m
     captured = capsys.readouterr()
     lines = error_lines(caplog, captured.err)
     assert len(lines) == 1, lines
-    assert message in lines[0], lines[0]
+    for words in ((message,) if isinstance(message, str) else message) + tuple(env.words):
+        assert words in lines[0], (words, lines[0])
     assert "\n" not in lines[0].strip()
     for text in (caplog.text, captured.err, captured.out):
         assert "Traceback" not in text
     assert tree_hashes(env.user) == before, "the user's files changed"
+    assert not list(env.out.rglob("summary.json")), "a refused run wrote a summary"
     for check in env.after:
         check()
 

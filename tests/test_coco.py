@@ -1,4 +1,5 @@
-"""coco.py: RLE against pycocotools vectors, and COCO files built from real nuclei labels."""
+"""coco.py: RLE against pycocotools vectors and round trips, polygons, and COCO files built from real
+nuclei labels."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from coco import rle_decode
+from coco import polygons, rle_decode, rle_encode
 from data_checks import assert_same_partition, assert_sample_types, n_instances, read_rgb
 from dataset import load_dataset
 from errors import UserError
@@ -167,3 +168,32 @@ def test_coco_missing_image(cpm15_small, tmp_path):
     (tmp_path / "images" / "image04.png").unlink()
     with pytest.raises(UserError, match=r"annotations\.json references 1 image.*image04\.png"):
         load_dataset(tmp_path)
+
+
+def test_rle_round_trip_through_the_dataset_reader(em_section_19):
+    _, gt = em_section_19
+    rng = np.random.default_rng(0)
+    cases = [(gt == v) for v in range(1, gt.max() + 1)]
+    cases += [np.ones((7, 5), bool), rng.random((9, 11)) > 0.5]
+    corner = np.zeros((6, 4), bool)
+    corner[0, 0] = corner[-1, -1] = True
+    cases.append(corner)
+    for mask in cases:
+        ys, xs = np.nonzero(mask)
+        box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        rle = rle_encode(mask[box[1]:box[3], box[0]:box[2]], box, mask.shape)
+        assert rle["size"] == list(mask.shape) and isinstance(rle["counts"], str)
+        np.testing.assert_array_equal(rle_decode(rle), mask)
+
+
+def test_polygons_outline_the_mask(em_section_19):
+    _, gt = em_section_19
+    value = np.bincount(gt.ravel())[1:].argmax() + 1  # the largest object
+    ys, xs = np.nonzero(gt == value)
+    box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    polys = polygons(gt[box[1]:box[3], box[0]:box[2]] == value, box)
+    filled = np.zeros(gt.shape, np.uint8)
+    for poly in polys:
+        cv2.fillPoly(filled, [np.round(np.array(poly).reshape(-1, 2)).astype(np.int32)], 1)
+    inter, union = (filled & (gt == value)).sum(), (filled | (gt == value)).sum()
+    assert inter / union > 0.95

@@ -1,28 +1,25 @@
 """``python main.py demo`` on the real samples shipped in samples/, and the samples themselves.
 
 Random weights at 256 px keep it fast (``--checkpoint none --image_size 256``); the expected box
-baseline Dice is computed here from the mask files with cv2, not by the code under test.
+baseline Dice is computed here from the mask files with cv2, not by the code under test. Bad
+input (missing weights, a foreign output directory, ...): test_bad_inputs.py.
 """
 from __future__ import annotations
 
 import csv
 import json
-import logging
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import tifffile
-import torch
 
 import demo
 import figures
 import adapters
 import lora
-import main as main_module
-from model import build_model
+from conftest import tiny_sam
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
@@ -84,6 +81,7 @@ def test_samples_are_small_real_and_documented() -> None:
         assert image.stem in readme
 
 
+@pytest.mark.slow
 def test_demo_with_random_weights_writes_every_figure(main, drawn: list[dict], tmp_path: Path) -> None:
     out = tmp_path / "demo"
     assert main(["demo", *FAST, "--output_dir", str(out)]) == 0
@@ -114,6 +112,7 @@ def test_demo_with_random_weights_writes_every_figure(main, drawn: list[dict], t
     assert "RANDOM WEIGHTS" in log_text and "mean Dice" in log_text
 
 
+@pytest.mark.slow
 def test_demo_refuses_to_overwrite_and_overwrites_when_asked(main, tmp_path: Path,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "demo"
@@ -128,10 +127,10 @@ def test_demo_refuses_to_overwrite_and_overwrites_when_asked(main, tmp_path: Pat
     assert len(list(out.glob("*.png"))) == 2  # the earlier second figure went with its run
 
 
+@pytest.mark.slow
 def test_demo_with_an_untrained_adapter_matches_the_base(main, drawn: list[dict], tmp_path: Path) -> None:
     """A fresh adapter (lora_B = 0) changes nothing: the fine-tuned panel equals the base one."""
-    torch.manual_seed(0)
-    sam = build_model("vit_t", None, 256)
+    sam = tiny_sam("vit_t", image_size=256)  # the adapter holds TinyViT's qkv LoRA tensors only
     lora.inject_lora(sam, 2, 2, ("qkv",))
     lora.mark_only_lora_as_trainable(sam)
     adapter = adapters.save_adapter(tmp_path / "best.pt", sam, {"model_type": "vit_t", "image_size": 256, "seed": 0})
@@ -142,16 +141,6 @@ def test_demo_with_an_untrained_adapter_matches_the_base(main, drawn: list[dict]
     assert len(panels) == 4 and panels[3].startswith("fine-tuned: Dice ")
     assert panels[2].split("Dice ")[1] == panels[3].split("Dice ")[1]
     assert json.loads((out / "config.json").read_text())["image_size"] == 256
-
-
-def test_demo_without_weights_prints_the_download_command(main, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.chdir(tmp_path)  # no weights/ here
-    assert main(["demo", "--output_dir", str(tmp_path / "demo")]) == 2
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "python main.py download --model_type vit_t" in errors[0]
-    assert "Traceback" not in caplog.text
-    assert not (tmp_path / "demo").exists()
 
 
 def test_demo_help(main, capsys: pytest.CaptureFixture) -> None:

@@ -1,4 +1,5 @@
-"""evaluate.py and figures.py: prompts, instance maps, honest baselines, the command end to end.
+"""evaluate.py: box, point, automatic and detector prompts, models against honest baselines, runs
+scored fold by fold: the command end to end (its bad inputs: test_bad_inputs.py).
 
 The command runs through ``main([...])`` on small crops of the real data in ../shared/data
 with a randomly initialised MobileSAM at 256 px (``--checkpoint none --image_size 256``).
@@ -10,9 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
-import os
-import sys
 from pathlib import Path
 
 import cv2
@@ -25,59 +23,17 @@ import dataset
 import folds as folds_lib
 import adapters
 import lora
-import main as main_module
-import model as sam_model
 from detector import Detector, DetectorOptions
 from evaluate import BASELINES, row_sets
+from conftest import SMALL, tiny_sam
 from runs import ModelSource
 
-SMALL = ["--checkpoint", "none", "--image_size", "256", "--model_type", "vit_t", "--device", "cpu"]
-# Dice and IoU of a filled box against the ellipse inscribed in it (areas pi/4 : 1).
-BOX_VS_ELLIPSE_DICE = 2 * (math.pi / 4) / (1 + math.pi / 4)
-BOX_VS_ELLIPSE_IOU = math.pi / 4
 
 
 # --------------------------------------------------------------------------------------------
-# fixtures: small crops of the real data, the command registered, adapters
+# fixtures: small crops of the real data (em3, em_split, untrained_yolo, main: conftest.py), adapters
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """256 px inputs are too small for intra-op threads to pay off; on a busy 2-core machine
-    two spinning threads made each encoder pass 10-30x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def main(monkeypatch):
-    """``main.main`` with the evaluate command registered (whatever main.py lists today).
-
-    Error lines are read from ``caplog`` (log records), not from a captured stderr: main's
-    console handler keeps the stream it was given, and a per-test capture stream is closed
-    when its test ends.
-    """
-    yield main_module.main
-    for handler in logging.getLogger().handlers:  # never leave a closed capture stream behind
-        if getattr(handler, "_samlora", False) and getattr(handler.stream, "closed", False):
-            handler.stream = sys.stderr
-
-
-def _crop_em(shared_data: Path, out: Path, names: list[str], box=(256, 512, 256, 512)) -> Path:
-    y0, y1, x0, x1 = box
-    for sub in ("images", "masks"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-        for name in names:
-            pixels = cv2.imread(str(shared_data / "em_vnc" / sub / f"{name}.png"), cv2.IMREAD_UNCHANGED)
-            cv2.imwrite(str(out / sub / f"{name}.png"), pixels[y0:y1, x0:x1])
-    return out
-
-
-@pytest.fixture(scope="module")
-def em_dir(shared_data, tmp_path_factory) -> Path:
-    """Three 256x256 crops of consecutive VNC sections (mitochondria, binary masks)."""
-    return _crop_em(shared_data, tmp_path_factory.mktemp("em") / "em", ["00", "01", "02"])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -95,20 +51,10 @@ def nuclei_dir(shared_data, tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def split_dir(shared_data, tmp_path_factory) -> Path:
-    """train/ and test/ folders (a fixed test split), each images/ + masks/."""
-    root = tmp_path_factory.mktemp("split") / "split"
-    _crop_em(shared_data, root / "train", ["00", "01"])
-    _crop_em(shared_data, root / "test", ["02"])
-    return root
-
-
 def make_adapter(path: Path, scale: float = 0.05, seed: int = 0, **config) -> Path:
-    """A vit_t / 256 px rank-4 qkv adapter on the seed's random base; ``lora_B`` drawn with
-    std ``scale`` (0 = the base model exactly)."""
-    torch.manual_seed(seed)
-    sam = sam_model.build_model("vit_t", None, 256)
+    """A vit_t / 256 px rank-4 qkv adapter (LoRA tensors only); ``lora_B`` drawn with std ``scale``
+    (0 = the base model exactly)."""
+    sam = tiny_sam("vit_t", image_size=256, seed=seed)  # the LoRA layers are TinyViT's, as in vit_t
     lora.inject_lora(sam, rank=4, alpha=4, targets="qkv")
     lora.mark_only_lora_as_trainable(sam)
     generator = torch.Generator().manual_seed(1234)
@@ -124,13 +70,6 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def error_lines(caplog) -> list[str]:
-    """The ERROR messages logged (each must be one line, without a traceback)."""
-    records = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert all(r.exc_info is None and "\n" not in r.getMessage() for r in records)
-    return [r.getMessage() for r in records]
-
-
 # --------------------------------------------------------------------------------------------
 # the command
 # --------------------------------------------------------------------------------------------
@@ -142,6 +81,7 @@ def test_help(main, capsys):
         assert flag in out
 
 
+@pytest.mark.slow
 def test_box_prompts_end_to_end(main, nuclei_dir, tmp_path):
     out = tmp_path / "eval"
     assert main(["evaluate", "--data_dir", str(nuclei_dir), *SMALL, "--output_dir", str(out),
@@ -186,11 +126,12 @@ def test_box_prompts_end_to_end(main, nuclei_dir, tmp_path):
     assert len([p for p in pngs if p.startswith("visualizations/")]) == 2
 
 
-def test_compare_base_and_adapter(main, em_dir, tmp_path):
+@pytest.mark.slow
+def test_compare_base_and_adapter(main, em3, tmp_path):
     adapter = make_adapter(tmp_path / "adapter.pt")
     out = tmp_path / "eval"
     # --model_type / --image_size left out: taken from the adapter (vit_t, 256)
-    assert main(["evaluate", "--data_dir", str(em_dir), "--checkpoint", "none", "--device", "cpu",
+    assert main(["evaluate", "--data_dir", str(em3), "--checkpoint", "none", "--device", "cpu",
                  "--output_dir", str(out), "--compare", "base=base", f"lora={adapter}"]) == 0
     rows = read_csv(out / "per_image.csv")
     by_model = {m: [r for r in rows if r["model"] == m] for m in ("base", "lora", "baseline_box", "baseline_ellipse")}
@@ -202,14 +143,15 @@ def test_compare_base_and_adapter(main, em_dir, tmp_path):
     assert (out / "comparison.png").stat().st_size > 1000
 
 
-def test_cross_validated_run_scores_each_fold_with_its_own_adapter(main, em_dir, tmp_path):
+@pytest.mark.slow
+def test_cross_validated_run_scores_each_fold_with_its_own_adapter(main, em3, tmp_path):
     """A run whose fold 0 adapter equals the base model: fold-0 images score exactly as base."""
     run = tmp_path / "run"
-    samples = dataset.load_dataset(em_dir, slice_block=1)
+    samples = dataset.load_dataset(em3, slice_block=1)
     folds = folds_lib.make_folds(samples, 3, seed=0, slice_block=1)
     run.mkdir()
     folds_lib.save_folds(run / "folds.json", folds, samples, slice_block=1, seed=0)
-    config = {"data_dir": str(em_dir), "data_format": "auto", "patch_size": 0, "patch_overlap": 0,
+    config = {"data_dir": str(em3), "data_format": "auto", "patch_size": 0, "patch_overlap": 0,
               "drop_empty_patches": False, "slice_block": 1, "nifti_axis": 2, "model_type": "vit_t",
               "checkpoint": "none", "image_size": 256, "seed": 0}
     (run / "config.json").write_text(json.dumps(config))
@@ -232,15 +174,16 @@ def test_cross_validated_run_scores_each_fold_with_its_own_adapter(main, em_dir,
     assert (out / "plots" / "dice_by_fold.png").stat().st_size > 1000
 
 
-def test_point_and_auto_prompts(main, split_dir, tmp_path):
+@pytest.mark.slow
+def test_point_and_auto_prompts(main, em_split, tmp_path):
     out = tmp_path / "point"
     # the data has a fixed test split: it is the default
-    assert main(["evaluate", "--data_dir", str(split_dir), *SMALL, "--output_dir", str(out), "--prompt", "point"]) == 0
+    assert main(["evaluate", "--data_dir", str(em_split), *SMALL, "--output_dir", str(out), "--prompt", "point"]) == 0
     rows = read_csv(out / "per_image.csv")
     assert {r["model"] for r in rows} == {"base"}  # no box baselines for point prompts
     assert [r["split"] for r in rows] == ["test"]
     out = tmp_path / "auto"
-    assert main(["evaluate", "--data_dir", str(split_dir), *SMALL, "--output_dir", str(out), "--prompt", "auto",
+    assert main(["evaluate", "--data_dir", str(em_split), *SMALL, "--output_dir", str(out), "--prompt", "auto",
                  "--points_per_side", "4", "--pred_iou_thresh", "0", "--stability_score_thresh", "0",
                  "--split", "test", "--visualize"]) == 0
     rows = read_csv(out / "per_image.csv")
@@ -250,102 +193,16 @@ def test_point_and_auto_prompts(main, split_dir, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# bad input: one clear line, exit code 2, nothing of the user's touched
-# --------------------------------------------------------------------------------------------
-def test_existing_output_dir_is_refused_and_untouched(main, em_dir, tmp_path, caplog):
-    out = tmp_path / "eval"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    assert main(["evaluate", "--data_dir", str(em_dir), *SMALL, "--output_dir", str(out)]) == 2
-    lines = error_lines(caplog)
-    assert len(lines) == 1 and "not empty" in lines[0] and "--overwrite" in lines[0]
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
-
-
-@pytest.mark.parametrize("case", ["missing_data", "other_model_type", "not_an_adapter", "no_test_split",
-                                  "val_without_run", "no_labels", "bad_compare", "unknown_prompt",
-                                  "run_with_test_split", "output_in_data"])
-def test_bad_input(main, case, em_dir, tmp_path, caplog, request):
-    out = tmp_path / "eval"
-    args = ["evaluate", "--data_dir", str(em_dir), *SMALL, "--output_dir", str(out)]
-    expected = {
-        "missing_data": "does not exist", "other_model_type": "vit_b", "not_an_adapter": "not a LoRA adapter",
-        "no_test_split": "no fixed test split", "val_without_run": "needs a training run",
-        "no_labels": "no labelled object", "bad_compare": "NAME=SOURCE", "unknown_prompt": "invalid choice",
-        "run_with_test_split": "needs --split val", "output_in_data": "which is an input of this command"}[case]
-    if case == "missing_data":
-        args[2] = str(tmp_path / "nowhere")
-    elif case == "other_model_type":
-        args += ["--model_path", str(make_adapter(tmp_path / "b.pt", model_type="vit_b"))]
-    elif case == "not_an_adapter":
-        torch.save({"image_encoder.x": torch.zeros(2)}, tmp_path / "state.pt")
-        args += ["--model_path", str(tmp_path / "state.pt")]
-    elif case == "no_test_split":
-        args += ["--split", "test"]
-    elif case == "val_without_run":
-        args += ["--split", "val"]
-    elif case == "no_labels":
-        empty = tmp_path / "empty"
-        for sub in ("images", "masks"):
-            (empty / sub).mkdir(parents=True)
-        cv2.imwrite(str(empty / "images" / "a.png"), np.zeros((64, 64), np.uint8))
-        cv2.imwrite(str(empty / "masks" / "a.png"), np.zeros((64, 64), np.uint8))
-        args[2] = str(empty)
-    elif case == "bad_compare":
-        args += ["--compare", "base"]
-    elif case == "unknown_prompt":  # argparse's own message on stderr, before logging is set up
-        args += ["--prompt", "lasso"]  # (yolo became a prompt: see test_yolo_bad_detector)
-        capsys = request.getfixturevalue("capsys")
-    elif case == "run_with_test_split":
-        run = tmp_path / "run"
-        run.mkdir()
-        (run / "folds.json").write_text("{}")
-        (run / "config.json").write_text(json.dumps({"data_dir": str(em_dir)}))
-        args += ["--cv_run", str(run), "--split", "test"]
-    elif case == "output_in_data":
-        args[args.index("--output_dir") + 1] = str(em_dir / "results")
-    assert main(args) == 2
-    if case == "unknown_prompt":
-        assert expected in capsys.readouterr().err
-    else:
-        lines = error_lines(caplog)
-        assert len(lines) == 1 and expected in lines[0], lines
-    assert not out.exists()  # a refused run leaves no trace
-    assert not (em_dir / "results").exists()
-
-
-# --------------------------------------------------------------------------------------------
 # --prompt yolo: detector boxes vs ground-truth boxes vs box-only detection masks
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def untrained_yolo(tmp_path_factory) -> Path:
-    """An untrained YOLOv8n (from ultralytics' yolov8n.yaml, nothing downloaded) saved as a .pt
-    that says it was trained at 128 px; ultralytics' settings and font go to a temporary folder.
-    Its confidences are tiny (~1e-4), so the tests use a --conf below them to get boxes."""
-    config = tmp_path_factory.mktemp("ultralytics_config")
-    old = os.environ.get("YOLO_CONFIG_DIR")
-    os.environ["YOLO_CONFIG_DIR"] = str(config)
-    import detector
-
-    torch.manual_seed(0)
-    yolo = detector.import_ultralytics().YOLO("yolov8n.yaml", task="detect")
-    yolo.ckpt = {"train_args": {"imgsz": 128, "task": "detect"}}
-    path = tmp_path_factory.mktemp("yolo") / "untrained_yolov8n.pt"
-    yolo.save(path)
-    yield path
-    if old is None:
-        os.environ.pop("YOLO_CONFIG_DIR", None)
-    else:
-        os.environ["YOLO_CONFIG_DIR"] = old
-
-
 YOLO_ARGS = ["--prompt", "yolo", "--conf", "0.00001", "--max_det", "6"]
 
 
-def test_yolo_prompts_end_to_end(main, em_dir, untrained_yolo, tmp_path, caplog):
+@pytest.mark.slow
+def test_yolo_prompts_end_to_end(main, em3, untrained_yolo, tmp_path, caplog):
     out = tmp_path / "eval"
     with caplog.at_level(logging.INFO):
-        assert main(["evaluate", "--data_dir", str(em_dir), *SMALL, "--output_dir", str(out), *YOLO_ARGS,
+        assert main(["evaluate", "--data_dir", str(em3), *SMALL, "--output_dir", str(out), *YOLO_ARGS,
                      "--yolo_model", str(untrained_yolo), "--visualize", "--max_visualize", "1"]) == 0
     rows = read_csv(out / "per_image.csv")
     names = ["base", "yolo+sam", "baseline_yolo_box", "baseline_box", "baseline_ellipse"]
@@ -385,7 +242,7 @@ def test_yolo_prompts_end_to_end(main, em_dir, untrained_yolo, tmp_path, caplog)
     assert "detector boxes at IoU > 0.50" in (out / "evaluate.log").read_text()
     assert len(list((out / "visualizations").glob("*.png"))) == 1
     # the ground-truth box rows are exactly what --prompt box gives
-    assert main(["evaluate", "--data_dir", str(em_dir), *SMALL, "--output_dir", str(tmp_path / "box")]) == 0
+    assert main(["evaluate", "--data_dir", str(em3), *SMALL, "--output_dir", str(tmp_path / "box")]) == 0
     boxed = {r["image"]: r for r in read_csv(tmp_path / "box" / "per_image.csv") if r["model"] == "base"}
     for image, r in by_model["base"].items():
         assert [r[k] for k in ("dice", "aji", "pq", "n_pred")] == [boxed[image][k] for k in ("dice", "aji", "pq", "n_pred")]
@@ -400,21 +257,3 @@ def test_yolo_row_names_with_several_models():
     assert sets["yolo+lora"].source == "lora.pt" and sets["lora"].prompts == "box"
     assert list(row_sets("yolo", sources[:1], BASELINES, detector))[:2] == ["base", "yolo+sam"]
     assert list(row_sets("box", sources[:1], BASELINES)) == ["base", "baseline_box", "baseline_ellipse"]
-
-
-@pytest.mark.parametrize("case", ["missing", "not_a_file", "not_yolo", "bad_conf"])
-def test_yolo_bad_detector(main, case, em_dir, untrained_yolo, tmp_path, caplog):
-    out = tmp_path / "eval"
-    args = ["evaluate", "--data_dir", str(em_dir), *SMALL, "--output_dir", str(out), *YOLO_ARGS]
-    not_yolo = tmp_path / "state.pt"
-    torch.save({"image_encoder.x": torch.zeros(2)}, not_yolo)
-    extra, expected = {
-        "missing": ([], "needs --yolo_model"),
-        "not_a_file": (["--yolo_model", str(tmp_path / "none.pt")], "not found"),
-        "not_yolo": (["--yolo_model", str(not_yolo)], "is not a YOLO model"),
-        "bad_conf": (["--yolo_model", str(untrained_yolo), "--conf", "2"], "--conf must be in 0..1"),
-    }[case]
-    assert main(args + extra) == 2
-    lines = error_lines(caplog)
-    assert len(lines) == 1 and expected in lines[0], lines
-    assert not out.exists()

@@ -1,4 +1,4 @@
-"""figures.py: instance contours, bars and box plots (every figure a real PNG)."""
+"""figures.py: instance contours and label edges, bars and box plots (every figure a real PNG)."""
 from __future__ import annotations
 
 import numpy as np
@@ -25,3 +25,13 @@ def test_draw_instances_colours_each_contour(tmp_path):
                                      "Dice", "t", baselines=["baseline_box"])
     box = figures.save_box_plot(tmp_path / "c.png", {"base": [0.1, 0.5, 0.7]}, "Dice", "t")
     assert bars.stat().st_size > 1000 and box.stat().st_size > 1000
+
+
+def test_label_edges_match_3x3_filters():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (1, 6), (6, 1), (7, 9), (40, 33)]:
+        labels = rng.integers(0, 4, shape).astype(np.int32)
+        expected = (labels != ndimage.maximum_filter(labels, 3)) | (labels != ndimage.minimum_filter(labels, 3))
+        np.testing.assert_array_equal(figures.label_edges(labels), expected)

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from instances import box_baseline, ellipse_mask, instance_from_mask, paint_instances
+from instances import Instance, box_baseline, ellipse_mask, instance_from_mask, paint_instances
 from prompts import object_prompts
 from reports import score_image
 
@@ -68,3 +68,20 @@ def test_baseline_overlaps_go_to_the_smaller_shape():
     prompts = object_prompts(labels)
     pred = box_baseline(prompts.boxes, labels.shape, "box", prompts.object_ids)
     assert (pred[25:35, 25:35] == 2).all() and (pred[5:55, 5:55] > 0).all()
+
+
+def test_paint_resolves_overlaps_by_score() -> None:
+    a = Instance((0, 0, 4, 4), np.ones((4, 4), bool), score=0.5, confidence=0.9)
+    b = Instance((2, 2, 6, 6), np.ones((4, 4), bool), score=0.8, confidence=0.1)
+    hidden = Instance((3, 3, 5, 5), np.ones((2, 2), bool), score=0.1, confidence=0.1)  # fully under b
+    tiny = Instance((7, 7, 8, 8), np.ones((1, 1), bool), score=0.9, confidence=0.9)
+    labels, kept = paint_instances([a, b, hidden, tiny], (8, 8), min_area=2)
+    assert kept == [b, a]  # label 1 = highest score; hidden and tiny (1 px < min_area) dropped
+    assert labels[3, 3] == 1 and labels[0, 0] == 2 and labels[7, 7] == 0
+    assert (labels == 1).sum() == 16 and (labels == 2).sum() == 12
+
+
+def test_box_baseline_fills_detector_boxes() -> None:
+    labels = box_baseline(np.array([[1, 1, 2.5, 3], [0, 0, 1, 1]]), (6, 6))  # the smaller box on top
+    assert labels[0, 0] == 1 and labels[3, 3] == 2 and labels[1, 1] == 1
+    assert (labels == 2).sum() == 3 * 3 - 1  # x 1..3 (3.5 rounds out), y 1..3, less the shared pixel

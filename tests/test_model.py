@@ -1,4 +1,5 @@
-"""model.py: equivalence with the official SAM / MobileSAM predictors, sizes, checkpoint loading."""
+"""model.py: equivalence with the official SAM / MobileSAM predictors, input sizes, the one forward,
+prompt and image checks (reading checkpoints: test_checkpoints.py)."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +11,7 @@ import pytest
 import tifffile
 import torch
 
+from conftest import tiny_sam
 from errors import UserError
 from model import (
     build_model,
@@ -129,8 +131,7 @@ def test_reduced_input_sizes(model_type: str, image_size: int) -> None:
 
 
 def test_forward_is_differentiable_and_batched() -> None:
-    torch.manual_seed(0)
-    sam = build_model("vit_t", image_size=256)
+    sam = tiny_sam("vit_t", image_size=256)
     rng = np.random.default_rng(1)
     images = [rng.integers(0, 255, (120, 90, 3), dtype=np.uint8), rng.integers(0, 255, (64, 200, 3), dtype=np.uint8)]
     prepared = [prepare_image(im, 256) for im in images]
@@ -146,44 +147,9 @@ def test_forward_is_differentiable_and_batched() -> None:
     assert grads and any(g.abs().sum() > 0 for g in grads)
 
 
-def test_checkpoint_interpolated_to_smaller_input(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    full = build_model("vit_b", image_size=1024)
-    path = tmp_path / "sam_vit_b.pth"
-    torch.save(full.state_dict(), path)
-    small = build_model("vit_b", checkpoint=path, image_size=512)
-    assert small.image_encoder.pos_embed.shape == (1, 32, 32, 768)
-    assert small.checkpoint_sha256 and len(small.checkpoint_sha256) == 64
-    # the interpolated embedding is a smooth resampling of the original, not a fresh init
-    pos = full.image_encoder.pos_embed.detach()
-    assert torch.allclose(small.image_encoder.pos_embed.detach().mean(), pos.mean(), atol=1e-3)
-    # every other tensor is loaded unchanged
-    for key, value in small.state_dict().items():
-        if "pos" not in key:
-            assert torch.equal(value, full.state_dict()[key]), key
-
-
-def test_checkpoint_errors(tmp_path: Path) -> None:
-    vit_t = build_model("vit_t", image_size=256)
-    tpath = tmp_path / "mobile_sam.pt"
-    torch.save(vit_t.state_dict(), tpath)
-    with pytest.raises(UserError, match="is a vit_t checkpoint but --model_type is vit_b"):
-        build_model("vit_b", checkpoint=tpath)
-    junk = tmp_path / "junk.pth"
-    junk.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
-        build_model("vit_t", checkpoint=junk)
-    partial_state = {k: v for k, v in vit_t.state_dict().items() if not k.startswith("mask_decoder.")}
-    torch.save(partial_state, tmp_path / "partial.pt")
-    with pytest.raises(UserError, match="lacks"):
-        build_model("vit_t", checkpoint=tmp_path / "partial.pt")
-    with pytest.raises(UserError, match="does not exist"):
-        build_model("vit_t", checkpoint=tmp_path / "missing.pt")
+def test_unknown_model_type() -> None:
     with pytest.raises(UserError, match="unknown model type"):
         build_model("vit_x")
-    # a 1024 checkpoint (wrapped as {"model": ...}) loads into a 256 px MobileSAM
-    torch.save({"model": build_model("vit_t").state_dict()}, tmp_path / "wrapped.pt")
-    assert build_model("vit_t", checkpoint=tmp_path / "wrapped.pt", image_size=256).checkpoint_sha256
 
 
 def test_prompt_validation() -> None:

@@ -5,7 +5,7 @@ import numpy as np
 
 import pytest
 
-from prompts import interior_point, object_prompts, sample_prompts
+from prompts import interior_point, label_boxes, object_prompts, sample_prompts
 
 
 def test_boxes_enclose_masks_and_points_fall_inside_and_outside(cpm15):
@@ -98,3 +98,12 @@ def test_interior_point_is_the_deepest_pixel():
     assert y == 4 and mask[y, x]
     with pytest.raises(ValueError):
         interior_point(np.zeros((3, 3), bool))
+
+
+def test_label_boxes_have_inclusive_corners():
+    labels = np.zeros((10, 20), np.int32)
+    labels[2:4, 5:9] = 1  # x 5..8, y 2..3 -> box [5, 2, 8, 3] with inclusive corners
+    labels[9, 19] = 3  # a 1-pixel object in the corner; label 2 is absent
+    ids, boxes = label_boxes(labels)
+    assert ids.tolist() == [1, 3]
+    np.testing.assert_array_equal(boxes, [[5, 2, 8, 3], [19, 9, 19, 9]])

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import stat
 from pathlib import Path
 
 import pytest
 
 import runfiles
-from conftest import crop_em_sections
+from conftest import EM4, SMALL
 from errors import UserError
 
 
@@ -87,24 +88,23 @@ def test_nested_runs_are_recorded_in_the_outer_directory(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_every_command_writes_with_the_umask_and_quoted_csv(main, shared_data: Path, tmp_path: Path,
+def test_every_command_writes_with_the_umask_and_quoted_csv(main, em_crops, tmp_path: Path,
                                                             umask_022, one_thread) -> None:
     """train, parameter_search, evaluate, demo and detect predict on data whose path has a comma:
     every file they write is 0644 under umask 022, no temporary file is left, and every CSV
     reads back through the csv module with the comma path intact."""
-    data = crop_em_sections(shared_data, tmp_path / "em, day 2", {"a": "00", "b": "05", "c": "10", "d": "15"})
-    small = ["--checkpoint", "none", "--image_size", "256", "--model_type", "vit_t", "--device", "cpu"]
-    train = [*small, "--data_dir", str(data), "--freeze_encoder", "--lora_targets", "decoder", "--lora_rank", "2",
+    data = Path(shutil.copytree(em_crops(EM4, 256), tmp_path / "em, day 2"))
+    train = [*SMALL, "--data_dir", str(data), "--freeze_encoder", "--lora_targets", "decoder", "--lora_rank", "2",
              "--max_objects", "2", "--epochs", "1", "--no_augment", "--cross_validation", "--num_folds", "2"]
     out = tmp_path / "out"
     commands = [
         ["train", *train, "--output_dir", str(out / "train")],
         ["parameter_search", *train, "--lora_ranks", "2", "--lora_alphas", "2", "--learning_rates", "1e-3",
          "--output_dir", str(out / "search")],
-        ["evaluate", "--cv_run", str(out / "train"), *small, "--output_dir", str(out / "evaluate"), "--plot"],
-        ["demo", *small, "--samples_dir", str(data), "--num_samples", "1", "--output_dir", str(out / "demo")],
+        ["evaluate", "--cv_run", str(out / "train"), *SMALL, "--output_dir", str(out / "evaluate"), "--plot"],
+        ["demo", *SMALL, "--samples_dir", str(data), "--num_samples", "1", "--output_dir", str(out / "demo")],
         ["detect", "predict", "--mode", "amg", "--input", str(data / "images" / "a.png"), "--points_per_side", "2",
-         *small, "--output_dir", str(out / "detect")],
+         *SMALL, "--output_dir", str(out / "detect")],
     ]
     for argv in commands:
         assert main(argv) == 0, argv

@@ -1,4 +1,6 @@
-"""train / parameter_search: end-to-end runs on real EM crops with tiny, random-weight models."""
+"""train: end-to-end runs on real EM crops with random-weight models (``--checkpoint none``): folds,
+resume, the frozen-encoder cache, the merged export, a NaN loss, torchrun (bad input:
+test_bad_inputs.py; the losses: test_losses.py)."""
 from __future__ import annotations
 
 import json
@@ -13,40 +15,21 @@ import pytest
 import torch
 
 import adapters
-import losses
 import trainer
+from conftest import TINY_TRAIN
 from main import main
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--checkpoint", "none", "--model_type", "vit_t", "--image_size", "256", "--max_objects", "4",
-        "--lora_rank", "4", "--lora_alpha", "4"]
-
-
-@pytest.fixture(scope="module")
-def em_crops(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    """Six 256x256 crops of real EM sections with mitochondria (separate groups: named a..f)."""
-    root = tmp_path_factory.mktemp("em_crops")
-    (root / "images").mkdir()
-    (root / "masks").mkdir()
-    for name, section in zip("abcdef", ("00", "03", "06", "09", "12", "15")):
-        image = cv2.imread(str(shared_data / "em_vnc" / "images" / f"{section}.png"), cv2.IMREAD_GRAYSCALE)
-        mask = cv2.imread(str(shared_data / "em_vnc" / "masks" / f"{section}.png"), cv2.IMREAD_GRAYSCALE)
-        # the 256 px window with the most mitochondria pixels
-        best = max(((y, x) for y in range(0, 769, 128) for x in range(0, 769, 128)),
-                   key=lambda yx: mask[yx[0]:yx[0] + 256, yx[1]:yx[1] + 256].sum())
-        y, x = best
-        cv2.imwrite(str(root / "images" / f"{name}.png"), image[y:y + 256, x:x + 256])
-        cv2.imwrite(str(root / "masks" / f"{name}.png"), mask[y:y + 256, x:x + 256])
-    return root
+pytestmark = pytest.mark.slow  # every test here trains (em6: six 256 px crops of real EM sections, conftest.py)
 
 
 def run_train(data_dir: Path, out: Path, *extra: str) -> int:
-    return main(["train", "--data_dir", str(data_dir), "--output_dir", str(out), *TINY, *extra])
+    return main(["train", "--data_dir", str(data_dir), "--output_dir", str(out), *TINY_TRAIN, *extra])
 
 
-def test_cross_validation_writes_every_file(em_crops: Path, tmp_path: Path) -> None:
+def test_cross_validation_writes_every_file(em6: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    assert run_train(em_crops, out, "--cross_validation", "--num_folds", "3", "--epochs", "2") == 0
+    assert run_train(em6, out, "--cross_validation", "--num_folds", "3", "--epochs", "2") == 0
     for name in ("config.json", "folds.json", "metrics.csv", "summary.json", "train.log"):
         assert (out / name).is_file(), name
     rows = (out / "metrics.csv").read_text().strip().splitlines()
@@ -66,14 +49,14 @@ def test_cross_validation_writes_every_file(em_crops: Path, tmp_path: Path) -> N
         assert (out / f"fold_{k}" / "last.pt").is_file()
     # a second run into the same directory is refused, and nothing is lost
     before = (out / "summary.json").read_bytes()
-    assert run_train(em_crops, out, "--cross_validation", "--num_folds", "3", "--epochs", "2") == 2
+    assert run_train(em6, out, "--cross_validation", "--num_folds", "3", "--epochs", "2") == 2
     assert (out / "summary.json").read_bytes() == before
 
 
-def test_resume_after_interruption_matches_uninterrupted(em_crops: Path, tmp_path: Path,
+def test_resume_after_interruption_matches_uninterrupted(em6: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     args = ("--epochs", "3", "--lora_dropout", "0.1", "--prompt", "mix")
-    assert run_train(em_crops, tmp_path / "full", *args) == 0
+    assert run_train(em6, tmp_path / "full", *args) == 0
 
     original = trainer.train_one_epoch
 
@@ -83,10 +66,10 @@ def test_resume_after_interruption_matches_uninterrupted(em_crops: Path, tmp_pat
         return original(ctx, loader, epoch, fold)
 
     monkeypatch.setattr(trainer, "train_one_epoch", interrupted)
-    assert run_train(em_crops, tmp_path / "cut", *args) == 130
+    assert run_train(em6, tmp_path / "cut", *args) == 130
     assert not (tmp_path / "cut" / "summary.json").exists()
     monkeypatch.setattr(trainer, "train_one_epoch", original)
-    assert run_train(em_crops, tmp_path / "cut", *args, "--resume") == 0
+    assert run_train(em6, tmp_path / "cut", *args, "--resume") == 0
 
     full = (tmp_path / "full" / "metrics.csv").read_text().splitlines()
     cut = (tmp_path / "cut" / "metrics.csv").read_text().splitlines()
@@ -97,7 +80,7 @@ def test_resume_after_interruption_matches_uninterrupted(em_crops: Path, tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_frozen_encoder_embeds_each_image_once(em_crops: Path, tmp_path: Path,
+def test_frozen_encoder_embeds_each_image_once(em6: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     original = trainer.sam_model.encode_images
@@ -108,7 +91,7 @@ def test_frozen_encoder_embeds_each_image_once(em_crops: Path, tmp_path: Path,
 
     monkeypatch.setattr(trainer.sam_model, "encode_images", counting)
     out = tmp_path / "frozen"
-    assert run_train(em_crops, out, "--freeze_encoder", "--lora_targets", "decoder", "--epochs", "3",
+    assert run_train(em6, out, "--freeze_encoder", "--lora_targets", "decoder", "--epochs", "3",
                      "--no_augment") == 0
     # 6 images, each embedded exactly once over 3 epochs of training and validation
     assert sum(calls) == 6
@@ -118,40 +101,19 @@ def test_frozen_encoder_embeds_each_image_once(em_crops: Path, tmp_path: Path,
     # cross-validation: every image is in some fold's training and another's validation set,
     # and the frozen encoder still runs once per image for the whole run, not once per fold
     calls.clear()
-    assert run_train(em_crops, tmp_path / "frozen_cv", "--freeze_encoder", "--lora_targets", "decoder",
+    assert run_train(em6, tmp_path / "frozen_cv", "--freeze_encoder", "--lora_targets", "decoder",
                      "--epochs", "1", "--no_augment", "--cross_validation", "--num_folds", "3") == 0
     assert sum(calls) == 6
 
 
-def test_parameter_search_ranks_and_skips(em_crops: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    out = tmp_path / "search"
-    argv = ["parameter_search", "--data_dir", str(em_crops), "--output_dir", str(out), *TINY,
-            "--lora_ranks", "2,4", "--lora_alphas", "4", "--learning_rates", "1e-3", "--num_folds", "2",
-            "--epochs", "1"]
-    assert main(argv) == 0
-    lines = (out / "results.csv").read_text().strip().splitlines()
-    assert lines[0].startswith("name,lora_rank,lora_alpha,learning_rate,mean_val_dice,std_val_dice")
-    dices = [float(line.split(",")[4]) for line in lines[1:]]
-    assert len(dices) == 2 and dices == sorted(dices, reverse=True)
-    best = json.loads((out / "best_config.json").read_text())
-    assert best["mean_val_dice"] == dices[0]
-    # every configuration trained on the same folds
-    folds = {json.dumps(json.loads((d / "folds.json").read_text())["folds"]) for d in out.glob("rank*")}
-    assert len(list(out.glob("rank*"))) == 2 and len(folds) == 1
-    assert json.loads((out / "folds.json").read_text())["folds"] == json.loads(folds.pop())
-    # a re-run skips finished configurations
-    monkeypatch.setattr(trainer, "run_fold", lambda *a, **k: pytest.fail("re-trained a finished configuration"))
-    assert main(argv) == 0
-
-
-def test_export_merged_loads_in_the_official_registry(em_crops: Path, tmp_path: Path) -> None:
+def test_export_merged_loads_in_the_official_registry(em6: Path, tmp_path: Path) -> None:
     import mobile_sam
 
     import lora
     from model import build_model, import_mobile_sam_modeling, predict
 
     out, export = tmp_path / "run", tmp_path / "merged.pt"
-    assert run_train(em_crops, out, "--epochs", "1", "--learning_rate", "1e-2", "--export_merged", str(export)) == 0
+    assert run_train(em6, out, "--epochs", "1", "--learning_rate", "1e-2", "--export_merged", str(export)) == 0
     import_mobile_sam_modeling()
     official = mobile_sam.sam_model_registry["vit_t"](checkpoint=str(export)).eval()
     # ours: the same random base (seed 0) with the adapter, unmerged
@@ -160,7 +122,7 @@ def test_export_merged_loads_in_the_official_registry(em_crops: Path, tmp_path: 
     adapters.load_adapter(out / "fold_0" / "best.pt", ours)
     adapter_changed = any(v.abs().sum() > 0 for k, v in lora.lora_state_dict(ours).items() if "lora_B" in k)
     assert adapter_changed
-    image = cv2.cvtColor(cv2.imread(str(em_crops / "images" / "a.png")), cv2.COLOR_BGR2RGB)
+    image = cv2.cvtColor(cv2.imread(str(em6 / "images" / "a.png")), cv2.COLOR_BGR2RGB)
     box = np.array([[40, 40, 120, 140]])
     with torch.no_grad():
         m1, s1, l1 = predict(ours.eval(), image, boxes=box)
@@ -169,37 +131,7 @@ def test_export_merged_loads_in_the_official_registry(em_crops: Path, tmp_path: 
     assert (m1 != m2).mean() < 1e-3
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--batch_size", "0"], "--batch_size must be at least 1"),
-    (["--cross_validation", "--num_folds", "1"], "at least 2"),
-    (["--cross_validation", "--num_folds", "9"], "cannot make 9 folds from 6 groups"),
-    (["--loss", "hinge"], "unknown --loss"),
-    (["--prompt", "scribble"], "unknown --prompt"),
-    (["--resume"], "no run to resume"),
-    (["--lora_targets", "qkv,nope"], "unknown LoRA target"),
-    (["--precision", "fp16"], "fp16 needs a CUDA GPU"),
-])
-def test_bad_training_input(em_crops: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
-                            extra: list[str], message: str) -> None:
-    out = tmp_path / "bad"
-    assert run_train(em_crops, out, *extra) == 2
-    assert message in caplog.text
-    assert "Traceback" not in caplog.text
-    assert not (out / "summary.json").exists()
-
-
-def test_checkpoint_of_another_model_type(em_crops: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from model import build_model
-
-    wrong = tmp_path / "sam_vit_b.pth"
-    torch.save(build_model("vit_b", image_size=256).state_dict(), wrong)
-    argv = ["train", "--data_dir", str(em_crops), "--output_dir", str(tmp_path / "o"), "--checkpoint", str(wrong),
-            "--model_type", "vit_t", "--image_size", "256"]
-    assert main(argv) == 2
-    assert "is a vit_b checkpoint but --model_type is vit_t" in caplog.text
-
-
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(em_crops: Path, tmp_path: Path,
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(em6: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     original = trainer.compute_loss
@@ -212,19 +144,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(em_crops: Path, tmp_path:
 
     monkeypatch.setattr(trainer, "compute_loss", poisoned)
     out = tmp_path / "nan"
-    assert run_train(em_crops, out, "--epochs", "3") == 2
+    assert run_train(em6, out, "--epochs", "3") == 2
     assert "loss became nan" in caplog.text
     saved = torch.load(out / "fold_0" / "last.pt", weights_only=True)
     assert saved["state"]["epoch"] == 0  # epoch 0 kept; the poisoned epoch 1 was not saved
     assert all(torch.isfinite(v).all() for v in saved["trainable"].values())
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_on_cpu(em_crops: Path, tmp_path: Path) -> None:
+def test_torchrun_two_processes_on_cpu(em6: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "main.py"), "train", "--data_dir", str(em_crops), "--output_dir", str(out), *TINY,
+           str(REPO / "main.py"), "train", "--data_dir", str(em6), "--output_dir", str(out), *TINY_TRAIN,
            "--epochs", "2", "--device", "cpu"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -232,24 +163,3 @@ def test_torchrun_two_processes_on_cpu(em_crops: Path, tmp_path: Path) -> None:
     assert len(summary["folds"]) == 1 and 0 <= summary["folds"][0]["best_val_dice"] <= 1
     rows = (out / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 3  # one writer (rank 0): header + 2 epochs, no duplicates
-
-
-@pytest.mark.parametrize("kind", losses.LOSSES)
-def test_losses_are_finite_on_empty_masks_and_match_hand_values(kind: str) -> None:
-    logits = torch.tensor([[[[8.0, -8.0], [-8.0, -8.0]]], [[[-8.0, -8.0], [-8.0, -8.0]]]], requires_grad=True)
-    targets = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])  # 2nd object: empty
-    iou = torch.tensor([[1.0], [1.0]])
-    loss = losses.compute_loss(kind, logits, iou, targets)
-    assert torch.isfinite(loss) and loss.item() < 0.05  # both predictions are right
-    loss.backward()
-    assert torch.isfinite(logits.grad).all()
-    # all-wrong predictions cost more; an empty target with an empty prediction costs ~0
-    worse = losses.compute_loss(kind, -logits.detach(), iou, targets)
-    assert worse > 0.5
-    # Dice + BCE by hand for one 1-pixel object predicted with logit 0 everywhere
-    if kind == "dice_ce":
-        zero = torch.zeros(1, 1, 1, 2)
-        target = torch.tensor([[[[1.0, 0.0]]]])
-        dice = 1 - (2 * 0.5 + 1) / (1.0 + 1 + 1)  # soft Dice with +1 smoothing: probs 0.5, 0.5
-        bce = float(np.log(2))
-        assert losses.compute_loss(kind, zero, iou[:1], target).item() == pytest.approx(dice + bce, rel=1e-5)

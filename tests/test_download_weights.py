@@ -1,4 +1,6 @@
-"""``download`` against a local HTTP server that serves a small random file with Range support."""
+"""download_weights.py: ``download`` against a local HTTP server that serves a small random file
+with Range support (its bad inputs without a server: test_bad_inputs.py; the registry and
+verification: test_checkpoints.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -6,22 +8,13 @@ import http.server
 import logging
 import os
 import re
-import socket
 import threading
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import urlparse
 
 import pytest
 
-from checkpoints import (
-    CHECKPOINTS,
-    CheckpointSpec,
-    ChecksumError,
-    default_checkpoint_path,
-    sha256_file,
-    verify_file,
-)
+from checkpoints import CHECKPOINTS, CheckpointSpec, sha256_file
 from download_weights import download
 from errors import UserError
 from main import main
@@ -100,13 +93,6 @@ def cli(url: str, out: Path, *extra: str) -> int:
                  "--sha256", PAYLOAD_SHA256, "--timeout", "5", *extra])
 
 
-def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/{FILENAME}"
-
-
 def errors_logged(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.levelno >= logging.ERROR]
 
@@ -160,28 +146,6 @@ def test_present_but_wrong_is_kept_until_overwrite(server: FileServer, tmp_path:
     assert target.read_bytes() == PAYLOAD
 
 
-def test_offline_one_line_error(tmp_path: Path, caplog: pytest.LogCaptureFixture,
-                                capsys: pytest.CaptureFixture[str]) -> None:
-    url = closed_port_url()
-    assert cli(url, tmp_path) == 2
-    [record] = errors_logged(caplog)
-    message = record.getMessage()
-    assert url in message and str((tmp_path / FILENAME).absolute()) in message
-    assert "\n" not in message and record.exc_info is None
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.out + captured.err
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_url_with_all_is_refused(tmp_path: Path) -> None:
-    assert main(["download", "--model_type", "all", "--url", "http://127.0.0.1:9/x",
-                 "--output_dir", str(tmp_path)]) == 2
-
-
-def test_bad_sha256_flag_is_a_usage_error(tmp_path: Path) -> None:
-    assert main(["download", "--sha256", "abc", "--output_dir", str(tmp_path)]) == 2
-
-
 # --- the library function: resume ----------------------------------------------------------
 
 def test_resume_sends_range(server: FileServer, tmp_path: Path, spec: CheckpointSpec) -> None:
@@ -217,44 +181,3 @@ def test_corrupt_part_is_deleted(server: FileServer, tmp_path: Path,
     with pytest.raises(UserError, match="corrupted"):
         download(spec, tmp_path, url=server.url, timeout=5)
     assert list(tmp_path.iterdir()) == []
-
-
-# --- the registry and verification ---------------------------------------------------------
-
-def test_registry_sanity() -> None:
-    assert set(CHECKPOINTS) == {"vit_t", "vit_b", "vit_l", "vit_h"}
-    for model_type, spec in CHECKPOINTS.items():
-        assert spec.model_type == model_type
-        assert urlparse(spec.url).scheme == "https"
-        assert spec.filename == Path(urlparse(spec.url).path).name
-        assert spec.sha256 is not None and re.fullmatch(r"[0-9a-f]{64}", spec.sha256)
-        assert spec.sha256_prefix == spec.sha256[:6]
-        assert spec.size is not None and spec.size > 10_000_000
-        if model_type != "vit_t":
-            # SAM's file-name suffix is an MD5 prefix, not a SHA-256 one: a file checked with
-            # torch.hub's "name carries the SHA-256 prefix" rule would always be rejected.
-            suffix = re.fullmatch(rf"sam_{model_type}_([0-9a-f]{{6}})\.pth", spec.filename)
-            assert suffix is not None and not spec.sha256.startswith(suffix.group(1))
-
-
-def test_default_checkpoint_path() -> None:
-    assert default_checkpoint_path("vit_b") == Path("weights/sam_vit_b_01ec64.pth")
-    assert default_checkpoint_path("vit_t", "w") == Path("w/mobile_sam.pt")
-    with pytest.raises(ValueError, match="vit_t"):
-        default_checkpoint_path("vit_x")
-
-
-def test_verify_file(tmp_path: Path) -> None:
-    path = tmp_path / "f.bin"
-    path.write_bytes(PAYLOAD)
-    verify_file(path, CheckpointSpec("t", "u", "f.bin", PAYLOAD_SHA256, size=len(PAYLOAD)))
-    # prefix + size only, for entries without a published full hash
-    verify_file(path, CheckpointSpec("t", "u", "f.bin", sha256_prefix=PAYLOAD_SHA256[:6],
-                                     size=len(PAYLOAD)))
-    with pytest.raises(ChecksumError, match="bytes, expected"):
-        verify_file(path, CheckpointSpec("t", "u", "f.bin", PAYLOAD_SHA256, size=len(PAYLOAD) + 1))
-    wrong = "0" * 64 if PAYLOAD_SHA256[0] != "0" else "1" * 64
-    with pytest.raises(ChecksumError, match="SHA-256"):
-        verify_file(path, CheckpointSpec("t", "u", "f.bin", wrong))
-    with pytest.raises(ValueError):
-        CheckpointSpec("t", "u", "f.bin")  # nothing to verify against

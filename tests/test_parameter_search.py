@@ -1,0 +1,34 @@
+"""parameter_search: a grid of LoRA settings on the same grouped folds, ranked, finished ones skipped."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import trainer
+from conftest import TINY_TRAIN
+from main import main
+
+
+
+@pytest.mark.slow
+def test_parameter_search_ranks_and_skips(em6: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "search"
+    argv = ["parameter_search", "--data_dir", str(em6), "--output_dir", str(out), *TINY_TRAIN,
+            "--lora_ranks", "2,4", "--lora_alphas", "4", "--learning_rates", "1e-3", "--num_folds", "2",
+            "--epochs", "1"]
+    assert main(argv) == 0
+    lines = (out / "results.csv").read_text().strip().splitlines()
+    assert lines[0].startswith("name,lora_rank,lora_alpha,learning_rate,mean_val_dice,std_val_dice")
+    dices = [float(line.split(",")[4]) for line in lines[1:]]
+    assert len(dices) == 2 and dices == sorted(dices, reverse=True)
+    best = json.loads((out / "best_config.json").read_text())
+    assert best["mean_val_dice"] == dices[0]
+    # every configuration trained on the same folds
+    folds = {json.dumps(json.loads((d / "folds.json").read_text())["folds"]) for d in out.glob("rank*")}
+    assert len(list(out.glob("rank*"))) == 2 and len(folds) == 1
+    assert json.loads((out / "folds.json").read_text())["folds"] == json.loads(folds.pop())
+    # a re-run skips finished configurations
+    monkeypatch.setattr(trainer, "run_fold", lambda *a, **k: pytest.fail("re-trained a finished configuration"))
+    assert main(argv) == 0

@@ -7,7 +7,7 @@ import pytest
 
 from dataset import load_dataset, make_patches
 from errors import UserError
-from folds import (fold_group, load_folds, load_or_make_folds, make_folds, make_holdout,
+from folds import (Grouping, fold_group, load_folds, load_or_make_folds, make_folds, make_holdout,
                    save_folds, split_test)
 
 
@@ -38,7 +38,9 @@ def test_patch_folds_never_split_an_image(shared_data):
 
 def test_stack_folds_keep_slice_blocks_together(em_stack):
     trainval, test = split_test(em_stack)
-    folds = make_folds(em_stack, 3, seed=0, slice_block=5)
+    with pytest.raises(UserError, match="no training sample once the 5 sections next to it"):
+        make_folds(em_stack, 3, seed=0, slice_block=5)  # the default gap: the middle fold has nothing left
+    folds = make_folds(em_stack, 3, seed=0, grouping=Grouping(5, fold_gap=1))
     covered = _assert_no_leak(em_stack, folds, slice_block=5)
     assert sorted(covered) == trainval and not set(covered) & set(test)
     blocks = ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12, 13, 14])
@@ -52,7 +54,7 @@ def test_stack_folds_keep_slice_blocks_together(em_stack):
     with pytest.raises(UserError, match="cannot make 3 folds from 2 groups"):
         make_folds(em_stack, 3)
     patches = [p for s in em_stack for p in make_patches(s, 512)]
-    _assert_no_leak(patches, make_folds(patches, 3, slice_block=5), slice_block=5)
+    _assert_no_leak(patches, make_folds(patches, 3, grouping=Grouping(5, fold_gap=1)), slice_block=5)
 
 
 def test_more_folds_than_groups(cpm15):

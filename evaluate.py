@@ -395,7 +395,8 @@ def native_base(sources: list[runs.ModelSource], jobs: list[Job], bases: adapter
     """With the base model scored at another input size than SAM's own 1024 px (an adapter's),
     also score it at 1024 px (``base@1024``), so a fine-tuned model gets no credit for repairing
     the resized position embeddings."""
-    if bases.image_size == 1024 or not any(s.kind == "base" for s in sources):
+    if bases.image_size == 1024 or not any(s.kind == "base" for s in sources) or \
+            not any(s.kind != "base" for s in sources):
         return sources, jobs
     native = adapters.BaseModels(bases.model_type, bases.checkpoint, 1024, bases.device)
     source = runs.ModelSource(NATIVE_BASE, "base")
@@ -433,6 +434,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     with runfiles.LogBuffer() as buffer:
         sources, run_dirs, run_config = plan(args)
+        direct = {s.path: adapters.read_adapter(s.path)[0] for s in sources if s.kind == "adapter"}
+        adapters.resolve_model_options(args.model_type, args.image_size, direct, run_config)  # refuse a mismatch first
         options = data_options(args, run_dirs, run_config)
         out = runfiles.OutputDir(args.output_dir, "evaluate")
         protected = [options["data_dir"], *run_dirs]

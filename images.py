@@ -196,8 +196,8 @@ def mask_kind(array: np.ndarray, mask_type: str = "auto") -> MaskKind:
     if share >= BINARY_SHARE:
         return MaskKind("binary", close=share < 0.999, share=share)
     if top >= 128 and share >= ANTIALIASED_SHARE:
-        return MaskKind("binary", close=share < 0.8, share=share)
-    return MaskKind("instance", close=top >= 128 and share >= 0.3, share=share)
+        return MaskKind("binary", close=share < 0.6, share=share)
+    return MaskKind("instance", close=top >= 128 and share >= 0.4, share=share)
 
 
 def to_instance_labels(array: np.ndarray, path: Path | str = "labels", allow_float: bool = False,

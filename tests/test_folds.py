@@ -88,3 +88,53 @@ def test_folds_json_round_trip_and_mismatch(cpm15, em_folders, tmp_path):
     assert load_or_make_folds(run, cpm15, 3, seed=99) == folds  # re-used, not re-drawn
     with pytest.raises(UserError, match="holds 3 fold"):
         load_or_make_folds(run, cpm15, 5)
+
+
+def test_volume_folds_are_contiguous_runs_with_a_gap(shared_data, tmp_path):
+    """20 consecutive EM sections, blocks of 2, 4 folds, a gap of 2 sections: every validation part
+    is one run of sections and no training section lies within 2 sections of it."""
+    samples = load_dataset(shared_data / "em_vnc", "stack", slice_block=2)
+    assert [s.slice_index for s in samples] == list(range(20))
+    grouping = Grouping(2, fold_gap=2)
+    folds = make_folds(samples, 4, grouping=grouping)
+    assert sorted(i for _, val in folds for i in val) == list(range(20))
+    for train, val in folds:
+        zs = sorted(samples[i].slice_index for i in val)
+        assert zs == list(range(zs[0], zs[-1] + 1))  # one contiguous run
+        assert train and all(min(abs(samples[i].slice_index - z) for z in zs) > 2 for i in train)
+    path = save_folds(tmp_path, folds, samples, grouping=grouping)
+    record = json.loads(path.read_text())
+    assert record["fold_gap"] == 2 and record["folds"][1]["gap"] and "fold_gap" in record["guarantee"]
+    assert load_folds(path, samples) == folds
+    record["folds"][1]["train"] += record["folds"][1]["gap"]  # training that reaches into the gap
+    path.write_text(json.dumps(record))
+    with pytest.raises(UserError, match="within 2 sections of validation"):
+        load_folds(path, samples)
+    assert Grouping(5).gap == 5  # the default gap is the block size
+    train, val = make_holdout(samples, 0.25, seed=3, grouping=grouping)
+    zs = sorted(samples[i].slice_index for i in val)
+    assert len(zs) >= 5 and zs == list(range(zs[0], zs[-1] + 1))
+    assert all(min(abs(samples[i].slice_index - z) for z in zs) > 2 for i in train)
+
+
+def test_group_by_keeps_the_crops_of_one_slide_together(shared_data, tmp_path):
+    import shutil
+
+    src = shared_data / "nuclei_cpm15" / "cpm15 20x"
+    images = sorted((src / "tissue images").glob("*.png"))[:6]
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+    for k, image in enumerate(images):  # three slides, two crops each
+        name = f"slide{'ABC'[k // 2]}_crop{k % 2}"
+        shutil.copy(image, tmp_path / "images" / f"{name}.png")
+        shutil.copy(src / "label masks" / f"{image.stem}.tif", tmp_path / "masks" / f"{name}.tif")
+    samples = load_dataset(tmp_path)
+    grouping = Grouping(group_by=r"(slide[A-Z])_")
+    assert {grouping.group(s) for s in samples} == {"slideA", "slideB", "slideC"}
+    for train, val in make_folds(samples, 3, grouping=grouping):
+        assert not {grouping.group(samples[i]) for i in train} & {grouping.group(samples[i]) for i in val}
+        assert len(val) == 2
+    with pytest.raises(UserError, match="does not match images/slideA_crop0.png"):
+        Grouping(group_by=r"patient\d+").group(samples[0])
+    with pytest.raises(UserError, match="not a valid regular expression"):
+        Grouping(group_by="(")

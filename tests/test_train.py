@@ -53,10 +53,12 @@ def test_cross_validation_writes_every_file(em_crops: Path, tmp_path: Path) -> N
     assert rows[0].startswith("fold,epoch,train_loss")
     assert len(rows) == 1 + 3 * 2
     summary = json.loads((out / "summary.json").read_text())
-    dices = [f["best_val_dice"] for f in summary["folds"]]
-    assert len(dices) == 3 and all(0 <= d <= 1 for d in dices)
-    assert summary["mean_best_val_dice"] == pytest.approx(np.mean(dices))
-    assert summary["std_best_val_dice"] == pytest.approx(np.std(dices, ddof=1))
+    dices = [s["dice"] for f in summary["folds"] for s in f["scored"]]  # every outer image once
+    assert len(dices) == 6 and all(0 <= d <= 1 for d in dices)
+    cv = summary["cv_estimate"]
+    assert cv["n_images"] == 6 and cv["dice"]["mean"] == pytest.approx(np.mean(dices))
+    assert cv["dice"]["std"] == pytest.approx(np.std(dices, ddof=1))
+    assert cv["dice"]["ci_low"] <= cv["dice"]["mean"] <= cv["dice"]["ci_high"]
     folds = json.loads((out / "folds.json").read_text())["folds"]
     for fold in folds:  # grouped: no image on both sides
         assert not set(fold["train_groups"]) & set(fold["val_groups"])
@@ -130,11 +132,11 @@ def test_parameter_search_ranks_and_skips(em_crops: Path, tmp_path: Path, monkey
             "--epochs", "1"]
     assert main(argv) == 0
     lines = (out / "results.csv").read_text().strip().splitlines()
-    assert lines[0].startswith("name,lora_rank,lora_alpha,learning_rate,mean_val_dice,std_val_dice")
+    assert lines[0].startswith("name,lora_rank,lora_alpha,learning_rate,cv_dice,cv_dice_std")
     dices = [float(line.split(",")[4]) for line in lines[1:]]
     assert len(dices) == 2 and dices == sorted(dices, reverse=True)
     best = json.loads((out / "best_config.json").read_text())
-    assert best["mean_val_dice"] == dices[0]
+    assert best["cv_dice"] == dices[0]
     # every configuration trained on the same folds
     folds = {json.dumps(json.loads((d / "folds.json").read_text())["folds"]) for d in out.glob("rank*")}
     assert len(list(out.glob("rank*"))) == 2 and len(folds) == 1
@@ -157,7 +159,7 @@ def test_export_merged_loads_in_the_official_registry(em_crops: Path, tmp_path: 
     # ours: the same random base (seed 0) with the adapter, unmerged
     torch.manual_seed(0)
     ours = build_model("vit_t")
-    adapters.load_adapter(out / "fold_0" / "best.pt", ours)
+    adapters.load_adapter(out / "final" / "best.pt", ours)  # --export_merged exports the final fit
     adapter_changed = any(v.abs().sum() > 0 for k, v in lora.lora_state_dict(ours).items() if "lora_B" in k)
     assert adapter_changed
     image = cv2.cvtColor(cv2.imread(str(em_crops / "images" / "a.png")), cv2.COLOR_BGR2RGB)
@@ -229,7 +231,7 @@ def test_torchrun_two_processes_on_cpu(em_crops: Path, tmp_path: Path) -> None:
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["folds"]) == 1 and 0 <= summary["folds"][0]["best_val_dice"] <= 1
+    assert len(summary["folds"]) == 1 and 0 <= summary["cv_estimate"]["dice"]["mean"] <= 1
     rows = (out / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 3  # one writer (rank 0): header + 2 epochs, no duplicates
 

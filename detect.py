@@ -59,8 +59,8 @@ def detector_split(args: argparse.Namespace, samples: Sequence, output_dir: Path
         folds = folds_lib.load_folds(args.folds_file, samples)
         log.info("data: using the folds in %s", args.folds_file)
     else:
-        folds = folds_lib.load_or_make_folds(output_dir, samples, args.num_folds, args.seed, args.slice_block,
-                                             args.val_fraction)
+        folds = folds_lib.load_or_make_folds(output_dir, samples, args.num_folds, args.seed,
+                                             val_fraction=args.val_fraction, grouping=data.grouping_of(args))
     if not 0 <= args.fold < len(folds):
         raise UserError(f"--fold {args.fold} does not exist: the split has {len(folds)} fold(s), "
                         f"numbered 0..{len(folds) - 1}")

@@ -18,9 +18,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from errors import UserError
-from folds import Fold, fold_group
+from folds import Fold, Grouping
 from images import relabel_consecutive
-from readers import FORMATS, layout_parts, read_layout
+from images import MASK_TYPES
+from readers import FORMATS, ReadOptions, layout_parts, read_layout
 from sample import Sample
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def load_dataset(data_dir: str | os.PathLike, data_format: str = "auto", patch_size: int = 0,
                  patch_overlap: int = 0, drop_empty_patches: bool = False, slice_block: int = 10,
-                 nifti_axis: int = 2) -> list[Sample]:
+                 nifti_axis: int = 2, mask_type: str = "auto") -> list[Sample]:
     """Read every sample under ``data_dir``, optionally cut into patches.
 
     Args:
@@ -41,6 +42,8 @@ def load_dataset(data_dir: str | os.PathLike, data_format: str = "auto", patch_s
         drop_empty_patches: drop patches (or whole images when ``patch_size`` is 0) without objects.
         slice_block: consecutive volume slices that share one fold group.
         nifti_axis: the axis NIfTI volumes are sliced along.
+        mask_type: how label images are read (images.MASK_TYPES); ``auto`` decides per file and
+            logs the decisions for the dataset, warning about close ones.
 
     Returns:
         Samples in a deterministic order (sorted files, slices, then patches row by row).
@@ -57,14 +60,18 @@ def load_dataset(data_dir: str | os.PathLike, data_format: str = "auto", patch_s
         raise UserError(f"--slice_block must be at least 1, got {slice_block}")
     if nifti_axis not in (0, 1, 2):
         raise UserError(f"--nifti_axis must be 0, 1 or 2, got {nifti_axis}")
+    if mask_type not in MASK_TYPES:
+        raise UserError(f"unknown --mask_type {mask_type!r}; choose one of {', '.join(MASK_TYPES)}")
     if not data_dir.is_dir():
         raise UserError(f"--data_dir {data_dir} is not a directory")
 
     samples: list[Sample] = []
+    options = ReadOptions(slice_block, nifti_axis, mask_type)
     for directory, split, part_format in layout_parts(data_dir, data_format):
-        samples += read_layout(part_format, directory, data_dir, split, slice_block, nifti_axis)
+        samples += read_layout(part_format, directory, data_dir, split, options)
     if not samples:
         raise UserError(f"no images found in {data_dir}")
+    log_mask_kinds(samples, mask_type)
     if patch_size:
         samples = [p for s in samples for p in make_patches(s, patch_size, patch_overlap)]
     if drop_empty_patches:
@@ -111,7 +118,7 @@ def make_patches(sample: Sample, patch_size: int, overlap: int = 0) -> list[Samp
                 group=sample.group, tag=sample.tag, path=sample.path, source=sample.source,
                 label_path=sample.label_path, slice_index=sample.slice_index, volume=sample.volume,
                 offset=(sample.offset[0] + y, sample.offset[1] + x), source_shape=sample.source_shape,
-                split=sample.split,
+                split=sample.split, mask_kind=sample.mask_kind, mask_close=sample.mask_close,
                 ignore=None if sample.ignore is None else sample.ignore[window].copy()))
     return patches
 
@@ -155,8 +162,22 @@ def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
 # --------------------------------------------------------------------------------------------
 # Summary and command-line options
 # --------------------------------------------------------------------------------------------
+def log_mask_kinds(samples: Sequence[Sample], mask_type: str) -> None:
+    """Log how the label files were read (``--mask_type``), warning about close automatic calls."""
+    kinds = Counter(s.mask_kind for s in samples if s.mask_kind is not None)
+    if not kinds:
+        return
+    log.info("data: masks read as %s (--mask_type %s)", ", ".join(f"{k} ({n})" for k, n in sorted(kinds.items())),
+             mask_type)
+    close = [s for s in samples if s.mask_close]
+    if close:
+        log.warning("data: --mask_type auto read %d label file(s) by a small margin, e.g. %s as %s; check them "
+                    "and pass --mask_type binary or instance to decide", len(close), close[0].label_path,
+                    close[0].mask_kind)
+
+
 def summarize_dataset(samples: Sequence[Sample], folds: Sequence[Fold] | None = None,
-                      slice_block: int = 10) -> str:
+                      grouping: Grouping | int = 10) -> str:
     """A few lines for the log: counts, sizes, objects per sample, tags, splits and folds."""
     if not samples:
         return "dataset: empty"
@@ -164,7 +185,8 @@ def summarize_dataset(samples: Sequence[Sample], folds: Sequence[Fold] | None = 
     sizes = Counter(f"{s.image.shape[1]}x{s.image.shape[0]}" for s in samples)
     sources = {s.source for s in samples}
     patches = sum(s.is_patch for s in samples)
-    groups = {fold_group(s, slice_block) for s in samples}
+    grouping = grouping if isinstance(grouping, Grouping) else Grouping(grouping)
+    groups = {grouping.group(s) for s in samples}
     size_text = ", ".join(f"{size} ({n})" for size, n in sizes.most_common(4))
     if len(sizes) > 4:
         size_text += f", ... {len(sizes)} sizes"
@@ -184,17 +206,17 @@ def summarize_dataset(samples: Sequence[Sample], folds: Sequence[Fold] | None = 
     if set(splits) != {"unsplit"}:
         lines.append("  fixed split: " + ", ".join(f"{k} {v}" for k, v in sorted(splits.items())))
     for k, (train, val) in enumerate(folds or []):
-        n_train = len({fold_group(samples[i], slice_block) for i in train})
-        n_val = len({fold_group(samples[i], slice_block) for i in val})
+        n_train = len({grouping.group(samples[i]) for i in train})
+        n_val = len({grouping.group(samples[i]) for i in val})
         lines.append(f"  fold {k}: train {len(train)} samples / {n_train} groups, "
                      f"val {len(val)} samples / {n_val} groups")
     return "\n".join(lines)
 
 
 def log_summary(samples: Sequence[Sample], folds: Sequence[Fold] | None = None,
-                slice_block: int = 10) -> None:
+                grouping: Grouping | int = 10) -> None:
     """Log :func:`summarize_dataset` line by line at INFO."""
-    for line in summarize_dataset(samples, folds, slice_block).splitlines():
+    for line in summarize_dataset(samples, folds, grouping).splitlines():
         log.info("%s", line)
 
 
@@ -209,6 +231,9 @@ class DataOptions:
     drop_empty_patches: bool = False
     slice_block: int = 10
     nifti_axis: int = 2
+    fold_gap: int | None = None
+    group_by: str | None = None
+    mask_type: str = "auto"
 
 
 DATA_OPTIONS: tuple[str, ...] = ("data_dir",) + tuple(f.name for f in dataclasses.fields(DataOptions))
@@ -240,7 +265,22 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True,
                             "neighbouring near-identical slices never sit on both sides")
     group.add_argument("--nifti_axis", type=int, choices=(0, 1, 2), default=defaults.nifti_axis,
                        help="axis NIfTI volumes are sliced along (after RAS reorientation; 2 = axial)")
+    group.add_argument("--fold_gap", type=int, default=defaults.fold_gap,
+                       help="sections on each side of a validation run of a volume left out of that fold's "
+                            "training (default: --slice_block)")
+    group.add_argument("--group_by", default=defaults.group_by, metavar="REGEX",
+                       help="2-D images: a regular expression on the file path whose first group (or match) is "
+                            "the id that must not straddle a split, e.g. '^(slide\\d+)_' or '/(patient\\w+)/'")
+    group.add_argument("--mask_type", choices=MASK_TYPES, default=defaults.mask_type,
+                       help="binary = foreground masks, split into objects by connected components; instance = "
+                            "each value one object; auto decides per dataset from the values and logs it")
     return group
+
+
+def grouping_of(options: Any) -> Grouping:
+    """The :class:`folds.Grouping` the data options describe (attributes or mapping keys)."""
+    get = options.get if isinstance(options, Mapping) else (lambda key: getattr(options, key, None))
+    return Grouping(get("slice_block") or DataOptions.slice_block, get("fold_gap"), get("group_by"))
 
 
 def load_from_options(options: Any) -> list[Sample]:
@@ -249,6 +289,6 @@ def load_from_options(options: Any) -> list[Sample]:
     get = options.get if isinstance(options, Mapping) else (lambda key: getattr(options, key))
     samples = load_dataset(get("data_dir"), get("data_format"), get("patch_size"), patch_overlap=get("patch_overlap"),
                            drop_empty_patches=get("drop_empty_patches"), slice_block=get("slice_block"),
-                           nifti_axis=get("nifti_axis"))
-    log_summary(samples, slice_block=get("slice_block"))
+                           nifti_axis=get("nifti_axis"), mask_type=get("mask_type") or "auto")
+    log_summary(samples, grouping=grouping_of(options))
     return samples

@@ -30,6 +30,7 @@ import folds as folds_lib
 import images
 import model as sam_model
 import runfiles
+import runs
 from coco import CocoWriter
 from detector import (BoxCounts, DetectorOptions, build_yolo, export_yolo_dataset, load_detector, load_yolo,
                       parse_yolo_args, validate_detector, yolo_device)
@@ -58,8 +59,8 @@ def detector_split(args: argparse.Namespace, samples: Sequence, output_dir: Path
         folds = folds_lib.load_folds(args.folds_file, samples)
         log.info("data: using the folds in %s", args.folds_file)
     else:
-        folds = folds_lib.load_or_make_folds(output_dir, samples, args.num_folds, args.seed, args.slice_block,
-                                             args.val_fraction)
+        folds = folds_lib.load_or_make_folds(output_dir, samples, args.num_folds, args.seed,
+                                             val_fraction=args.val_fraction, grouping=data.grouping_of(args))
     if not 0 <= args.fold < len(folds):
         raise UserError(f"--fold {args.fold} does not exist: the split has {len(folds)} fold(s), "
                         f"numbered 0..{len(folds) - 1}")
@@ -151,10 +152,54 @@ def find_inputs(path: Path) -> list[Path]:
     return files
 
 
+SCALE_TOLERANCE = 1.5  # a tile or YOLO input size this far from the training scale gets a warning
+
+
+def training_scale(args: argparse.Namespace, adapter: dict[str, Any] | None) -> dict[str, int | None]:
+    """The scale the models were trained at: the SAM adapter's patch size (its config), and the
+    detector's patch size and YOLO input size (the detect train run's config beside best.pt)."""
+    scale: dict[str, int | None] = {"sam_patch": (adapter or {}).get("patch_size") or None,
+                                    "detector_patch": None, "detector_imgsz": None}
+    if args.mode == "yolo" and args.yolo_model is not None:
+        parents = Path(args.yolo_model).resolve().parents  # RUN/yolo/weights/best.pt
+        record = parents[2] / "detect_train_config.json" if len(parents) > 2 else None
+        if record is not None and record.is_file():
+            config = runs.read_json(record, "a detect train run")
+            scale.update(detector_patch=config.get("patch_size") or None, detector_imgsz=config.get("imgsz"))
+    return scale
+
+
+def tiles_at_training_scale(args: argparse.Namespace, scale: dict[str, int | None]) -> tuple[int, int]:
+    """``(tile_size, tile_overlap)``: by default tiles of the training patch size, so that SAM and
+    YOLO see objects at the scale they were trained at; a choice far from it is warned about."""
+    patch = scale["sam_patch"] or scale["detector_patch"]
+    if scale["sam_patch"] and scale["detector_patch"] and _far(scale["sam_patch"], scale["detector_patch"]):
+        log.warning("SAM was trained on %d px patches but the detector on %d px patches: tiles of %d px show "
+                    "the detector objects at another scale", scale["sam_patch"], scale["detector_patch"], patch)
+    tile = args.tile_size if args.tile_size is not None else (patch or 1024)
+    if args.tile_size is not None and patch and tile and _far(tile, patch):
+        log.warning("--tile_size %d is %.1fx the %d px patches the models were trained on: objects appear at "
+                    "another scale than in training (leave --tile_size out to match it)", tile, tile / patch, patch)
+    if args.imgsz and scale["detector_imgsz"] and _far(args.imgsz, scale["detector_imgsz"]):
+        log.warning("--imgsz %d is %.1fx the %d px the detector was trained at: objects appear at another scale",
+                    args.imgsz, args.imgsz / scale["detector_imgsz"], scale["detector_imgsz"])
+    overlap = args.tile_overlap if args.tile_overlap is not None else tile // 8
+    if patch and args.tile_size is None:
+        log.info("tiles of %d px (overlap %d): the training patch size", tile, overlap)
+    return tile, overlap
+
+
+def _far(a: float, b: float) -> bool:
+    return max(a, b) > SCALE_TOLERANCE * min(a, b)
+
+
 def run_predict(args: argparse.Namespace) -> int:
     """Segment ``--input`` and write label TIFFs, overlays, one COCO file, config and log."""
+    adapter_configs = {args.model_path: adapters.read_adapter(args.model_path)[0]} if args.model_path else {}
+    scale = training_scale(args, adapter_configs.get(args.model_path))
+    tile_size, tile_overlap = tiles_at_training_scale(args, scale)
     options = SegmentOptions(
-        mode=args.mode, box_batch=args.box_batch, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
+        mode=args.mode, box_batch=args.box_batch, tile_size=tile_size, tile_overlap=tile_overlap,
         merge_threshold=args.merge_threshold, min_area=args.min_area, precision=args.precision,
         points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
         pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh)
@@ -165,7 +210,6 @@ def run_predict(args: argparse.Namespace) -> int:
     files = find_inputs(args.input)
     out = runfiles.OutputDir(args.output_dir, "detect predict")
     out.check(args.overwrite)
-    adapter_configs = {args.model_path: adapters.read_adapter(args.model_path)[0]} if args.model_path else {}
     bases = adapters.bases_from_flags(args.model_type, args.image_size, args.checkpoint, args.device, adapter_configs)
     sam_model.autocast(bases.device, args.precision)  # rejects fp16 on CPU before any work
     detector = load_detector(args.yolo_model, proposals, bases.device) if args.mode == "yolo" else None
@@ -176,7 +220,7 @@ def run_predict(args: argparse.Namespace) -> int:
         segmenter = Segmenter(adapters.load_finetuned(bases, args.model_path, args.seed), options, detector)
         runfiles.write_json(out.path / "detect_predict_config.json",
                             {**args_record(args), "model_type": bases.model_type, "image_size": bases.image_size,
-                             "options": {**asdict(options), **asdict(proposals)}})
+                             "training_scale": scale, "options": {**asdict(options), **asdict(proposals)}})
         total = 0
         for path in tqdm(files, desc="images", unit="file", disable=None if len(files) > 1 else True):
             outputs = output_paths(out.path, path, not args.no_overlay)
@@ -267,9 +311,12 @@ def _add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     mode.add_argument("--pred_iou_thresh", type=float, default=0.88, help="AMG: keep masks of higher predicted IoU")
     mode.add_argument("--stability_score_thresh", type=float, default=0.95, help="AMG: keep stabler masks")
     tiles = parser.add_argument_group("tiling of large images")
-    tiles.add_argument("--tile_size", type=int, default=1024,
-                       help="segment images larger than this in tiles of this side (original pixels); 0 = never")
-    tiles.add_argument("--tile_overlap", type=int, default=128, help="pixels shared by neighbouring tiles")
+    tiles.add_argument("--tile_size", type=int, default=None,
+                       help="segment images larger than this in tiles of this side (original pixels); 0 = never; "
+                            "default: the patch size the models were trained on (so objects appear at the "
+                            "training scale), else 1024")
+    tiles.add_argument("--tile_overlap", type=int, default=None,
+                       help="pixels shared by neighbouring tiles (default: an eighth of the tile)")
     tiles.add_argument("--merge_threshold", type=float, default=0.5,
                        help="objects of two tiles whose masks have this IoU inside the window both "
                             "tiles saw are merged into one")

@@ -6,7 +6,10 @@ val`` is scored by the adapter of the fold that held it out. Every model sees th
 prompts; adapters.py decides ``--model_type`` / ``--image_size`` and the base weights.
 
 Which images (``--split``): ``test`` (the data's fixed test split), ``val`` (a run's validation
-folds) or ``all``; default ``val`` with a run, else ``test`` when the data has one, else ``all``.
+folds) or ``all``. The default never scores images a model trained on: ``val`` with a run; with
+adapters, the fixed test split when the data has one, else the images none of them trained on
+(their runs' folds.json say which); else ``test`` or ``all``. Images an adapter trained on are
+scored only with ``--include_training_images``, and those rows are marked (``seen_in_training``).
 With box or point prompts, images without objects are skipped (every model would score 1 there).
 
 Prompts (``--prompt``, prompts.py): one exact box or one interior point per ground-truth object
@@ -45,9 +48,9 @@ import runfiles
 import runs
 from detector import BoxCounts, Detector, DetectorOptions, load_detector
 from errors import UserError
+from heldout import Selection, data_options, select_data
 from instances import box_baseline
-from prompts import EVAL_PROMPTS, Prompts, box_prompts, object_prompts
-from sample import Sample
+from prompts import EVAL_PROMPTS, box_prompts
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ PROMPTS = (*EVAL_PROMPTS, "auto", "yolo")
 SPLITS = ("test", "val", "all")
 BASELINES = ("baseline_box", "baseline_ellipse")
 BASELINE_YOLO_BOX = "baseline_yolo_box"  # --prompt yolo: the detector's boxes filled
+NATIVE_BASE = "base@1024"  # the base model at SAM's own input size, beside an adapter's
 YOLO_PREFIX = "yolo+"  # --prompt yolo: rows of a model prompted by the detector's boxes
 LOG_FILE = "evaluate.log"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
@@ -89,6 +93,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     help="test = the data's fixed test split, val = the validation folds of "
                          "--cv_run, all = every sample; default: val with a run, else test when "
                          "the data has one, else all")
+    ev.add_argument("--include_training_images", action="store_true",
+                    help="allow images an adapter was trained on (their rows are marked seen_in_training "
+                         "and every table and figure says so)")
     ev.add_argument("--prompt", choices=PROMPTS, default="box",
                     help="box = ground-truth box per object, point = one interior point per object, "
                          "auto = SAM's automatic mask generator (no ground truth used), yolo = the "
@@ -193,6 +200,7 @@ class Job:
     adapter: Path | None
     fold: int | None
     indices: list[int] = field(default_factory=list)
+    bases: adapters.BaseModels | None = None  # another base model (base@1024) than the run's
 
 
 def plan_jobs(sources: Sequence[runs.ModelSource], indices: Sequence[int], fold_of: Mapping[int, int],
@@ -208,10 +216,6 @@ def plan_jobs(sources: Sequence[runs.ModelSource], indices: Sequence[int], fold_
             continue
         if source.kind == "adapter":
             configs[source.path] = adapters.read_adapter(source.path)[0]
-            if fold_of:
-                log.warning("%s is one adapter scored on every validation fold: it may have been trained "
-                            "on some of these images (give the run directory to score each fold's "
-                            "adapter on its own fold)", source.path)
         jobs.append(Job(source, source.path, None, list(indices)))
     return jobs, configs
 
@@ -227,76 +231,6 @@ def base_models(args: argparse.Namespace, adapter_configs: Mapping[Path, Mapping
                                       adapter_configs, run_config)
     sam_model.autocast(bases.device, args.precision)  # rejects fp16 on CPU before any work
     return bases
-
-
-# --------------------------------------------------------------------------------------------
-# Which images
-# --------------------------------------------------------------------------------------------
-@dataclass
-class Selection:
-    """The scored images: ``indices`` into ``samples``, ``fold_of`` (val split) and prompts."""
-
-    samples: list[Sample]
-    split: str
-    indices: list[int]
-    fold_of: dict[int, int]
-    num_folds: int
-    prompts: dict[int, Prompts]
-
-
-def data_options(args: argparse.Namespace, run_dirs: Sequence[Path],
-                 run_config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The data options: the run's (its folds only fit them; --data_dir may move the data), else
-    the flags. ``data_dir`` is checked and returned as a Path."""
-    options = {k: getattr(args, k) for k in data.DATA_OPTIONS}
-    where = ""
-    if run_config is not None:
-        options.update({k: run_config[k] for k in data.DATA_OPTIONS if k in run_config})
-        if args.data_dir is not None:
-            options["data_dir"] = args.data_dir
-        else:
-            where = f" (from {run_dirs[0] / runs.CONFIG_FILE}; pass --data_dir if the data moved)"
-        log.info("data options of the run %s: %s", run_dirs[0],
-                 ", ".join(f"{k}={v}" for k, v in options.items()))
-    if options["data_dir"] is None:
-        raise UserError("--data_dir is required (or --cv_run RUN to evaluate a run on its own data)")
-    options["data_dir"] = Path(options["data_dir"]).expanduser()
-    if not options["data_dir"].is_dir():
-        raise UserError(f"data directory {options['data_dir']} does not exist or is not a directory{where}")
-    return options
-
-
-def select_data(args: argparse.Namespace, options: Mapping[str, Any], split: str | None,
-                run_dirs: Sequence[Path]) -> Selection:
-    """Load the data, pick the split's images and make their prompts (shared by every model)."""
-    data_dir = options["data_dir"]
-    samples = data.load_dataset(data_dir, options["data_format"], options["patch_size"],
-                                patch_overlap=options["patch_overlap"],
-                                drop_empty_patches=options["drop_empty_patches"],
-                                slice_block=options["slice_block"], nifti_axis=options["nifti_axis"])
-    if all(s.num_objects == 0 for s in samples):
-        raise UserError(f"{data_dir}: no labelled object in any of its {len(samples)} masks; evaluation "
-                        "needs ground truth (check the mask files)")
-    folds = runs.common_folds(samples, run_dirs)
-    if split is None:
-        split = "test" if folds_lib.split_test(samples)[1] else "all"
-    indices, fold_of = folds_lib.select_split(samples, split, folds, data_dir)
-    data.log_summary([samples[i] for i in indices], slice_block=options["slice_block"])
-    if args.prompt != "auto":
-        kept = [i for i in indices if samples[i].num_objects > 0]
-        if len(kept) < len(indices):
-            log.info("%d of %d images have no objects and are skipped (nothing to prompt)",
-                     len(indices) - len(kept), len(indices))
-        if not kept:
-            raise UserError(f"--split {split}: none of the selected images of {data_dir} has a labelled "
-                            "object; choose another split")
-        indices = kept
-    log.info("evaluating %d images (split %s) with %s prompts", len(indices), split, args.prompt)
-    kind = "point" if args.prompt == "point" else "box"
-    prompts = {i: object_prompts(samples[i].labels, kind, samples[i].ignore,
-                                 args.max_objects if args.prompt != "auto" else 0,
-                                 np.random.default_rng([args.seed, i])) for i in indices}
-    return Selection(samples, split, indices, fold_of, len(folds or ()), prompts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,6 +251,16 @@ def image_row(selection: Selection, i: int, name: str, kind: str, fold: int | No
         "n_prompts": n_prompts, "seconds": seconds}
     row.update(reports.score_image(sample.labels, pred, prompts.ignore))
     return row
+
+
+def seen_mark(selection: Selection, job: Job, i: int) -> str:
+    """``yes`` / ``no`` / ``unknown``: whether the job's adapter was trained on image ``i``."""
+    if job.adapter is None or job.fold is not None:  # the base model, or a run fold on its own held-out fold
+        return "no"
+    trained = selection.seen.get(job.adapter)
+    if trained is None:
+        return "no" if selection.split in ("test", "held-out") else "unknown"
+    return "yes" if i in trained else "no"
 
 
 def detection_columns(detector: Detector, i: int, labels: np.ndarray) -> dict[str, float | int]:
@@ -341,7 +285,7 @@ def score_job(args: argparse.Namespace, job: Job, bases: adapters.BaseModels, se
     """
     rows: list[dict[str, Any]] = []
     visuals: dict[int, dict[str, np.ndarray]] = defaultdict(dict)
-    sam = adapters.load_finetuned(bases, job.adapter, args.seed)
+    sam = adapters.load_finetuned(job.bases or bases, job.adapter, args.seed)
     generator = inference.automatic_generator(sam, args.points_per_side, args.batch_prompts, args.pred_iou_thresh,
                                               args.stability_score_thresh) if args.prompt == "auto" else None
     prompt = "box" if detector is not None else args.prompt
@@ -364,7 +308,7 @@ def score_job(args: argparse.Namespace, job: Job, bases: adapters.BaseModels, se
                 n_prompts, extra = len(boxes), detection_columns(boxes_from, i, selection.samples[i].labels)
             row = image_row(selection, i, name, "model", job.fold, pred, time.perf_counter() - tick,
                             prompt if boxes_from is None else args.prompt, n_prompts)
-            rows.append(row | extra)
+            rows.append(row | extra | {"seen_in_training": seen_mark(selection, job, i)})
             if i in keep:
                 visuals[i][name] = pred
     return rows, visuals
@@ -382,13 +326,14 @@ def score_baselines(selection: Selection, names: Sequence[str],
         pred = box_baseline(boxes, sample.labels.shape)
         row = image_row(selection, i, BASELINE_YOLO_BOX, "baseline", None, pred,
                         detect_seconds + time.perf_counter() - tick, "yolo", n_prompts=len(boxes))
-        rows.append(row | detection_columns(detector, i, sample.labels))
+        rows.append(row | detection_columns(detector, i, sample.labels) | {"seen_in_training": "no"})
     for name in names:
         for i in selection.indices:
             tick, prompts = time.perf_counter(), selection.prompts[i]
             pred = box_baseline(prompts.boxes, selection.samples[i].labels.shape, name.split("_", 1)[1],
                                 prompts.object_ids)
-            rows.append(image_row(selection, i, name, "baseline", None, pred, time.perf_counter() - tick, "box"))
+            row = image_row(selection, i, name, "baseline", None, pred, time.perf_counter() - tick, "box")
+            rows.append(row | {"seen_in_training": "no"})
     return rows
 
 
@@ -437,6 +382,7 @@ def make_config(args: argparse.Namespace, sources: Sequence[runs.ModelSource], s
         auto={"points_per_side": args.points_per_side, "pred_iou_thresh": args.pred_iou_thresh,
               "stability_score_thresh": args.stability_score_thresh} if args.prompt == "auto" else None,
         detector=detector.record() if detector is not None else None, plot=args.plot,
+        protocol=inference.PROTOCOLS[args.prompt],
         compare=len(sources) > 1 or bool(args.compare))
 
 
@@ -444,6 +390,21 @@ def make_config(args: argparse.Namespace, sources: Sequence[runs.ModelSource], s
 # --------------------------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------------------------
+def native_base(sources: list[runs.ModelSource], jobs: list[Job], bases: adapters.BaseModels,
+                indices: Sequence[int]) -> tuple[list[runs.ModelSource], list[Job]]:
+    """With the base model scored at another input size than SAM's own 1024 px (an adapter's),
+    also score it at 1024 px (``base@1024``), so a fine-tuned model gets no credit for repairing
+    the resized position embeddings."""
+    if bases.image_size == 1024 or not any(s.kind == "base" for s in sources) or \
+            not any(s.kind != "base" for s in sources):
+        return sources, jobs
+    native = adapters.BaseModels(bases.model_type, bases.checkpoint, 1024, bases.device)
+    source = runs.ModelSource(NATIVE_BASE, "base")
+    log.info("the base model is also scored at its native 1024 px as %s", NATIVE_BASE)
+    at = next(k for k, s in enumerate(sources) if s.kind == "base") + 1
+    return sources[:at] + [source] + sources[at:], jobs + [Job(source, None, None, list(indices), native)]
+
+
 def plan(args: argparse.Namespace) -> tuple[list[runs.ModelSource], list[Path], dict[str, Any] | None]:
     """The model sources, the training runs among the inputs and the first run's config."""
     check_numbers(args)
@@ -473,13 +434,16 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     with runfiles.LogBuffer() as buffer:
         sources, run_dirs, run_config = plan(args)
+        direct = {s.path: adapters.read_adapter(s.path)[0] for s in sources if s.kind == "adapter"}
+        adapters.resolve_model_options(args.model_type, args.image_size, direct, run_config)  # refuse a mismatch first
         options = data_options(args, run_dirs, run_config)
         out = runfiles.OutputDir(args.output_dir, "evaluate")
         protected = [options["data_dir"], *run_dirs]
         out.check(args.overwrite, protected=protected)
-        selection = select_data(args, options, args.split or ("val" if run_dirs else None), run_dirs)
+        selection = select_data(args, options, args.split or ("val" if run_dirs else None), run_dirs, sources)
         jobs, adapter_configs = plan_jobs(sources, selection.indices, selection.fold_of, selection.num_folds)
         bases = base_models(args, adapter_configs, run_config)
+        sources, jobs = native_base(sources, jobs, bases, selection.indices)
         detector = None
         if args.prompt == "yolo":
             detector = load_detector(args.yolo_model, DetectorOptions(args.conf, args.iou, None, args.max_det),

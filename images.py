@@ -1,6 +1,7 @@
 """Image and label files: reading them, and converting pixels to RGB uint8 and instance labels."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -162,12 +163,49 @@ def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
     return inverse if values[0] == 0 else inverse + 1
 
 
-def to_instance_labels(array: np.ndarray, path: Path | str = "labels",
-                       allow_float: bool = False) -> np.ndarray:
-    """A label image as stored -> ``HxW`` int32 instances.
+MASK_TYPES = ("auto", "binary", "instance")
+# auto: a mask is binary when this share of its non-zero pixels has the top value ...
+BINARY_SHARE = 0.98
+# ... or, for 0/255-like masks (top value >= 128: antialiased or resized), this share.
+ANTIALIASED_SHARE = 0.5
 
-    Binary masks (one non-zero value: 0/1, 0/255, bool) become instances by 8-connected components;
-    instance masks (several values) are renumbered 1..N, keeping each value one object.
+
+@dataclass(frozen=True)
+class MaskKind:
+    """How a label image was read: ``kind`` binary or instance; ``close``: auto decided by a small margin."""
+
+    kind: str
+    close: bool = False
+    share: float = 1.0  # share of the non-zero pixels with the top value
+
+
+def mask_kind(array: np.ndarray, mask_type: str = "auto") -> MaskKind:
+    """Whether an ``HxW`` non-negative integer label image is a binary (foreground) mask or an
+    instance mask. ``auto``: binary when nearly all non-zero pixels share the top value, or when it
+    is 0/255-like (top value >= 128) with a minority of intermediate values (antialiased or resized
+    masks); instance otherwise (several ids, each a share of the objects)."""
+    if mask_type not in MASK_TYPES:
+        raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
+    nonzero = array[array > 0]
+    if mask_type != "auto":
+        return MaskKind(mask_type)
+    if nonzero.size == 0:
+        return MaskKind("binary")
+    top = nonzero.max()
+    share = float(np.count_nonzero(nonzero == top)) / nonzero.size
+    if share >= BINARY_SHARE:
+        return MaskKind("binary", close=share < 0.999, share=share)
+    if top >= 128 and share >= ANTIALIASED_SHARE:
+        return MaskKind("binary", close=share < 0.6, share=share)
+    return MaskKind("instance", close=top >= 128 and share >= 0.4, share=share)
+
+
+def to_instance_labels(array: np.ndarray, path: Path | str = "labels", allow_float: bool = False,
+                       mask_type: str = "auto") -> tuple[np.ndarray, MaskKind]:
+    """A label image as stored -> (``HxW`` int32 instances, how it was read).
+
+    Binary masks (:func:`mask_kind`) are thresholded at half their top value and split into
+    objects by 8-connected components; instance masks are renumbered 1..N, each value one object.
     """
     if array.ndim == 3 and array.shape[2] in (3, 4):
         first = array[..., 0]
@@ -178,27 +216,26 @@ def to_instance_labels(array: np.ndarray, path: Path | str = "labels",
     if array.ndim != 2:
         raise UserError(f"{path}: label image has shape {array.shape}; expected a 2-D image")
     array = _check_label_values(array, path, allow_float)
-    if array.size and array.max() > 0 and _num_values_at_most_one(array):
-        _, components = cv2.connectedComponents((array > 0).astype(np.uint8), connectivity=8)
-        return components.astype(np.int32)
-    return relabel_consecutive(array)
+    kind = mask_kind(array, mask_type)
+    if kind.kind == "binary":
+        if not array.size or array.max() == 0:
+            return np.zeros(array.shape, np.int32), kind
+        foreground = (array > array.max() / 2).astype(np.uint8)
+        _, components = cv2.connectedComponents(foreground, connectivity=8)
+        return components.astype(np.int32), kind
+    return relabel_consecutive(array), kind
 
 
-def _num_values_at_most_one(array: np.ndarray) -> bool:
-    """True when ``array`` has a single non-zero value (a binary mask)."""
-    first = array.max()
-    return not np.any((array != 0) & (array != first))
-
-
-def read_image_and_labels(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_image_and_labels(image_path: Path, mask_path: Path,
+                          mask_type: str = "auto") -> tuple[np.ndarray, np.ndarray, MaskKind]:
     """Read an image and its mask: ``HxWx3`` uint8 RGB and ``HxW`` int32 instances of one size."""
     image = to_rgb(read_image_file(image_path), image_path)
-    labels = to_instance_labels(read_image_file(mask_path), mask_path)
+    labels, kind = to_instance_labels(read_image_file(mask_path), mask_path, mask_type=mask_type)
     if image.shape[:2] != labels.shape:
         raise UserError(f"size mismatch: image {image_path} is {image.shape[1]}x{image.shape[0]} "
                         f"but its mask {mask_path} is {labels.shape[1]}x{labels.shape[0]} (WxH); "
                         "image and mask must have the same size")
-    return image, labels
+    return image, labels, kind
 
 
 def read_planes(path: Path) -> tuple[np.ndarray, bool]:

@@ -63,8 +63,10 @@ def decode_instances(sam: nn.Module, embedding: torch.Tensor, prompts: Prompts,
     """Decode the N prompts of one image against its 1x256x(S/16)x(S/16) ``embedding``.
 
     ``chunk`` prompts share a decoder call. Returns the non-empty masks as :class:`Instance`
-    objects (masks as ``model.predict`` gives them, single-mask output), scored by SAM's predicted
-    IoU; ``confidences`` (N) break ties; ``keep_ids`` paints each with its prompt's object id.
+    objects (masks as ``model.predict`` gives them), scored by SAM's predicted IoU; ``confidences``
+    (N) break ties; ``keep_ids`` paints each with its prompt's object id. A single click (one
+    point, no box) is ambiguous, so it takes the best of SAM's three masks by predicted IoU, as
+    segment_anything recommends; other prompts take the single-mask output.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -77,7 +79,11 @@ def decode_instances(sam: nn.Module, embedding: torch.Tensor, prompts: Prompts,
             original_size, image_size, boxes=prompts.boxes[rows] if prompts.use_boxes else None,
             points=prompts.points[rows] if prompts.use_points else None,
             point_labels=prompts.point_labels[rows] if prompts.use_points else None, device=embedding.device)
-        low_res, ious = sam_model.decode(sam, embedding[0], tensors)
+        multimask = single_click(prompts)
+        low_res, ious = sam_model.decode(sam, embedding[0], tensors, multimask_output=multimask)
+        best = ious.argmax(dim=1) if multimask else torch.zeros(len(ious), dtype=torch.long, device=ious.device)
+        rows_of = torch.arange(len(ious), device=ious.device)
+        low_res, ious = low_res[rows_of, best][:, None], ious[rows_of, best][:, None]
         masks = full_size_masks(low_res, image_size, input_size, original_size)
         scores = ious[:, 0].float().cpu().numpy()
         for j, (mask, score) in enumerate(zip(masks, scores)):
@@ -88,6 +94,17 @@ def decode_instances(sam: nn.Module, embedding: torch.Tensor, prompts: Prompts,
             if instance is not None:
                 found.append(instance)
     return found
+
+
+def single_click(prompts: Prompts) -> bool:
+    """Whether every object is prompted by one point alone (SAM's ambiguous case)."""
+    return prompts.use_points and not prompts.use_boxes and prompts.points.shape[1] == 1
+
+
+PROTOCOLS = {"box": "one box per object, SAM's single-mask output",
+             "point": "one click per object (its deepest pixel), the best of SAM's three masks by predicted IoU",
+             "auto": "SAM's automatic mask generator (a point grid, no ground truth)",
+             "yolo": "the detector's boxes, SAM's single-mask output"}
 
 
 def segment(sam: nn.Module, image: np.ndarray, prompts: Prompts, chunk: int = 64, precision: str = "fp32",

@@ -1,8 +1,9 @@
 """``python main.py parameter_search``: a grid over LoRA rank, alpha and learning rate.
 
 Every configuration trains on the same folds (one ``folds.json`` at the top) in its own
-sub-directory; ``results.csv`` ranks them by mean validation Dice (with its standard deviation
-over folds) and ``best_config.json`` names the winner. A re-run skips finished configurations.
+sub-directory; ``results.csv`` ranks them by the cross-validated estimate (crossval.py: each
+fold's checkpoint chosen on an inner split, scored on the outer fold) and ``best_config.json``
+names the winner. A re-run skips finished configurations.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 import checkpoints
+import crossval
 import dataset as data
 import folds as folds_lib
 import model as sam_model
@@ -85,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
     out.claim(args.overwrite, resume=same and not args.overwrite)
     runfiles.write_json(out.path / SEARCH_FILE, search)
     with out.active("search.log"):
-        folds = folds_lib.load_or_make_folds(out.path, samples, base.num_splits, base.seed, base.slice_block,
-                                             base.val_fraction)
+        folds = folds_lib.load_or_make_folds(out.path, samples, base.num_splits, base.seed,
+                                             val_fraction=base.val_fraction, grouping=crossval.grouping(base))
         results = [train_configuration(base, rank, alpha, lr, samples, folds, device, args.num_workers)
                    for rank, alpha, lr in itertools.product(ranks, alphas, lrs)]
         write_results(out.path, base, results)
@@ -110,24 +112,25 @@ def train_configuration(base: TrainConfig, rank: int, alpha: float, lr: float, s
         out = trainer.claim_output_dir(config, resume=resume, overwrite=False)
         with out.active():
             # the shared folds, so `evaluate --cv_run` works on any configuration's directory
-            folds_lib.save_folds(out.path, folds, samples, base.slice_block, base.seed)
-            summary = trainer.run_training(config, samples, device, num_workers, folds=folds)
+            folds_lib.save_folds(out.path, folds, samples, seed=base.seed, grouping=crossval.grouping(base))
+            summary = crossval.run_training(config, samples, device, num_workers, folds=folds)
+    cv = summary["cv_estimate"]
     return {"name": name, "lora_rank": rank, "lora_alpha": alpha, "learning_rate": lr,
-            "mean_val_dice": summary.get("mean_best_val_dice", 0.0),
-            "std_val_dice": summary.get("std_best_val_dice", 0.0),
-            "mean_val_iou": summary.get("mean_val_iou", 0.0),
-            "folds": len(summary["folds"]), "best_adapter": summary["best_adapter"]}
+            "cv_dice": cv["dice"]["mean"], "cv_dice_std": cv["dice"]["std"], "cv_dice_ci_low": cv["dice"]["ci_low"],
+            "cv_dice_ci_high": cv["dice"]["ci_high"], "cv_iou": cv["iou"]["mean"], "n_images": cv["n_images"],
+            "folds": len(summary["folds"]), "run": config.output_dir}
 
 
 def write_results(root: Path, base: TrainConfig, results: list[dict[str, Any]]) -> None:
     """results.csv (best first) and best_config.json; logs the ranking."""
-    results.sort(key=lambda r: -r["mean_val_dice"])
+    results.sort(key=lambda r: -r["cv_dice"])
     runfiles.write_csv(root / "results.csv", results, list(results[0]))
     best = results[0]
     runfiles.write_json(root / "best_config.json", {
         **best, "config": {**base.to_json(), "lora_rank": best["lora_rank"], "lora_alpha": best["lora_alpha"],
                            "learning_rate": best["learning_rate"], "output_dir": str(root / best["name"])}})
-    log.info("parameter search: %d configurations; best %s with validation Dice %.4f +- %.4f",
-             len(results), best["name"], best["mean_val_dice"], best["std_val_dice"])
+    log.info("parameter search: %d configurations; best %s with cross-validated Dice %.4f +- %.4f",
+             len(results), best["name"], best["cv_dice"], best["cv_dice_std"])
     for r in results:
-        log.info("  %-28s Dice %.4f +- %.4f", r["name"], r["mean_val_dice"], r["std_val_dice"])
+        log.info("  %-28s Dice %.4f +- %.4f [%.4f, %.4f]", r["name"], r["cv_dice"], r["cv_dice_std"],
+                 r["cv_dice_ci_low"], r["cv_dice_ci_high"])

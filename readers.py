@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -33,7 +34,7 @@ from errors import UserError
 from images import (IMAGE_EXTS, MASK_EXTS, NIFTI_EXTS, TIFF_EXTS, corrupt_file_error, file_ext,
                     file_stem, is_visible, list_files, read_image_and_labels, read_image_file,
                     read_tiff, relative_name, scale_to_uint8, tiff_is_volume, to_instance_labels,
-                    to_rgb)
+                    to_rgb, MaskKind)
 from sample import Sample
 
 log = logging.getLogger(__name__)
@@ -137,15 +138,29 @@ def _numeric(stems: Iterable[str]) -> bool:
 # --------------------------------------------------------------------------------------------
 # Readers: each returns whole-image samples; ``root`` is the data directory given by the user
 # --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReadOptions:
+    """How label files are read: volume slices grouped in blocks of ``slice_block``, NIfTI sliced
+    along ``nifti_axis``, masks interpreted per ``mask_type`` (images.MASK_TYPES)."""
+
+    slice_block: int = 10
+    nifti_axis: int = 2
+    mask_type: str = "auto"
+
+
+def _mask_fields(kind: MaskKind) -> dict:
+    return {"mask_kind": kind.kind, "mask_close": kind.close}
+
+
 def _folder_pair_dirs(directory: Path) -> tuple[Path, Path] | None:
     images, masks = _subdir(directory, IMAGE_DIRS), _subdir(directory, MASK_DIRS)
     return (images, masks) if images and masks else None
 
 
-def read_folders(directory: Path, root: Path, split: str | None = None, slice_block: int = 10,
+def read_folders(directory: Path, root: Path, split: str | None = None, options: ReadOptions = ReadOptions(),
                  as_slices: bool = False) -> list[Sample]:
     """``images/`` + ``masks/`` matched by stem. ``as_slices``: the files are consecutive slices of
-    one volume (sorted by number), grouped in blocks of ``slice_block``."""
+    one volume (sorted by number), grouped in blocks of ``options.slice_block``."""
     dirs = _folder_pair_dirs(directory)
     if dirs is None:
         raise UserError(f"{directory} has no images/ and masks/ folders (found: "
@@ -169,12 +184,12 @@ def read_folders(directory: Path, root: Path, split: str | None = None, slice_bl
     volume = relative_name(image_dir, root)
     samples = []
     for index, (image_path, mask_path) in enumerate(pairs):
-        image, labels = read_image_and_labels(image_path, mask_path)
+        image, labels, kind = read_image_and_labels(image_path, mask_path, options.mask_type)
         source = relative_name(image_path, root)
         common = dict(image=image, labels=labels, tag=root.name, path=image_path, source=source,
-                      label_path=mask_path, split=split)
+                      label_path=mask_path, split=split, **_mask_fields(kind))
         if as_slices:
-            samples.append(Sample(group=f"{volume}:block{index // slice_block}", slice_index=index,
+            samples.append(Sample(group=f"{volume}:block{index // options.slice_block}", slice_index=index,
                                   volume=volume, **common))
         else:
             samples.append(Sample(group=source, **common))
@@ -187,7 +202,8 @@ def _find_nuinsseg_organs(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_dir() and (p / "tissue images").is_dir())
 
 
-def read_nuinsseg(directory: Path, root: Path, split: str | None = None) -> list[Sample]:
+def read_nuinsseg(directory: Path, root: Path, split: str | None = None,
+                  options: ReadOptions = ReadOptions()) -> list[Sample]:
     """NuInsSeg: ``<organ>/tissue images/*.png`` + ``<organ>/label masks[ modify]/*.tif``."""
     organs = _find_nuinsseg_organs(directory)
     if not organs:
@@ -208,7 +224,7 @@ def read_nuinsseg(directory: Path, root: Path, split: str | None = None) -> list
                                   organ / "vague areas" / "mask binary_vague") if d.is_dir()]
         vague = {file_stem(p): p for d in vague_dirs for p in list_files(d, MASK_EXTS)}
         for image_path, mask_path in pair_files(images, list_files(label_dir, MASK_EXTS), organ):
-            image, labels = read_image_and_labels(image_path, mask_path)
+            image, labels, kind = read_image_and_labels(image_path, mask_path, options.mask_type)
             ignore = None
             if file_stem(image_path) in vague:
                 ignore = read_image_file(vague[file_stem(image_path)])
@@ -219,7 +235,7 @@ def read_nuinsseg(directory: Path, root: Path, split: str | None = None) -> list
             source = relative_name(image_path, root)
             samples.append(Sample(image=image, labels=labels, group=source, tag=organ.name,
                                   path=image_path, source=source, label_path=mask_path,
-                                  split=split, ignore=ignore))
+                                  split=split, ignore=ignore, **_mask_fields(kind)))
     return samples
 
 
@@ -234,7 +250,7 @@ def _volume_axes(array: np.ndarray, axes: str, path: Path, is_label: bool) -> np
 
 
 def _volume_samples(image_vol: np.ndarray, label_vol: np.ndarray, image_path: Path,
-                    label_path: Path, root: Path, split: str | None, slice_block: int,
+                    label_path: Path, root: Path, split: str | None, options: ReadOptions,
                     allow_float: bool = False) -> list[Sample]:
     if image_vol.shape[0] != label_vol.shape[0]:
         raise UserError(f"{image_path} has {image_vol.shape[0]} slices but its labels {label_path} "
@@ -247,16 +263,17 @@ def _volume_samples(image_vol: np.ndarray, label_vol: np.ndarray, image_path: Pa
     split = split or _split_of_name(file_stem(image_path))
     samples = []
     for z in range(image_vol.shape[0]):
+        labels, kind = to_instance_labels(label_vol[z], f"{label_path} slice {z}", allow_float, options.mask_type)
         samples.append(Sample(
-            image=to_rgb(image_vol[z], image_path),
-            labels=to_instance_labels(label_vol[z], f"{label_path} slice {z}", allow_float),
-            group=f"{source}:block{z // slice_block}", tag=file_stem(image_path), path=image_path,
-            source=source, label_path=label_path, slice_index=z, volume=source, split=split))
+            image=to_rgb(image_vol[z], image_path), labels=labels,
+            group=f"{source}:block{z // options.slice_block}", tag=file_stem(image_path), path=image_path,
+            source=source, label_path=label_path, slice_index=z, volume=source, split=split,
+            **_mask_fields(kind)))
     return samples
 
 
 def read_stack(directory: Path, root: Path, split: str | None = None,
-               slice_block: int = 10) -> list[Sample]:
+               options: ReadOptions = ReadOptions()) -> list[Sample]:
     """TIFF volumes with label volumes, or ``images/`` + ``masks/`` of per-slice files."""
     pairs = _volume_pairs(directory, TIFF_EXTS)
     if not pairs and _folder_pair_dirs(directory):
@@ -265,7 +282,7 @@ def read_stack(directory: Path, root: Path, split: str | None = None,
         if images and file_ext(images[0]) in TIFF_EXTS and tiff_is_volume(images[0]):
             pairs = pair_files(images, list_files(mask_dir, MASK_EXTS), directory)
         else:
-            return read_folders(directory, root, split, slice_block, as_slices=True)
+            return read_folders(directory, root, split, options, as_slices=True)
     if not pairs:
         raise UserError(f"no TIFF volumes found in {directory} (expected e.g. training.tif with "
                         "training_groundtruth.tif, or images/ and masks/ folders)")
@@ -273,7 +290,7 @@ def read_stack(directory: Path, root: Path, split: str | None = None,
     for image_path, label_path in pairs:
         image_vol = _volume_axes(*read_tiff(image_path), image_path, is_label=False)
         label_vol = _volume_axes(*read_tiff(label_path), label_path, is_label=True)
-        samples += _volume_samples(image_vol, label_vol, image_path, label_path, root, split, slice_block)
+        samples += _volume_samples(image_vol, label_vol, image_path, label_path, root, split, options)
     return samples
 
 
@@ -297,9 +314,11 @@ def _load_nifti(path: Path, axis: int) -> np.ndarray:
     return np.moveaxis(array, axis, 0)
 
 
-def read_nifti(directory: Path, root: Path, split: str | None = None, slice_block: int = 10,
-               axis: int = 2) -> list[Sample]:
-    """NIfTI volumes + label volumes, read as slices along ``axis`` (after RAS reorientation)."""
+def read_nifti(directory: Path, root: Path, split: str | None = None,
+               options: ReadOptions = ReadOptions()) -> list[Sample]:
+    """NIfTI volumes + label volumes, read as slices along ``options.nifti_axis`` (after RAS
+    reorientation)."""
+    axis = options.nifti_axis
     layouts: list[tuple[list[tuple[Path, Path]], str | None]] = []
     pairs = _volume_pairs(directory, NIFTI_EXTS)
     if pairs:
@@ -321,7 +340,7 @@ def read_nifti(directory: Path, root: Path, split: str | None = None, slice_bloc
         for image_path, label_path in pairs:
             image_vol, label_vol = _load_nifti(image_path, axis), _load_nifti(label_path, axis)
             samples += _volume_samples(image_vol, label_vol, image_path, label_path, root, fixed,
-                                       slice_block, allow_float=True)
+                                       options, allow_float=True)
     return samples
 
 
@@ -394,17 +413,17 @@ def layout_parts(data_dir: Path, data_format: str) -> list[tuple[Path, str | Non
     return [(data_dir, None, detect_format(data_dir) if fmt == "auto" else fmt)]
 
 
-def read_layout(fmt: str, directory: Path, root: Path, split: str | None, slice_block: int,
-                nifti_axis: int) -> list[Sample]:
+def read_layout(fmt: str, directory: Path, root: Path, split: str | None,
+                options: ReadOptions = ReadOptions()) -> list[Sample]:
     """Whole-image samples of ``directory`` in layout ``fmt``; sources are relative to ``root``."""
     if fmt == "nuinsseg":
-        return read_nuinsseg(directory, root, split)
+        return read_nuinsseg(directory, root, split, options)
     if fmt == "stack":
-        return read_stack(directory, root, split, slice_block)
+        return read_stack(directory, root, split, options)
     if fmt == "folders":
-        return read_folders(directory, root, split, slice_block)
+        return read_folders(directory, root, split, options)
     if fmt == "coco":
         return read_coco(directory, root, split)
     if fmt == "nifti":
-        return read_nifti(directory, root, split, slice_block, nifti_axis)
+        return read_nifti(directory, root, split, options)
     raise UserError(f"unknown --data_format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -31,8 +31,8 @@ SCORE_COLUMNS: tuple[str, ...] = tuple(SEMANTIC_COLUMNS[k] for k in metrics.SEMA
 # The metrics of the group tables and the printed table, in display order.
 GROUP_METRICS: tuple[str, ...] = ("dice", "iou", "pixel_precision", "pixel_recall", "aji", "aji_plus",
                                   "pq", "sq", "rq", "f1", "precision", "recall")
-ID_COLUMNS = ("model", "kind", "fold", "image", "path", "tag", "group", "split", "height", "width",
-              "n_objects", "n_prompts", "seconds")
+ID_COLUMNS = ("model", "kind", "fold", "image", "path", "tag", "group", "split", "seen_in_training", "height",
+              "width", "n_objects", "n_prompts", "seconds")
 
 
 def summarize(
@@ -127,7 +127,8 @@ def group_rows(rows: Sequence[Mapping[str, Any]], by: str, n_boot: int, seed: in
         for value in keys:
             members = buckets[(model_name, value)]
             row: dict[str, Any] = {"model": model_name, "kind": models[model_name], by: value,
-                                   "n_images": len(members)}
+                                   "n_images": len(members),
+                                   "n_seen_in_training": sum(m.get("seen_in_training") == "yes" for m in members)}
             summary = summarize_rows(members, GROUP_METRICS, n_boot, seed)
             pooled = pooled_scores(members)
             for key in GROUP_METRICS:
@@ -156,7 +157,7 @@ def per_image_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def format_table(summaries: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """The printed table: per model the per-image mean (95 % CI) and pooled scores."""
-    header = (f"{'model':<18} {'images':>6}  {'Dice mean [95% CI]':<22} {'Dice pooled':>11} "
+    header = (f"{'model':<18} {'images':>6} {'seen':>5}  {'Dice mean [95% CI]':<22} {'Dice pooled':>11} "
               f"{'IoU mean':>8} {'IoU pooled':>10} {'AJI mean':>8} {'AJI pooled':>10} "
               f"{'PQ mean':>7} {'F1@0.5 mean':>11}")
     lines = [header, "-" * len(header)]
@@ -164,7 +165,8 @@ def format_table(summaries: Mapping[str, Mapping[str, Any]]) -> list[str]:
         mean, pooled = s["per_image_mean"], s["pooled"]
         d = mean["dice"]
         lines.append(
-            f"{name:<18} {d['n']:>6}  {d['mean']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]   "
+            f"{name:<18} {d['n']:>6} {s.get('n_seen_in_training', 0):>5}  {d['mean']:.3f} [{d['ci_low']:.3f}, "
+            f"{d['ci_high']:.3f}]   "
             f"{pooled['dice']:>11.3f} {mean['iou']['mean']:>8.3f} {pooled['iou']:>10.3f} "
             f"{mean['aji']['mean']:>8.3f} {pooled['aji']:>10.3f} {mean['pq']['mean']:>7.3f} "
             f"{mean['f1']['mean']:>11.3f}")
@@ -192,10 +194,33 @@ def model_summaries(rows: Sequence[Mapping[str, Any]], sets: Mapping[str, RowSet
             "source": info.source,
             "prompts": info.prompts,
             "n_images": len(mine),
+            "n_seen_in_training": sum(r.get("seen_in_training") == "yes" for r in mine),
             "per_image_mean": summarize_rows(mine, SCORE_COLUMNS, n_boot, seed),
             "pooled": pooled_scores(mine),
         }
     return summaries
+
+
+def paired_comparisons(rows: Sequence[Mapping[str, Any]], sets: Mapping[str, RowSet], n_boot: int,
+                       seed: int) -> dict[str, dict[str, Any]]:
+    """Every model against every base-model row on the same images: the per-image Dice difference
+    (mean, bootstrap 95 % interval) and the verdict it supports."""
+    dice = {(r["model"], r["image"]): float(r["dice"]) for r in rows}
+    bases = [n for n, s in sets.items() if s.kind == "model" and s.source == "base"]
+    models = [n for n, s in sets.items() if s.kind == "model" and s.source != "base"]
+    out: dict[str, dict[str, Any]] = {}
+    for model in models:
+        for base in bases:
+            images = [img for (name, img) in dice if name == model and (base, img) in dice]
+            if not images:
+                continue
+            diff = summarize([dice[(model, img)] - dice[(base, img)] for img in images], n_boot=n_boot, seed=seed)
+            verdict = ("better than" if diff["ci_low"] > 0 else "worse than" if diff["ci_high"] < 0
+                       else "no clear difference from")
+            out[f"{model} vs {base}"] = {"dice_difference": diff, "verdict": f"{model} is {verdict} {base}",
+                                         "method": "per-image Dice differences on the same images, "
+                                                   "95 % percentile bootstrap interval of their mean"}
+    return out
 
 
 def fold_summary(fold_table: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -233,6 +258,7 @@ class EvaluateConfig:
     seed: int
     bootstrap: int
     cv_run: str | None = None
+    protocol: str = ""
     auto: dict[str, float] | None = None
     detector: dict[str, Any] | None = None
     plot: bool = False
@@ -293,6 +319,9 @@ def write_evaluation(out: Path, ev: Evaluation) -> None:
                     "(baselines: to the smaller shape)",
         "models": summaries,
         "per_fold": fold_summary(fold_table) if fold_table else None,
+        "paired": paired_comparisons(ev.rows, ev.sets, config.bootstrap, config.seed),
+        "prompt_protocol": config.protocol,
+        "seen_in_training": {name: s["n_seen_in_training"] for name, s in summaries.items()},
         "detection": ev.detection,
         "files": ["per_image.csv", "per_group.csv"] + (["per_fold.csv"] if fold_table else [])
         + ["config.json"] + figure_files,
@@ -304,6 +333,13 @@ def write_evaluation(out: Path, ev: Evaluation) -> None:
     for line in format_table(summaries):
         log.info("%s", line)
     log.info("mean = mean of per-image scores; pooled = counts summed over images first")
+    for name, count in summary["seen_in_training"].items():
+        if count:
+            log.warning("%s: %d of its rows are images it was trained on (seen_in_training = yes)", name, count)
+    for comparison in summary["paired"].values():
+        d = comparison["dice_difference"]
+        log.info("%s: per-image Dice difference %+.4f, 95 %% CI [%+.4f, %+.4f] over %d images", comparison["verdict"],
+                 d["mean"], d["ci_low"], d["ci_high"], d["n"])
     if ev.detection is not None:
         det = ev.detection
         log.info("detector boxes at IoU > %.2f: precision %.3f, recall %.3f, F1 %.3f (%d TP, %d FP, %d FN; "
@@ -322,7 +358,9 @@ def _figure_name(key: str) -> str:
 def write_figures(out: Path, ev: Evaluation, summaries: Mapping[str, Mapping[str, Any]],
                   group_table: Sequence[Mapping[str, Any]], fold_table: Sequence[Mapping[str, Any]]) -> list[str]:
     """The PNGs asked for; returns their paths relative to ``out``."""
-    config, note = ev.config, f"{ev.config.prompt} prompts"
+    seen = any(r.get("seen_in_training") == "yes" for r in ev.rows)
+    config = ev.config
+    note = f"{config.prompt} prompts" + (" - INCLUDES IMAGES SEEN IN TRAINING" if seen else "")
     baselines = [name for name, info in ev.sets.items() if info.kind == "baseline"]
     written: list[Path] = []
     dice_of = {(r["model"], r["image"]): r["dice"] for r in ev.rows}

@@ -13,13 +13,14 @@ from typing import Any, Sequence
 
 import adapters
 from errors import UserError
-from folds import FOLDS_FILE, Fold, load_folds
+from folds import FOLDS_FILE, Fold, load_folds, split_test
 from sample import Sample
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.csv"
 LOG_FILE = "train.log"
+FINAL_DIR = "final"  # the final fit on all training data (--final_fit)
 
 
 def fold_dir(run_dir: Path, fold: int) -> Path:
@@ -100,3 +101,34 @@ def model_source(name: str, spec: str) -> ModelSource:
                         "train such as RUN/fold_0/best.pt, or a run directory)")
     adapters.read_adapter(path)  # refuses files that are not adapters, with the file name
     return ModelSource(name, "adapter", path)
+
+
+def adapter_run(adapter: Path) -> tuple[Path, int | None] | None:
+    """The training run an adapter file belongs to and its fold (None: the final fit), when the
+    file still sits where train wrote it (``RUN/fold_k/best.pt``, ``RUN/final/best.pt``)."""
+    adapter = Path(adapter)
+    run_dir, folder = adapter.parent.parent, adapter.parent.name
+    if not is_run(run_dir):
+        return None
+    if folder == FINAL_DIR:
+        return run_dir, None
+    if folder.startswith("fold_") and folder[5:].isdigit():
+        return run_dir, int(folder[5:])
+    return None
+
+
+def trained_on(adapter: Path, samples: Sequence[Sample]) -> set[int] | None:
+    """Indices of ``samples`` the adapter was trained on (its fold's training pool; every
+    non-test sample for the final fit), or None when that cannot be known (no run next to it, or
+    the run's folds do not fit these samples)."""
+    found = adapter_run(adapter)
+    if found is None:
+        return None
+    run_dir, fold = found
+    try:
+        folds = load_folds(run_dir / FOLDS_FILE, samples)
+    except UserError:
+        return None
+    if fold is None:
+        return set(split_test(samples)[0])
+    return set(folds[fold][0]) if 0 <= fold < len(folds) else None

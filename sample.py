@@ -25,6 +25,8 @@ class Sample:
         source_shape: ``(H, W)`` of the whole source image or slice.
         split: "train" / "val" / "test" when the data has a fixed split, else None.
         ignore: ``HxW`` bool of ambiguous pixels (NuInsSeg vague areas, COCO crowd) or None.
+        mask_kind: how the label file was read: "binary" (components), "instance", or None
+            (COCO polygons); ``mask_close``: ``--mask_type auto`` decided by a small margin.
     """
 
     image: np.ndarray
@@ -40,6 +42,8 @@ class Sample:
     source_shape: tuple[int, int] | None = None
     split: str | None = None
     ignore: np.ndarray | None = None
+    mask_kind: str | None = None
+    mask_close: bool = False
 
     def __post_init__(self) -> None:
         if self.source_shape is None:

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import checkpoints
+import crossval
 import dataset as data
 import model as sam_model
 import runfiles
@@ -32,8 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_train_arguments(parser)
     parser.add_argument("--export_merged", type=Path, default=None,
-                        help="after training, write the best fold's model with LoRA merged as a plain "
-                             "SAM / MobileSAM state dict that segment_anything / mobile_sam load unchanged")
+                        help="after training, write the final fit (implies --final_fit) with LoRA merged as a "
+                             "plain SAM / MobileSAM state dict that segment_anything / mobile_sam load unchanged")
     parser.add_argument("--embedding_cache", type=Path, default=None,
                         help="directory keeping frozen-encoder image embeddings across runs")
     parser.set_defaults(func=run)
@@ -41,7 +42,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train every fold; with ``--export_merged`` also write the merged model."""
+    """Train every fold; with ``--export_merged`` also the final fit, written as a merged model."""
+    if args.export_merged is not None and not args.final_fit:
+        log.info("--export_merged exports the final fit on all training data: --final_fit is on")
+        args.final_fit = True
     config = TrainConfig.from_args(args)
     if args.num_workers < 0:
         raise UserError(f"--num_workers must be >= 0, got {args.num_workers}")
@@ -60,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     processes.barrier()
     log_file = Path(config.output_dir) / runs.LOG_FILE
     with out.active(runs.LOG_FILE) if out is not None else runfiles.log_to_file(log_file):
-        summary = trainer.run_training(config, samples, device, args.num_workers, cache_dir=args.embedding_cache)
+        summary = crossval.run_training(config, samples, device, args.num_workers, cache_dir=args.embedding_cache)
         if args.export_merged is not None and processes.rank == 0:
-            trainer.export_merged(config, Path(summary["best_adapter"]), args.export_merged)
+            crossval.export_merged(config, Path(summary["final"]["adapter"]), args.export_merged)
     return 0
 

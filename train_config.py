@@ -35,6 +35,9 @@ class TrainConfig:
     drop_empty_patches: bool = _DATA.drop_empty_patches
     slice_block: int = _DATA.slice_block
     nifti_axis: int = _DATA.nifti_axis
+    fold_gap: int | None = _DATA.fold_gap
+    group_by: str | None = _DATA.group_by
+    mask_type: str = _DATA.mask_type
     max_objects: int = 32
     model_type: str = _MODEL.model_type
     checkpoint: str | None = _MODEL.checkpoint
@@ -55,6 +58,7 @@ class TrainConfig:
     early_stopping: bool = False
     patience: int = 5
     cross_validation: bool = False
+    final_fit: bool = False
     num_folds: int = 5
     val_fraction: float = 0.2
     prompt: str = "box"
@@ -156,7 +160,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     cv.add_argument("--cross_validation", action="store_true", help="k-fold cross-validation grouped by image / slice block")
     cv.add_argument("--num_folds", type=int, default=defaults.num_folds, help="folds with --cross_validation")
     cv.add_argument("--val_fraction", type=float, default=defaults.val_fraction,
-                    help="validation share of the grouped hold-out split without --cross_validation")
+                    help="validation share of the grouped hold-out split without --cross_validation, and of "
+                         "the inner split carved from each fold's training groups to choose its epoch")
+    cv.add_argument("--final_fit", action="store_true",
+                    help="after cross-validation, retrain on all training data for the median chosen epoch "
+                         "count (final/best.pt; scored once on a fixed test split when there is one)")
     pr = parser.add_argument_group("prompts")
     pr.add_argument("--prompt", default=defaults.prompt, help="box, point or mix (per image one of box / points / both)")
     pr.add_argument("--num_points", type=int, default=defaults.num_points, help="positive (and as many negative) points per object")

@@ -9,7 +9,6 @@ directory's layout is runs.py's.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,8 +23,6 @@ from torch import nn
 from tqdm import tqdm
 
 import adapters
-import checkpoints
-import dataset as data
 import folds as folds_lib
 import inference
 import lora
@@ -153,13 +150,12 @@ def train_one_epoch(ctx: Context, loader: torch.utils.data.DataLoader, epoch: in
 
 
 @torch.no_grad()
-def validate(ctx: Context, loader: torch.utils.data.DataLoader) -> dict[str, float]:
-    """Dice and IoU at the original image size on the validation fold (no augmentation).
+def validation_rows(ctx: Context, loader: torch.utils.data.DataLoader) -> list[dict[str, Any]]:
+    """Per-image semantic scores (with the sample ``index``) at the original image size.
 
     Box prompts without jitter (points when training used points); images without objects are
-    skipped, as in ``evaluate``, and segmented as evaluate segments them (inference.py).
-    ``dice``/``iou`` are means of per-image semantic scores; ``pooled_dice`` sums pixels over
-    the fold first.
+    skipped, as in ``evaluate``, and segmented as evaluate segments them (inference.py). Under
+    torchrun every process scores its share and all get every row.
     """
     ctx.sam.eval()
     rows = []
@@ -173,13 +169,20 @@ def validate(ctx: Context, loader: torch.utils.data.DataLoader) -> dict[str, flo
                 found = inference.decode_instances(ctx.sam, embeddings[j:j + 1], item.prompts, item.original_size,
                                                    chunk=max(1, len(item.prompts)))
                 pred = inference.paint_instances(found, item.original_size)[0]
-                rows.append(metrics.semantic_metrics(item.labels, pred, ignore=item.prompts.ignore))
+                scores = metrics.semantic_metrics(item.labels, pred, ignore=item.prompts.ignore)
+                rows.append({"index": item.index, **scores})
     if ctx.world > 1:
         import torch.distributed as dist
 
         gathered: list[list[dict]] = [[] for _ in range(ctx.world)]
         dist.all_gather_object(gathered, rows)
         rows = [r for part in gathered for r in part]
+    return sorted(rows, key=lambda r: r["index"])
+
+
+def validate(ctx: Context, loader: torch.utils.data.DataLoader) -> dict[str, float]:
+    """Mean per-image Dice and IoU and the pooled Dice of :func:`validation_rows`."""
+    rows = validation_rows(ctx, loader)
     if not rows:
         return {"val_dice": 0.0, "val_iou": 0.0, "val_pooled_dice": 0.0}
     pooled = metrics.pooled_semantic_metrics(rows)
@@ -209,13 +212,16 @@ def build_trainable_model(config: TrainConfig, checkpoint: Path | None, device: 
     return sam.to(device)
 
 
-def adapter_config(config: TrainConfig, sam: nn.Module, fold: int, epoch: int, val: dict[str, float]) -> dict[str, Any]:
-    """What an adapter file records about its training (issue: model type, rank, hash, fold...)."""
+def adapter_config(config: TrainConfig, sam: nn.Module, fold: int | None, epoch: int,
+                   val: dict[str, float]) -> dict[str, Any]:
+    """What an adapter file records about its training: model type, input size and the training
+    patch size (the scale objects were seen at), targets, base weights, fold (None: the final
+    fit on all training data), epoch, its selection score, seed and prompt."""
     targets = [layer.target for layer in lora.lora_layers(sam).values()] if config.lora_rank > 0 else []
-    return {"model_type": config.model_type, "image_size": config.image_size,
+    return {"model_type": config.model_type, "image_size": config.image_size, "patch_size": config.patch_size,
             "base_checkpoint_sha256": sam.checkpoint_sha256, "targets": sorted(set(targets)) or None,
             "train_decoder": config.train_decoder, "fold": fold, "epoch": epoch,
-            "val_dice": val.get("val_dice"), "seed": config.seed, "prompt": config.prompt}
+            "selection_dice": val.get("val_dice"), "seed": config.seed, "prompt": config.prompt}
 
 
 def trainable_state(sam: nn.Module) -> dict[str, torch.Tensor]:
@@ -247,67 +253,81 @@ def seed_everything(seed: int, fold: int, epoch: int) -> None:
 # One fold, all folds
 # --------------------------------------------------------------------------------------------
 def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_idx: Sequence[int],
-             val_idx: Sequence[int], checkpoint: Path | None, device: torch.device, num_workers: int = 0,
-             rank: int = 0, world: int = 1, cache_dir: Path | None = None,
-             embeddings: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Train one fold to the end (or early stop), resuming from ``fold_k/last.pt`` if present.
+             select_idx: Sequence[int], score_idx: Sequence[int], checkpoint: Path | None, device: torch.device,
+             num_workers: int = 0, rank: int = 0, world: int = 1, cache_dir: Path | None = None,
+             embeddings: dict[str, torch.Tensor] | None = None, fold_dir: Path | None = None) -> dict[str, Any]:
+    """Train one fold on ``train_idx`` (resuming from ``last.pt``), choose its checkpoint, score it.
 
-    Writes ``fold_k/best.pt`` (adapter of the best validation Dice), ``fold_k/last.pt`` (resume
-    state, every epoch) and ``fold_k/done.json``; returns the fold's result and its history.
-    ``embeddings`` is the run's shared frozen-encoder cache (memory), reused by every fold.
+    The epoch is chosen (best checkpoint, early stopping) by the Dice on ``select_idx``: an inner
+    validation split of the training groups, never the images the fold is scored on; without one
+    the last epoch is kept. The chosen adapter (``best.pt``) is then scored once on ``score_idx``
+    (the outer fold): those per-image rows are the fold's unbiased estimate. Writes ``best.pt``,
+    ``last.pt`` and ``done.json`` in ``fold_dir`` (default ``fold_k``); returns the result.
+    ``embeddings`` is the run's shared frozen-encoder cache, reused by every fold.
     """
-    fold_dir = runs.fold_dir(Path(config.output_dir), fold)
+    fold_dir = fold_dir or runs.fold_dir(Path(config.output_dir), fold)
     sam = build_trainable_model(config, checkpoint, device)
     params = [p for p in sam.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     train_set = PromptDataset(samples, train_idx, config, fold, train=True)
-    val_set = PromptDataset(samples, val_idx, config, fold, train=False)
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / world) / config.batch_size)
     scheduler = make_schedule(optimizer, steps_per_epoch * config.epochs, config.warmup_fraction)
     cache = EmbeddingCache(sam, config.precision, cache_dir, embeddings) if not config.encoder_trained else None
     ctx = Context(sam, config, device, cache, optimizer, scheduler, rank, world)
-
-    last = fold_dir / "last.pt"
-    state = resume_fold(last, sam, optimizer, scheduler, fold)
-    val_loader = make_loader(val_set, config.batch_size, None, num_workers, rank, world)
+    state = resume_fold(fold_dir / "last.pt", sam, optimizer, scheduler, fold)
+    select_loader = make_loader(PromptDataset(samples, select_idx, config, fold, train=False), config.batch_size,
+                                None, num_workers, rank, world) if select_idx else None
     for epoch in range(state["epoch"] + 1, config.epochs):
         if config.early_stopping and state["bad_epochs"] >= config.patience:
+            log.info("fold %d: early stop, no improvement for %d epochs", fold, config.patience)
             break
         start = time.perf_counter()
         seed_everything(config.seed, fold, epoch)
         train_set.epoch = epoch
         shuffle = int(np.random.default_rng([config.seed, fold, epoch, 7]).integers(2**31))
         row = train_one_epoch(ctx, make_loader(train_set, config.batch_size, shuffle, num_workers, rank, world), epoch, fold)
-        row.update(validate(ctx, val_loader))
-        row.update(fold=fold, epoch=epoch, lr=scheduler.get_last_lr()[0], seconds=round(time.perf_counter() - start, 2))
-        improved = row["val_dice"] > state["best_dice"]
-        state["history"].append(row)
-        state["epoch"] = epoch
-        if improved:
-            state.update(best_dice=row["val_dice"], best_epoch=epoch, bad_epochs=0)
-        else:
-            state["bad_epochs"] += 1
-        if rank == 0:
-            if improved:
-                adapters.save_adapter(fold_dir / "best.pt", sam, adapter_config(config, sam, fold, epoch, row))
-            runfiles.torch_save({"trainable": trainable_state(sam), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "state": state}, last)
-            write_metrics_csv(config)
-        log.info("fold %d epoch %d: loss %.4f, train Dice %.3f (low-res), val Dice %.4f, val IoU %.4f%s (%.1f s)",
-                 fold, epoch, row["train_loss"], row["train_dice"], row["val_dice"], row["val_iou"],
-                 " *" if improved else "", row["seconds"])
-        if config.early_stopping and state["bad_epochs"] >= config.patience:
-            log.info("fold %d: early stop, no improvement for %d epochs", fold, config.patience)
+        row.update(validate(ctx, select_loader) if select_loader is not None else {})
+        row.update(fold=fold if fold_dir.name != runs.FINAL_DIR else runs.FINAL_DIR, epoch=epoch,
+                   lr=scheduler.get_last_lr()[0], seconds=round(time.perf_counter() - start, 2))
+        end_epoch(ctx, state, row, fold_dir)
     if cache is not None:
         log.info("fold %d: embedding cache %d hits, %d encoder passes", fold, cache.hits, cache.misses)
-    result = {"fold": fold, "best_val_dice": state["best_dice"], "best_epoch": state["best_epoch"],
-              "epochs_run": state["epoch"] + 1, "adapter": str(fold_dir / "best.pt"),
-              "val_size": len(val_idx), "train_size": len(train_idx)}
-    best = next((h for h in state["history"] if h["epoch"] == state["best_epoch"]), {})
-    result.update({k: best.get(k) for k in ("val_iou", "val_pooled_dice")})
+    sam.load_state_dict(adapters.read_adapter(fold_dir / "best.pt")[1], strict=False)  # the chosen epoch
+    scored = validation_rows(ctx, make_loader(PromptDataset(samples, score_idx, config, fold, train=False),
+                                              config.batch_size, None, num_workers, rank, world)) if score_idx else []
+    result = {"fold": fold, "best_epoch": state["best_epoch"], "epochs_run": state["epoch"] + 1,
+              "selection": "inner validation split" if select_idx else "last epoch (no inner split)",
+              "selection_dice": state["best_dice"] if select_idx else None, "adapter": str(fold_dir / "best.pt"),
+              "train_size": len(train_idx), "selection_size": len(select_idx), "scored_size": len(scored),
+              "scored": [{"index": r["index"], "key": samples[r["index"]].key, "dice": r["dice"], "iou": r["iou"]}
+                         for r in scored]}
     if rank == 0:
         runfiles.write_json(fold_dir / "done.json", result)
     return result
+
+
+def end_epoch(ctx: Context, state: dict[str, Any], row: dict[str, Any], fold_dir: Path) -> None:
+    """Book-keeping after an epoch: the chosen checkpoint (``best.pt``: the best selection Dice,
+    or every epoch without a selection split), the resume state, metrics.csv and the log line."""
+    fold, epoch = row["fold"], row["epoch"]
+    improved = "val_dice" not in row or row["val_dice"] > state["best_dice"]
+    state["history"].append(row)
+    state["epoch"] = epoch
+    if improved:
+        state.update(best_dice=row.get("val_dice", -1.0), best_epoch=epoch, bad_epochs=0)
+    else:
+        state["bad_epochs"] += 1
+    if ctx.rank == 0:
+        if improved:
+            adapters.save_adapter(fold_dir / "best.pt", ctx.sam,
+                                  adapter_config(ctx.config, ctx.sam, None if fold == runs.FINAL_DIR else fold,
+                                                 epoch, row))
+        runfiles.torch_save({"trainable": trainable_state(ctx.sam), "optimizer": ctx.optimizer.state_dict(),
+                             "scheduler": ctx.scheduler.state_dict(), "state": state}, fold_dir / "last.pt")
+        write_metrics_csv(ctx.config)
+    log.info("fold %s epoch %d: loss %.4f, train Dice %.3f (low-res)%s (%.1f s)", fold, epoch, row["train_loss"], row["train_dice"],
+             f", selection Dice {row['val_dice']:.4f}, IoU {row['val_iou']:.4f}" + (" *" if improved else "")
+             if "val_dice" in row else "", row["seconds"])
 
 
 def resume_fold(last: Path, sam: nn.Module, optimizer: torch.optim.Optimizer,
@@ -329,7 +349,8 @@ def resume_fold(last: Path, sam: nn.Module, optimizer: torch.optim.Optimizer,
 def fold_histories(output_dir: Path) -> list[dict[str, Any]]:
     """Every fold's epoch rows, read back from the resume checkpoints."""
     rows = []
-    for last in sorted(output_dir.glob("fold_*/last.pt"), key=lambda p: int(p.parent.name.split("_")[1])):
+    folds = sorted(output_dir.glob("fold_*/last.pt"), key=lambda p: int(p.parent.name.split("_")[1]))
+    for last in folds + sorted(output_dir.glob(f"{runs.FINAL_DIR}/last.pt")):
         rows += torch.load(last, map_location="cpu", weights_only=True)["state"]["history"]
     return rows
 
@@ -340,20 +361,6 @@ def write_metrics_csv(config: TrainConfig) -> None:
     rows = fold_histories(out)
     columns = ["fold", "epoch", "train_loss", "train_dice", "val_dice", "val_iou", "val_pooled_dice", "lr", "seconds"]
     runfiles.write_csv(out / runs.METRICS_FILE, rows, columns)
-
-
-def summarize_folds(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and standard deviation of the folds' best validation scores."""
-    summary: dict[str, Any] = {"folds": list(results)}
-    for key in ("best_val_dice", "val_iou", "val_pooled_dice"):
-        values = np.array([r[key] for r in results if r.get(key) is not None], float)
-        if values.size:
-            summary[f"mean_{key}"] = float(values.mean())
-            summary[f"std_{key}"] = float(values.std(ddof=1)) if values.size > 1 else 0.0
-    best = max(results, key=lambda r: r["best_val_dice"])
-    summary["best_fold"] = best["fold"]
-    summary["best_adapter"] = best["adapter"]
-    return summary
 
 
 def claim_output_dir(config: TrainConfig, resume: bool, overwrite: bool) -> runfiles.OutputDir:
@@ -417,64 +424,3 @@ class Distributed:
             import torch.distributed as dist
 
             dist.barrier()
-
-
-def run_training(config: TrainConfig, samples: Sequence[Sample], device: torch.device,
-                 num_workers: int = 0, folds: Sequence[tuple[list[int], list[int]]] | None = None,
-                 cache_dir: Path | None = None) -> dict[str, Any]:
-    """Train every fold (resuming finished ones from ``done.json``) and write the summary."""
-    out = Path(config.output_dir)
-    dist_info = Distributed.setup(device)
-    if dist_info.world > 1 and device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
-    checkpoint = checkpoints.resolve_checkpoint(config.model_type, config.checkpoint, announce=False)
-    if folds is None:  # rank 0 writes folds.json, the others read it
-        if dist_info.rank == 0:
-            folds = folds_lib.load_or_make_folds(out, samples, config.num_splits, config.seed, config.slice_block,
-                                            config.val_fraction)
-        dist_info.barrier()
-        if dist_info.rank != 0:
-            folds = folds_lib.load_folds(out, samples)
-    data.log_summary(samples, folds, config.slice_block)
-    if dist_info.rank == 0:
-        runfiles.write_json(out / runs.CONFIG_FILE, config.to_json())
-    results = []
-    embeddings: dict[str, torch.Tensor] = {}  # frozen encoder: each image embedded once per run
-    for fold, (train_idx, val_idx) in enumerate(folds):
-        done = runs.fold_dir(out, fold) / "done.json"
-        if done.is_file():
-            results.append(json.loads(done.read_text(encoding="utf-8")))
-            log.info("fold %d: already finished (best val Dice %.4f)", fold, results[-1]["best_val_dice"])
-            continue
-        results.append(run_fold(config, samples, fold, train_idx, val_idx, checkpoint, device, num_workers,
-                                dist_info.rank, dist_info.world, cache_dir, embeddings))
-    summary = summarize_folds(results)
-    summary["config"] = config.to_json()
-    if dist_info.rank == 0:
-        runfiles.write_json(out / runs.SUMMARY_FILE, summary)
-        log.info("validation Dice over %d fold(s): %.4f +- %.4f (best fold %d)", len(results),
-                 summary.get("mean_best_val_dice", 0.0), summary.get("std_best_val_dice", 0.0), summary["best_fold"])
-    return summary
-
-
-def export_merged(config: TrainConfig, adapter: Path, out_path: Path) -> Path:
-    """Write the base model with the adapter merged as a plain SAM / MobileSAM state dict.
-
-    The file loads unchanged with ``segment_anything`` / ``mobile_sam``'s own
-    ``sam_model_registry[model_type](checkpoint=PATH)`` (1024 px): the model is rebuilt at
-    1024 px from the base checkpoint (the frozen position embeddings are the base's), the
-    adapter loaded and merged.
-    """
-    if out_path.exists():
-        raise UserError(f"{out_path} exists: choose another --export_merged path (nothing was overwritten)")
-    checkpoint = checkpoints.resolve_checkpoint(config.model_type, config.checkpoint, announce=False)
-    # Random base weights are rebuilt from the adapter's seed: the builders draw the same numbers
-    # at every input size (size-dependent position tables are zero-initialised).
-    bases = adapters.BaseModels(config.model_type, checkpoint, 1024)
-    state = lora.merged_state_dict(adapters.load_finetuned(bases, adapter, config.seed, merge=False))
-    runfiles.torch_save(state, out_path, rerun="rerun the command")
-    log.info("exported the merged model (%s, adapter %s) to %s", config.model_type, adapter, out_path)
-    return out_path
-
-
-

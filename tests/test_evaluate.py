@@ -131,9 +131,15 @@ def test_compare_base_and_adapter(main, em3, tmp_path):
     adapter = make_adapter(tmp_path / "adapter.pt")
     out = tmp_path / "eval"
     # --model_type / --image_size left out: taken from the adapter (vit_t, 256)
-    assert main(["evaluate", "--data_dir", str(em3), "--checkpoint", "none", "--device", "cpu",
-                 "--output_dir", str(out), "--compare", "base=base", f"lora={adapter}"]) == 0
+    args = ["evaluate", "--data_dir", str(em3), "--checkpoint", "none", "--device", "cpu",
+            "--output_dir", str(out), "--compare", "base=base", f"lora={adapter}"]
+    # an adapter outside its run: which images it trained on is unknown, so scoring them needs a flag
+    assert main(args) == 2
+    assert main([*args, "--split", "all", "--include_training_images"]) == 0
     rows = read_csv(out / "per_image.csv")
+    assert {r["seen_in_training"] for r in rows if r["model"] == "lora"} == {"unknown"}
+    assert {r["seen_in_training"] for r in rows if r["model"] != "lora"} == {"no"}
+    assert len([r for r in rows if r["model"] == "base@1024"]) == 3  # zero-shot SAM at its own input size
     by_model = {m: [r for r in rows if r["model"] == m] for m in ("base", "lora", "baseline_box", "baseline_ellipse")}
     assert all(len(v) == 3 for v in by_model.values())
     assert [r["image"] for r in by_model["base"]] == [r["image"] for r in by_model["lora"]]  # same images
@@ -148,9 +154,10 @@ def test_cross_validated_run_scores_each_fold_with_its_own_adapter(main, em3, tm
     """A run whose fold 0 adapter equals the base model: fold-0 images score exactly as base."""
     run = tmp_path / "run"
     samples = dataset.load_dataset(em3, slice_block=1)
-    folds = folds_lib.make_folds(samples, 3, seed=0, slice_block=1)
+    grouping = folds_lib.Grouping(1, fold_gap=0)  # three sections, one per fold: no room for a gap
+    folds = folds_lib.make_folds(samples, 3, seed=0, grouping=grouping)
     run.mkdir()
-    folds_lib.save_folds(run / "folds.json", folds, samples, slice_block=1, seed=0)
+    folds_lib.save_folds(run / "folds.json", folds, samples, seed=0, grouping=grouping)
     config = {"data_dir": str(em3), "data_format": "auto", "patch_size": 0, "patch_overlap": 0,
               "drop_empty_patches": False, "slice_block": 1, "nifti_axis": 2, "model_type": "vit_t",
               "checkpoint": "none", "image_size": 256, "seed": 0}

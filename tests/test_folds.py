@@ -7,7 +7,7 @@ import pytest
 
 from dataset import load_dataset, make_patches
 from errors import UserError
-from folds import (fold_group, load_folds, load_or_make_folds, make_folds, make_holdout,
+from folds import (Grouping, fold_group, load_folds, load_or_make_folds, make_folds, make_holdout,
                    save_folds, split_test)
 
 
@@ -38,7 +38,9 @@ def test_patch_folds_never_split_an_image(shared_data):
 
 def test_stack_folds_keep_slice_blocks_together(em_stack):
     trainval, test = split_test(em_stack)
-    folds = make_folds(em_stack, 3, seed=0, slice_block=5)
+    with pytest.raises(UserError, match="no training sample once the 5 sections next to it"):
+        make_folds(em_stack, 3, seed=0, slice_block=5)  # the default gap: the middle fold has nothing left
+    folds = make_folds(em_stack, 3, seed=0, grouping=Grouping(5, fold_gap=1))
     covered = _assert_no_leak(em_stack, folds, slice_block=5)
     assert sorted(covered) == trainval and not set(covered) & set(test)
     blocks = ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12, 13, 14])
@@ -52,7 +54,7 @@ def test_stack_folds_keep_slice_blocks_together(em_stack):
     with pytest.raises(UserError, match="cannot make 3 folds from 2 groups"):
         make_folds(em_stack, 3)
     patches = [p for s in em_stack for p in make_patches(s, 512)]
-    _assert_no_leak(patches, make_folds(patches, 3, slice_block=5), slice_block=5)
+    _assert_no_leak(patches, make_folds(patches, 3, grouping=Grouping(5, fold_gap=1)), slice_block=5)
 
 
 def test_more_folds_than_groups(cpm15):
@@ -86,3 +88,53 @@ def test_folds_json_round_trip_and_mismatch(cpm15, em_folders, tmp_path):
     assert load_or_make_folds(run, cpm15, 3, seed=99) == folds  # re-used, not re-drawn
     with pytest.raises(UserError, match="holds 3 fold"):
         load_or_make_folds(run, cpm15, 5)
+
+
+def test_volume_folds_are_contiguous_runs_with_a_gap(shared_data, tmp_path):
+    """20 consecutive EM sections, blocks of 2, 4 folds, a gap of 2 sections: every validation part
+    is one run of sections and no training section lies within 2 sections of it."""
+    samples = load_dataset(shared_data / "em_vnc", "stack", slice_block=2)
+    assert [s.slice_index for s in samples] == list(range(20))
+    grouping = Grouping(2, fold_gap=2)
+    folds = make_folds(samples, 4, grouping=grouping)
+    assert sorted(i for _, val in folds for i in val) == list(range(20))
+    for train, val in folds:
+        zs = sorted(samples[i].slice_index for i in val)
+        assert zs == list(range(zs[0], zs[-1] + 1))  # one contiguous run
+        assert train and all(min(abs(samples[i].slice_index - z) for z in zs) > 2 for i in train)
+    path = save_folds(tmp_path, folds, samples, grouping=grouping)
+    record = json.loads(path.read_text())
+    assert record["fold_gap"] == 2 and record["folds"][1]["gap"] and "fold_gap" in record["guarantee"]
+    assert load_folds(path, samples) == folds
+    record["folds"][1]["train"] += record["folds"][1]["gap"]  # training that reaches into the gap
+    path.write_text(json.dumps(record))
+    with pytest.raises(UserError, match="within 2 sections of validation"):
+        load_folds(path, samples)
+    assert Grouping(5).gap == 5  # the default gap is the block size
+    train, val = make_holdout(samples, 0.25, seed=3, grouping=grouping)
+    zs = sorted(samples[i].slice_index for i in val)
+    assert len(zs) >= 5 and zs == list(range(zs[0], zs[-1] + 1))
+    assert all(min(abs(samples[i].slice_index - z) for z in zs) > 2 for i in train)
+
+
+def test_group_by_keeps_the_crops_of_one_slide_together(shared_data, tmp_path):
+    import shutil
+
+    src = shared_data / "nuclei_cpm15" / "cpm15 20x"
+    images = sorted((src / "tissue images").glob("*.png"))[:6]
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+    for k, image in enumerate(images):  # three slides, two crops each
+        name = f"slide{'ABC'[k // 2]}_crop{k % 2}"
+        shutil.copy(image, tmp_path / "images" / f"{name}.png")
+        shutil.copy(src / "label masks" / f"{image.stem}.tif", tmp_path / "masks" / f"{name}.tif")
+    samples = load_dataset(tmp_path)
+    grouping = Grouping(group_by=r"(slide[A-Z])_")
+    assert {grouping.group(s) for s in samples} == {"slideA", "slideB", "slideC"}
+    for train, val in make_folds(samples, 3, grouping=grouping):
+        assert not {grouping.group(samples[i]) for i in train} & {grouping.group(samples[i]) for i in val}
+        assert len(val) == 2
+    with pytest.raises(UserError, match="does not match images/slideA_crop0.png"):
+        Grouping(group_by=r"patient\d+").group(samples[0])
+    with pytest.raises(UserError, match="not a valid regular expression"):
+        Grouping(group_by="(")

@@ -69,3 +69,64 @@ def test_bad_label_dtype_and_negative_values(pair_dir):
     tifffile.imwrite(mask, signed)
     with pytest.raises(UserError, match=r"image02\.tif.*negative"):
         load_dataset(pair_dir)
+
+
+def _write_pair(root, name, image, mask):
+    import cv2
+
+    for sub, pixels in (("images", image), ("masks", mask)):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / sub / f"{name}.png"), pixels)
+
+
+def _components(binary) -> int:
+    import cv2
+
+    return cv2.connectedComponents(binary.astype(np.uint8), connectivity=8)[0] - 1
+
+
+def test_mask_type_auto_reads_antialiased_and_resized_masks_as_binary(shared_data, tmp_path, caplog):
+    """A real 0/255 mitochondria mask, blurred (antialiased edges) and resized with linear
+    interpolation: both have hundreds of grey values, and both are still 26 objects."""
+    import logging
+
+    import cv2
+
+    image = cv2.imread(str(shared_data / "em_vnc" / "images" / "00.png"), cv2.IMREAD_GRAYSCALE)
+    mask = cv2.imread(str(shared_data / "em_vnc" / "masks" / "00.png"), cv2.IMREAD_GRAYSCALE)
+    assert set(np.unique(mask)) == {0, 255} and _components(mask > 0) == 26
+    blurred = cv2.GaussianBlur(mask, (5, 5), 1.5)
+    resized = cv2.resize(mask, (700, 700), interpolation=cv2.INTER_LINEAR)
+    assert len(np.unique(blurred)) > 100 and len(np.unique(resized)) > 100  # many grey values
+    _write_pair(tmp_path, "blurred", image, blurred)
+    _write_pair(tmp_path, "resized", cv2.resize(image, (700, 700)), resized)
+    with caplog.at_level(logging.INFO):
+        samples = load_dataset(tmp_path, "folders")
+    by_name = {s.source: s for s in samples}
+    assert by_name["images/blurred.png"].num_objects == _components(blurred > 127) == 26
+    assert by_name["images/resized.png"].num_objects == _components(resized > 127)
+    assert all(s.mask_kind == "binary" for s in samples)
+    assert "masks read as binary (2)" in caplog.text
+    # read as instances, every grey value would be an object of its own
+    as_instances = load_dataset(tmp_path, "folders", mask_type="instance")
+    assert all(s.num_objects > 100 for s in as_instances)
+
+
+def test_mask_type_auto_keeps_instance_labels_and_flags_close_calls(cpm15, caplog):
+    from images import mask_kind
+
+    assert {s.mask_kind for s in cpm15} == {"instance"}
+    ramp = np.zeros((10, 10), np.uint16)
+    ramp[:5] = 255
+    ramp[5, :9] = 200  # 50 of 59 non-zero pixels at the top value
+    assert mask_kind(ramp) == mask_kind(ramp, "auto") and mask_kind(ramp).kind == "binary"
+    few = np.zeros((10, 10), np.uint16)
+    few[:5] = 255
+    few[5:9] = 100  # 50 of 90: a 0/255-like mask, but by a small margin
+    kind = mask_kind(few)
+    assert kind.kind == "binary" and kind.close
+    ids = np.arange(100).reshape(10, 10) % 7  # seven ids, none dominating
+    assert mask_kind(ids).kind == "instance" and not mask_kind(ids).close
+    assert mask_kind(ids, "binary").kind == "binary"
+    with pytest.raises(ValueError, match="mask_type"):
+        mask_kind(ids, "semantic")

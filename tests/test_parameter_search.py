@@ -20,11 +20,11 @@ def test_parameter_search_ranks_and_skips(em6: Path, tmp_path: Path, monkeypatch
             "--epochs", "1"]
     assert main(argv) == 0
     lines = (out / "results.csv").read_text().strip().splitlines()
-    assert lines[0].startswith("name,lora_rank,lora_alpha,learning_rate,mean_val_dice,std_val_dice")
+    assert lines[0].startswith("name,lora_rank,lora_alpha,learning_rate,cv_dice,cv_dice_std")
     dices = [float(line.split(",")[4]) for line in lines[1:]]
     assert len(dices) == 2 and dices == sorted(dices, reverse=True)
     best = json.loads((out / "best_config.json").read_text())
-    assert best["mean_val_dice"] == dices[0]
+    assert best["cv_dice"] == dices[0]
     # every configuration trained on the same folds
     folds = {json.dumps(json.loads((d / "folds.json").read_text())["folds"]) for d in out.glob("rank*")}
     assert len(list(out.glob("rank*"))) == 2 and len(folds) == 1

@@ -36,10 +36,12 @@ def test_cross_validation_writes_every_file(em6: Path, tmp_path: Path) -> None:
     assert rows[0].startswith("fold,epoch,train_loss")
     assert len(rows) == 1 + 3 * 2
     summary = json.loads((out / "summary.json").read_text())
-    dices = [f["best_val_dice"] for f in summary["folds"]]
-    assert len(dices) == 3 and all(0 <= d <= 1 for d in dices)
-    assert summary["mean_best_val_dice"] == pytest.approx(np.mean(dices))
-    assert summary["std_best_val_dice"] == pytest.approx(np.std(dices, ddof=1))
+    dices = [s["dice"] for f in summary["folds"] for s in f["scored"]]  # every outer image once
+    assert len(dices) == 6 and all(0 <= d <= 1 for d in dices)
+    cv = summary["cv_estimate"]
+    assert cv["n_images"] == 6 and cv["dice"]["mean"] == pytest.approx(np.mean(dices))
+    assert cv["dice"]["std"] == pytest.approx(np.std(dices, ddof=1))
+    assert cv["dice"]["ci_low"] <= cv["dice"]["mean"] <= cv["dice"]["ci_high"]
     folds = json.loads((out / "folds.json").read_text())["folds"]
     for fold in folds:  # grouped: no image on both sides
         assert not set(fold["train_groups"]) & set(fold["val_groups"])
@@ -119,7 +121,7 @@ def test_export_merged_loads_in_the_official_registry(em6: Path, tmp_path: Path)
     # ours: the same random base (seed 0) with the adapter, unmerged
     torch.manual_seed(0)
     ours = build_model("vit_t")
-    adapters.load_adapter(out / "fold_0" / "best.pt", ours)
+    adapters.load_adapter(out / "final" / "best.pt", ours)  # --export_merged exports the final fit
     adapter_changed = any(v.abs().sum() > 0 for k, v in lora.lora_state_dict(ours).items() if "lora_B" in k)
     assert adapter_changed
     image = cv2.cvtColor(cv2.imread(str(em6 / "images" / "a.png")), cv2.COLOR_BGR2RGB)
@@ -160,6 +162,6 @@ def test_torchrun_two_processes_on_cpu(em6: Path, tmp_path: Path) -> None:
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["folds"]) == 1 and 0 <= summary["folds"][0]["best_val_dice"] <= 1
+    assert len(summary["folds"]) == 1 and 0 <= summary["cv_estimate"]["dice"]["mean"] <= 1
     rows = (out / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 3  # one writer (rank 0): header + 2 epochs, no duplicates

@@ -1,0 +1,166 @@
+"""Unbiased cross-validation: folds, an inner selection split per fold, the outer estimate, the final fit.
+
+Each outer fold trains on its training groups less an inner validation split carved from them
+(grouped like the folds, with the same gap around volume sections); the epoch (best checkpoint,
+early stopping) is chosen on that inner split alone. The chosen checkpoint is then scored once on
+the outer fold: the per-image Dice over all outer folds is the cross-validated estimate
+(``summary.json`` ``cv_estimate``: mean, standard deviation, bootstrap 95 % interval over images).
+``--final_fit`` retrains on all training data for the median chosen epoch count (``final/best.pt``,
+the model ``--export_merged`` exports) and scores it once on a fixed test split when there is one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+import adapters
+import checkpoints
+import dataset as data
+import folds as folds_lib
+import lora
+import reports
+import runfiles
+import runs
+import trainer
+from errors import UserError
+from sample import Sample
+from train_config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def grouping(config: TrainConfig) -> folds_lib.Grouping:
+    """The run's :class:`folds.Grouping`."""
+    return folds_lib.Grouping(config.slice_block, config.fold_gap, config.group_by)
+
+
+def inner_split(config: TrainConfig, samples: Sequence[Sample], train_idx: Sequence[int],
+                fold: int) -> tuple[list[int], list[int]]:
+    """(training, selection) indices carved from a fold's training indices, grouped and gapped like
+    the folds (``--val_fraction`` of them). With fewer than two groups there is nothing to carve:
+    all of it trains and the last epoch is kept (logged)."""
+    try:
+        return folds_lib.make_holdout(samples, config.val_fraction, seed=config.seed + 1000 + fold,
+                                      grouping=grouping(config), pool=train_idx)
+    except UserError as exc:
+        log.warning("fold %d: no inner validation split (%s): the last epoch is kept", fold, exc)
+        return list(train_idx), []
+
+
+def estimate(scored: Sequence[dict[str, Any]], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Mean, standard deviation and bootstrap 95 % interval of per-image Dice and IoU."""
+    return {"n_images": len(scored),
+            **{key: reports.summarize([r[key] for r in scored], n_boot=n_boot, seed=seed) for key in ("dice", "iou")}}
+
+
+def summarize(results: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
+    """The run's summary: per fold, and the cross-validated estimate over all outer images."""
+    scored = [r for result in results for r in result["scored"]]
+    per_fold = [{"fold": r["fold"], "n_images": len(r["scored"]),
+                 "dice": float(np.mean([s["dice"] for s in r["scored"]])) if r["scored"] else None,
+                 "best_epoch": r["best_epoch"], "selection": r["selection"]} for r in results]
+    return {"folds": list(results),
+            "cv_estimate": {**estimate(scored, seed=seed), "per_fold": per_fold,
+                            "protocol": "each fold's checkpoint chosen on an inner split of its training "
+                                        "groups, then scored once on the outer fold's images"}}
+
+
+def run_training(config: TrainConfig, samples: Sequence[Sample], device: torch.device, num_workers: int = 0,
+                 folds: Sequence[folds_lib.Fold] | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Train every fold (finished ones are read from ``done.json``), write the summary, and with
+    ``config.final_fit`` the final model."""
+    out = Path(config.output_dir)
+    dist_info = trainer.Distributed.setup(device)
+    if dist_info.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    checkpoint = checkpoints.resolve_checkpoint(config.model_type, config.checkpoint, announce=False)
+    if folds is None:  # rank 0 writes folds.json, the others read it
+        if dist_info.rank == 0:
+            folds = folds_lib.load_or_make_folds(out, samples, config.num_splits, config.seed,
+                                                 val_fraction=config.val_fraction, grouping=grouping(config))
+        dist_info.barrier()
+        if dist_info.rank != 0:
+            folds = folds_lib.load_folds(out, samples)
+    data.log_summary(samples, folds, grouping(config))
+    if dist_info.rank == 0:
+        runfiles.write_json(out / runs.CONFIG_FILE, config.to_json())
+    embeddings: dict[str, torch.Tensor] = {}  # frozen encoder: each image embedded once per run
+    common = dict(checkpoint=checkpoint, device=device, num_workers=num_workers, rank=dist_info.rank,
+                  world=dist_info.world, cache_dir=cache_dir, embeddings=embeddings)
+    results = []
+    for fold, (train_idx, val_idx) in enumerate(folds):
+        done = runs.fold_dir(out, fold) / "done.json"
+        if done.is_file():
+            results.append(json.loads(done.read_text(encoding="utf-8")))
+            log.info("fold %d: already finished", fold)
+            continue
+        fit, select = inner_split(config, samples, train_idx, fold)
+        results.append(trainer.run_fold(config, samples, fold, fit, select, val_idx, **common))
+    summary = summarize(results, config.seed)
+    if config.final_fit:
+        summary.update(final_fit(config, samples, results, len(folds), common))
+    summary["config"] = config.to_json()
+    if dist_info.rank == 0:
+        runfiles.write_json(out / runs.SUMMARY_FILE, summary)
+        log_summary(summary)
+    return summary
+
+
+def final_fit(config: TrainConfig, samples: Sequence[Sample], results: Sequence[dict[str, Any]], seed_fold: int,
+              common: dict[str, Any]) -> dict[str, Any]:
+    """Retrain on every training sample for the median chosen epoch count (``final/``); score it
+    once on the fixed test split when the data has one."""
+    epochs = int(np.median([r["best_epoch"] + 1 for r in results]))
+    trainval, test = folds_lib.split_test(samples)
+    final_dir = Path(config.output_dir) / runs.FINAL_DIR
+    done = final_dir / "done.json"
+    log.info("final fit: %d training samples, %d epochs (the median chosen epoch count)", len(trainval), epochs)
+    if done.is_file():
+        result = json.loads(done.read_text(encoding="utf-8"))
+    else:
+        result = trainer.run_fold(dataclasses.replace(config, epochs=epochs), samples, seed_fold, trainval, [], test,
+                                  fold_dir=final_dir, **common)
+    record: dict[str, Any] = {"final": {"adapter": result["adapter"], "epochs": epochs, "train_size": len(trainval)}}
+    if test:
+        record["test"] = {**estimate(result["scored"], seed=config.seed), "scored": result["scored"],
+                          "protocol": "the final model scored once on the fixed test split"}
+    return record
+
+
+def log_summary(summary: dict[str, Any]) -> None:
+    """The estimate (and the test score) in one or two log lines."""
+    cv = summary["cv_estimate"]
+    if cv["n_images"]:
+        dice = cv["dice"]
+        log.info("cross-validated Dice (checkpoints chosen on inner splits, scored on the outer folds): %.4f "
+                 "+- %.4f, 95 %% CI [%.4f, %.4f] over %d images", dice["mean"], dice["std"], dice["ci_low"],
+                 dice["ci_high"], cv["n_images"])
+    if "test" in summary:
+        log.info("final model on the fixed test split: Dice %.4f (%d images)", summary["test"]["dice"]["mean"],
+                 summary["test"]["n_images"])
+
+
+def export_merged(config: TrainConfig, adapter: Path, out_path: Path) -> Path:
+    """Write the base model with the adapter merged as a plain SAM / MobileSAM state dict.
+
+    The file loads unchanged with ``segment_anything`` / ``mobile_sam``'s own
+    ``sam_model_registry[model_type](checkpoint=PATH)`` (1024 px): the model is rebuilt at
+    1024 px from the base checkpoint (the frozen position embeddings are the base's), the
+    adapter loaded and merged.
+    """
+    if out_path.exists():
+        raise UserError(f"{out_path} exists: choose another --export_merged path (nothing was overwritten)")
+    checkpoint = checkpoints.resolve_checkpoint(config.model_type, config.checkpoint, announce=False)
+    # Random base weights are rebuilt from the adapter's seed: the builders draw the same numbers
+    # at every input size (size-dependent position tables are zero-initialised).
+    bases = adapters.BaseModels(config.model_type, checkpoint, 1024)
+    state = lora.merged_state_dict(adapters.load_finetuned(bases, adapter, config.seed, merge=False))
+    runfiles.torch_save(state, out_path, rerun="rerun the command")
+    log.info("exported the merged model (%s, adapter %s) to %s", config.model_type, adapter, out_path)
+    return out_path

@@ -219,7 +219,8 @@ def test_predict_with_lora_adapter(main, em_section_19, tmp_path: Path,
     assert "an adapter for model_type vit_t" in caplog.text
 
 
-def test_predict_tiles_at_the_training_scale(detect_main, shared_data: Path, tmp_path: Path,
+@pytest.mark.slow
+def test_predict_tiles_at_the_training_scale(main, shared_data: Path, tmp_path: Path,
                                              caplog: pytest.LogCaptureFixture) -> None:
     """An adapter trained on 256 px patches: a 512 px image is segmented in 256 px tiles (objects
     at the training scale); a tile size far from it is warned about."""
@@ -234,11 +235,11 @@ def test_predict_tiles_at_the_training_scale(detect_main, shared_data: Path, tmp
     base = ["detect", "predict", "--mode", "amg", "--input", str(image), "--points_per_side", "2",
             "--checkpoint", "none", "--device", "cpu", "--model_path", str(adapter)]
     with caplog.at_level(logging.INFO):
-        assert detect_main([*base, "--output_dir", str(tmp_path / "a")]) == 0
+        assert main([*base, "--output_dir", str(tmp_path / "a")]) == 0
     config = json.loads((tmp_path / "a" / "detect_predict_config.json").read_text())
     assert config["options"]["tile_size"] == 256 and config["training_scale"]["sam_patch"] == 256
     assert "tiles of 256 px" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        assert detect_main([*base, "--output_dir", str(tmp_path / "b"), "--tile_size", "1024"]) == 0
+        assert main([*base, "--output_dir", str(tmp_path / "b"), "--tile_size", "1024"]) == 0
     assert "--tile_size 1024 is 4.0x the 256 px patches" in caplog.text

@@ -39,7 +39,8 @@ def test_training_from_random_init_reaches_dice_09_on_real_em(shared_data: Path,
         shutil.copy(data / sub / f"{train_section}.png", train_only / sub / f"s{train_section}.png")
     out = tmp_path / "eval"
     assert main(["evaluate", "--data_dir", str(train_only), "--data_format", "folders", "--patch_size", "256",
-                 "--drop_empty_patches", "--split", "all", "--checkpoint", "none", "--output_dir", str(out),
+                 "--drop_empty_patches", "--split", "all", "--include_training_images",  # its own training image
+                 "--checkpoint", "none", "--output_dir", str(out),
                  "--compare", "base=base", f"trained={run / 'fold_0' / 'best.pt'}"]) == 0
     models = json.loads((out / "summary.json").read_text())["models"]
     base = models["base"]["per_image_mean"]["dice"]["mean"]

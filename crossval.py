@@ -40,6 +40,13 @@ def grouping(config: TrainConfig) -> folds_lib.Grouping:
     return folds_lib.Grouping(config.slice_block, config.fold_gap, config.group_by)
 
 
+def plan_folds(config: TrainConfig, samples: Sequence[Sample], resume: bool) -> list[folds_lib.Fold]:
+    """The run's outer folds, written nowhere yet (same on every process): read from its
+    folds.json when resuming, else made afresh. Called before the output directory is claimed."""
+    return folds_lib.plan_folds(config.output_dir, samples, config.num_splits, config.seed, config.val_fraction,
+                                grouping(config), reuse=resume)[0]
+
+
 def inner_split(config: TrainConfig, samples: Sequence[Sample], train_idx: Sequence[int],
                 fold: int) -> tuple[list[int], list[int]]:
     """(training, selection) indices carved from a fold's training indices, grouped and gapped like
@@ -80,15 +87,11 @@ def run_training(config: TrainConfig, samples: Sequence[Sample], device: torch.d
     if dist_info.world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     checkpoint = checkpoints.resolve_checkpoint(config.model_type, config.checkpoint, announce=False)
-    if folds is None:  # rank 0 writes folds.json, the others read it
-        if dist_info.rank == 0:
-            folds = folds_lib.load_or_make_folds(out, samples, config.num_splits, config.seed,
-                                                 val_fraction=config.val_fraction, grouping=grouping(config))
-        dist_info.barrier()
-        if dist_info.rank != 0:
-            folds = folds_lib.load_folds(out, samples)
+    folds = folds if folds is not None else plan_folds(config, samples, resume=True)
     data.log_summary(samples, folds, grouping(config))
     if dist_info.rank == 0:
+        if not (out / folds_lib.FOLDS_FILE).is_file():
+            folds_lib.save_folds(out, folds, samples, seed=config.seed, grouping=grouping(config))
         runfiles.write_json(out / runs.CONFIG_FILE, config.to_json())
     embeddings: dict[str, torch.Tensor] = {}  # frozen encoder: each image embedded once per run
     common = dict(checkpoint=checkpoint, device=device, num_workers=num_workers, rank=dist_info.rank,

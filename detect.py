@@ -52,15 +52,19 @@ def args_record(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # detect train
 # --------------------------------------------------------------------------------------------
-def detector_split(args: argparse.Namespace, samples: Sequence, output_dir: Path) -> tuple[list[int], list[int]]:
-    """The grouped (train, val) split: from ``--folds_file``, else ``output_dir/folds.json``
-    (made with dataset.make_holdout / make_folds when missing); fixed test samples are left out."""
+def detector_split(args: argparse.Namespace, samples: Sequence,
+                   output_dir: Path) -> tuple[list[int], list[int], list[folds_lib.Fold] | None]:
+    """The grouped (train, val) split and, when it was made here, the folds to write: from
+    ``--folds_file``, else ``output_dir/folds.json`` (when re-running into it), else new folds
+    (folds.py); fixed test samples are left out. Writes nothing."""
+    made = None
     if args.folds_file is not None:
         folds = folds_lib.load_folds(args.folds_file, samples)
         log.info("data: using the folds in %s", args.folds_file)
     else:
-        folds = folds_lib.load_or_make_folds(output_dir, samples, args.num_folds, args.seed,
-                                             val_fraction=args.val_fraction, grouping=data.grouping_of(args))
+        folds, found = folds_lib.plan_folds(output_dir, samples, args.num_folds, args.seed, args.val_fraction,
+                                            data.grouping_of(args), reuse=not args.overwrite)
+        made = None if found else folds
     if not 0 <= args.fold < len(folds):
         raise UserError(f"--fold {args.fold} does not exist: the split has {len(folds)} fold(s), "
                         f"numbered 0..{len(folds) - 1}")
@@ -68,7 +72,7 @@ def detector_split(args: argparse.Namespace, samples: Sequence, output_dir: Path
     if not train or not val:
         raise UserError(f"fold {args.fold} has {len(train)} training and {len(val)} validation samples; "
                         "both are needed to train a detector")
-    return list(train), list(val)
+    return list(train), list(val), made
 
 
 def train_detector(yolo: Any, data_yaml: Path, args: argparse.Namespace, device: str) -> Path:
@@ -111,9 +115,11 @@ def run_train(args: argparse.Namespace) -> int:
     device = yolo_device(sam_model.resolve_device(args.device))
     yolo = build_yolo(args.yolo_model)  # imports ultralytics offline
     samples = data.load_from_options(args)
+    train, val, made = detector_split(args, samples, args.output_dir)  # a bad --fold: refused before any write
     out.claim(args.overwrite, protected=[args.data_dir])
     with out.active("detect_train.log", extra_loggers=("ultralytics",)):
-        train, val = detector_split(args, samples, args.output_dir)
+        if made is not None:
+            folds_lib.save_folds(args.output_dir, made, samples, seed=args.seed, grouping=data.grouping_of(args))
         data_yaml = export_yolo_dataset(samples, train, val, args.output_dir / DATASET_DIR)
         log.info("YOLO dataset: %d training and %d validation images in %s", len(train), len(val),
                  data_yaml.parent)
@@ -208,6 +214,8 @@ def run_predict(args: argparse.Namespace) -> int:
         raise UserError("--mode yolo needs --yolo_model (the best.pt of `python main.py detect train`); "
                         "or use --mode amg")
     files = find_inputs(args.input)
+    for path in files:  # every input readable before anything is written
+        images.check_planes(path)
     out = runfiles.OutputDir(args.output_dir, "detect predict")
     out.check(args.overwrite)
     bases = adapters.bases_from_flags(args.model_type, args.image_size, args.checkpoint, args.device, adapter_configs)

@@ -136,9 +136,8 @@ def load_yolo(path: str | os.PathLike) -> Any:
     try:
         yolo = YOLO(str(path), task="detect")
     except Exception as exc:  # noqa: BLE001 - a wrong file fails in many ways inside ultralytics
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise UserError(f"{path} is not a YOLO model file ({type(exc).__name__}: {first}); give the "
-                        "best.pt written by `python main.py detect train`") from None
+        raise UserError(f"{path} is not a YOLO model file (ultralytics cannot load it: {type(exc).__name__}); give "
+                        "the best.pt written by `python main.py detect train`") from None
     if getattr(yolo, "task", None) != "detect":
         raise UserError(f"{path} is a YOLO {yolo.task} model, not a detector: give the best.pt "
                         "written by `python main.py detect train`")

@@ -239,7 +239,7 @@ def save_folds(path: str | os.PathLike, folds: Sequence[Fold], samples: Sequence
     (a file or a directory, which gets ``folds.json``). Returns the file written."""
     grouping = grouping or Grouping(slice_block)
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or path.suffix != ".json":  # a (run) directory
         path = path / FOLDS_FILE
     trainval, test = split_test(samples)
     record = {
@@ -268,7 +268,7 @@ def load_folds(path: str | os.PathLike, samples: Sequence[Sample]) -> list[Fold]
     """Read folds written by :func:`save_folds` and check they were made for these ``samples``
     and keep their promise (groups apart, the gap around validation slices)."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or path.suffix != ".json":  # a (run) directory
         path = path / FOLDS_FILE
     fresh = "use a fresh --output_dir, or the same data and data options as the run that wrote it"
     try:
@@ -296,27 +296,26 @@ def load_folds(path: str | os.PathLike, samples: Sequence[Sample]) -> list[Fold]
     return folds
 
 
-def load_or_make_folds(output_dir: str | os.PathLike, samples: Sequence[Sample], num_folds: int,
-                       seed: int = 0, slice_block: int = 10, val_fraction: float = 0.2,
-                       grouping: Grouping | None = None) -> list[Fold]:
-    """Re-use ``output_dir/folds.json`` when it exists (checked), else make and write it.
-
-    ``num_folds`` >= 2 gives k folds; 1 gives one grouped holdout split with ``val_fraction``.
-    """
-    grouping = grouping or Grouping(slice_block)
+def plan_folds(output_dir: str | os.PathLike, samples: Sequence[Sample], num_folds: int, seed: int = 0,
+               val_fraction: float = 0.2, grouping: Grouping | None = None,
+               reuse: bool = True) -> tuple[list[Fold], bool]:
+    """The folds of ``output_dir``, written nowhere: ``(folds, found)``. Its ``folds.json`` is
+    re-used when there is one (checked against the samples and the fold count), else the folds are
+    made: ``num_folds`` >= 2 gives k folds, 1 one grouped holdout split with ``val_fraction``.
+    Commands plan their folds before they claim an output directory, so bad options write nothing;
+    ``reuse=False`` ignores a folds.json there (a run about to be replaced)."""
+    grouping = grouping or Grouping()
     path = Path(output_dir) / FOLDS_FILE
-    if path.is_file():
+    if reuse and path.is_file():
         folds = load_folds(path, samples)
         if len(folds) != max(num_folds, 1):
             raise UserError(f"{path} holds {len(folds)} fold(s) but {num_folds} were asked for; "
                             "use a fresh --output_dir or the same number of folds")
         log.info("data: re-using the folds in %s", path)
-        return folds
+        return folds, True
     folds = make_folds(samples, num_folds, seed, grouping=grouping) if num_folds >= 2 else \
         [make_holdout(samples, val_fraction, seed, grouping=grouping)]
-    save_folds(path, folds, samples, seed=seed, grouping=grouping)
-    log.info("data: wrote %s", path)
-    return folds
+    return folds, False
 
 
 def select_split(samples: Sequence[Sample], split: str, folds: Sequence[Fold] | None,

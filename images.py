@@ -50,7 +50,8 @@ def relative_name(path: Path, root: Path) -> str:
 
 def corrupt_file_error(path: Path, exc: object) -> UserError:
     """The error for a file that cannot be read or decoded."""
-    return UserError(f"cannot read {path}: {exc}; the file is corrupt, truncated or not an image "
+    reason = (str(exc).splitlines() or [""])[0][:120] or type(exc).__name__
+    return UserError(f"cannot read {path} ({reason}): the file is corrupt, truncated or not an image "
                      "- re-export or re-download it, or remove it from the data directory")
 
 
@@ -238,6 +239,39 @@ def read_image_and_labels(image_path: Path, mask_path: Path,
     return image, labels, kind
 
 
+def _plane_layout(shape: tuple[int, ...], axes: str, path: Path) -> tuple[bool, bool]:
+    """``(planar_rgb, is_stack)`` of a TIFF series of ``shape`` and tifffile ``axes``; refuses
+    what is neither a 2-D image nor a 3-D stack (ZYX, gray or RGB)."""
+    planar = len(shape) == 3 and axes.startswith("S") and not axes.endswith("S")
+    if planar:
+        shape, axes = shape[1:] + shape[:1], axes[1:] + "S"
+    if "C" in axes:
+        raise UserError(f"{path} has {shape[axes.index('C')]} channels (axes {axes}): save the "
+                        "channel to segment as a gray image or stack, or the image as RGB")
+    spatial = len(shape) - (1 if axes.endswith("S") else 0)
+    if spatial == 2:
+        return planar, False
+    if spatial != 3 or (axes.endswith("S") and shape[-1] not in (1, 3, 4)):
+        raise UserError(f"{path} has shape {tuple(shape)} (axes {axes}): only 2-D images and 3-D "
+                        "stacks (ZYX, gray or RGB) are supported")
+    if shape[0] == 0:
+        raise UserError(f"{path} is an empty stack")
+    return planar, True
+
+
+def check_planes(path: Path) -> None:
+    """Refuse an input :func:`read_planes` cannot read, reading a TIFF's header only."""
+    if path.suffix.lower() not in TIFF_EXTS:
+        to_rgb(read_image_file(path), path)
+        return
+    try:
+        with tifffile.TiffFile(path) as tif:
+            shape, axes = tuple(tif.series[0].shape), tif.series[0].axes
+    except Exception as exc:  # noqa: BLE001 - tifffile/imagecodecs raise many kinds
+        raise corrupt_file_error(path, exc) from exc
+    _plane_layout(shape, axes, path)
+
+
 def read_planes(path: Path) -> tuple[np.ndarray, bool]:
     """An image file -> ``(planes, is_stack)``: ``ZxHxW`` or ``ZxHxWx3`` uint8 (Z = 1 for 2-D).
 
@@ -247,17 +281,9 @@ def read_planes(path: Path) -> tuple[np.ndarray, bool]:
     if path.suffix.lower() not in TIFF_EXTS:
         return to_rgb(read_image_file(path), path)[None], False
     array, axes = read_tiff(path)
-    if array.ndim == 3 and axes.startswith("S") and not axes.endswith("S"):
-        array, axes = np.moveaxis(array, 0, -1), axes[1:] + "S"  # planar RGB
-    if "C" in axes:
-        raise UserError(f"{path} has {array.shape[axes.index('C')]} channels (axes {axes}): save the "
-                        "channel to segment as a gray image or stack, or the image as RGB")
-    spatial = array.ndim - (1 if axes.endswith("S") else 0)
-    if spatial == 2:
+    planar, is_stack = _plane_layout(array.shape, axes, path)
+    if planar:
+        array = np.moveaxis(array, 0, -1)
+    if not is_stack:
         return to_rgb(array, path)[None], False
-    if spatial != 3 or (axes.endswith("S") and array.shape[-1] not in (1, 3, 4)):
-        raise UserError(f"{path} has shape {array.shape} (axes {axes}): only 2-D images and 3-D "
-                        "stacks (ZYX, gray or RGB) are supported")
-    if array.shape[0] == 0:
-        raise UserError(f"{path} is an empty stack")
     return scale_to_uint8(array), True

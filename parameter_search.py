@@ -82,26 +82,33 @@ def run(args: argparse.Namespace) -> int:
     if previous is not None and not same and not args.overwrite:
         raise UserError(f"{out.path} holds a search with other options: use the same options, --overwrite, "
                         "or a new --output_dir")
-    out.check(args.overwrite, resume=same and not args.overwrite)
+    resume = same and not args.overwrite
+    out.check(args.overwrite, resume=resume)
+    configs = [configuration(base, rank, alpha, lr) for rank, alpha, lr in itertools.product(ranks, alphas, lrs)]
     samples = data.load_from_options(args)
-    out.claim(args.overwrite, resume=same and not args.overwrite)
+    folds = crossval.plan_folds(base, samples, resume)  # impossible folds: refused before any write
+    out.claim(args.overwrite, resume=resume)
     runfiles.write_json(out.path / SEARCH_FILE, search)
     with out.active("search.log"):
-        folds = folds_lib.load_or_make_folds(out.path, samples, base.num_splits, base.seed,
-                                             val_fraction=base.val_fraction, grouping=crossval.grouping(base))
-        results = [train_configuration(base, rank, alpha, lr, samples, folds, device, args.num_workers)
-                   for rank, alpha, lr in itertools.product(ranks, alphas, lrs)]
+        if not (out.path / folds_lib.FOLDS_FILE).is_file():
+            folds_lib.save_folds(out.path, folds, samples, seed=base.seed, grouping=crossval.grouping(base))
+        results = [train_configuration(config, samples, folds, device, args.num_workers) for config in configs]
         write_results(out.path, base, results)
     return 0
 
 
-def train_configuration(base: TrainConfig, rank: int, alpha: float, lr: float, samples: Sequence[Sample],
-                        folds: Sequence[folds_lib.Fold], device: torch.device, num_workers: int) -> dict[str, Any]:
-    """Train one configuration on the shared folds (or read its finished summary); its results row."""
-    name = config_name(rank, alpha, lr)
+def configuration(base: TrainConfig, rank: int, alpha: float, lr: float) -> TrainConfig:
+    """One configuration of the grid, checked, in its own sub-directory."""
     config = dataclasses.replace(base, lora_rank=rank, lora_alpha=alpha, learning_rate=lr,
-                                 output_dir=str(Path(base.output_dir) / name))
+                                 output_dir=str(Path(base.output_dir) / config_name(rank, alpha, lr)))
     config.validate()
+    return config
+
+
+def train_configuration(config: TrainConfig, samples: Sequence[Sample], folds: Sequence[folds_lib.Fold],
+                        device: torch.device, num_workers: int) -> dict[str, Any]:
+    """Train one configuration on the shared folds (or read its finished summary); its results row."""
+    name, rank, alpha, lr = Path(config.output_dir).name, config.lora_rank, config.lora_alpha, config.learning_rate
     summary_path = Path(config.output_dir) / runs.SUMMARY_FILE
     if summary_path.is_file():
         summary = runs.read_json(summary_path, "a finished training run")
@@ -110,9 +117,7 @@ def train_configuration(base: TrainConfig, rank: int, alpha: float, lr: float, s
         log.info("%s: training %d fold(s)", name, len(folds))
         resume = (Path(config.output_dir) / runs.CONFIG_FILE).is_file()
         out = trainer.claim_output_dir(config, resume=resume, overwrite=False)
-        with out.active():
-            # the shared folds, so `evaluate --cv_run` works on any configuration's directory
-            folds_lib.save_folds(out.path, folds, samples, seed=base.seed, grouping=crossval.grouping(base))
+        with out.active():  # run_training writes the shared folds there: `evaluate --cv_run` works on it
             summary = crossval.run_training(config, samples, device, num_workers, folds=folds)
     cv = summary["cv_estimate"]
     return {"name": name, "lora_rank": rank, "lora_alpha": alpha, "learning_rate": lr,

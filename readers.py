@@ -389,6 +389,10 @@ def detect_format(directory: Path) -> str:
             log.info("data: %s has %s -> --data_format %s", directory, what, fmt)
             return fmt
     found = ", ".join(sorted(p.name for p in directory.iterdir() if is_visible(p))[:10]) or "nothing"
+    images = _subdir(directory, IMAGE_DIRS)
+    if images is not None and _subdir(directory, MASK_DIRS) is None:
+        raise UserError(f"{images} has no masks beside it: add a masks/ (or labels/) folder with a mask for each "
+                        "image, named like the image")
     raise UserError(f"no images found: cannot recognise the layout of {directory} (it holds: "
                     f"{found}); expected images/ + masks/, NuInsSeg organ folders, EPFL-style "
                     "TIFF stacks, a COCO annotations.json or NIfTI volumes")

@@ -272,7 +272,8 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_id
     train_set = PromptDataset(samples, train_idx, config, fold, train=True)
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / world) / config.batch_size)
     scheduler = make_schedule(optimizer, steps_per_epoch * config.epochs, config.warmup_fraction)
-    cache = EmbeddingCache(sam, config.precision, cache_dir, embeddings) if not config.encoder_trained else None
+    cache = EmbeddingCache(sam, config.precision, cache_dir, embeddings, config.seed) \
+        if not config.encoder_trained else None
     ctx = Context(sam, config, device, cache, optimizer, scheduler, rank, world)
     state = resume_fold(fold_dir / "last.pt", sam, optimizer, scheduler, fold)
     select_loader = make_loader(PromptDataset(samples, select_idx, config, fold, train=False), config.batch_size,

@@ -133,14 +133,16 @@ def make_loader(dataset: PromptDataset, batch_size: int, shuffle_seed: int | Non
 class EmbeddingCache:
     """Image embeddings of a frozen encoder, computed once per image content.
 
-    Keys combine the model type, base checkpoint hash, image size, precision and the image's
-    content hash; values live in memory and, with ``directory``, also on disk across runs.
+    Keys combine the model type, the base weights (checkpoint hash, or the seed random weights
+    were drawn from), image size, precision and the image's content hash; values live in memory
+    and, with ``directory``, also on disk across runs.
     """
 
     def __init__(self, sam: nn.Module, precision: str, directory: Path | None = None,
-                 memory: dict[str, torch.Tensor] | None = None) -> None:
+                 memory: dict[str, torch.Tensor] | None = None, seed: int = 0) -> None:
         self.sam, self.precision, self.directory = sam, precision, directory
-        self.prefix = f"{sam.model_type}-{sam.checkpoint_sha256 or 'random'}-{sam.image_encoder.img_size}-{precision}"
+        weights = sam.checkpoint_sha256 or f"random-seed{seed}"
+        self.prefix = f"{sam.model_type}-{weights}-{sam.image_encoder.img_size}-{precision}"
         # shared across the folds of a run: the frozen encoder is the same in every fold
         self.memory: dict[str, torch.Tensor] = {} if memory is None else memory
         self.hits = self.misses = 0

@@ -7,7 +7,7 @@ import pytest
 
 from dataset import load_dataset, make_patches
 from errors import UserError
-from folds import (Grouping, fold_group, load_folds, load_or_make_folds, make_folds, make_holdout,
+from folds import (Grouping, fold_group, load_folds, make_folds, make_holdout, plan_folds,
                    save_folds, split_test)
 
 
@@ -83,11 +83,13 @@ def test_folds_json_round_trip_and_mismatch(cpm15, em_folders, tmp_path):
     with pytest.raises(UserError, match="fresh --output_dir"):
         load_folds(path, list(reversed(cpm15)))
     run = tmp_path / "run"
-    made = load_or_make_folds(run, cpm15, 3, seed=7)
-    assert made == folds and (run / "folds.json").is_file()
-    assert load_or_make_folds(run, cpm15, 3, seed=99) == folds  # re-used, not re-drawn
+    made, found = plan_folds(run, cpm15, 3, seed=7)
+    assert made == folds and not found and not run.exists()  # planned, written nowhere
+    save_folds(run, made, cpm15, seed=7)
+    assert plan_folds(run, cpm15, 3, seed=99) == (folds, True)  # re-used, not re-drawn
+    assert plan_folds(run, cpm15, 3, seed=99, reuse=False)[0] != folds  # a run about to be replaced
     with pytest.raises(UserError, match="holds 3 fold"):
-        load_or_make_folds(run, cpm15, 5)
+        plan_folds(run, cpm15, 5)
 
 
 def test_volume_folds_are_contiguous_runs_with_a_gap(shared_data, tmp_path):

@@ -120,3 +120,25 @@ def test_every_command_writes_with_the_umask_and_quoted_csv(main, em_crops, tmp_
         paths += [r["path"] for r in rows if "path" in r]
     assert paths and all(p.startswith(str(data)) for p in paths)
 
+
+
+def test_refused_commands_claim_no_output_directory(main, em_crops, shared_data: Path, tmp_path: Path,
+                                                    one_thread) -> None:
+    """Options that are refused only once the data is read (impossible folds, a bad --fold, an
+    unreadable input) write nothing, so the corrected command runs into the same directory."""
+    from conftest import SMALL
+
+    data = em_crops(EM4, 128)
+    out = tmp_path / "out"
+    options = ["--data_dir", str(data), *SMALL, "--freeze_encoder", "--lora_targets", "decoder", "--lora_rank", "2",
+               "--epochs", "1", "--no_augment", "--num_folds", "10"]  # 4 images: no 10 folds
+    assert main(["train", *options, "--cross_validation", "--output_dir", str(out / "train")]) == 2
+    assert main(["parameter_search", *options, "--output_dir", str(out / "search")]) == 2
+    detect = ["detect", "train", "--data_dir", str(data), "--output_dir", str(out / "yolo"), "--fold", "3",
+              "--epochs", "1"]
+    assert main(detect) == 2
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"II*\x00" + b"\x00" * 20)
+    assert main(["detect", "predict", "--mode", "amg", "--input", str(bad), *SMALL,
+                 "--output_dir", str(out / "predict")]) == 2
+    assert not out.exists()

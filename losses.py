@@ -7,26 +7,43 @@ import torch.nn.functional as F
 LOSSES = ("dice_ce", "focal_dice_iou")
 
 
-def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Soft Dice loss per object, Nx1xhxw -> N; +1 smoothing so empty masks give 0, not NaN."""
-    probs = torch.sigmoid(logits).flatten(1)
-    t = targets.flatten(1)
+def _valid(targets: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    return torch.ones_like(targets) if valid is None else valid.to(targets.dtype).expand_as(targets)
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft Dice loss per object, Nx1xhxw -> N, over the ``valid`` pixels (Nx1xhxw or 1x1xhxw,
+    1 = counts; None = all); +1 smoothing so empty masks give 0, not NaN."""
+    v = _valid(targets, valid).flatten(1)
+    probs = torch.sigmoid(logits).flatten(1) * v
+    t = targets.flatten(1) * v
     return 1 - (2 * (probs * t).sum(1) + 1) / (probs.sum(1) + t.sum(1) + 1)
 
 
-def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
-    """Sigmoid focal loss per object (mean over pixels), Nx1xhxw -> N."""
+def bce_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy per object (mean over the valid pixels), Nx1xhxw -> N."""
+    v = _valid(targets, valid)
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * v
+    return bce.flatten(1).sum(1) / v.flatten(1).sum(1).clamp(min=1)
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None,
+               alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """Sigmoid focal loss per object (mean over the valid pixels), Nx1xhxw -> N."""
+    v = _valid(targets, valid)
     bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p = torch.sigmoid(logits)
     p_t = p * targets + (1 - p) * (1 - targets)
     weight = alpha * targets + (1 - alpha) * (1 - targets)
-    return (weight * (1 - p_t) ** gamma * bce).flatten(1).mean(1)
+    return (weight * (1 - p_t) ** gamma * bce * v).flatten(1).sum(1) / v.flatten(1).sum(1).clamp(min=1)
 
 
-def mask_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """IoU of the thresholded logits with the targets per object, N (1 when both are empty)."""
-    pred = (logits > 0).flatten(1).float()
-    t = targets.flatten(1)
+def mask_iou(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """IoU of the thresholded logits with the targets per object over the valid pixels, N (1
+    when both are empty)."""
+    v = _valid(targets, valid).flatten(1)
+    pred = (logits > 0).flatten(1).float() * v
+    t = targets.flatten(1) * v
     inter = (pred * t).sum(1)
     union = pred.sum(1) + t.sum(1) - inter
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
@@ -41,16 +58,21 @@ def hard_dice(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return torch.where(total > 0, 2 * (pred * t).sum(1) / total.clamp(min=1), torch.ones_like(total))
 
 
-def compute_loss(kind: str, logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean loss over N objects. logits, targets: Nx1xhxw; iou_pred: Nx1.
+def compute_loss(kind: str, logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor,
+                 valid: torch.Tensor | None = None, iou_weight: float = 1.0) -> torch.Tensor:
+    """Mean loss over N objects. logits: Nx1xhxw; targets: Nx1xhxw; iou_pred: Nx1; ``valid``:
+    the pixels that count (ignored regions 0), Nx1xhxw / 1x1xhxw or None.
 
-    dice_ce = Dice + BCE; focal_dice_iou = 20 focal + Dice + MSE(predicted IoU, actual IoU).
+    dice_ce = Dice + BCE; focal_dice_iou = 20 focal + Dice (finestSAM's weights). Both add
+    ``iou_weight`` x MSE(predicted IoU, the mask's actual IoU), so the IoU head, which ranks
+    overlapping masks in every command, learns too (SAM trains it the same way).
     """
     logits = logits.float()
     if kind == "dice_ce":
-        bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").flatten(1).mean(1)
-        return (dice_loss(logits, targets) + bce).mean()
-    if kind == "focal_dice_iou":
-        iou_mse = (iou_pred.float()[:, 0] - mask_iou(logits, targets).detach()) ** 2
-        return (20 * focal_loss(logits, targets) + dice_loss(logits, targets) + iou_mse).mean()
-    raise ValueError(f"unknown loss {kind!r}: choose {' or '.join(LOSSES)}")
+        mask = dice_loss(logits, targets, valid) + bce_loss(logits, targets, valid)
+    elif kind == "focal_dice_iou":
+        mask = 20 * focal_loss(logits, targets, valid) + dice_loss(logits, targets, valid)
+    else:
+        raise ValueError(f"unknown loss {kind!r}: choose {' or '.join(LOSSES)}")
+    iou_mse = (iou_pred.float()[:, 0] - mask_iou(logits, targets, valid).detach()) ** 2
+    return (mask + iou_weight * iou_mse).mean()

@@ -66,6 +66,7 @@ class TrainConfig:
     box_jitter: float = 0.1
     augment: bool = True
     loss: str = "dice_ce"
+    iou_loss_weight: float = 1.0
     seed: int = 0
 
     @classmethod
@@ -95,6 +96,7 @@ class TrainConfig:
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.learning_rate > 0, f"--learning_rate must be positive, got {self.learning_rate}"),
             (self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.iou_loss_weight >= 0, f"--iou_loss_weight must be >= 0, got {self.iou_loss_weight}"),
             (self.patience >= 1, f"--patience must be at least 1, got {self.patience}"),
             (self.lora_rank >= 0, f"--lora_rank must be >= 0 (0 = no LoRA), got {self.lora_rank}"),
             (self.lora_alpha > 0, f"--lora_alpha must be positive, got {self.lora_alpha}"),
@@ -156,6 +158,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--early_stopping", action="store_true", help="stop a fold when validation Dice stops improving")
     opt.add_argument("--patience", type=int, default=defaults.patience, help="epochs without improvement before stopping")
     opt.add_argument("--loss", default=defaults.loss, help="dice_ce (Dice + BCE) or focal_dice_iou (finestSAM's 20:1:1)")
+    opt.add_argument("--iou_loss_weight", type=float, default=defaults.iou_loss_weight,
+                     help="weight of the IoU head's error (MSE to each mask's true IoU): the predicted IoU decides "
+                          "overlaps in every command, so it is trained too (0 = off)")
     cv = parser.add_argument_group("validation")
     cv.add_argument("--cross_validation", action="store_true", help="k-fold cross-validation grouped by image / slice block")
     cv.add_argument("--num_folds", type=int, default=defaults.num_folds, help="folds with --cross_validation")

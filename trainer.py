@@ -54,6 +54,7 @@ class Context:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     rank: int = 0
     world: int = 1
+    scaler: torch.amp.GradScaler | None = None  # fp16: gradients scaled so that they do not flush to zero
 
 
 def embed(ctx: Context, items: Sequence[Item]) -> torch.Tensor:
@@ -84,7 +85,8 @@ def step_loss(ctx: Context, items: Sequence[Item]) -> tuple[torch.Tensor | None,
         h, w = item.targets.shape[-2:]
         logits = out.low_res[..., :h, :w]
         targets = item.targets.to(ctx.device)
-        losses.append(compute_loss(ctx.config.loss, logits, out.iou, targets))
+        valid = item.valid.to(ctx.device) if item.valid is not None else None
+        losses.append(compute_loss(ctx.config.loss, logits, out.iou, targets, valid, ctx.config.iou_loss_weight))
         dices.append(float(hard_dice(logits, targets).mean()))
     if not losses:
         return None, float("nan")
@@ -118,10 +120,11 @@ def set_train_mode(sam: nn.Module) -> None:
 
 
 def train_one_epoch(ctx: Context, loader: torch.utils.data.DataLoader, epoch: int, fold: int) -> dict[str, float]:
-    """One pass over the training fold; returns mean loss and low-res Dice. Stops on NaN."""
+    """One pass over the training fold; returns mean loss, low-res Dice and the fp16 steps the
+    gradient scaler skipped. A NaN loss on any process stops every process with one message."""
     set_train_mode(ctx.sam)
     params = [p for p in ctx.sam.parameters() if p.requires_grad]
-    losses, dices = [], []
+    losses, dices, skipped = [], [], 0
     bar = tqdm(loader, desc=f"fold {fold} epoch {epoch}", leave=False, disable=ctx.rank != 0 or None)
     for items in bar:
         loss, dice = step_loss(ctx, items)
@@ -130,23 +133,64 @@ def train_one_epoch(ctx: Context, loader: torch.utils.data.DataLoader, epoch: in
             continue
         if loss is None:  # no objects on this rank, but it must join the gradient reduction
             loss = sum(p.sum() * 0 for p in params)
-        elif not torch.isfinite(loss):
+        if not all_finite(loss, ctx.world):
             raise UserError(f"the loss became {float(loss.detach())} in fold {fold}, epoch {epoch}: training "
                             "stopped and the last good checkpoint kept; lower --learning_rate or use "
                             "--precision fp32")
         ctx.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        all_reduce_gradients(params, ctx.world)
-        if ctx.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, ctx.config.grad_clip)
-        ctx.optimizer.step()
+        skipped += optimizer_step(ctx, loss, params)
         ctx.scheduler.step()
         if not math.isnan(dice):
             losses.append(float(loss.detach()))
             dices.append(dice)
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+    if skipped:
+        log.warning("fold %s epoch %d: the fp16 gradient scaler skipped %d step(s) with inf/NaN gradients",
+                    fold, epoch, skipped)
     return {"train_loss": float(np.mean(losses)) if losses else 0.0,
-            "train_dice": float(np.mean(dices)) if dices else 0.0}
+            "train_dice": float(np.mean(dices)) if dices else 0.0, "skipped_steps": skipped}
+
+
+def all_finite(loss: torch.Tensor, world: int) -> bool:
+    """Whether the loss is finite on every process (under torchrun all must stop together, or the
+    others would wait for ever in the gradient reduction)."""
+    finite = torch.isfinite(loss.detach()).float().reshape(1)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item() > 0)
+
+
+def optimizer_step(ctx: Context, loss: torch.Tensor, params: Sequence[nn.Parameter]) -> int:
+    """Backward, gradient reduction, clipping and the optimiser step; returns 1 when the fp16
+    gradient scaler skipped the step (inf/NaN gradients), else 0. The scaler unscales the
+    gradients before they are clipped, so ``--grad_clip`` means the same in every precision."""
+    scaler = ctx.scaler
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    all_reduce_gradients(params, ctx.world)
+    if scaler is not None:
+        scaler.unscale_(ctx.optimizer)
+    if ctx.config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, ctx.config.grad_clip)
+    if scaler is None:
+        ctx.optimizer.step()
+        return 0
+    before = scaler.get_scale()
+    scaler.step(ctx.optimizer)
+    scaler.update()
+    return int(scaler.get_scale() < before)
+
+
+def param_groups(sam: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The trainable parameters in two AdamW groups: weight decay on weight matrices (LoRA
+    factors, linear layers), none on biases, norms, tokens and embeddings."""
+    decay, plain = [], []
+    for name, p in sam.named_parameters():
+        if p.requires_grad:
+            exempt = p.ndim < 2 or any(word in name for word in ("norm", "token", "embed", "pe_layer", "pos"))
+            (plain if exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
 @torch.no_grad()
@@ -244,9 +288,10 @@ def make_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fra
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def seed_everything(seed: int, fold: int, epoch: int) -> None:
-    """Seed torch (dropout, init) from (seed, fold, epoch): resumable without stored RNG state."""
-    torch.manual_seed(int(np.random.default_rng([seed, fold, epoch]).integers(2**31)))
+def seed_everything(seed: int, fold: int, epoch: int, rank: int = 0) -> None:
+    """Seed torch (dropout) from (seed, fold, epoch) and the process's rank, so torchrun processes
+    draw different dropout masks: resumable without stored RNG state."""
+    torch.manual_seed(int(np.random.default_rng([seed, fold, epoch] + ([rank] if rank else [])).integers(2**31)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,14 +312,14 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_id
     """
     fold_dir = fold_dir or runs.fold_dir(Path(config.output_dir), fold)
     sam = build_trainable_model(config, checkpoint, device)
-    params = [p for p in sam.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(sam, config.weight_decay), lr=config.learning_rate)
     train_set = PromptDataset(samples, train_idx, config, fold, train=True)
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / world) / config.batch_size)
     scheduler = make_schedule(optimizer, steps_per_epoch * config.epochs, config.warmup_fraction)
     cache = EmbeddingCache(sam, config.precision, cache_dir, embeddings, config.seed) \
         if not config.encoder_trained else None
-    ctx = Context(sam, config, device, cache, optimizer, scheduler, rank, world)
+    scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
+    ctx = Context(sam, config, device, cache, optimizer, scheduler, rank, world, scaler)
     state = resume_fold(fold_dir / "last.pt", sam, optimizer, scheduler, fold)
     select_loader = make_loader(PromptDataset(samples, select_idx, config, fold, train=False), config.batch_size,
                                 None, num_workers, rank, world) if select_idx else None
@@ -283,7 +328,7 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_id
             log.info("fold %d: early stop, no improvement for %d epochs", fold, config.patience)
             break
         start = time.perf_counter()
-        seed_everything(config.seed, fold, epoch)
+        seed_everything(config.seed, fold, epoch, rank)
         train_set.epoch = epoch
         shuffle = int(np.random.default_rng([config.seed, fold, epoch, 7]).integers(2**31))
         row = train_one_epoch(ctx, make_loader(train_set, config.batch_size, shuffle, num_workers, rank, world), epoch, fold)
@@ -360,7 +405,8 @@ def write_metrics_csv(config: TrainConfig) -> None:
     """``metrics.csv``: one row per fold and epoch (rewritten whole, atomically)."""
     out = Path(config.output_dir)
     rows = fold_histories(out)
-    columns = ["fold", "epoch", "train_loss", "train_dice", "val_dice", "val_iou", "val_pooled_dice", "lr", "seconds"]
+    columns = ["fold", "epoch", "train_loss", "train_dice", "val_dice", "val_iou", "val_pooled_dice", "lr",
+               "skipped_steps", "seconds"]
     runfiles.write_csv(out / runs.METRICS_FILE, rows, columns)
 
 

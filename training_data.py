@@ -39,6 +39,7 @@ class Item:
     tensors: sam_model.PromptTensors
     targets: torch.Tensor  # Nx1xhxw float {0,1} at low resolution (valid region only)
     labels: np.ndarray  # HxW instance labels (after augmentation)
+    valid: torch.Tensor | None = None  # 1x1xhxw float: 0 where ignored (ambiguous regions), None = all
 
 
 def content_key(image: np.ndarray) -> str:
@@ -102,8 +103,9 @@ class PromptDataset(torch.utils.data.Dataset):
                 points=prompts.points if prompts.use_points else None,
                 point_labels=prompts.point_labels if prompts.use_points else None)
         key = content_key(image) if not cfg.encoder_trained else ""  # only cached embeddings need it
+        valid = None if ignore is None else low_res_targets(~ignore[None], prepared.input_size)
         return Item(index, key, prepared.tensor, prepared.input_size, prepared.original_size, prompts, tensors,
-                    low_res_targets(prompts.masks, prepared.input_size), labels)
+                    low_res_targets(prompts.masks, prepared.input_size), labels, valid)
 
 
 def collate(items: list[Item]) -> list[Item]:

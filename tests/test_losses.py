@@ -26,4 +26,21 @@ def test_losses_are_finite_on_empty_masks_and_match_hand_values(kind: str) -> No
         target = torch.tensor([[[[1.0, 0.0]]]])
         dice = 1 - (2 * 0.5 + 1) / (1.0 + 1 + 1)  # soft Dice with +1 smoothing: probs 0.5, 0.5
         bce = float(np.log(2))
-        assert losses.compute_loss(kind, zero, iou[:1], target).item() == pytest.approx(dice + bce, rel=1e-5)
+        assert losses.compute_loss(kind, zero, iou[:1], target, iou_weight=0).item() == pytest.approx(dice + bce,
+                                                                                                      rel=1e-5)
+        # the IoU head is trained in every loss: the mask's true IoU is 0, predicted 1 -> + 1 * (1 - 0)^2
+        assert losses.compute_loss(kind, zero, iou[:1], target).item() == pytest.approx(dice + bce + 1, rel=1e-5)
+        assert losses.compute_loss(kind, zero, torch.zeros(1, 1), target).item() == pytest.approx(dice + bce, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", losses.LOSSES)
+def test_ignored_pixels_are_out_of_the_loss(kind: str) -> None:
+    """A wrong prediction on an ignored pixel costs nothing; the same pixel counted costs more."""
+    target = torch.tensor([[[[1.0, 0.0, 0.0]]]])
+    logits = torch.tensor([[[[8.0, -8.0, 8.0]]]])  # right, right, wrong
+    iou = torch.tensor([[0.5]])
+    valid = torch.tensor([[[[1.0, 1.0, 0.0]]]])  # the wrong pixel is ignored
+    ignored = losses.compute_loss(kind, logits, iou, target, valid)
+    counted = losses.compute_loss(kind, logits, iou, target)
+    right = losses.compute_loss(kind, torch.tensor([[[[8.0, -8.0, -8.0]]]]), iou, target)
+    assert ignored.item() == pytest.approx(right.item(), abs=1e-3) and counted > ignored + 0.1

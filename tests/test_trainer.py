@@ -1,0 +1,81 @@
+"""trainer.py: the optimiser step (fp16 gradient scaler, weight-decay groups), dropout seeds per process."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import lora
+import model as sam_model
+import trainer
+from conftest import tiny_sam
+from train_config import TrainConfig
+
+
+def _lora_model() -> torch.nn.Module:
+    sam = tiny_sam("vit", image_size=64)
+    lora.inject_lora(sam, 2, 2, "qkv")
+    lora.mark_only_lora_as_trainable(sam, train_decoder=True)
+    return sam
+
+
+def _step(sam: torch.nn.Module, precision: str, scale_loss: float) -> tuple[dict[str, torch.Tensor], int]:
+    """One optimiser step on a loss whose gradients are tiny (``scale_loss``), under autocast."""
+    config = TrainConfig(data_dir="", output_dir="", precision=precision, grad_clip=1.0)
+    optimizer = torch.optim.AdamW(trainer.param_groups(sam, 0.0), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu") if precision == "fp16" else None
+    ctx = trainer.Context(sam, config, torch.device("cpu"), None, optimizer, None, scaler=scaler)
+    before = {n: p.detach().clone() for n, p in sam.named_parameters() if "lora_A" in n}
+    autocast = torch.autocast("cpu", dtype=torch.float16) if precision == "fp16" else contextlib.nullcontext()
+    with autocast:
+        embedding = sam.image_encoder(torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    loss = embedding.float().mean() * scale_loss
+    skipped = trainer.optimizer_step(ctx, loss, [p for p in sam.parameters() if p.requires_grad])
+    return {n: p.detach() - before[n] for n, p in sam.named_parameters() if "lora_A" in n}, skipped
+
+
+def test_fp16_with_the_gradient_scaler_updates_lora(one_thread) -> None:
+    """Gradients of ~1e-8 underflow in fp16; scaled, every lora_A still gets an update."""
+    torch.manual_seed(0)
+    sam = _lora_model()
+    with torch.no_grad():
+        for layer in lora.lora_layers(sam).values():
+            layer.lora_B.normal_(std=0.01)  # lora_B = 0 would give lora_A no gradient at all
+    updates, skipped = [], 1
+    for _ in range(4):  # the scaler may skip its first steps while it finds its scale
+        delta, skipped = _step(sam, "fp16", 1e-6)
+        updates.append(delta)
+        if not skipped:
+            break
+    assert skipped == 0
+    assert all(v.abs().max() > 0 for v in updates[-1].values())
+
+
+def test_weight_decay_spares_biases_norms_and_tokens() -> None:
+    sam = _lora_model()
+    decay, plain = trainer.param_groups(sam, 0.1)
+    names = {id(p): n for n, p in sam.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    spared = {names[id(p)] for p in plain["params"]}
+    assert decay["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert any(n.endswith("lora_A") for n in decayed) and any(n.endswith("lora_B") for n in decayed)
+    assert not any(n.endswith("bias") or "norm" in n or "token" in n for n in decayed)
+    assert any(n.endswith("bias") for n in spared) and any("token" in n for n in spared)
+    assert len(decayed) + len(spared) == sum(p.requires_grad for p in sam.parameters())
+
+
+def test_dropout_seeds_differ_between_processes_and_repeat_on_resume() -> None:
+    draws = {}
+    for rank in (0, 1):
+        trainer.seed_everything(3, 0, 2, rank)
+        draws[rank] = torch.rand(4)
+    trainer.seed_everything(3, 0, 2, 0)
+    assert torch.equal(torch.rand(4), draws[0]) and not torch.equal(draws[0], draws[1])
+    trainer.seed_everything(3, 0, 2)  # one process: rank 0
+    assert torch.equal(torch.rand(4), draws[0])
+
+
+def test_cpu_refuses_fp16_from_the_command_line() -> None:
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        sam_model.autocast(torch.device("cpu"), "fp16")

@@ -334,9 +334,16 @@ def main(argv: list[str] | None = None) -> int:
         cached = statistics.median(frozen.epoch() for _ in range(reps))
         decoder_only = timed(lambda: frozen.bare(encoder=False), reps)
         frozen.ctx.cache.memory.clear()
+        frozen.ctx.cache.bytes = 0
         uncached = frozen.epoch()
         report(f"{model_type} frozen encoder, cached epoch step / decoder fwd+bwd", cached / decoder_only, "[<= 1.10]")
         report(f"{model_type} frozen encoder, cached / uncached epoch", cached / uncached)
+        augmented = Setup(frozen_cfg, samples)  # flips / rotations on: each image has 2 cached views
+        for epoch in range(3):
+            augmented.dataset.epoch = epoch
+            third = augmented.epoch()
+        report(f"{model_type} frozen encoder with augmentation, epoch 3 / decoder fwd+bwd", third / decoder_only,
+               "[<= 1.15]")
 
         prof = decoder_profile(frozen, [1, 4, 16], reps)
         for n, total, tr, up in prof:

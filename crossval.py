@@ -79,7 +79,8 @@ def summarize(results: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any
 
 
 def run_training(config: TrainConfig, samples: Sequence[Sample], device: torch.device, num_workers: int = 0,
-                 folds: Sequence[folds_lib.Fold] | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
+                 folds: Sequence[folds_lib.Fold] | None = None, cache_dir: Path | None = None,
+                 cache_memory_gb: float = float("inf")) -> dict[str, Any]:
     """Train every fold (finished ones are read from ``done.json``), write the summary, and with
     ``config.final_fit`` the final model."""
     out = Path(config.output_dir)
@@ -95,7 +96,8 @@ def run_training(config: TrainConfig, samples: Sequence[Sample], device: torch.d
         runfiles.write_json(out / runs.CONFIG_FILE, config.to_json())
     embeddings: dict[str, torch.Tensor] = {}  # frozen encoder: each image embedded once per run
     common = dict(checkpoint=checkpoint, device=device, num_workers=num_workers, rank=dist_info.rank,
-                  world=dist_info.world, cache_dir=cache_dir, embeddings=embeddings)
+                  world=dist_info.world, cache_dir=cache_dir, embeddings=embeddings,
+                  cache_bytes=cache_memory_gb * 2**30)
     results = []
     for fold, (train_idx, val_idx) in enumerate(folds):
         done = runs.fold_dir(out, fold) / "done.json"

@@ -126,20 +126,25 @@ def make_patches(sample: Sample, patch_size: int, overlap: int = 0) -> list[Samp
 # --------------------------------------------------------------------------------------------
 # Augmentation
 # --------------------------------------------------------------------------------------------
+DIHEDRAL: tuple[tuple[bool, int], ...] = tuple((flip, turns) for flip in (False, True) for turns in range(4))
+
+
 def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
             ignore: np.ndarray | None = None, enabled: bool = True, brightness: float = 0.1,
-            contrast: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+            contrast: float = 0.1, geometry: tuple[bool, int] | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Random flip + 90-degree rotation (one of the 8 symmetries of the square) applied alike to
     ``image`` (``HxWx3`` uint8), ``labels`` (``HxW``) and ``ignore``; then brightness / contrast
     on the image only (contrast factor in 1 +- ``contrast`` around the mean, shift of up to
-    ``brightness`` x 255). ``enabled=False`` (validation) returns the inputs untouched.
+    ``brightness`` x 255). ``enabled=False`` (validation) returns the inputs untouched;
+    ``geometry`` (flip, quarter turns), one of :data:`DIHEDRAL`, replaces the random draw.
 
     Returns:
         ``(image, labels, ignore)``; rotations swap H and W of non-square inputs.
     """
     if not enabled:
         return image, labels, ignore
-    flip, turns = bool(rng.random() < 0.5), int(rng.integers(4))
+    flip, turns = geometry if geometry is not None else (bool(rng.random() < 0.5), int(rng.integers(4)))
 
     def geometric(array: np.ndarray) -> np.ndarray:
         if not flip and turns == 0:

@@ -27,6 +27,7 @@ import trainer
 from errors import UserError
 from sample import Sample
 from train_config import TrainConfig, add_train_arguments
+from training_data import check_cache_budget
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +88,14 @@ def run(args: argparse.Namespace) -> int:
     configs = [configuration(base, rank, alpha, lr) for rank, alpha, lr in itertools.product(ranks, alphas, lrs)]
     samples = data.load_from_options(args)
     folds = crossval.plan_folds(base, samples, resume)  # impossible folds: refused before any write
+    check_cache_budget(base, len(samples), args.cache_memory_gb, None)
     out.claim(args.overwrite, resume=resume)
     runfiles.write_json(out.path / SEARCH_FILE, search)
     with out.active("search.log"):
         if not (out.path / folds_lib.FOLDS_FILE).is_file():
             folds_lib.save_folds(out.path, folds, samples, seed=base.seed, grouping=crossval.grouping(base))
-        results = [train_configuration(config, samples, folds, device, args.num_workers) for config in configs]
+        results = [train_configuration(config, samples, folds, device, args.num_workers, args.cache_memory_gb)
+                   for config in configs]
         write_results(out.path, base, results)
     return 0
 
@@ -106,7 +109,7 @@ def configuration(base: TrainConfig, rank: int, alpha: float, lr: float) -> Trai
 
 
 def train_configuration(config: TrainConfig, samples: Sequence[Sample], folds: Sequence[folds_lib.Fold],
-                        device: torch.device, num_workers: int) -> dict[str, Any]:
+                        device: torch.device, num_workers: int, cache_memory_gb: float) -> dict[str, Any]:
     """Train one configuration on the shared folds (or read its finished summary); its results row."""
     name, rank, alpha, lr = Path(config.output_dir).name, config.lora_rank, config.lora_alpha, config.learning_rate
     summary_path = Path(config.output_dir) / runs.SUMMARY_FILE
@@ -118,7 +121,8 @@ def train_configuration(config: TrainConfig, samples: Sequence[Sample], folds: S
         resume = (Path(config.output_dir) / runs.CONFIG_FILE).is_file()
         out = trainer.claim_output_dir(config, resume=resume, overwrite=False)
         with out.active():  # run_training writes the shared folds there: `evaluate --cv_run` works on it
-            summary = crossval.run_training(config, samples, device, num_workers, folds=folds)
+            summary = crossval.run_training(config, samples, device, num_workers, folds=folds,
+                                            cache_memory_gb=cache_memory_gb)
     cv = summary["cv_estimate"]
     return {"name": name, "lora_rank": rank, "lora_alpha": alpha, "learning_rate": lr,
             "cv_dice": cv["dice"]["mean"], "cv_dice_std": cv["dice"]["std"], "cv_dice_ci_low": cv["dice"]["ci_low"],

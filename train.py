@@ -20,6 +20,7 @@ import runs
 import trainer
 from errors import UserError
 from train_config import TrainConfig, add_train_arguments
+from training_data import check_cache_budget
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--export_merged {args.export_merged} exists: choose a new path (nothing was overwritten)")
     samples = data.load_from_options(args)
     folds = crossval.plan_folds(config, samples, args.resume)  # impossible folds: refused before any write
+    check_cache_budget(config, len(samples), args.cache_memory_gb, args.embedding_cache)
     processes = trainer.Distributed.setup(device)  # torchrun: one process per device
     out = None
     if processes.rank == 0:
@@ -65,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     processes.barrier()
     log_file = Path(config.output_dir) / runs.LOG_FILE
     with out.active(runs.LOG_FILE) if out is not None else runfiles.log_to_file(log_file):
-        summary = crossval.run_training(config, samples, device, args.num_workers, folds, args.embedding_cache)
+        summary = crossval.run_training(config, samples, device, args.num_workers, folds, args.embedding_cache,
+                                        args.cache_memory_gb)
         if args.export_merged is not None and processes.rank == 0:
             crossval.export_merged(config, Path(summary["final"]["adapter"]), args.export_merged)
     return 0

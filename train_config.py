@@ -65,6 +65,7 @@ class TrainConfig:
     num_points: int = 1
     box_jitter: float = 0.1
     augment: bool = True
+    augment_variants: int = 2
     loss: str = "dice_ce"
     iou_loss_weight: float = 1.0
     seed: int = 0
@@ -109,6 +110,7 @@ class TrainConfig:
             (0 <= self.warmup_fraction < 1, f"--warmup_fraction must be in [0, 1), got {self.warmup_fraction}"),
             (self.num_points >= 1, f"--num_points must be at least 1, got {self.num_points}"),
             (0 <= self.box_jitter < 0.5, f"--box_jitter must be in [0, 0.5), got {self.box_jitter}"),
+            (1 <= self.augment_variants <= 8, f"--augment_variants must be in 1..8, got {self.augment_variants}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -138,6 +140,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--overwrite", action="store_true", help="replace a finished or different run in --output_dir")
     out.add_argument("--seed", type=int, default=defaults.seed, help="seed for folds, prompts, augmentation and init")
     out.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes for data preparation")
+    out.add_argument("--cache_memory_gb", type=float, default=4.0,
+                     help="memory (CPU) for a frozen encoder's cached embeddings; a run that needs more is refused "
+                          "unless --embedding_cache keeps them on disk")
     ad = parser.add_argument_group("LoRA")
     ad.add_argument("--lora_rank", type=int, default=defaults.lora_rank, help="LoRA rank (0 = no LoRA)")
     ad.add_argument("--lora_alpha", type=float, default=defaults.lora_alpha, help="LoRA alpha (scaling = alpha / rank)")
@@ -177,3 +182,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     pr.add_argument("--max_objects", type=int, default=defaults.max_objects,
                     help="at most this many objects per image get prompts in one training step (0 = all)")
     pr.add_argument("--no_augment", dest="augment", action="store_false", help="no flips, rotations or intensity changes")
+    pr.add_argument("--augment_variants", type=int, default=defaults.augment_variants,
+                    help="with a frozen encoder: each image is seen in this many of its 8 flips / rotations "
+                         "(the original first, one per epoch in turn), each embedded once and cached")

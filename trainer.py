@@ -300,7 +300,8 @@ def seed_everything(seed: int, fold: int, epoch: int, rank: int = 0) -> None:
 def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_idx: Sequence[int],
              select_idx: Sequence[int], score_idx: Sequence[int], checkpoint: Path | None, device: torch.device,
              num_workers: int = 0, rank: int = 0, world: int = 1, cache_dir: Path | None = None,
-             embeddings: dict[str, torch.Tensor] | None = None, fold_dir: Path | None = None) -> dict[str, Any]:
+             embeddings: dict[str, torch.Tensor] | None = None, fold_dir: Path | None = None,
+             cache_bytes: float = float("inf")) -> dict[str, Any]:
     """Train one fold on ``train_idx`` (resuming from ``last.pt``), choose its checkpoint, score it.
 
     The epoch is chosen (best checkpoint, early stopping) by the Dice on ``select_idx``: an inner
@@ -316,7 +317,7 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_id
     train_set = PromptDataset(samples, train_idx, config, fold, train=True)
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / world) / config.batch_size)
     scheduler = make_schedule(optimizer, steps_per_epoch * config.epochs, config.warmup_fraction)
-    cache = EmbeddingCache(sam, config.precision, cache_dir, embeddings, config.seed) \
+    cache = EmbeddingCache(sam, config.precision, cache_dir, embeddings, config.seed, cache_bytes) \
         if not config.encoder_trained else None
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
     ctx = Context(sam, config, device, cache, optimizer, scheduler, rank, world, scaler)

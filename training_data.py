@@ -7,6 +7,7 @@ image (each augmentation variant) is encoded once.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,13 @@ from torch import nn
 
 import model as sam_model
 import runfiles
-from dataset import augment
+from dataset import DIHEDRAL, augment
+from errors import UserError
 from prompts import Prompts, sample_prompts
 from sample import Sample
 from train_config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,8 +71,9 @@ class PromptDataset(torch.utils.data.Dataset):
     """Samples -> :class:`Item` (augmentation, prompt sampling and pre-processing).
 
     The randomness of item ``i`` in ``epoch`` comes from ``(seed, fold, epoch, i)``, so it does
-    not depend on worker count or on interruptions. ``intensity=False`` keeps only the 8
-    flips/rotations, so a frozen encoder's embeddings can be cached per variant.
+    not depend on worker count or on interruptions. With a frozen encoder (``intensity=False``)
+    there is no intensity change and each image has a fixed set of flip / rotation views
+    (:meth:`variant`), so its embeddings are cached per view.
     """
 
     def __init__(self, samples: Sequence[Sample], indices: Sequence[int], config: TrainConfig,
@@ -80,6 +85,14 @@ class PromptDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def variant(self, index: int) -> tuple[bool, int]:
+        """The flip / rotation of sample ``index`` this epoch, for a frozen (cached) encoder: one of
+        its ``augment_variants`` views (the original first, the others a seeded choice of the 8),
+        in turn by epoch, so each view is embedded once and every later epoch hits the cache."""
+        others = [v for v in np.random.default_rng([self.config.seed, index]).permutation(len(DIHEDRAL)) if v != 0]
+        views = [0, *others][:self.config.augment_variants]
+        return DIHEDRAL[views[self.epoch % len(views)]]
+
     def __getitem__(self, position: int) -> Item:
         cfg = self.config
         index = self.indices[position]
@@ -88,8 +101,8 @@ class PromptDataset(torch.utils.data.Dataset):
         image, labels, ignore = sample.image, sample.labels, sample.ignore
         if self.train:
             amount = 0.1 if (cfg.augment and self.intensity) else 0.0
-            image, labels, ignore = augment(image, labels, rng, ignore, enabled=cfg.augment,
-                                                 brightness=amount, contrast=amount)
+            image, labels, ignore = augment(image, labels, rng, ignore, enabled=cfg.augment, brightness=amount,
+                                            contrast=amount, geometry=None if self.intensity else self.variant(index))
         prompts = sample_prompts(
             labels, rng, prompt=cfg.prompt if self.train else ("point" if cfg.prompt == "point" else "box"),
             num_points=cfg.num_points, box_jitter=cfg.box_jitter if self.train else 0.0,
@@ -132,48 +145,81 @@ def make_loader(dataset: PromptDataset, batch_size: int, shuffle_seed: int | Non
 # --------------------------------------------------------------------------------------------
 # Embedding cache (frozen encoder)
 # --------------------------------------------------------------------------------------------
+def embedding_bytes(image_size: int, precision: str) -> int:
+    """Bytes of one cached image embedding: 256 x (S/16)^2 values in the precision's dtype."""
+    return 256 * (image_size // 16) ** 2 * (4 if precision == "fp32" else 2)
+
+
+def check_cache_budget(config: TrainConfig, n_images: int, memory_gb: float, directory: Path | None) -> None:
+    """State the frozen-encoder cache's size up front; refuse one that cannot fit in ``memory_gb``
+    (unless it goes to disk) before anything is written."""
+    if config.encoder_trained:
+        return
+    views = config.augment_variants if config.augment else 1
+    need = n_images * views * embedding_bytes(config.image_size, config.precision)
+    log.info("embedding cache: up to %d images x %d view(s) x %.1f MiB = %.2f GiB (--cache_memory_gb %g%s)",
+             n_images, views, embedding_bytes(config.image_size, config.precision) / 2**20, need / 2**30, memory_gb,
+             f", on disk in {directory}" if directory else "")
+    if need > memory_gb * 2**30 and directory is None:
+        raise UserError(f"the cached embeddings need {need / 2**30:.1f} GiB but --cache_memory_gb is {memory_gb:g}: "
+                        "raise it, lower --augment_variants or --image_size, use --precision bf16, or keep them on "
+                        "disk with --embedding_cache DIR")
+
+
 class EmbeddingCache:
-    """Image embeddings of a frozen encoder, computed once per image content.
+    """Image embeddings of a frozen encoder, computed once per image content (and view).
 
     Keys combine the model type, the base weights (checkpoint hash, or the seed random weights
-    were drawn from), image size, precision and the image's content hash; values live in memory
-    and, with ``directory``, also on disk across runs.
+    were drawn from), image size, precision and the image's content hash. Values live in CPU
+    memory up to ``max_bytes`` (moved to the device per batch) and, with ``directory``, on disk
+    across runs; beyond the memory budget they are read back from disk.
     """
 
     def __init__(self, sam: nn.Module, precision: str, directory: Path | None = None,
-                 memory: dict[str, torch.Tensor] | None = None, seed: int = 0) -> None:
-        self.sam, self.precision, self.directory = sam, precision, directory
+                 memory: dict[str, torch.Tensor] | None = None, seed: int = 0, max_bytes: float = float("inf")) -> None:
+        self.sam, self.precision, self.directory, self.max_bytes = sam, precision, directory, max_bytes
         weights = sam.checkpoint_sha256 or f"random-seed{seed}"
         self.prefix = f"{sam.model_type}-{weights}-{sam.image_encoder.img_size}-{precision}"
         # shared across the folds of a run: the frozen encoder is the same in every fold
         self.memory: dict[str, torch.Tensor] = {} if memory is None else memory
+        self.bytes = sum(v.numel() * v.element_size() for v in self.memory.values())
         self.hits = self.misses = 0
 
     def _path(self, key: str) -> Path | None:
         return None if self.directory is None else self.directory / f"{hashlib.sha1((self.prefix + key).encode()).hexdigest()}.pt"
 
+    def _keep(self, key: str, embedding: torch.Tensor) -> None:
+        size = embedding.numel() * embedding.element_size()
+        if self.bytes + size <= self.max_bytes:
+            self.memory[self.prefix + key] = embedding
+            self.bytes += size
+        elif self.directory is None:
+            raise UserError(f"the embedding cache outgrew --cache_memory_gb ({self.max_bytes / 2**30:.1f} GiB): raise "
+                            "it or keep the embeddings on disk with --embedding_cache DIR")
+
+    def _lookup(self, key: str) -> torch.Tensor | None:
+        found = self.memory.get(self.prefix + key)
+        path = self._path(key)
+        if found is None and path is not None and path.is_file():
+            found = torch.load(path, weights_only=True)
+            self._keep(key, found)
+        return found
+
     def get(self, items: Sequence[Item], device: torch.device) -> torch.Tensor:
-        """Bx256xgxg embeddings of the items' images (encoder runs only for unseen images)."""
-        out: list[torch.Tensor | None] = []
-        todo = []
-        for item in items:
-            emb = self.memory.get(self.prefix + item.key)
-            path = self._path(item.key)
-            if emb is None and path is not None and path.is_file():
-                emb = self.memory[self.prefix + item.key] = torch.load(path, weights_only=True)
-            out.append(emb)
-            if emb is None:
-                todo.append(len(out) - 1)
+        """Bx256xgxg embeddings of the items' images on ``device`` (the encoder runs only for
+        images not seen before)."""
+        out = [self._lookup(item.key) for item in items]
+        todo = [i for i, e in enumerate(out) if e is None]
         self.hits += len(items) - len(todo)
         self.misses += len(todo)
         if todo:
             batch = torch.stack([items[i].image for i in todo]).to(device)
             with torch.no_grad(), sam_model.autocast(device, self.precision):
-                embs = sam_model.encode_images(self.sam, batch).detach()
+                embs = sam_model.encode_images(self.sam, batch).detach().cpu()
             for j, i in enumerate(todo):
-                out[i] = self.memory[self.prefix + items[i].key] = embs[j]
+                out[i] = embs[j]
+                self._keep(items[i].key, embs[j])
                 path = self._path(items[i].key)
                 if path is not None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    runfiles.torch_save(embs[j].cpu(), path)
+                    runfiles.torch_save(embs[j], path)
         return torch.stack([e.to(device) for e in out])  # type: ignore[union-attr]

@@ -79,3 +79,32 @@ def test_dropout_seeds_differ_between_processes_and_repeat_on_resume() -> None:
 def test_cpu_refuses_fp16_from_the_command_line() -> None:
     with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
         sam_model.autocast(torch.device("cpu"), "fp16")
+
+
+@pytest.mark.slow
+def test_frozen_encoder_with_augmentation_embeds_each_view_once(main, em_crops, tmp_path, monkeypatch,
+                                                                 one_thread) -> None:
+    """Flips and rotations on, a frozen encoder, 3 epochs: each image is embedded once per view
+    (2 views), the embeddings live on the CPU, and epoch 3 runs on the cache alone."""
+    from conftest import EM4, SMALL
+
+    calls = []
+    original = trainer.sam_model.encode_images
+
+    def counting(sam, images):
+        calls.append(images.shape[0])
+        return original(sam, images)
+
+    monkeypatch.setattr(trainer.sam_model, "encode_images", counting)
+    kept = []
+    monkeypatch.setattr(trainer.EmbeddingCache, "_keep",
+                        lambda self, key, emb, keep=trainer.EmbeddingCache._keep: (kept.append(emb.device.type),
+                                                                                    keep(self, key, emb)))
+    data = em_crops(EM4, 128)
+    argv = ["train", "--data_dir", str(data), *SMALL, "--freeze_encoder", "--lora_targets", "decoder",
+            "--lora_rank", "2", "--max_objects", "2", "--epochs", "3", "--augment_variants", "2",
+            "--val_fraction", "0.25", "--output_dir", str(tmp_path / "run")]
+    assert main(argv) == 0
+    assert sum(calls) <= 4 * 2 and set(kept) == {"cpu"}
+    assert main([*argv[:-1], str(tmp_path / "small"), "--cache_memory_gb", "0.0001"]) == 2
+    assert not (tmp_path / "small").exists()

@@ -169,6 +169,30 @@ def decoder_profile(setup: Setup, counts: list[int], reps: int) -> list[tuple[in
     return rows
 
 
+def decoder_chunking(setup: Setup, reps: int) -> list[tuple[str, float, str]]:
+    """Seconds per prompt of the mask decoder as the tool runs it (prompts in chunks of the
+    device's default, inference.default_chunk), for many prompts against one: forward+backward
+    (training) and forward (inference)."""
+    import inference
+
+    sam, emb = setup.sam, setup._embedding()
+    box, chunk = setup.item.tensors.boxes[:1], inference.default_chunk(torch.device("cpu"))
+
+    def run(n: int, backward: bool) -> None:
+        tensors = sam_model.PromptTensors(boxes=box.repeat(n, 1))
+        for start in range(0, n, chunk):
+            with torch.set_grad_enabled(backward):
+                low, iou = sam_model.decode(sam, emb[0].detach(), tensors.select(slice(start, start + chunk)))
+            if backward:
+                (low.float().mean() + iou.float().mean()).backward()
+        sam.zero_grad(set_to_none=True)
+
+    one_bwd, one_fwd = timed(lambda: run(1, True), reps), timed(lambda: run(1, False), reps)
+    many_bwd, many_fwd = timed(lambda: run(32, True), reps) / 32, timed(lambda: run(64, False), reps) / 64
+    return [("decoder fwd+bwd per prompt, 32 prompts / 1 prompt", many_bwd / one_bwd, "[<= 1.15]"),
+            ("decoder fwd per prompt, 64 prompts / 1 prompt", many_fwd / one_fwd, "[<= 1.15]")]
+
+
 def bench_metrics(reps: int) -> float:
     """Seconds for instance_metrics on 512x512 maps with 500 objects each (discs)."""
     rng = np.random.default_rng(0)
@@ -348,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         prof = decoder_profile(frozen, [1, 4, 16], reps)
         for n, total, tr, up in prof:
             report(f"{model_type} decoder fwd+bwd, {n} prompts (s) [fwd: {tr:.0%} transformer, {up:.0%} upscaling]", total)
+        for name, value, target in decoder_chunking(frozen, reps):
+            report(f"{model_type} {name}", value, target)
 
     for model_type in models:
         for size in (1024, 512):

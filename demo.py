@@ -60,7 +60,7 @@ class DemoConfig:
     random_weights: bool
     model_path: str | None
     precision: str
-    batch_prompts: int
+    batch_prompts: int | None
     seed: int
 
 
@@ -91,7 +91,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                        help="where the figures, dice.csv and demo.log go")
     group.add_argument("--overwrite", action="store_true",
                        help="replace the outputs of an earlier demo in --output_dir")
-    group.add_argument("--batch_prompts", type=int, default=64, help="box prompts decoded together")
+    group.add_argument("--batch_prompts", type=int, default=None,
+                       help="box prompts per decoder call; default: 1 on a CPU, 64 on a GPU")
     group.add_argument("--seed", type=int, default=0, help="seed of the random weights (--checkpoint none)")
     parser.set_defaults(func=run)
     return parser
@@ -168,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     """Segment the samples with every model, write the figures, dice.csv and summary."""
     if args.num_samples < 0:
         raise UserError(f"--num_samples must be 0 (all) or positive, got {args.num_samples}")
-    if args.batch_prompts < 1:
+    if args.batch_prompts is not None and args.batch_prompts < 1:
         raise UserError(f"--batch_prompts must be at least 1, got {args.batch_prompts}")
     adapter_configs = {args.model_path: adapters.read_adapter(args.model_path)[0]} if args.model_path else {}
     bases = adapters.bases_from_flags(args.model_type, args.image_size, args.checkpoint, args.device, adapter_configs)
@@ -188,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
                  bases.model_type, bases.image_size,
                  "RANDOM (--checkpoint none)" if bases.random_weights else bases.checkpoint,
                  f", adapter {args.model_path}" if args.model_path else "")
-        rows, predictions = predict_all(models, samples, args.batch_prompts, args.precision,
+        rows, predictions = predict_all(models, samples, args.batch_prompts or inference.default_chunk(bases.device),
+                                        args.precision,
                                         progress=not getattr(args, "quiet", False))
         write_outputs(out.path, samples, predictions, rows, config)
         for line in format_table(rows, list(models) + [BASELINE]):

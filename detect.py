@@ -28,6 +28,7 @@ import adapters
 import dataset as data
 import folds as folds_lib
 import images
+import inference
 import model as sam_model
 import runfiles
 import runs
@@ -205,7 +206,9 @@ def run_predict(args: argparse.Namespace) -> int:
     scale = training_scale(args, adapter_configs.get(args.model_path))
     tile_size, tile_overlap = tiles_at_training_scale(args, scale)
     options = SegmentOptions(
-        mode=args.mode, box_batch=args.box_batch, tile_size=tile_size, tile_overlap=tile_overlap,
+        mode=args.mode, box_batch=args.box_batch if args.box_batch is not None else
+        inference.default_chunk(sam_model.resolve_device(args.device)),
+        tile_size=tile_size, tile_overlap=tile_overlap,
         merge_threshold=args.merge_threshold, min_area=args.min_area, precision=args.precision,
         points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
         pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh)
@@ -313,7 +316,9 @@ def _add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     mode.add_argument("--iou", type=float, default=0.7, help="YOLO NMS IoU threshold")
     mode.add_argument("--imgsz", type=int, default=0, help="YOLO input side; 0 = the size it was trained at")
     mode.add_argument("--max_det", type=int, default=1000, help="most YOLO boxes per image or tile")
-    mode.add_argument("--box_batch", type=int, default=32, help="boxes per SAM decoder call")
+    mode.add_argument("--box_batch", type=int, default=None,
+                      help="boxes per SAM decoder call; default: 1 on a CPU, where fewer per call cost less each, "
+                           "64 on a GPU")
     mode.add_argument("--points_per_side", type=int, default=32, help="AMG: grid of points per image side")
     mode.add_argument("--points_per_batch", type=int, default=64, help="AMG: points per decoder call")
     mode.add_argument("--pred_iou_thresh", type=float, default=0.88, help="AMG: keep masks of higher predicted IoU")

@@ -103,8 +103,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     ev.add_argument("--max_objects", type=int, default=0,
                     help="prompt at most this many objects per image (a seeded random subset; the pixels of "
                          "the others are ignored by the metrics); 0 = all")
-    ev.add_argument("--batch_prompts", type=int, default=64,
-                    help="prompts decoded together (also the automatic generator's points per batch)")
+    ev.add_argument("--batch_prompts", type=int, default=None,
+                    help="prompts per decoder call (also the automatic generator's points per batch); default: "
+                         "1 on a CPU, where fewer per call cost less each, 64 on a GPU")
     ev.add_argument("--output_dir", type=Path, default=Path("runs/evaluate"),
                     help="where the tables, summary.json, log and figures go")
     ev.add_argument("--overwrite", action="store_true",
@@ -139,7 +140,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def check_numbers(args: argparse.Namespace) -> None:
     """Refuse impossible numbers and conflicting flags before anything is read."""
-    for flag, value, low in (("--batch_prompts", args.batch_prompts, 1), ("--bootstrap", args.bootstrap, 1),
+    batch = 1 if args.batch_prompts is None else args.batch_prompts  # None: the device's default
+    for flag, value, low in (("--batch_prompts", batch, 1), ("--bootstrap", args.bootstrap, 1),
                              ("--points_per_side", args.points_per_side, 1),
                              ("--max_visualize", args.max_visualize, 0), ("--max_objects", args.max_objects, 0)):
         if value < low:
@@ -286,7 +288,8 @@ def score_job(args: argparse.Namespace, job: Job, bases: adapters.BaseModels, se
     rows: list[dict[str, Any]] = []
     visuals: dict[int, dict[str, np.ndarray]] = defaultdict(dict)
     sam = adapters.load_finetuned(job.bases or bases, job.adapter, args.seed)
-    generator = inference.automatic_generator(sam, args.points_per_side, args.batch_prompts, args.pred_iou_thresh,
+    chunk = args.batch_prompts or inference.default_chunk(bases.device)
+    generator = inference.automatic_generator(sam, args.points_per_side, args.batch_prompts or 64, args.pred_iou_thresh,
                                               args.stability_score_thresh) if args.prompt == "auto" else None
     prompt = "box" if detector is not None else args.prompt
     label = job.source.name + (f" fold {job.fold}" if job.fold is not None else "")
@@ -299,11 +302,11 @@ def score_job(args: argparse.Namespace, job: Job, bases: adapters.BaseModels, se
                 found = inference.automatic_instances(generator, image, args.precision)
                 pred = inference.paint_instances(found, image.shape[:2])[0]
             elif boxes_from is None:
-                pred = inference.segment(sam, image, selection.prompts[i], args.batch_prompts, args.precision)
+                pred = inference.segment(sam, image, selection.prompts[i], chunk, args.precision)
             else:
                 boxes, confidences, detect_seconds = boxes_from.boxes_of(i, image)
                 tick -= detect_seconds
-                pred = inference.segment(sam, image, box_prompts(boxes), args.batch_prompts, args.precision,
+                pred = inference.segment(sam, image, box_prompts(boxes), chunk, args.precision,
                                          keep_ids=False, confidences=confidences)
                 n_prompts, extra = len(boxes), detection_columns(boxes_from, i, selection.samples[i].labels)
             row = image_row(selection, i, name, "model", job.fold, pred, time.perf_counter() - tick,

@@ -34,6 +34,14 @@ def sam_device(sam: nn.Module) -> torch.device:
     return next(sam.parameters()).device
 
 
+def default_chunk(device: torch.device) -> int:
+    """Prompts per mask-decoder call. The decoder repeats the image embedding for every prompt of
+    a call, and on a CPU its cost per prompt grows with the prompts that share a call (measured:
+    16 prompts forward+backward 4.0 s in one call, 2.2 s one by one), so a CPU decodes them one
+    by one; a GPU takes many at once."""
+    return 64 if torch.device(device).type == "cuda" else 1
+
+
 @torch.no_grad()
 def encode_image(sam: nn.Module, image: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 RGB -> its 1x256x(S/16)x(S/16) image embedding (the one encoder pass)."""

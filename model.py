@@ -290,6 +290,13 @@ class PromptTensors:
                 return int(t.shape[0])
         return 0
 
+    def select(self, rows: slice) -> "PromptTensors":
+        """The prompts of the objects in ``rows``."""
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows]
+
+        return PromptTensors(pick(self.boxes), pick(self.points), pick(self.point_labels), pick(self.masks))
+
     def to(self, device: torch.device | str) -> "PromptTensors":
         """The same prompts on ``device``."""
         def move(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -254,7 +254,7 @@ class EvaluateConfig:
     random_weights: bool
     precision: str
     max_objects: int
-    batch_prompts: int
+    batch_prompts: int | None  # None: the device's default (inference.default_chunk)
     seed: int
     bootstrap: int
     cv_run: str | None = None

@@ -68,6 +68,7 @@ class TrainConfig:
     augment_variants: int = 2
     loss: str = "dice_ce"
     iou_loss_weight: float = 1.0
+    decoder_chunk: int = 0
     seed: int = 0
 
     @classmethod
@@ -97,6 +98,7 @@ class TrainConfig:
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.learning_rate > 0, f"--learning_rate must be positive, got {self.learning_rate}"),
             (self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.decoder_chunk >= 0, f"--decoder_chunk must be >= 0 (0 = by device), got {self.decoder_chunk}"),
             (self.iou_loss_weight >= 0, f"--iou_loss_weight must be >= 0, got {self.iou_loss_weight}"),
             (self.patience >= 1, f"--patience must be at least 1, got {self.patience}"),
             (self.lora_rank >= 0, f"--lora_rank must be >= 0 (0 = no LoRA), got {self.lora_rank}"),
@@ -163,6 +165,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--early_stopping", action="store_true", help="stop a fold when validation Dice stops improving")
     opt.add_argument("--patience", type=int, default=defaults.patience, help="epochs without improvement before stopping")
     opt.add_argument("--loss", default=defaults.loss, help="dice_ce (Dice + BCE) or focal_dice_iou (finestSAM's 20:1:1)")
+    opt.add_argument("--decoder_chunk", type=int, default=defaults.decoder_chunk,
+                     help="prompts per mask-decoder call in training (gradients accumulated: the step is the same); "
+                          "0 = the device's default (1 on a CPU, where fewer per call cost less each; 64 on a GPU)")
     opt.add_argument("--iou_loss_weight", type=float, default=defaults.iou_loss_weight,
                      help="weight of the IoU head's error (MSE to each mask's true IoU): the predicted IoU decides "
                           "overlaps in every command, so it is trained too (0 = off)")

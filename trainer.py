@@ -65,32 +65,50 @@ def embed(ctx: Context, items: Sequence[Item]) -> torch.Tensor:
     return sam_model.encode_images(ctx.sam, torch.stack([it.image for it in items]).to(ctx.device))
 
 
-def forward_items(ctx: Context, items: Sequence[Item]) -> list[sam_model.SamOutput]:
-    """Run :func:`model.sam_forward` on items that have prompts (low-res logits, differentiable)."""
-    items = [it for it in items if len(it.prompts)]
-    if not items:
-        return []
-    prompts = [it.tensors.to(ctx.device) for it in items]
-    with sam_model.autocast(ctx.device, ctx.config.precision):
-        return sam_model.sam_forward(ctx.sam, None, prompts, [it.input_size for it in items],
-                                     image_embeddings=embed(ctx, items))
+def backward_step(ctx: Context, items: Sequence[Item]) -> tuple[float | None, float, bool]:
+    """Forward and backward of a batch's loss (the mean over its images of the mean over their
+    objects): ``(loss, mean low-res Dice, finite)``, loss None when no image has objects.
 
-
-def step_loss(ctx: Context, items: Sequence[Item]) -> tuple[torch.Tensor | None, float]:
-    """Mean loss over the images of a batch that have objects, and their mean low-res Dice."""
+    Each image's prompts are decoded in chunks (:func:`chunk_size`): the decoder's cost per prompt
+    grows with the prompts that share a call. Every chunk's share of the loss is back-propagated
+    into a detached copy of the image embeddings, which then back-propagates once through the
+    encoder, so the gradients equal those of the unchunked step. Nothing is back-propagated once
+    a loss is not finite (the caller stops the run).
+    """
     with_objects = [it for it in items if len(it.prompts)]
-    outputs = forward_items(ctx, with_objects)
-    losses, dices = [], []
-    for item, out in zip(with_objects, outputs):
+    if not with_objects:
+        return None, float("nan"), True
+    chunk, total, dices, finite = chunk_size(ctx), 0.0, [], True
+    with sam_model.autocast(ctx.device, ctx.config.precision):
+        embeddings = embed(ctx, with_objects)
+    leaf = embeddings.detach().requires_grad_(embeddings.requires_grad)
+    for j, item in enumerate(with_objects):
+        tensors, n = item.tensors.to(ctx.device), len(item.prompts)
         h, w = item.targets.shape[-2:]
-        logits = out.low_res[..., :h, :w]
         targets = item.targets.to(ctx.device)
         valid = item.valid.to(ctx.device) if item.valid is not None else None
-        losses.append(compute_loss(ctx.config.loss, logits, out.iou, targets, valid, ctx.config.iou_loss_weight))
-        dices.append(float(hard_dice(logits, targets).mean()))
-    if not losses:
-        return None, float("nan")
-    return torch.stack(losses).mean(), float(np.mean(dices))
+        image_dice = 0.0
+        for start in range(0, n, chunk):
+            rows = slice(start, min(n, start + chunk))
+            with sam_model.autocast(ctx.device, ctx.config.precision):
+                low_res, iou = sam_model.decode(ctx.sam, leaf[j], tensors.select(rows))
+            logits = low_res[..., :h, :w]
+            share = (rows.stop - rows.start) / n / len(with_objects)
+            loss = compute_loss(ctx.config.loss, logits, iou, targets[rows], valid, ctx.config.iou_loss_weight) * share
+            finite = finite and bool(torch.isfinite(loss.detach()))
+            total += float(loss.detach())
+            image_dice += float(hard_dice(logits, targets[rows]).sum())
+            if finite:
+                (ctx.scaler.scale(loss) if ctx.scaler is not None else loss).backward()
+        dices.append(image_dice / n)
+    if finite and leaf.grad is not None and embeddings.requires_grad:
+        embeddings.backward(leaf.grad)
+    return total, float(np.mean(dices)), finite
+
+
+def chunk_size(ctx: Context) -> int:
+    """Prompts per decoder call in training: ``--decoder_chunk``, else the device's default."""
+    return ctx.config.decoder_chunk or inference.default_chunk(ctx.device)
 
 
 def all_reduce_gradients(params: Sequence[nn.Parameter], world: int) -> None:
@@ -127,21 +145,19 @@ def train_one_epoch(ctx: Context, loader: torch.utils.data.DataLoader, epoch: in
     losses, dices, skipped = [], [], 0
     bar = tqdm(loader, desc=f"fold {fold} epoch {epoch}", leave=False, disable=ctx.rank != 0 or None)
     for items in bar:
-        loss, dice = step_loss(ctx, items)
+        ctx.optimizer.zero_grad(set_to_none=True)
+        loss, dice, finite = backward_step(ctx, items)
         if loss is None and ctx.world == 1:  # no objects in this batch: nothing to learn from
             ctx.scheduler.step()
             continue
-        if loss is None:  # no objects on this rank, but it must join the gradient reduction
-            loss = sum(p.sum() * 0 for p in params)
-        if not all_finite(loss, ctx.world):
-            raise UserError(f"the loss became {float(loss.detach())} in fold {fold}, epoch {epoch}: training "
-                            "stopped and the last good checkpoint kept; lower --learning_rate or use "
-                            "--precision fp32")
-        ctx.optimizer.zero_grad(set_to_none=True)
-        skipped += optimizer_step(ctx, loss, params)
+        if not all_finite(finite, ctx.world):
+            raise UserError(f"the loss became {loss if not finite else 'NaN on another process'} in fold {fold}, "
+                            f"epoch {epoch}: training stopped and the last good checkpoint kept; lower "
+                            "--learning_rate or use --precision fp32")
+        skipped += optimizer_step(ctx, params)  # no objects on this rank: zero gradients join the reduction
         ctx.scheduler.step()
-        if not math.isnan(dice):
-            losses.append(float(loss.detach()))
+        if loss is not None:
+            losses.append(loss)
             dices.append(dice)
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
     if skipped:
@@ -151,23 +167,22 @@ def train_one_epoch(ctx: Context, loader: torch.utils.data.DataLoader, epoch: in
             "train_dice": float(np.mean(dices)) if dices else 0.0, "skipped_steps": skipped}
 
 
-def all_finite(loss: torch.Tensor, world: int) -> bool:
-    """Whether the loss is finite on every process (under torchrun all must stop together, or the
-    others would wait for ever in the gradient reduction)."""
-    finite = torch.isfinite(loss.detach()).float().reshape(1)
+def all_finite(finite: bool, world: int) -> bool:
+    """Whether the loss was finite on every process (under torchrun all must stop together, or
+    the others would wait for ever in the gradient reduction)."""
+    flag = torch.tensor([1.0 if finite else 0.0])
     if world > 1:
         import torch.distributed as dist
 
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item() > 0)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
 
 
-def optimizer_step(ctx: Context, loss: torch.Tensor, params: Sequence[nn.Parameter]) -> int:
-    """Backward, gradient reduction, clipping and the optimiser step; returns 1 when the fp16
-    gradient scaler skipped the step (inf/NaN gradients), else 0. The scaler unscales the
-    gradients before they are clipped, so ``--grad_clip`` means the same in every precision."""
+def optimizer_step(ctx: Context, params: Sequence[nn.Parameter]) -> int:
+    """Gradient reduction, clipping and the optimiser step after :func:`backward_step`; returns 1
+    when the fp16 gradient scaler skipped the step (inf/NaN gradients), else 0. The scaler unscales
+    the gradients before they are clipped, so ``--grad_clip`` means the same in every precision."""
     scaler = ctx.scaler
-    (scaler.scale(loss) if scaler is not None else loss).backward()
     all_reduce_gradients(params, ctx.world)
     if scaler is not None:
         scaler.unscale_(ctx.optimizer)
@@ -211,7 +226,7 @@ def validation_rows(ctx: Context, loader: torch.utils.data.DataLoader) -> list[d
             embeddings = embed(ctx, items)
             for j, item in enumerate(items):
                 found = inference.decode_instances(ctx.sam, embeddings[j:j + 1], item.prompts, item.original_size,
-                                                   chunk=max(1, len(item.prompts)))
+                                                   chunk=chunk_size(ctx))
                 pred = inference.paint_instances(found, item.original_size)[0]
                 scores = metrics.semantic_metrics(item.labels, pred, ignore=item.prompts.ignore)
                 rows.append({"index": item.index, **scores})

@@ -428,3 +428,18 @@ def best_pt(detector_run: dict) -> Path:
     if detector_run["returncode"] != 0:
         pytest.fail(f"detect train failed:\n{detector_run['output'][-3000:]}")
     return detector_run["run"] / "yolo" / "weights" / "best.pt"
+
+
+def count_encoder_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Patch ``model.encode_images`` to record the images of every encoder pass; returns the record."""
+    import model
+
+    calls: list[int] = []
+    original = model.encode_images
+
+    def counting(sam, images):
+        calls.append(images.shape[0])
+        return original(sam, images)
+
+    monkeypatch.setattr(model, "encode_images", counting)
+    return calls

@@ -16,7 +16,7 @@ import torch
 
 import adapters
 import trainer
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, count_encoder_calls
 from main import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,14 +84,7 @@ def test_resume_after_interruption_matches_uninterrupted(em6: Path, tmp_path: Pa
 
 def test_frozen_encoder_embeds_each_image_once(em6: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    original = trainer.sam_model.encode_images
-
-    def counting(sam, images):
-        calls.append(images.shape[0])
-        return original(sam, images)
-
-    monkeypatch.setattr(trainer.sam_model, "encode_images", counting)
+    calls = count_encoder_calls(monkeypatch)
     out = tmp_path / "frozen"
     assert run_train(em6, out, "--freeze_encoder", "--lora_targets", "decoder", "--epochs", "3",
                      "--no_augment") == 0

@@ -9,7 +9,7 @@ import torch
 import lora
 import model as sam_model
 import trainer
-from conftest import tiny_sam
+from conftest import count_encoder_calls, tiny_sam
 from train_config import TrainConfig
 
 
@@ -89,14 +89,7 @@ def test_frozen_encoder_with_augmentation_embeds_each_view_once(main, em_crops, 
     (2 views), the embeddings live on the CPU, and epoch 3 runs on the cache alone."""
     from conftest import EM4, SMALL
 
-    calls = []
-    original = trainer.sam_model.encode_images
-
-    def counting(sam, images):
-        calls.append(images.shape[0])
-        return original(sam, images)
-
-    monkeypatch.setattr(trainer.sam_model, "encode_images", counting)
+    calls = count_encoder_calls(monkeypatch)
     kept = []
     monkeypatch.setattr(trainer.EmbeddingCache, "_keep",
                         lambda self, key, emb, keep=trainer.EmbeddingCache._keep: (kept.append(emb.device.type),

@@ -95,10 +95,7 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, config: Mapping[str,
     path = Path(path)
     lora.check_not_merged(model, "save an adapter")
     config = _adapter_config(model, config)
-    state = lora.lora_state_dict(model)
-    for name, p in model.named_parameters():
-        if p.requires_grad and name not in state:
-            state[name] = p.detach().clone()
+    state = trained_state(model)
     extra = sum(v.numel() for k, v in state.items() if not lora.is_lora_key(k))
     total = lora.count_parameters(model)[1]
     if extra > total // 2:
@@ -107,13 +104,20 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, config: Mapping[str,
     if not state:
         raise UserError("nothing to save: the model has no LoRA layers and no trainable "
                         "parameters")
-    state = {k: v.cpu().contiguous() for k, v in state.items()}
     payload = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "config": config,
                "state_dict": state}
     runfiles.torch_save(payload, path)
     log.info("saved adapter %s (%d tensors, %.2f MB)", path, len(state),
              path.stat().st_size / 1e6)
     return path
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What training changes: the LoRA tensors and every parameter with ``requires_grad``
+    (e.g. the mask decoder), as contiguous CPU copies."""
+    state = lora.lora_state_dict(model)
+    state.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and n not in state})
+    return {k: v.cpu().contiguous() for k, v in state.items()}
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -242,7 +246,11 @@ class BaseModels:
     @property
     def sha256(self) -> str | None:
         """SHA-256 of the base weights (None for random weights)."""
-        return None if self.checkpoint is None else self.get(0).checkpoint_sha256
+        if self.checkpoint is None:
+            return None
+        if None not in self._built:
+            self.get(0)
+        return self._built[None].checkpoint_sha256
 
 
 def load_finetuned(bases: BaseModels, adapter: str | os.PathLike | None = None, seed: int = 0,

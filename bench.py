@@ -91,10 +91,7 @@ class Setup:
                 emb = sam.image_encoder(item.image[None])
             else:
                 emb = self._embedding()
-            sparse, dense = sam.prompt_encoder(points=None, boxes=prompts.boxes, masks=None)
-            low, iou = sam.mask_decoder(image_embeddings=emb, image_pe=sam.prompt_encoder.get_dense_pe(),
-                                        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                        multimask_output=False)
+            low, iou = sam_model.decode(sam, emb[0], prompts)  # every prompt in one decoder call
         h, w = item.targets.shape[-2:]
         loss = losses.compute_loss("dice_ce", low[..., :h, :w], iou, item.targets)
         loss.backward()
@@ -237,6 +234,29 @@ def untrained_detector(yolo_size: int, max_det: int):
                              detector.DetectorOptions(conf=1e-5, max_det=max_det, imgsz=yolo_size))
 
 
+def model_parts(sam: torch.nn.Module, proposer, image: np.ndarray, boxes: np.ndarray,
+                yolo_size: int) -> dict[str, Callable[[], object]]:
+    """The bare model calls behind one ``detect predict`` image, on prepared inputs: the YOLO
+    network forward on the letterboxed input, SAM's encoder, and the decoder over the boxes in the
+    chunks the tool decodes them in (inference.default_chunk)."""
+    import inference
+
+    letterboxed = torch.zeros(1, 3, yolo_size, yolo_size)  # a square image letterboxes to a square
+    prepared = sam_model.prepare_image(image, 1024).tensor[None]
+    with torch.no_grad():
+        embedding = sam.image_encoder(prepared)
+    prompts = sam_model.make_prompts(image.shape[:2], 1024, boxes)
+    chunk = inference.default_chunk(torch.device("cpu"))
+
+    @torch.no_grad()
+    def decoder() -> None:
+        for start in range(0, len(boxes), chunk):
+            sam_model.decode(sam, embedding[0], prompts.select(slice(start, start + chunk)))
+
+    return {"yolo": torch.no_grad()(lambda: proposer.yolo.predictor.model(letterboxed)),
+            "encoder": torch.no_grad()(lambda: sam.image_encoder(prepared)), "decoder": decoder}
+
+
 def bench_detect(samples: list[Sample], quick: bool) -> list[tuple[str, float, str]]:
     """``detect predict``'s per-image time against its model parts measured alone.
 
@@ -273,33 +293,13 @@ def bench_detect(samples: list[Sample], quick: bool) -> list[tuple[str, float, s
     if len(boxes) != n_boxes:
         raise RuntimeError(f"the untrained YOLO proposed {len(boxes)} boxes, not {n_boxes}: lower conf")
 
-    letterboxed = torch.zeros(1, 3, yolo_size, yolo_size)  # a square image letterboxes to a square
-    prepared = sam_model.prepare_image(image, 1024).tensor[None]
-    with torch.no_grad():
-        embedding = sam.image_encoder(prepared)
-        prompts = sam_model.make_prompts(image.shape[:2], 1024, boxes)
-
-    @torch.no_grad()
-    def decoder() -> None:
-        sparse, dense = sam.prompt_encoder(points=None, boxes=prompts.boxes, masks=None)
-        sam.mask_decoder(image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
-                         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
-
-    @torch.no_grad()
-    def yolo_forward() -> None:
-        proposer.yolo.predictor.model(letterboxed)
-
-    @torch.no_grad()
-    def encoder() -> None:
-        sam.image_encoder(prepared)
-
     with tempfile.TemporaryDirectory() as out:
         outputs = labelfiles.output_paths(Path(out), sample.path, with_overlay=True)
         coco = CocoWriter("rle")
         measured = {
             "file": lambda: labelfiles.segment_file(sample.path, sample.path.name, pipelines["fp32"], coco, outputs),
             "pipeline": lambda: pipelines["fp32"](image), "bf16": lambda: pipelines["bf16"](image),
-            "yolo": yolo_forward, "encoder": encoder, "decoder": decoder}
+            **model_parts(sam, proposer, image, boxes, yolo_size)}
         t = interleaved_medians(measured, reps)
     parts = t["yolo"] + t["encoder"] + t["decoder"]
     return [
@@ -312,6 +312,52 @@ def bench_detect(samples: list[Sample], quick: bool) -> list[tuple[str, float, s
         ("detect Segmenter per image / sum of model parts", t["pipeline"] / parts, ""),
         ("detect bf16 / fp32 per image (Segmenter)", t["bf16"] / t["pipeline"], ""),
     ]
+
+
+Report = Callable[..., None]
+
+
+def bench_training(model_type: str, samples: list[Sample], reps: int, report: Report) -> None:
+    """LoRA training steps against the bare model compute, at 1024 and 512 px, fp32 and bf16."""
+    steps = {}
+    for size in (1024, 512):
+        setup = Setup(make_config(model_type, size), samples)
+        setup.epoch()  # warm-up: first-call allocations and kernel selection
+        steps[size] = statistics.median(setup.epoch() for _ in range(reps))
+        bare = timed(setup.bare, reps)
+        report(f"{model_type} {size}px LoRA step (s)", steps[size])
+        report(f"{model_type} {size}px bare encoder+decoder fwd+bwd (s)", bare)
+        report(f"{model_type} {size}px LoRA step / bare fwd+bwd", steps[size] / bare, "[<= 1.15]")
+    bf16 = Setup(make_config(model_type, 1024, "bf16"), samples)
+    bf16.epoch()
+    step_bf16 = statistics.median(bf16.epoch() for _ in range(reps))
+    report(f"{model_type} 1024px bf16 step / fp32 step", step_bf16 / steps[1024], "[<= 0.55]")
+    report(f"{model_type} 512px step / 1024px step", steps[512] / steps[1024], "[<= 0.33]")
+
+
+def bench_frozen(model_type: str, samples: list[Sample], reps: int, report: Report) -> None:
+    """A frozen encoder: cached epochs (with and without augmentation) against the decoder's own
+    compute, and where the decoder spends its time."""
+    frozen_cfg = make_config(model_type, 1024, freeze_encoder=True, lora_targets="decoder", lora_rank=8)
+    frozen = Setup(frozen_cfg, samples)
+    frozen.epoch()  # fills the cache
+    cached = statistics.median(frozen.epoch() for _ in range(reps))
+    decoder_only = timed(lambda: frozen.bare(encoder=False), reps)
+    frozen.ctx.cache.memory.clear()
+    frozen.ctx.cache.bytes = 0
+    uncached = frozen.epoch()
+    report(f"{model_type} frozen encoder, cached epoch step / decoder fwd+bwd", cached / decoder_only, "[<= 1.10]")
+    report(f"{model_type} frozen encoder, cached / uncached epoch", cached / uncached)
+    augmented = Setup(frozen_cfg, samples)  # flips / rotations on: each image has 2 cached views
+    for epoch in range(3):
+        augmented.dataset.epoch = epoch
+        third = augmented.epoch()
+    report(f"{model_type} frozen encoder with augmentation, epoch 3 / decoder fwd+bwd", third / decoder_only,
+           "[<= 1.15]")
+    for n, total, tr, up in decoder_profile(frozen, [1, 4, 16], reps):
+        report(f"{model_type} decoder fwd+bwd, {n} prompts (s) [fwd: {tr:.0%} transformer, {up:.0%} upscaling]", total)
+    for name, value, target in decoder_chunking(frozen, reps):
+        report(f"{model_type} {name}", value, target)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,46 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, 4 box prompts per image, "
           f"random weights, real EM sections ({args.data_dir.name})\n")
     for model_type in models:
-        for size in (1024, 512):
-            setup = Setup(make_config(model_type, size), samples)
-            setup.epoch()  # warm-up: first-call allocations and kernel selection
-            step = statistics.median(setup.epoch() for _ in range(reps))
-            bare = timed(setup.bare, reps)
-            report(f"{model_type} {size}px LoRA step (s)", step)
-            report(f"{model_type} {size}px bare encoder+decoder fwd+bwd (s)", bare)
-            report(f"{model_type} {size}px LoRA step / bare fwd+bwd", step / bare, "[<= 1.15]")
-            figures[f"{model_type}_{size}_step"] = step
-            if size == 1024:
-                bf16 = Setup(make_config(model_type, size, "bf16"), samples)
-                bf16.epoch()
-                step_bf16 = statistics.median(bf16.epoch() for _ in range(reps))
-                report(f"{model_type} 1024px bf16 step / fp32 step", step_bf16 / step, "[<= 0.55]")
-        report(f"{model_type} 512px step / 1024px step",
-               figures[f"{model_type}_512_step"] / figures[f"{model_type}_1024_step"], "[<= 0.33]")
-
-        frozen_cfg = make_config(model_type, 1024, freeze_encoder=True, lora_targets="decoder", lora_rank=8)
-        frozen = Setup(frozen_cfg, samples)
-        frozen.epoch()  # fills the cache
-        cached = statistics.median(frozen.epoch() for _ in range(reps))
-        decoder_only = timed(lambda: frozen.bare(encoder=False), reps)
-        frozen.ctx.cache.memory.clear()
-        frozen.ctx.cache.bytes = 0
-        uncached = frozen.epoch()
-        report(f"{model_type} frozen encoder, cached epoch step / decoder fwd+bwd", cached / decoder_only, "[<= 1.10]")
-        report(f"{model_type} frozen encoder, cached / uncached epoch", cached / uncached)
-        augmented = Setup(frozen_cfg, samples)  # flips / rotations on: each image has 2 cached views
-        for epoch in range(3):
-            augmented.dataset.epoch = epoch
-            third = augmented.epoch()
-        report(f"{model_type} frozen encoder with augmentation, epoch 3 / decoder fwd+bwd", third / decoder_only,
-               "[<= 1.15]")
-
-        prof = decoder_profile(frozen, [1, 4, 16], reps)
-        for n, total, tr, up in prof:
-            report(f"{model_type} decoder fwd+bwd, {n} prompts (s) [fwd: {tr:.0%} transformer, {up:.0%} upscaling]", total)
-        for name, value, target in decoder_chunking(frozen, reps):
-            report(f"{model_type} {name}", value, target)
-
+        bench_training(model_type, samples, reps, report)
+        bench_frozen(model_type, samples, reps, report)
     for model_type in models:
         for size in (1024, 512):
             report(f"{model_type} {size}px LoRA step peak RSS (MiB)", peak_rss(model_type, size, samples))

@@ -80,9 +80,11 @@ def summarize(results: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any
 
 def run_training(config: TrainConfig, samples: Sequence[Sample], device: torch.device, num_workers: int = 0,
                  folds: Sequence[folds_lib.Fold] | None = None, cache_dir: Path | None = None,
-                 cache_memory_gb: float = float("inf")) -> dict[str, Any]:
+                 cache_memory_gb: float = float("inf"),
+                 embeddings: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Train every fold (finished ones are read from ``done.json``), write the summary, and with
-    ``config.final_fit`` the final model."""
+    ``config.final_fit`` the final model. ``embeddings``: a frozen encoder's cache to share with
+    other runs on the same images and base model (a parameter search)."""
     out = Path(config.output_dir)
     dist_info = trainer.Distributed.setup(device)
     if dist_info.world > 1 and device.type == "cuda":
@@ -94,7 +96,7 @@ def run_training(config: TrainConfig, samples: Sequence[Sample], device: torch.d
         if not (out / folds_lib.FOLDS_FILE).is_file():
             folds_lib.save_folds(out, folds, samples, seed=config.seed, grouping=grouping(config))
         runfiles.write_json(out / runs.CONFIG_FILE, config.to_json())
-    embeddings: dict[str, torch.Tensor] = {}  # frozen encoder: each image embedded once per run
+    embeddings = {} if embeddings is None else embeddings  # frozen encoder: each image embedded once
     common = dict(checkpoint=checkpoint, device=device, num_workers=num_workers, rank=dist_info.rank,
                   world=dist_info.world, cache_dir=cache_dir, embeddings=embeddings,
                   cache_bytes=cache_memory_gb * 2**30)

@@ -138,8 +138,12 @@ def _zip_longest(lists: Sequence[Sequence[Any]]) -> list[list[Any]]:
 
 
 def sample_name(sample: Sample) -> str:
-    """``<tag> <image stem>``, e.g. ``em vnc_section02_y512_x64``."""
-    return f"{sample.tag} {Path(sample.source).stem}"
+    """``<tag> <image stem>``, e.g. ``em vnc_section02_y512_x64``, with the slice (and patch
+    position) when a file holds several samples, so every sample has a name of its own."""
+    name = f"{sample.tag} {Path(sample.source).stem}"
+    if sample.slice_index is not None:
+        name += f" slice {sample.slice_index}"
+    return name + (f" @{sample.offset[0]},{sample.offset[1]}" if sample.is_patch else "")
 
 
 def _file_name(index: int, sample: Sample) -> str:
@@ -177,13 +181,13 @@ def run(args: argparse.Namespace) -> int:
     samples_dir = args.samples_dir if args.samples_dir is not None else SAMPLES_DIR
     samples = load_samples(samples_dir, args.num_samples)
     out = runfiles.OutputDir(args.output_dir, "demo")
-    out.check(args.overwrite)
+    out.check(args.overwrite, protected=[samples_dir])
     models = build_models(bases, args.model_path, args.seed)
     config = DemoConfig(str(samples_dir), [s.key for s in samples], bases.model_type, bases.image_size,
                         None if bases.checkpoint is None else str(bases.checkpoint), bases.sha256,
                         bases.random_weights, None if args.model_path is None else str(args.model_path),
                         args.precision, args.batch_prompts, args.seed)
-    out.claim(args.overwrite)
+    out.claim(args.overwrite, protected=[samples_dir])
     with out.active(LOG_FILE):
         log.info("%d samples from %s; %s at %d px, base weights %s%s", len(samples), samples_dir,
                  bases.model_type, bases.image_size,

@@ -220,11 +220,12 @@ def run_predict(args: argparse.Namespace) -> int:
     for path in files:  # every input readable before anything is written
         images.check_planes(path)
     out = runfiles.OutputDir(args.output_dir, "detect predict")
-    out.check(args.overwrite)
+    inputs = [args.input] if args.input.is_dir() else []  # outputs there would become inputs of a rerun
+    out.check(args.overwrite, protected=inputs)
     bases = adapters.bases_from_flags(args.model_type, args.image_size, args.checkpoint, args.device, adapter_configs)
     sam_model.autocast(bases.device, args.precision)  # rejects fp16 on CPU before any work
     detector = load_detector(args.yolo_model, proposals, bases.device) if args.mode == "yolo" else None
-    out.claim(args.overwrite)
+    out.claim(args.overwrite, protected=inputs)
     coco = CocoWriter(args.coco_segmentation)
     root = args.input if args.input.is_dir() else args.input.parent
     with out.active("detect_predict.log"):

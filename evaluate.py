@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
+from torch import nn
 from tqdm import tqdm
 
 import adapters
@@ -296,18 +298,20 @@ def score_job(args: argparse.Namespace, job: Job, bases: adapters.BaseModels, se
     named = [(job.source.name, None)] + ([(yolo_row_name(job.source.name, n_sources), detector)] if detector else [])
     for i in tqdm(job.indices, desc=f"evaluate {label}", leave=False, disable=None):
         image = selection.samples[i].image
+        embedding, encode_seconds = shared_embedding(sam, image, args.precision, detector is not None)
         for name, boxes_from in named:
-            tick, n_prompts, extra = time.perf_counter(), None, {}
+            tick, n_prompts, extra = time.perf_counter() - encode_seconds, None, {}  # each row counts the encoder
             if generator is not None:
                 found = inference.automatic_instances(generator, image, args.precision)
                 pred = inference.paint_instances(found, image.shape[:2])[0]
             elif boxes_from is None:
-                pred = inference.segment(sam, image, selection.prompts[i], chunk, args.precision)
+                pred = inference.segment(sam, image, selection.prompts[i], chunk, args.precision,
+                                         embedding=embedding)
             else:
                 boxes, confidences, detect_seconds = boxes_from.boxes_of(i, image)
                 tick -= detect_seconds
                 pred = inference.segment(sam, image, box_prompts(boxes), chunk, args.precision,
-                                         keep_ids=False, confidences=confidences)
+                                         keep_ids=False, confidences=confidences, embedding=embedding)
                 n_prompts, extra = len(boxes), detection_columns(boxes_from, i, selection.samples[i].labels)
             row = image_row(selection, i, name, "model", job.fold, pred, time.perf_counter() - tick,
                             prompt if boxes_from is None else args.prompt, n_prompts)
@@ -315,6 +319,18 @@ def score_job(args: argparse.Namespace, job: Job, bases: adapters.BaseModels, se
             if i in keep:
                 visuals[i][name] = pred
     return rows, visuals
+
+
+def shared_embedding(sam: nn.Module, image: np.ndarray, precision: str,
+                     shared: bool) -> tuple[torch.Tensor | None, float]:
+    """``(embedding, seconds)``: with ``shared`` (ground-truth and detector boxes on one image)
+    the image is encoded once for both; else (None, 0) and each segmentation encodes it."""
+    if not shared:
+        return None, 0.0
+    tick = time.perf_counter()
+    with sam_model.autocast(inference.sam_device(sam), precision):
+        embedding = inference.encode_image(sam, image)
+    return embedding, time.perf_counter() - tick
 
 
 def score_baselines(selection: Selection, names: Sequence[str],

@@ -258,9 +258,8 @@ def save_folds(path: str | os.PathLike, folds: Sequence[Fold], samples: Sequence
     return runfiles.write_json(path, record)
 
 
-def read_grouping(path: str | os.PathLike) -> Grouping:
-    """The grouping a folds.json was made with."""
-    record = json.loads(Path(path).read_text(encoding="utf-8"))
+def _grouping_of(record: dict[str, Any]) -> Grouping:
+    """The grouping a folds.json record was made with (files before the gap: no gap)."""
     return Grouping(int(record["slice_block"]), record.get("fold_gap", 0), record.get("group_by"))
 
 
@@ -272,8 +271,8 @@ def load_folds(path: str | os.PathLike, samples: Sequence[Sample]) -> list[Fold]
         path = path / FOLDS_FILE
     fresh = "use a fresh --output_dir, or the same data and data options as the run that wrote it"
     try:
-        grouping = read_grouping(path)
         record = json.loads(path.read_text(encoding="utf-8"))
+        grouping = _grouping_of(record)
         stored = record["samples"]
         folds = [(list(f["train"]), list(f["val"])) for f in record["folds"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:

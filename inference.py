@@ -1,7 +1,8 @@
 """Segmenting images with a SAM model: encode once, decode prompts in chunks, paint by score, tiles.
 
 The one inference path of the tool: evaluate, demo, detect, bench and the trainer's validation
-all segment through these functions.
+all segment through these functions; :func:`predict` is the single-call API (as segment-anything's
+``SamPredictor``).
 
     embedding = encode_image(sam, image)                              # one encoder pass
     found = decode_instances(sam, embedding, prompts, image.shape[:2])  # chunks of prompts
@@ -49,11 +50,49 @@ def encode_image(sam: nn.Module, image: np.ndarray) -> torch.Tensor:
     return sam_model.encode_images(sam, prepared.tensor[None].to(sam_device(sam)))
 
 
+@torch.no_grad()
+def predict(
+    sam: nn.Module,
+    image: np.ndarray,
+    boxes: np.ndarray | None = None,
+    points: np.ndarray | None = None,
+    point_labels: np.ndarray | None = None,
+    multimask_output: bool = False,
+    mask_inputs: np.ndarray | None = None,
+    threshold: float = 0.0,
+    image_embedding: torch.Tensor | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Segment one HxWx3 uint8 image with N prompts in pixel coordinates.
+
+    Returns ``(masks, scores, logits)``: masks NxHxW bool, scores N predicted IoUs, logits
+    Nx(S/4)x(S/4) low-resolution logits; with ``multimask_output`` each gains a C=3 axis after N
+    (NxCxHxW, NxC, NxCx(S/4)x(S/4)). The decoder call is training's (:func:`model.decode`);
+    ``image_embedding`` (1x256x(S/16)x(S/16), from :func:`encode_image`) skips the encoder when
+    one image is prompted several times.
+    """
+    device = sam_device(sam)
+    image_size = sam.image_encoder.img_size
+    original_size = tuple(image.shape[:2])
+    if image_embedding is None:
+        prepared = sam_model.prepare_image(image, image_size)
+        images, input_size = prepared.tensor[None].to(device), prepared.input_size
+    else:
+        images, input_size = None, sam_model.preprocess_shape(original_size, image_size)
+    prompts = sam_model.make_prompts(original_size, image_size, boxes, points, point_labels, mask_inputs, device)
+    out = sam_model.sam_forward(sam, images, [prompts], [input_size], [original_size], multimask_output,
+                      image_embeddings=image_embedding)[0]
+    masks = (out.logits > threshold).cpu().numpy()
+    scores, low_res = out.iou.float().cpu().numpy(), out.low_res.float().cpu().numpy()
+    if not multimask_output:
+        masks, scores, low_res = masks[:, 0], scores[:, 0], low_res[:, 0]
+    return masks, scores, low_res
+
+
 def full_size_masks(low_res: torch.Tensor, image_size: int, input_size: tuple[int, int],
                     original_size: tuple[int, int]) -> np.ndarray:
     """Nx1x(S/4)x(S/4) mask logits -> NxHxW bool masks at the original size.
 
-    The same as :func:`model.postprocess_logits` then ``> 0`` (what ``model.predict`` does),
+    The same as :func:`model.postprocess_logits` then ``> 0`` (what :func:`predict` does),
     without its second full-size resize when the resized input already has the original size
     (an image or tile of exactly the model's input size): that resize is an identity that costs
     as much as the first one.
@@ -71,7 +110,7 @@ def decode_instances(sam: nn.Module, embedding: torch.Tensor, prompts: Prompts,
     """Decode the N prompts of one image against its 1x256x(S/16)x(S/16) ``embedding``.
 
     ``chunk`` prompts share a decoder call. Returns the non-empty masks as :class:`Instance`
-    objects (masks as ``model.predict`` gives them), scored by SAM's predicted IoU; ``confidences``
+    objects (masks as :func:`predict` gives them), scored by SAM's predicted IoU; ``confidences``
     (N) break ties; ``keep_ids`` paints each with its prompt's object id. A single click (one
     point, no box) is ambiguous, so it takes the best of SAM's three masks by predicted IoU, as
     segment_anything recommends; other prompts take the single-mask output.
@@ -116,17 +155,19 @@ PROTOCOLS = {"box": "one box per object, SAM's single-mask output",
 
 
 def segment(sam: nn.Module, image: np.ndarray, prompts: Prompts, chunk: int = 64, precision: str = "fp32",
-            keep_ids: bool = True, confidences: np.ndarray | None = None, min_area: int = 0) -> np.ndarray:
+            keep_ids: bool = True, confidences: np.ndarray | None = None, min_area: int = 0,
+            embedding: torch.Tensor | None = None) -> np.ndarray:
     """One HxWx3 uint8 image and its prompts -> ``HxW`` int32 instance labels.
 
     One encoder pass, the prompts decoded ``chunk`` at a time, overlaps to the higher predicted
     IoU (then the higher of the N ``confidences``). ``keep_ids``: each mask keeps its prompt's
     object id (colours match the ground truth), else objects are numbered 1..K by decreasing score.
+    ``embedding`` (from :func:`encode_image`) skips the encoder for an image prompted again.
     """
     if len(prompts) == 0:
         return np.zeros(image.shape[:2], np.int32)
     with sam_model.autocast(sam_device(sam), precision):
-        embedding = encode_image(sam, image)
+        embedding = encode_image(sam, image) if embedding is None else embedding
         found = decode_instances(sam, embedding, prompts, image.shape[:2], chunk, confidences, keep_ids)
     return paint_instances(found, image.shape[:2], min_area)[0]
 

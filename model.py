@@ -1,10 +1,10 @@
 """Build, load and run SAM (ViT-B/L/H) and MobileSAM (TinyViT) at 1024, 512 or 256 px.
 
-One forward path serves training, evaluation and inference:
+One decoder call serves training, evaluation and inference (:func:`decode`); :func:`sam_forward`
+composes it with the encoder for a batch, and inference.py builds on both:
 
     prepared = prepare_image(image, sam.image_encoder.img_size)   # numpy HxWx3 uint8 -> tensor
-    out = sam_forward(sam, prepared.tensor[None], [prompts], [prepared.input_size],
-                      [prepared.original_size])
+    low_res, iou = decode(sam, encode_images(sam, prepared.tensor[None])[0], make_prompts(...))
 
 ``Sam.forward`` in segment-anything runs under ``torch.no_grad()``, so we call the image
 encoder, prompt encoder and mask decoder ourselves (differentiable). Pre-processing is SAM's:
@@ -416,44 +416,6 @@ def make_prompts(
     if not sizes:
         raise ValueError("no prompt given: pass boxes, points or mask inputs")
     return out
-
-
-@torch.no_grad()
-def predict(
-    sam: nn.Module,
-    image: np.ndarray,
-    boxes: np.ndarray | None = None,
-    points: np.ndarray | None = None,
-    point_labels: np.ndarray | None = None,
-    multimask_output: bool = False,
-    mask_inputs: np.ndarray | None = None,
-    threshold: float = 0.0,
-    image_embedding: torch.Tensor | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Segment one HxWx3 uint8 image with N prompts in pixel coordinates.
-
-    Returns ``(masks, scores, logits)``: masks NxHxW bool, scores N predicted IoUs, logits
-    Nx(S/4)x(S/4) low-resolution logits; with ``multimask_output`` each gains a C=3 axis after N
-    (NxCxHxW, NxC, NxCx(S/4)x(S/4)). Same path as training (:func:`sam_forward`).
-    ``image_embedding`` (1x256x(S/16)x(S/16), from :func:`encode_images`) skips the encoder when
-    one image is prompted several times.
-    """
-    device = next(sam.parameters()).device
-    image_size = sam.image_encoder.img_size
-    original_size = tuple(image.shape[:2])
-    if image_embedding is None:
-        prepared = prepare_image(image, image_size)
-        images, input_size = prepared.tensor[None].to(device), prepared.input_size
-    else:
-        images, input_size = None, preprocess_shape(original_size, image_size)
-    prompts = make_prompts(original_size, image_size, boxes, points, point_labels, mask_inputs, device)
-    out = sam_forward(sam, images, [prompts], [input_size], [original_size], multimask_output,
-                      image_embeddings=image_embedding)[0]
-    masks = (out.logits > threshold).cpu().numpy()
-    scores, low_res = out.iou.float().cpu().numpy(), out.low_res.float().cpu().numpy()
-    if not multimask_output:
-        masks, scores, low_res = masks[:, 0], scores[:, 0], low_res[:, 0]
-    return masks, scores, low_res
 
 
 # --------------------------------------------------------------------------------------------

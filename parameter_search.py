@@ -94,8 +94,9 @@ def run(args: argparse.Namespace) -> int:
     with out.active("search.log"):
         if not (out.path / folds_lib.FOLDS_FILE).is_file():
             folds_lib.save_folds(out.path, folds, samples, seed=base.seed, grouping=crossval.grouping(base))
-        results = [train_configuration(config, samples, folds, device, args.num_workers, args.cache_memory_gb)
-                   for config in configs]
+        embeddings: dict[str, torch.Tensor] = {}  # the frozen encoder is the same in every configuration
+        results = [train_configuration(config, samples, folds, device, args.num_workers, args.cache_memory_gb,
+                                       embeddings) for config in configs]
         write_results(out.path, base, results)
     return 0
 
@@ -109,7 +110,8 @@ def configuration(base: TrainConfig, rank: int, alpha: float, lr: float) -> Trai
 
 
 def train_configuration(config: TrainConfig, samples: Sequence[Sample], folds: Sequence[folds_lib.Fold],
-                        device: torch.device, num_workers: int, cache_memory_gb: float) -> dict[str, Any]:
+                        device: torch.device, num_workers: int, cache_memory_gb: float,
+                        embeddings: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Train one configuration on the shared folds (or read its finished summary); its results row."""
     name, rank, alpha, lr = Path(config.output_dir).name, config.lora_rank, config.lora_alpha, config.learning_rate
     summary_path = Path(config.output_dir) / runs.SUMMARY_FILE
@@ -122,7 +124,7 @@ def train_configuration(config: TrainConfig, samples: Sequence[Sample], folds: S
         out = trainer.claim_output_dir(config, resume=resume, overwrite=False)
         with out.active():  # run_training writes the shared folds there: `evaluate --cv_run` works on it
             summary = crossval.run_training(config, samples, device, num_workers, folds=folds,
-                                            cache_memory_gb=cache_memory_gb)
+                                            cache_memory_gb=cache_memory_gb, embeddings=embeddings)
     cv = summary["cv_estimate"]
     return {"name": name, "lora_rank": rank, "lora_alpha": alpha, "learning_rate": lr,
             "cv_dice": cv["dice"]["mean"], "cv_dice_std": cv["dice"]["std"], "cv_dice_ci_low": cv["dice"]["ci_low"],

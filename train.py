@@ -1,9 +1,9 @@
 """``python main.py train``: LoRA / decoder fine-tuning with grouped k-fold cross-validation.
 
 Writes to ``--output_dir`` (the layout of runs.py): ``config.json``, ``folds.json``,
-``metrics.csv`` (a row per fold and epoch), ``summary.json`` (mean and standard deviation over
-folds), ``train.log`` and per fold ``fold_k/best.pt`` (adapter of the best validation Dice),
-``fold_k/last.pt`` (resume state).
+``metrics.csv`` (a row per fold and epoch), ``summary.json`` (the cross-validated estimate,
+crossval.py), ``train.log``, per fold ``fold_k/best.pt`` (the adapter of the epoch chosen on an
+inner split) and ``fold_k/last.pt`` (resume state), and with ``--final_fit`` ``final/``.
 """
 from __future__ import annotations
 

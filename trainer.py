@@ -1,8 +1,8 @@
 """The training engine shared by ``train`` and ``parameter_search``: steps, epochs, folds, resume.
 
 Composed from small parts: training_data.py's items and embedding cache, losses.py,
-:func:`train_one_epoch`, :func:`validate` (through inference.py, as evaluate segments),
-:func:`run_fold` and :func:`run_training` (the k-fold loop). Every epoch ends with an atomic
+:func:`backward_step`, :func:`train_one_epoch`, :func:`validate` (through inference.py, as
+evaluate segments) and :func:`run_fold`; the k-fold loop is crossval.py's. Every epoch ends with an atomic
 resume checkpoint; the randomness of an epoch is derived from ``(seed, fold, epoch)``, so
 ``--resume`` after an interruption ends with the same result as an uninterrupted run. The run
 directory's layout is runs.py's.
@@ -283,13 +283,6 @@ def adapter_config(config: TrainConfig, sam: nn.Module, fold: int | None, epoch:
             "selection_dice": val.get("val_dice"), "seed": config.seed, "prompt": config.prompt}
 
 
-def trainable_state(sam: nn.Module) -> dict[str, torch.Tensor]:
-    """LoRA tensors and every parameter with ``requires_grad`` (what changes in training)."""
-    state = lora.lora_state_dict(sam)
-    state.update({n: p.detach().clone() for n, p in sam.named_parameters() if p.requires_grad})
-    return {k: v.cpu() for k, v in state.items()}
-
-
 def make_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay to 0 over ``total_steps``."""
     warmup = int(total_steps * warmup_fraction)
@@ -354,6 +347,7 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_id
         end_epoch(ctx, state, row, fold_dir)
     if cache is not None:
         log.info("fold %d: embedding cache %d hits, %d encoder passes", fold, cache.hits, cache.misses)
+    Distributed(rank, world).barrier()  # rank 0 writes best.pt; every process reads it back
     sam.load_state_dict(adapters.read_adapter(fold_dir / "best.pt")[1], strict=False)  # the chosen epoch
     scored = validation_rows(ctx, make_loader(PromptDataset(samples, score_idx, config, fold, train=False),
                                               config.batch_size, None, num_workers, rank, world)) if score_idx else []
@@ -384,7 +378,7 @@ def end_epoch(ctx: Context, state: dict[str, Any], row: dict[str, Any], fold_dir
             adapters.save_adapter(fold_dir / "best.pt", ctx.sam,
                                   adapter_config(ctx.config, ctx.sam, None if fold == runs.FINAL_DIR else fold,
                                                  epoch, row))
-        runfiles.torch_save({"trainable": trainable_state(ctx.sam), "optimizer": ctx.optimizer.state_dict(),
+        runfiles.torch_save({"trainable": adapters.trained_state(ctx.sam), "optimizer": ctx.optimizer.state_dict(),
                              "scheduler": ctx.scheduler.state_dict(), "state": state}, fold_dir / "last.pt")
         write_metrics_csv(ctx.config)
     log.info("fold %s epoch %d: loss %.4f, train Dice %.3f (low-res)%s (%.1f s)", fold, epoch, row["train_loss"], row["train_dice"],

@@ -217,9 +217,9 @@ class EmbeddingCache:
             with torch.no_grad(), sam_model.autocast(device, self.precision):
                 embs = sam_model.encode_images(self.sam, batch).detach().cpu()
             for j, i in enumerate(todo):
-                out[i] = embs[j]
-                self._keep(items[i].key, embs[j])
+                out[i] = embs[j].clone()  # its own storage: a view would keep (and save) the whole batch
+                self._keep(items[i].key, out[i])
                 path = self._path(items[i].key)
                 if path is not None:
-                    runfiles.torch_save(embs[j], path)
+                    runfiles.torch_save(out[i], path)
         return torch.stack([e.to(device) for e in out])  # type: ignore[union-attr]

@@ -148,3 +148,8 @@ def test_demo_help(main, capsys: pytest.CaptureFixture) -> None:
     text = capsys.readouterr().out
     for flag in ("--model_path", "--num_samples", "--output_dir", "--overwrite", "--checkpoint"):
         assert flag in text
+
+
+def test_every_sample_of_a_stack_has_a_name_of_its_own(em_stack) -> None:
+    names = [demo.sample_name(s) for s in em_stack]
+    assert len(set(names)) == len(names)

@@ -1,4 +1,4 @@
-"""inference.py: segmenting with box prompts, decoding against model.predict, the tiled Segmenter
+"""inference.py: segmenting with box prompts, decoding against predict, the tiled Segmenter
 (the tiny SAM of conftest.py at 256 px, real EM section 19)."""
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ def test_segment_with_ground_truth_boxes(em_section_19, tiny_sam_256: torch.nn.M
 
 
 @pytest.mark.parametrize("shape", [(256, 256), (200, 256), (300, 180)])
-def test_decode_boxes_gives_the_masks_of_model_predict(tiny_sam_256: torch.nn.Module, shape: tuple) -> None:
+def test_decode_boxes_gives_the_masks_of_predict(tiny_sam_256: torch.nn.Module, shape: tuple) -> None:
     """decode_instances post-processes the decoder's logits itself (skipping an identity resize):
-    masks and scores must be those of model.predict, whatever the image's size."""
-    from model import predict
+    masks and scores must be those of predict, whatever the image's size."""
+    from inference import predict
 
     image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
     boxes = np.array([[10, 10, 100, 120], [50, 20, 150, 90], [0, 0, shape[1], shape[0]]], np.float32)

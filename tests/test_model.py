@@ -13,12 +13,12 @@ import torch
 
 from conftest import tiny_sam
 from errors import UserError
+from inference import predict
 from model import (
     build_model,
     encode_images,
     import_mobile_sam_modeling,
     make_prompts,
-    predict,
     prepare_image,
     sam_forward,
 )

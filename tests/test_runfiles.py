@@ -142,3 +142,13 @@ def test_refused_commands_claim_no_output_directory(main, em_crops, shared_data:
     assert main(["detect", "predict", "--mode", "amg", "--input", str(bad), *SMALL,
                  "--output_dir", str(out / "predict")]) == 2
     assert not out.exists()
+
+
+def test_an_input_folder_is_never_an_output_folder(main, em_crops, tmp_path: Path) -> None:
+    from conftest import SMALL
+
+    data = Path(shutil.copytree(em_crops(EM4, 128), tmp_path / "em"))
+    argv = ["detect", "predict", "--mode", "amg", "--input", str(data / "images"), *SMALL, "--overwrite"]
+    assert main([*argv, "--output_dir", str(data / "images")]) == 2
+    assert main(["demo", *SMALL, "--samples_dir", str(data), "--output_dir", str(data / "demo"), "--overwrite"]) == 2
+    assert sorted(p.name for p in data.iterdir()) == ["images", "masks"]

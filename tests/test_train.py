@@ -105,7 +105,8 @@ def test_export_merged_loads_in_the_official_registry(em6: Path, tmp_path: Path)
     import mobile_sam
 
     import lora
-    from model import build_model, import_mobile_sam_modeling, predict
+    from inference import predict
+    from model import build_model, import_mobile_sam_modeling
 
     out, export = tmp_path / "run", tmp_path / "merged.pt"
     assert run_train(em6, out, "--epochs", "1", "--learning_rate", "1e-2", "--export_merged", str(export)) == 0

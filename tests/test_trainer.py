@@ -134,3 +134,22 @@ def test_chunked_decoding_gives_the_gradients_of_the_whole_step(em_crops, one_th
     assert by_one.keys() == at_once.keys() and any("lora_A" in n for n in by_one)  # reached the encoder
     for name in by_one:
         torch.testing.assert_close(by_one[name], at_once[name], rtol=1e-4, atol=1e-6)
+
+
+def test_cached_embeddings_are_stored_one_by_one(tmp_path) -> None:
+    """Each cached embedding owns its storage: a file on disk holds one embedding, not the batch
+    it was computed in."""
+    from types import SimpleNamespace
+
+    from training_data import EmbeddingCache
+
+    sam = tiny_sam("vit", image_size=64)
+    cache = EmbeddingCache(sam, "fp32", tmp_path)
+    items = [SimpleNamespace(key=f"k{i}", image=torch.randn(3, 64, 64)) for i in range(4)]
+    batch = cache.get(items, torch.device("cpu"))
+    one = batch[0].numel() * batch[0].element_size()
+    files = sorted(tmp_path.glob("*.pt"))
+    assert len(files) == 4 and all(f.stat().st_size < 2 * one for f in files)
+    assert all(v._base is None for v in cache.memory.values())
+    again = EmbeddingCache(sam, "fp32", tmp_path).get(items, torch.device("cpu"))
+    torch.testing.assert_close(again, batch)

@@ -58,21 +58,37 @@ def hard_dice(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return torch.where(total > 0, 2 * (pred * t).sum(1) / total.clamp(min=1), torch.ones_like(total))
 
 
-def compute_loss(kind: str, logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor,
-                 valid: torch.Tensor | None = None, iou_weight: float = 1.0) -> torch.Tensor:
-    """Mean loss over N objects. logits: Nx1xhxw; targets: Nx1xhxw; iou_pred: Nx1; ``valid``:
-    the pixels that count (ignored regions 0), Nx1xhxw / 1x1xhxw or None.
+def object_losses(kind: str, logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor,
+                  valid: torch.Tensor | None = None, iou_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss per object and the output it was taken from: ``(N losses, N indices in 0..C-1)``.
 
-    dice_ce = Dice + BCE; focal_dice_iou = 20 focal + Dice (finestSAM's weights). Both add
-    ``iou_weight`` x MSE(predicted IoU, the mask's actual IoU), so the IoU head, which ranks
-    overlapping masks in every command, learns too (SAM trains it the same way).
+    logits: NxCxhxw (C = 1, or SAM's 3 masks for an ambiguous single click); iou_pred: NxC;
+    targets: Nx1xhxw; ``valid``: the pixels that count (ignored regions 0), Nx1xhxw / 1x1xhxw or
+    None. The mask loss is the best (lowest) of the C outputs, as SAM trains its multimask output;
+    dice_ce = Dice + BCE, focal_dice_iou = 20 focal + Dice (finestSAM's weights). Both add
+    ``iou_weight`` x the mean over the C outputs of MSE(predicted IoU, that mask's actual IoU), so
+    the IoU head, which ranks overlapping masks in every command, learns too (as in SAM).
     """
     logits = logits.float()
+    n, c = logits.shape[:2]
+    flat = logits.reshape(n * c, 1, *logits.shape[-2:])
+    wide = targets.repeat_interleave(c, dim=0)
+    valid_wide = None if valid is None or valid.shape[0] == 1 else valid.repeat_interleave(c, dim=0)
+    valid_wide = valid if valid_wide is None else valid_wide
     if kind == "dice_ce":
-        mask = dice_loss(logits, targets, valid) + bce_loss(logits, targets, valid)
+        mask = dice_loss(flat, wide, valid_wide) + bce_loss(flat, wide, valid_wide)
     elif kind == "focal_dice_iou":
-        mask = 20 * focal_loss(logits, targets, valid) + dice_loss(logits, targets, valid)
+        mask = 20 * focal_loss(flat, wide, valid_wide) + dice_loss(flat, wide, valid_wide)
     else:
         raise ValueError(f"unknown loss {kind!r}: choose {' or '.join(LOSSES)}")
-    iou_mse = (iou_pred.float()[:, 0] - mask_iou(logits, targets, valid).detach()) ** 2
-    return (mask + iou_weight * iou_mse).mean()
+    mask = mask.reshape(n, c)
+    best = mask.detach().argmin(dim=1)
+    true_iou = mask_iou(flat, wide, valid_wide).reshape(n, c).detach()
+    iou_mse = ((iou_pred.float().reshape(n, c) - true_iou) ** 2).mean(dim=1)
+    return mask[torch.arange(n, device=mask.device), best] + iou_weight * iou_mse, best
+
+
+def compute_loss(kind: str, logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor,
+                 valid: torch.Tensor | None = None, iou_weight: float = 1.0) -> torch.Tensor:
+    """The mean over N objects of :func:`object_losses` (same arguments)."""
+    return object_losses(kind, logits, iou_pred, targets, valid, iou_weight)[0].mean()

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-PROMPT_MODES = ("box", "point", "mix")  # training: per image one of box / points / box + points
+PROMPT_MODES = ("box", "point", "mix")  # training: mix = per object one of box / points / box + points
 EVAL_PROMPTS = ("box", "point")
+BOX, POINTS = 1, 2  # bits of an object's prompt kind: 1 box, 2 points, 3 both
 
 
 @dataclass
@@ -30,6 +31,8 @@ class Prompts:
         points: ``NxKx2`` float32 (x, y): positives first, then negatives.
         point_labels: ``NxK`` int32: 1 positive, 0 negative, -1 padding (no point).
         use_boxes / use_points: which prompts the model is given.
+        kinds: ``N`` uint8 per-object prompt kinds (bits ``BOX`` / ``POINTS``) when objects differ
+            (training's ``mix``); None: every object takes ``use_boxes`` / ``use_points``.
         masks: ``NxHxW`` bool target masks (training), or None.
         ignore: ``HxW`` bool of pixels the metrics leave out (ambiguous regions, objects left
             out by ``max_objects``), or None.
@@ -43,9 +46,24 @@ class Prompts:
     use_points: bool = False
     masks: np.ndarray | None = None
     ignore: np.ndarray | None = None
+    kinds: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.object_ids.shape[0])
+
+    def object_kinds(self) -> np.ndarray:
+        """``N`` uint8 prompt kind of each object (bits ``BOX`` / ``POINTS``)."""
+        if self.kinds is not None:
+            return self.kinds
+        return np.full(len(self), BOX * self.use_boxes + POINTS * self.use_points, np.uint8)
+
+    def take(self, order: np.ndarray) -> "Prompts":
+        """The same prompts with the objects in ``order`` (N indices)."""
+        def pick(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[order]
+
+        return Prompts(self.object_ids[order], self.boxes[order], self.points[order], self.point_labels[order],
+                       self.use_boxes, self.use_points, pick(self.masks), self.ignore, pick(self.kinds))
 
 
 def _objects(labels: np.ndarray) -> tuple[list, np.ndarray]:
@@ -151,7 +169,8 @@ def sample_prompts(labels: np.ndarray, rng: np.random.Generator, prompt: str = "
     Args:
         labels: ``HxW`` integer instance labels (0 background).
         rng: a seeded ``numpy.random.Generator``.
-        prompt: "box", "point" or "mix" (per call one of box / points / box + points).
+        prompt: "box", "point" or "mix" (per object one of box / points / box + points, as
+            micro-sam trains; the kinds are in ``Prompts.kinds``).
         num_points: k positive points inside the object and k negative points outside it
             (near the object when possible, never in ``ignore``): K = 2k points per object.
         box_jitter: each box side moves by up to this fraction of the box width / height.
@@ -162,8 +181,8 @@ def sample_prompts(labels: np.ndarray, rng: np.random.Generator, prompt: str = "
     slices, ids = _objects(labels)
     if max_objects and ids.size > max_objects:
         ids = np.sort(rng.choice(ids, size=max_objects, replace=False)).astype(np.int32)
-    mode = prompt if prompt != "mix" else ("box", "point", "box+point")[int(rng.integers(3))]
     k, n = num_points, ids.size
+    kinds = rng.integers(1, 4, size=n).astype(np.uint8) if prompt == "mix" else None
     boxes = np.zeros((n, 4), np.float32)
     points = np.zeros((n, 2 * k, 2), np.float32)
     point_labels = np.zeros((n, 2 * k), np.int32)
@@ -181,8 +200,8 @@ def sample_prompts(labels: np.ndarray, rng: np.random.Generator, prompt: str = "
             points[row, :k, 1] = ys.start + pick // local.shape[1]
             bounds = (ys.start, ys.stop - 1, xs.start, xs.stop - 1)
             points[row, k:], point_labels[row, k:] = _negative_points(labels, obj, bounds, k, rng, ignore)
-    return Prompts(ids, boxes, points, point_labels, use_boxes="box" in mode, use_points="point" in mode,
-                   masks=masks, ignore=ignore)
+    return Prompts(ids, boxes, points, point_labels, use_boxes=prompt != "point", use_points=prompt != "box",
+                   masks=masks, ignore=ignore, kinds=kinds)
 
 
 def _negative_points(labels: np.ndarray, obj: int, bounds: tuple[int, int, int, int], k: int,
@@ -203,3 +222,33 @@ def _negative_points(labels: np.ndarray, obj: int, bounds: tuple[int, int, int, 
             xy = np.stack([window[1].start + pick % w, window[0].start + pick // w], axis=1)
             return xy.astype(np.float32), np.zeros(k, np.int32)
     return np.zeros((k, 2), np.float32), np.full(k, -1, np.int32)  # the object fills the image
+
+
+def correction_clicks(pred: np.ndarray, target: np.ndarray,
+                      valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The click a user would give next to correct each of N masks.
+
+    ``pred``, ``target``: NxHxW bool; ``valid``: HxW bool of the pixels that count, or None.
+    Returns (Nx2 float32 ``(x, y)`` pixel, N int32 label): the deepest pixel
+    (:func:`interior_point`) of the largest connected error region, labelled 1 (positive) in a
+    missed part and 0 (negative) in a false positive; ties go to the missed part. A mask with no
+    error gets label -1, a padding point the prompt encoder ignores.
+    """
+    xy = np.zeros((len(pred), 2), np.float32)
+    labels = np.full(len(pred), -1, np.int32)
+    for i, (p, t) in enumerate(zip(pred, target)):
+        best = (0, None, -1)
+        for label, error in ((1, t & ~p), (0, p & ~t)):
+            if valid is not None:
+                error = error & valid
+            regions, count = ndimage.label(error)
+            if count:
+                sizes = np.bincount(regions.ravel())[1:]
+                if sizes.max() > best[0]:
+                    best = (int(sizes.max()), regions == int(np.argmax(sizes)) + 1, label)
+        if best[1] is not None:
+            window = ndimage.find_objects(best[1].astype(np.int32))[0]
+            y, x = interior_point(best[1][window])
+            xy[i] = (window[1].start + x, window[0].start + y)
+            labels[i] = best[2]
+    return xy, labels

@@ -69,6 +69,7 @@ class TrainConfig:
     loss: str = "dice_ce"
     iou_loss_weight: float = 1.0
     decoder_chunk: int = 0
+    sub_iterations: int = 0
     seed: int = 0
 
     @classmethod
@@ -99,6 +100,7 @@ class TrainConfig:
             (self.learning_rate > 0, f"--learning_rate must be positive, got {self.learning_rate}"),
             (self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}"),
             (self.decoder_chunk >= 0, f"--decoder_chunk must be >= 0 (0 = by device), got {self.decoder_chunk}"),
+            (self.sub_iterations >= 0, f"--sub_iterations must be >= 0 (0 = by device), got {self.sub_iterations}"),
             (self.iou_loss_weight >= 0, f"--iou_loss_weight must be >= 0, got {self.iou_loss_weight}"),
             (self.patience >= 1, f"--patience must be at least 1, got {self.patience}"),
             (self.lora_rank >= 0, f"--lora_rank must be >= 0 (0 = no LoRA), got {self.lora_rank}"),
@@ -181,7 +183,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                     help="after cross-validation, retrain on all training data for the median chosen epoch "
                          "count (final/best.pt; scored once on a fixed test split when there is one)")
     pr = parser.add_argument_group("prompts")
-    pr.add_argument("--prompt", default=defaults.prompt, help="box, point or mix (per image one of box / points / both)")
+    pr.add_argument("--prompt", default=defaults.prompt,
+                    help="box, point or mix (per object one of box / points / both, as micro-sam trains)")
+    pr.add_argument("--sub_iterations", type=int, default=defaults.sub_iterations,
+                    help="prompting rounds per step: after the first, each adds a correction click at the largest "
+                         "error and feeds the previous mask back, as SAM and micro-sam train (the embedding is "
+                         "computed once); 0 = by device: 8 on a GPU, 2 on a CPU where the decoder costs as much "
+                         "as the encoder")
     pr.add_argument("--num_points", type=int, default=defaults.num_points, help="positive (and as many negative) points per object")
     pr.add_argument("--box_jitter", type=float, default=defaults.box_jitter, help="box side noise as a fraction of its size")
     pr.add_argument("--max_objects", type=int, default=defaults.max_objects,

@@ -25,13 +25,14 @@ from tqdm import tqdm
 import adapters
 import folds as folds_lib
 import inference
+import iterative
 import lora
 import metrics
 import model as sam_model
 import runfiles
 import runs
 from errors import UserError
-from losses import compute_loss, hard_dice
+from losses import hard_dice, object_losses
 from sample import Sample
 from train_config import TrainConfig
 from training_data import EmbeddingCache, Item, PromptDataset, make_loader
@@ -55,6 +56,7 @@ class Context:
     rank: int = 0
     world: int = 1
     scaler: torch.amp.GradScaler | None = None  # fp16: gradients scaled so that they do not flush to zero
+    rounds: int = 1  # prompting rounds per step (--sub_iterations)
 
 
 def embed(ctx: Context, items: Sequence[Item]) -> torch.Tensor:
@@ -66,49 +68,78 @@ def embed(ctx: Context, items: Sequence[Item]) -> torch.Tensor:
 
 
 def backward_step(ctx: Context, items: Sequence[Item]) -> tuple[float | None, float, bool]:
-    """Forward and backward of a batch's loss (the mean over its images of the mean over their
-    objects): ``(loss, mean low-res Dice, finite)``, loss None when no image has objects.
+    """Forward and backward of a batch's loss: per image the mean over its objects of the loss
+    summed over the prompting rounds (``--sub_iterations``), averaged over the images. Returns
+    ``(loss, mean first-round low-res Dice, finite)``, loss None when no image has objects.
 
-    Each image's prompts are decoded in chunks (:func:`chunk_size`): the decoder's cost per prompt
-    grows with the prompts that share a call. Every chunk's share of the loss is back-propagated
-    into a detached copy of the image embeddings, which then back-propagates once through the
-    encoder, so the gradients equal those of the unchunked step. Nothing is back-propagated once
-    a loss is not finite (the caller stops the run).
+    The embeddings are computed once and shared by every round (iterative.py). Each image's
+    objects are decoded in chunks of one prompt kind (:func:`chunk_size`): the decoder's cost per
+    prompt grows with the prompts that share a call. Every chunk's and round's share of the loss
+    is back-propagated into a detached copy of the embeddings, which then back-propagates once
+    through the encoder, so the gradients equal those of one unchunked step. Nothing is
+    back-propagated once a loss is not finite (the caller stops the run).
     """
     with_objects = [it for it in items if len(it.prompts)]
     if not with_objects:
         return None, float("nan"), True
-    chunk, total, dices, finite = chunk_size(ctx), 0.0, [], True
     with sam_model.autocast(ctx.device, ctx.config.precision):
         embeddings = embed(ctx, with_objects)
     leaf = embeddings.detach().requires_grad_(embeddings.requires_grad)
+    step = _StepLoss(ctx)
     for j, item in enumerate(with_objects):
-        tensors, n = item.tensors.to(ctx.device), len(item.prompts)
-        h, w = item.targets.shape[-2:]
+        tensors = item.tensors.to(ctx.device)
         targets = item.targets.to(ctx.device)
         valid = item.valid.to(ctx.device) if item.valid is not None else None
-        image_dice = 0.0
-        for start in range(0, n, chunk):
-            rows = slice(start, min(n, start + chunk))
-            with sam_model.autocast(ctx.device, ctx.config.precision):
-                low_res, iou = sam_model.decode(ctx.sam, leaf[j], tensors.select(rows))
-            logits = low_res[..., :h, :w]
-            share = (rows.stop - rows.start) / n / len(with_objects)
-            loss = compute_loss(ctx.config.loss, logits, iou, targets[rows], valid, ctx.config.iou_loss_weight) * share
-            finite = finite and bool(torch.isfinite(loss.detach()))
-            total += float(loss.detach())
-            image_dice += float(hard_dice(logits, targets[rows]).sum())
-            if finite:
-                (ctx.scaler.scale(loss) if ctx.scaler is not None else loss).backward()
-        dices.append(image_dice / n)
-    if finite and leaf.grad is not None and embeddings.requires_grad:
+        step.share = 1 / len(item.prompts) / len(with_objects)
+        for rows, kind in item.groups(chunk_size(ctx)):
+            step.targets, step.valid = targets[rows], valid
+            iterative.decode_rounds(ctx.sam, leaf[j], iterative.with_kind(tensors.select(rows), kind), targets[rows],
+                                    valid, ctx.rounds, step.round, ctx.device, ctx.config.precision)
+        step.dices.append(step.image_dice / len(item.prompts))
+        step.image_dice = 0.0
+    if step.finite and leaf.grad is not None and embeddings.requires_grad:
         embeddings.backward(leaf.grad)
-    return total, float(np.mean(dices)), finite
+    return step.total, float(np.mean(step.dices)), step.finite
+
+
+class _StepLoss:
+    """The loss of one step, round by round (the ``choose`` of iterative.decode_rounds): each
+    round's share is back-propagated at once; the first round's Dice is kept."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx, self.total, self.finite = ctx, 0.0, True
+        self.dices: list[float] = []
+        self.image_dice, self.share = 0.0, 1.0
+        self.targets: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None
+
+    def round(self, r: int, low_res: torch.Tensor, iou: torch.Tensor) -> torch.Tensor:
+        """Loss of one round's NxCx(S/4)x(S/4) logits; returns the N outputs the next round uses."""
+        cfg, targets = self.ctx.config, self.targets
+        logits = low_res[..., :targets.shape[-2], :targets.shape[-1]]
+        losses, best = object_losses(cfg.loss, logits, iou, targets, self.valid, cfg.iou_loss_weight)
+        loss = losses.sum() * self.share
+        self.finite = self.finite and bool(torch.isfinite(loss.detach()))
+        self.total += float(loss.detach())
+        if r == 0:
+            chosen = logits[torch.arange(len(best), device=best.device), best][:, None]
+            self.image_dice += float(hard_dice(chosen, targets).sum())
+        if self.finite:
+            scaler = self.ctx.scaler
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        return best
 
 
 def chunk_size(ctx: Context) -> int:
     """Prompts per decoder call in training: ``--decoder_chunk``, else the device's default."""
     return ctx.config.decoder_chunk or inference.default_chunk(ctx.device)
+
+
+def sub_iterations(config: TrainConfig, device: torch.device) -> int:
+    """Prompting rounds per step: ``--sub_iterations``, else the device's default: 8 on a GPU (as
+    micro-sam; there the decoder is cheap next to the encoder) and 2 on a CPU (one correction
+    round, where the decoder costs as much as the encoder)."""
+    return config.sub_iterations or (8 if device.type == "cuda" else 2)
 
 
 def all_reduce_gradients(params: Sequence[nn.Parameter], world: int) -> None:
@@ -328,7 +359,7 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_id
     cache = EmbeddingCache(sam, config.precision, cache_dir, embeddings, config.seed, cache_bytes) \
         if not config.encoder_trained else None
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
-    ctx = Context(sam, config, device, cache, optimizer, scheduler, rank, world, scaler)
+    ctx = Context(sam, config, device, cache, optimizer, scheduler, rank, world, scaler, sub_iterations(config, device))
     state = resume_fold(fold_dir / "last.pt", sam, optimizer, scheduler, fold)
     select_loader = make_loader(PromptDataset(samples, select_idx, config, fold, train=False), config.batch_size,
                                 None, num_workers, rank, world) if select_idx else None

@@ -45,6 +45,17 @@ class Item:
     labels: np.ndarray  # HxW instance labels (after augmentation)
     valid: torch.Tensor | None = None  # 1x1xhxw float: 0 where ignored (ambiguous regions), None = all
 
+    def groups(self, chunk: int) -> list[tuple[slice, int]]:
+        """The objects' rows in decoder calls: runs of one prompt kind (bits prompts.BOX /
+        POINTS; the objects are ordered by kind), cut into chunks of at most ``chunk`` rows."""
+        kinds = self.prompts.object_kinds()
+        out, start = [], 0
+        for end in range(1, len(kinds) + 1):
+            if end == len(kinds) or kinds[end] != kinds[start] or end - start == chunk:
+                out.append((slice(start, end), int(kinds[start])))
+                start = end
+        return out
+
 
 def content_key(image: np.ndarray) -> str:
     """A hash of the pixels (and shape): the embedding cache key of an image."""
@@ -107,9 +118,10 @@ class PromptDataset(torch.utils.data.Dataset):
             labels, rng, prompt=cfg.prompt if self.train else ("point" if cfg.prompt == "point" else "box"),
             num_points=cfg.num_points, box_jitter=cfg.box_jitter if self.train else 0.0,
             max_objects=cfg.max_objects if self.train else 0, ignore=ignore)
+        prompts = prompts.take(np.argsort(prompts.object_kinds(), kind="stable"))  # one kind per decoder call
         prepared = sam_model.prepare_image(image, cfg.image_size)
         tensors = sam_model.PromptTensors()
-        if len(prompts):
+        if len(prompts):  # every object's box and points; each call takes those of its objects' kind
             tensors = sam_model.make_prompts(
                 prepared.original_size, cfg.image_size,
                 boxes=prompts.boxes if prompts.use_boxes else None,

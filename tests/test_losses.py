@@ -44,3 +44,16 @@ def test_ignored_pixels_are_out_of_the_loss(kind: str) -> None:
     counted = losses.compute_loss(kind, logits, iou, target)
     right = losses.compute_loss(kind, torch.tensor([[[[8.0, -8.0, -8.0]]]]), iou, target)
     assert ignored.item() == pytest.approx(right.item(), abs=1e-3) and counted > ignored + 0.1
+
+
+def test_multimask_loss_takes_the_best_output_and_trains_every_iou() -> None:
+    target = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    right, wrong = torch.tensor([[8.0, -8.0], [-8.0, -8.0]]), torch.full((2, 2), 8.0)
+    logits = torch.stack([wrong, right, wrong])[None]  # 1x3x2x2: the second output is right
+    iou = torch.tensor([[0.0, 1.0, 0.5]])
+    loss, best = losses.object_losses("dice_ce", logits, iou, target)
+    assert best.tolist() == [1]
+    single = losses.object_losses("dice_ce", right[None, None], torch.tensor([[1.0]]), target, iou_weight=0)[0]
+    true_iou_wrong = 0.25  # the all-foreground mask covers 1 of its 4 pixels correctly
+    expected = single + ((0 - true_iou_wrong) ** 2 + 0 + (0.5 - true_iou_wrong) ** 2) / 3
+    torch.testing.assert_close(loss, expected)

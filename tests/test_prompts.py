@@ -5,7 +5,7 @@ import numpy as np
 
 import pytest
 
-from prompts import interior_point, label_boxes, object_prompts, sample_prompts
+from prompts import BOX, POINTS, correction_clicks, interior_point, label_boxes, object_prompts, sample_prompts
 
 
 def test_boxes_enclose_masks_and_points_fall_inside_and_outside(cpm15):
@@ -49,9 +49,12 @@ def test_prompts_without_objects_cap_and_mix(cpm15):
     labels = cpm15[2].labels
     capped = sample_prompts(labels, np.random.default_rng(0), max_objects=5)
     assert len(capped) == 5 and len(set(capped.object_ids.tolist())) == 5
-    modes = {(p.use_boxes, p.use_points) for p in
-             (sample_prompts(labels, np.random.default_rng(s), "mix", max_objects=2) for s in range(12))}
-    assert modes == {(True, False), (False, True), (True, True)}
+    mixed = sample_prompts(labels, np.random.default_rng(0), "mix")  # per object, as micro-sam trains
+    assert set(mixed.object_kinds().tolist()) == {BOX, POINTS, BOX | POINTS}
+    assert set(capped.object_kinds().tolist()) == {BOX}
+    order = np.argsort(mixed.object_kinds(), kind="stable")
+    taken = mixed.take(order)
+    assert np.array_equal(taken.object_ids, mixed.object_ids[order]) and np.array_equal(taken.masks, mixed.masks[order])
     full = sample_prompts(np.ones((8, 8), np.int32), np.random.default_rng(0), "point")
     assert full.point_labels.tolist() == [[1, -1]]  # nowhere to put a negative point
 
@@ -107,3 +110,25 @@ def test_label_boxes_have_inclusive_corners():
     ids, boxes = label_boxes(labels)
     assert ids.tolist() == [1, 3]
     np.testing.assert_array_equal(boxes, [[5, 2, 8, 3], [19, 9, 19, 9]])
+
+
+def test_correction_clicks_go_to_the_deepest_pixel_of_the_largest_error():
+    target = np.zeros((3, 30, 40), bool)
+    pred = np.zeros((3, 30, 40), bool)
+    target[0, 5:25, 5:35] = True
+    pred[0, 5:25, 5:20] = True  # missed its right half (20x15), no false positive
+    target[1, 10:20, 10:20] = True
+    pred[1, 10:20, 10:20] = True
+    pred[1, 0:4, 30:40] = True  # a 4x10 false positive ...
+    pred[1, 25:26, 0:3] = True  # ... and a smaller one
+    target[2, 2:8, 2:8] = True
+    pred[2] = target[2]  # no error at all
+    xy, labels = correction_clicks(pred, target)
+    assert labels.tolist() == [1, 0, -1]
+    assert target[0, int(xy[0, 1]), int(xy[0, 0])] and not pred[0, int(xy[0, 1]), int(xy[0, 0])]
+    assert xy[0, 0] >= 20 and 12 <= xy[0, 1] <= 17  # deep inside the missed half
+    assert 30 <= xy[1, 0] < 40 and 0 <= xy[1, 1] < 4  # in the larger false positive
+    valid = np.ones((30, 40), bool)
+    valid[0:4, 30:40] = False  # ignored pixels give no clicks
+    xy, labels = correction_clicks(pred[1:2], target[1:2], valid)
+    assert labels.tolist() == [0] and xy[0, 1] == 25

@@ -130,17 +130,17 @@ def test_export_merged_loads_in_the_official_registry(em6: Path, tmp_path: Path)
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(em6: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch,
                                                        caplog: pytest.LogCaptureFixture) -> None:
-    original = trainer.compute_loss
+    original = trainer.object_losses
     calls = {"n": 0}
 
     def poisoned(*args):
         calls["n"] += 1
-        loss = original(*args)
-        return loss * float("nan") if calls["n"] > 5 else loss  # 5 images = epoch 0 of fold 0
+        losses, best = original(*args)
+        return (losses * float("nan") if calls["n"] > 5 else losses), best  # 5 images = epoch 0 of fold 0
 
-    monkeypatch.setattr(trainer, "compute_loss", poisoned)
+    monkeypatch.setattr(trainer, "object_losses", poisoned)
     out = tmp_path / "nan"
-    assert run_train(em6, out, "--epochs", "3", "--decoder_chunk", "1000") == 2  # one loss per image
+    assert run_train(em6, out, "--epochs", "3", "--decoder_chunk", "1000", "--sub_iterations", "1") == 2  # a loss per image
     assert "loss became nan" in caplog.text
     saved = torch.load(out / "fold_0" / "last.pt", weights_only=True)
     assert saved["state"]["epoch"] == 0  # epoch 0 kept; the poisoned epoch 1 was not saved

@@ -104,9 +104,12 @@ def test_frozen_encoder_with_augmentation_embeds_each_view_once(main, em_crops, 
     assert not (tmp_path / "small").exists()
 
 
-def test_chunked_decoding_gives_the_gradients_of_the_whole_step(em_crops, one_thread) -> None:
-    """The prompts of an image decoded one by one, each chunk's loss back-propagated through a
-    detached embedding and the encoder once: the gradients and the loss equal one decoder call."""
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_chunked_decoding_gives_the_gradients_of_the_whole_step(em_crops, one_thread, rounds: int) -> None:
+    """The prompts of an image decoded one by one, each chunk's (and round's) loss
+    back-propagated through a detached embedding and the encoder once: the gradients and the
+    loss equal those of one decoder call per prompt kind and round (mixed prompts, correction
+    rounds)."""
     import dataclasses
 
     from conftest import EM4
@@ -120,12 +123,12 @@ def test_chunked_decoding_gives_the_gradients_of_the_whole_step(em_crops, one_th
     with torch.no_grad():
         for layer in lora.lora_layers(sam).values():
             layer.lora_B.normal_(std=0.05)
-    config = TrainConfig(data_dir="", output_dir="", image_size=64, max_objects=6, augment=False)
+    config = TrainConfig(data_dir="", output_dir="", image_size=64, max_objects=6, augment=False, prompt="mix")
     item = PromptDataset(load_dataset(em_crops(EM4, 128)), [0], config, 0, train=True)[0]
-    assert len(item.prompts) >= 2
+    assert len(item.prompts) >= 2 and len(item.groups(1000)) >= 2  # several prompt kinds
     results = {}
     for chunk in (1, 1000):
-        ctx = trainer.Context(sam, dataclasses.replace(config, decoder_chunk=chunk), torch.device("cpu"))
+        ctx = trainer.Context(sam, dataclasses.replace(config, decoder_chunk=chunk), torch.device("cpu"), rounds=rounds)
         sam.zero_grad(set_to_none=True)
         loss, _, finite = trainer.backward_step(ctx, [item])
         results[chunk] = loss, {n: p.grad.clone() for n, p in sam.named_parameters() if p.grad is not None}
@@ -134,6 +137,23 @@ def test_chunked_decoding_gives_the_gradients_of_the_whole_step(em_crops, one_th
     assert by_one.keys() == at_once.keys() and any("lora_A" in n for n in by_one)  # reached the encoder
     for name in by_one:
         torch.testing.assert_close(by_one[name], at_once[name], rtol=1e-4, atol=1e-6)
+
+
+def test_sub_iterations_share_one_embedding_and_sum_the_rounds(main, em4, tmp_path, monkeypatch) -> None:
+    """Eight rounds encode each image once, like one round, and their losses add up."""
+    from conftest import TINY_TRAIN
+
+    calls = count_encoder_calls(monkeypatch)
+    losses = {}
+    for rounds in (1, 8):
+        calls.clear()
+        out = tmp_path / f"r{rounds}"
+        assert main(["train", "--data_dir", str(em4), "--output_dir", str(out), *TINY_TRAIN, "--epochs", "1",
+                     "--sub_iterations", str(rounds), "--no_augment", "--val_fraction", "0.25"]) == 0
+        losses[rounds] = float((out / "metrics.csv").read_text().splitlines()[1].split(",")[2])
+        losses[f"calls{rounds}"] = sum(calls)
+    assert losses["calls1"] == losses["calls8"]  # the rounds cost the decoder only
+    assert losses[8] > 2 * losses[1]  # eight rounds' losses summed
 
 
 def test_cached_embeddings_are_stored_one_by_one(tmp_path) -> None:

@@ -1,0 +1,230 @@
+"""Seconds per training iteration of micro-sam's own ``train_sam``, for the side-by-side row of
+bench.py (issue 12). Not part of our package and not importable from it: run it with the separate
+micro-sam environment that ``bench_microsam_env.sh`` builds (micro-sam is no dependency of ours)::
+
+    /work/microsam_env/bin/python bench_microsam.py --n_sub_iteration 1
+    /work/microsam_env/bin/python bench_microsam.py --n_sub_iteration 8
+
+The work: vit_t (MobileSAM) with random weights (a random state dict written to a temporary
+checkpoint, so nothing is downloaded), ``freeze=["image_encoder"]``, no segmentation decoder
+(prompt-based training only, as ours), random 512 px patches of the EM sections
+(``images/NN.png``; ``masks/NN.png`` turned into instance labels by connected components),
+``n_objects_per_batch=25``, batch size 1, on the CPU. ``train_sam`` always builds its trainer
+with ``mixed_precision=True``; torch_em's DefaultTrainer then picks ``torch.autocast`` with
+bfloat16 on a CPU device (float16 only on CUDA) and a disabled GradScaler, so bf16 needs no
+setting of ours. The script records, inside each forward, whether autocast is on and its dtype,
+and the dtype of the decoder's masks, so the JSON shows that bf16 was really active.
+
+Timing: ``train_sam`` is called unchanged, but the ``SamTrainer`` class it instantiates is
+swapped for a subclass that wraps the ``forward_context`` and ``backprop`` callables passed to
+``_train_epoch_impl``. One iteration's time (``times_s``) runs from entering the forward context
+(prompt sampling, encoder, all sub-iterations of the decoder and loss) to the end of
+``backprop`` (backward and optimizer step); data loading and the tensorboard logging in between
+are left out, and reported separately as ``iteration_times_incl_data_s`` (from one forward to
+the next). The first ``--warmup`` iterations are excluded from both. micro-sam alternates
+prompts: even iterations a single point (3 masks in the first sub-iteration), odd ones a box.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import imageio.v3 as imageio
+import numpy as np
+import torch
+from scipy import ndimage
+
+import micro_sam
+import micro_sam.util as sam_util
+import torch_em
+from micro_sam.training import sam_trainer, train_sam
+from micro_sam.training.training import default_sam_loader
+
+log = logging.getLogger("bench_microsam")
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "data" / "em_vnc"
+
+
+@dataclass
+class Record:
+    """What the timed trainer saw in each training iteration (validation is not recorded)."""
+
+    starts: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    objects: list[int] = field(default_factory=list)
+    instances: list[int] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    sub_iterations: list[int] = field(default_factory=list)
+    autocast: set[str] = field(default_factory=set)
+    mask_dtypes: set[str] = field(default_factory=set)
+    _loss_calls: int = 0
+
+
+def timed_trainer_class(base: type, record: Record) -> type:
+    """A subclass of micro-sam's ``SamTrainer`` that fills ``record`` and changes nothing else."""
+
+    class TimedSamTrainer(base):
+        def _train_epoch_impl(self, progress, forward_context: Callable, backprop: Callable):
+            device_type = self._device_type
+
+            @contextlib.contextmanager
+            def timed_context() -> Iterator[None]:
+                record.starts.append(time.perf_counter())
+                record._loss_calls = 0
+                record.prompts.append("point" if self._iteration % 2 == 0 else "box")
+                with forward_context():
+                    enabled = torch.is_autocast_enabled(device_type)
+                    dtype = torch.get_autocast_dtype(device_type) if enabled else "off"
+                    record.autocast.add(f"{device_type}:{dtype}")
+                    yield
+
+            def timed_backprop(loss: torch.Tensor) -> None:
+                backprop(loss)
+                record.step_times.append(time.perf_counter() - record.starts[-1])
+                record.sub_iterations.append(record._loss_calls)
+
+            return super()._train_epoch_impl(progress, timed_context, timed_backprop)
+
+        def _preprocess_batch(self, batched_inputs, y, sampled_ids):
+            batched_inputs, y_one_hot = super()._preprocess_batch(batched_inputs, y, sampled_ids)
+            if self.model.training:
+                record.objects.append(int(y_one_hot.shape[1]))
+                record.instances.append(int(len(torch.unique(y[0])) - 1))
+            return batched_inputs, y_one_hot
+
+        def _compute_loss(self, batched_outputs, y_one_hot):
+            if self.model.training:
+                record._loss_calls += 1
+                record.mask_dtypes.update(str(out["masks"].dtype) for out in batched_outputs)
+            return super()._compute_loss(batched_outputs, y_one_hot)
+
+    return TimedSamTrainer
+
+
+@contextlib.contextmanager
+def patched_trainer(record: Record) -> Iterator[None]:
+    """Make ``train_sam`` build the timed trainer, and restore micro-sam's class afterwards."""
+    original = sam_trainer.SamTrainer
+    sam_trainer.SamTrainer = timed_trainer_class(original, record)
+    try:
+        yield
+    finally:
+        sam_trainer.SamTrainer = original
+
+
+def load_sections(data_dir: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The EM sections and their instance labels (connected components of the binary masks)."""
+    image_paths = sorted((data_dir / "images").glob("*.png"))
+    if not image_paths:
+        raise FileNotFoundError(f"no images/*.png under {data_dir}")
+    images, labels = [], []
+    for path in image_paths:
+        images.append(imageio.imread(path))
+        mask = imageio.imread(data_dir / "masks" / path.name) > 0
+        labels.append(ndimage.label(mask)[0].astype(np.uint32))
+    return images, labels
+
+
+def make_loader(images: list[np.ndarray], labels: list[np.ndarray], patch_size: int, n_samples: int):
+    """micro-sam's own loader: random patches with at least 2 objects of >= 25 px, batch 1."""
+    return default_sam_loader(
+        raw_paths=images, raw_key=None, label_paths=labels, label_key=None,
+        patch_shape=(patch_size, patch_size), with_segmentation_decoder=False,
+        n_samples=n_samples, batch_size=1, shuffle=True, num_workers=0,
+    )
+
+
+def write_random_checkpoint(path: Path, seed: int) -> None:
+    """A vit_t (MobileSAM) state dict with the architecture's own random initialisation."""
+    torch.manual_seed(seed)
+    sam = sam_util.sam_model_registry["vit_t"]()
+    torch.save(sam.state_dict(), path)
+
+
+def run_training(args: argparse.Namespace, record: Record) -> None:
+    """One ``train_sam`` call over warm-up + measured iterations, its output sent to stderr."""
+    images, labels = load_sections(args.data)
+    total = args.warmup + args.iterations
+    train_loader = make_loader(images, labels, args.patch_size, n_samples=total)
+    val_loader = make_loader(images, labels, args.patch_size, n_samples=1)
+    with tempfile.TemporaryDirectory() as tmp, patched_trainer(record), \
+            contextlib.redirect_stdout(sys.stderr):
+        checkpoint = Path(tmp) / "vit_t_random.pt"
+        write_random_checkpoint(checkpoint, args.seed)
+        train_sam(
+            name="bench", model_type="vit_t", train_loader=train_loader, val_loader=val_loader,
+            n_iterations=total, early_stopping=None, n_objects_per_batch=25,
+            checkpoint_path=str(checkpoint), with_segmentation_decoder=False,
+            freeze=["image_encoder"], device="cpu", n_sub_iteration=args.n_sub_iteration,
+            save_root=tmp, verify_n_labels_in_loader=1,
+        )
+
+
+def summary(args: argparse.Namespace, record: Record) -> dict:
+    """The JSON line: measured iterations only, warm-up dropped."""
+    w = args.warmup
+    times = record.step_times[w:]
+    with_data = [b - a for a, b in zip(record.starts[w:], record.starts[w + 1:])]
+    return {
+        "n_sub_iteration": args.n_sub_iteration,
+        "iterations": len(times),
+        "warmup": w,
+        "median_s_per_iteration": round(statistics.median(times), 4),
+        "times_s": [round(t, 4) for t in times],
+        "median_s_per_iteration_incl_data": round(statistics.median(with_data), 4) if with_data else None,
+        "iteration_times_incl_data_s": [round(t, 4) for t in with_data],
+        "prompts": record.prompts[w:len(record.step_times)],
+        "objects_per_iteration": record.objects[w:],
+        "instances_per_patch": record.instances[w:],
+        "sub_iterations_run": record.sub_iterations[w:],
+        "autocast": sorted(record.autocast),
+        "decoder_mask_dtypes": sorted(record.mask_dtypes),
+        "model_type": "vit_t", "weights": "random", "freeze": ["image_encoder"],
+        "n_objects_per_batch": 25, "patch_size": args.patch_size, "batch_size": 1,
+        "threads": torch.get_num_threads(), "device": "cpu",
+        "microsam_version": micro_sam.__version__, "torch_em_version": torch_em.__version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n_sub_iteration", type=int, default=8,
+                        help="micro-sam's iterative-prompting rounds per iteration (compare 1 and 8)")
+    parser.add_argument("--iterations", type=int, default=6, help="measured training iterations")
+    parser.add_argument("--warmup", type=int, default=1, help="first iterations run but not measured")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="folder with images/NN.png and binary masks/NN.png (EM sections)")
+    parser.add_argument("--patch_size", type=int, default=512, help="square patch side in pixels")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights, patches and prompts")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+    if args.iterations < 1 or args.warmup < 0 or args.n_sub_iteration < 1:
+        parser.error("--iterations and --n_sub_iteration must be >= 1, --warmup >= 0")
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    record = Record()
+    log.info("micro-sam %s: %d + %d iterations, n_sub_iteration %d", micro_sam.__version__,
+             args.warmup, args.iterations, args.n_sub_iteration)
+    run_training(args, record)
+    if len(record.step_times) != args.warmup + args.iterations:
+        log.error("expected %d timed iterations, got %d", args.warmup + args.iterations, len(record.step_times))
+        return 1
+    sys.stdout.write(json.dumps(summary(args, record)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

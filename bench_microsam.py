@@ -7,22 +7,25 @@ micro-sam environment that ``bench_microsam_env.sh`` builds (micro-sam is no dep
 
 The work: vit_t (MobileSAM) with random weights (a random state dict written to a temporary
 checkpoint, so nothing is downloaded), ``freeze=["image_encoder"]``, no segmentation decoder
-(prompt-based training only, as ours), random 512 px patches of the EM sections
-(``images/NN.png``; ``masks/NN.png`` turned into instance labels by connected components),
-``n_objects_per_batch=25``, batch size 1, on the CPU. ``train_sam`` always builds its trainer
-with ``mixed_precision=True``; torch_em's DefaultTrainer then picks ``torch.autocast`` with
-bfloat16 on a CPU device (float16 only on CUDA) and a disabled GradScaler, so bf16 needs no
-setting of ours. The script records, inside each forward, whether autocast is on and its dtype,
-and the dtype of the decoder's masks, so the JSON shows that bf16 was really active.
+(prompt-based training only, as ours), 512 px patches of the EM sections (``images/NN.png``;
+``masks/NN.png`` turned into instance labels by connected components) drawn by micro-sam's own
+``default_sam_loader``, ``n_objects_per_batch=25`` (a cap: a 512 px patch of these sections holds
+about 3-12 mitochondria, all of which are used; the JSON lists the counts), batch size 1, on the
+CPU. ``train_sam`` always builds its trainer with ``mixed_precision=True``; torch_em's
+DefaultTrainer then picks ``torch.autocast`` with bfloat16 on a CPU device (float16 only on CUDA)
+and a disabled GradScaler, so bf16 needs no setting of ours. The script records, inside each
+forward, whether autocast is on and its dtype, and the dtype of the decoder's masks, so the JSON
+shows that bf16 was really active.
 
 Timing: ``train_sam`` is called unchanged, but the ``SamTrainer`` class it instantiates is
 swapped for a subclass that wraps the ``forward_context`` and ``backprop`` callables passed to
 ``_train_epoch_impl``. One iteration's time (``times_s``) runs from entering the forward context
-(prompt sampling, encoder, all sub-iterations of the decoder and loss) to the end of
-``backprop`` (backward and optimizer step); data loading and the tensorboard logging in between
-are left out, and reported separately as ``iteration_times_incl_data_s`` (from one forward to
-the next). The first ``--warmup`` iterations are excluded from both. micro-sam alternates
-prompts: even iterations a single point (3 masks in the first sub-iteration), odd ones a box.
+(prompt sampling, encoder forward, every sub-iteration's decoder pass, loss and new prompts) to
+the end of ``backprop`` (backward and optimizer step). ``iteration_wall_s`` is the time from one
+forward to the next, which adds fetching the (pre-drawn) patch, ``zero_grad`` and micro-sam's
+tensorboard logging. The first ``--warmup`` iterations are excluded from both. micro-sam
+alternates prompts: even iterations a single point (3 masks in the first sub-iteration), odd
+ones a box; with an even ``--iterations`` both kinds are measured equally often.
 """
 from __future__ import annotations
 
@@ -43,12 +46,12 @@ import imageio.v3 as imageio
 import numpy as np
 import torch
 from scipy import ndimage
+from torch.utils.data import DataLoader
 
 import micro_sam
 import micro_sam.util as sam_util
 import torch_em
-from micro_sam.training import sam_trainer, train_sam
-from micro_sam.training.training import default_sam_loader
+from micro_sam.training import default_sam_loader, sam_trainer, train_sam
 
 log = logging.getLogger("bench_microsam")
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "data" / "em_vnc"
@@ -134,13 +137,23 @@ def load_sections(data_dir: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return images, labels
 
 
-def make_loader(images: list[np.ndarray], labels: list[np.ndarray], patch_size: int, n_samples: int):
-    """micro-sam's own loader: random patches with at least 2 objects of >= 25 px, batch 1."""
-    return default_sam_loader(
+def sample_patches(images: list[np.ndarray], labels: list[np.ndarray], patch_size: int,
+                   n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` batches drawn once from micro-sam's own loader (random patches with at least 2 objects
+    of >= 25 px, batch 1). Drawn up front because micro-sam's prompt sampling uses the same numpy
+    RNG as its patch sampling: drawn lazily, runs with another n_sub_iteration would get other
+    patches after the first."""
+    loader = default_sam_loader(
         raw_paths=images, raw_key=None, label_paths=labels, label_key=None,
         patch_shape=(patch_size, patch_size), with_segmentation_decoder=False,
-        n_samples=n_samples, batch_size=1, shuffle=True, num_workers=0,
+        n_samples=n, batch_size=1, shuffle=True, num_workers=0, pin_memory=False,
     )
+    return [(x, y) for x, y in loader]
+
+
+def fixed_loader(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> DataLoader:
+    """A loader that yields the pre-drawn batches as they are, in order."""
+    return DataLoader(batches, batch_size=None, shuffle=False)
 
 
 def write_random_checkpoint(path: Path, seed: int) -> None:
@@ -154,8 +167,8 @@ def run_training(args: argparse.Namespace, record: Record) -> None:
     """One ``train_sam`` call over warm-up + measured iterations, its output sent to stderr."""
     images, labels = load_sections(args.data)
     total = args.warmup + args.iterations
-    train_loader = make_loader(images, labels, args.patch_size, n_samples=total)
-    val_loader = make_loader(images, labels, args.patch_size, n_samples=1)
+    train_loader = fixed_loader(sample_patches(images, labels, args.patch_size, total))
+    val_loader = fixed_loader(sample_patches(images, labels, args.patch_size, 1))
     with tempfile.TemporaryDirectory() as tmp, patched_trainer(record), \
             contextlib.redirect_stdout(sys.stderr):
         checkpoint = Path(tmp) / "vit_t_random.pt"
@@ -173,15 +186,14 @@ def summary(args: argparse.Namespace, record: Record) -> dict:
     """The JSON line: measured iterations only, warm-up dropped."""
     w = args.warmup
     times = record.step_times[w:]
-    with_data = [b - a for a, b in zip(record.starts[w:], record.starts[w + 1:])]
+    wall = [b - a for a, b in zip(record.starts[w:], record.starts[w + 1:])]
     return {
         "n_sub_iteration": args.n_sub_iteration,
         "iterations": len(times),
         "warmup": w,
         "median_s_per_iteration": round(statistics.median(times), 4),
         "times_s": [round(t, 4) for t in times],
-        "median_s_per_iteration_incl_data": round(statistics.median(with_data), 4) if with_data else None,
-        "iteration_times_incl_data_s": [round(t, 4) for t in with_data],
+        "iteration_wall_s": [round(t, 4) for t in wall],
         "prompts": record.prompts[w:len(record.step_times)],
         "objects_per_iteration": record.objects[w:],
         "instances_per_patch": record.instances[w:],

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import model as sam_model
+from losses import hard_dice
 from prompts import BOX, POINTS, correction_clicks
 
 # The decoder's masks are at 1/4 of the input frame: a low-res pixel's centre in input pixels.
@@ -77,3 +78,25 @@ def decode_rounds(sam: nn.Module, embedding: torch.Tensor, tensors: sam_model.Pr
         if r + 1 < rounds:
             picked = low_res.detach()[torch.arange(len(best), device=best.device), best][:, None]
             tensors = add_clicks(tensors, picked, targets, valid)
+
+
+@torch.no_grad()
+def round_dice(sam: nn.Module, embedding: torch.Tensor, tensors: sam_model.PromptTensors, targets: torch.Tensor,
+               valid: torch.Tensor | None, rounds: int, device: torch.device, precision: str = "fp32") -> list[float]:
+    """Mean Dice over N objects after each of ``rounds`` rounds (the first prompt, then each
+    correction click), at the decoder's resolution against Nx1xhxw ``targets``.
+
+    The outputs are chosen as the tool segments: by predicted IoU among a single click's three
+    masks (losses.hard_dice: an empty target and prediction score 1).
+    """
+    h, w = targets.shape[-2:]
+    dice: list[float] = []  # valid only matters for where clicks go; targets hold no ignored pixels
+
+    def choose(r: int, low_res: torch.Tensor, iou: torch.Tensor) -> torch.Tensor:
+        best = iou.argmax(dim=1)
+        chosen = low_res[torch.arange(len(best), device=best.device), best][:, None, :h, :w]
+        dice.append(float(hard_dice(chosen.float(), targets).mean()))
+        return best
+
+    decode_rounds(sam, embedding, tensors, targets, valid, rounds, choose, device, precision)
+    return dice

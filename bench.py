@@ -8,7 +8,9 @@ Rows (targets in brackets):
   and / the same epoch without the cache (vit_t, vit_b)
 - 512 px step / 1024 px step                                                       [<= 0.33]
 - peak RSS of one LoRA training step (vit_t, vit_b; 1024 and 512 px)
+- sub_iterations 8 step / sub_iterations 1 step, cached embedding                 [<= 8.5]
 - where the mask decoder spends its time, per number of prompts
+- side by side with micro-sam's train_sam (--microsam_python): s per iteration    [<= 0.3x, 0.5x]
 - detect predict per image / (YOLO forward + encoder + decoder alone), bf16 / fp32 [<= 1.15]
 - instance metrics on a 512x512 map with 500 objects on both sides                  [<< 1 s]
 """
@@ -354,10 +356,59 @@ def bench_frozen(model_type: str, samples: list[Sample], reps: int, report: Repo
         third = augmented.epoch()
     report(f"{model_type} frozen encoder with augmentation, epoch 3 / decoder fwd+bwd", third / decoder_only,
            "[<= 1.15]")
+    frozen.ctx.rounds = 8
+    eight = statistics.median(frozen.epoch() for _ in range(reps))
+    frozen.ctx.rounds = 1
+    report(f"{model_type} sub_iterations 8 step / sub_iterations 1 step, cached embedding", eight / cached, "[<= 8.5]")
     for n, total, tr, up in decoder_profile(frozen, [1, 4, 16], reps):
         report(f"{model_type} decoder fwd+bwd, {n} prompts (s) [fwd: {tr:.0%} transformer, {up:.0%} upscaling]", total)
     for name, value, target in decoder_chunking(frozen, reps):
         report(f"{model_type} {name}", value, target)
+
+
+def microsam_work(data_dir: Path, patches: int) -> list[Sample]:
+    """The side-by-side work: the first ``patches`` 512 px patches (with objects) of the EM sections."""
+    return data.load_dataset(data_dir, patch_size=512, drop_empty_patches=True)[:patches]
+
+
+def bench_microsam(data_dir: Path, reps: int, report: Report, microsam_python: Path | None, patches: int = 4) -> None:
+    """Seconds per training iteration on micro-sam's work, ours and (with ``microsam_python``, the
+    interpreter of a separate micro-sam environment: bench_microsam_env.sh) micro-sam's own
+    ``train_sam`` measured by bench_microsam.py in the same run: vit_t, frozen encoder, 512 px
+    patches of the EM sections, up to 25 objects, bf16, batch 1, 1 and 8 sub-iterations.
+
+    Ours caches the frozen encoder's embeddings (the first epoch fills the cache and is not
+    counted); micro-sam runs its encoder every iteration.
+    """
+    config = make_config("vit_t", 1024, "bf16", freeze_encoder=True, train_decoder=True, lora_rank=0,
+                         max_objects=25, patch_size=512, augment=False)
+    ours = Setup(config, microsam_work(data_dir, patches))
+    ours.epoch()  # fills the cache
+    theirs: dict[int, float] = {}
+    for nsub in (1, 8):
+        ours.ctx.rounds = nsub
+        step = statistics.median(ours.epoch() for _ in range(reps))
+        report(f"ours vit_t frozen encoder, 512px patches, <= 25 objects, bf16, sub_iterations {nsub} (s/iteration)",
+               step)
+        if microsam_python is not None:
+            theirs[nsub] = run_microsam(microsam_python, data_dir, nsub, patches)
+            report(f"micro-sam train_sam, same work, n_sub_iteration {nsub} (s/iteration)", theirs[nsub])
+            report(f"ours / micro-sam, sub_iterations {nsub}", step / theirs[nsub],
+                   "[<= 0.3]" if nsub == 1 else "[<= 0.5]")
+
+
+def run_microsam(python: Path, data_dir: Path, nsub: int, patches: int) -> float:
+    """Median seconds per iteration of micro-sam's training (bench_microsam.py in its own environment)."""
+    import json
+    import subprocess
+
+    script = Path(__file__).resolve().parent / "bench_microsam.py"
+    cmd = [str(python), str(script), "--n_sub_iteration", str(nsub), "--data", str(data_dir),
+           "--patches", str(patches), "--threads", str(torch.get_num_threads())]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
+    return float(json.loads(result.stdout.strip().splitlines()[-1])["median_s_per_iteration"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,6 +416,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="vit_t only, fewer repetitions")
     parser.add_argument("--data_dir", type=Path, default=DEFAULT_DATA, help="real images to train on")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--microsam_python", type=Path, default=None,
+                        help="python of a separate micro-sam environment (bench_microsam_env.sh): adds micro-sam's "
+                             "own training, measured in the same run, beside ours")
+    parser.add_argument("--only", choices=("all", "microsam"), default="all", help="run only some rows")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     reps = 3
@@ -380,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, 4 box prompts per image, "
           f"random weights, real EM sections ({args.data_dir.name})\n")
+    bench_microsam(args.data_dir, reps, report, args.microsam_python)
+    if args.only == "microsam":
+        return 0
     for model_type in models:
         bench_training(model_type, samples, reps, report)
         bench_frozen(model_type, samples, reps, report)

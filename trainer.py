@@ -303,15 +303,16 @@ def build_trainable_model(config: TrainConfig, checkpoint: Path | None, device: 
 
 
 def adapter_config(config: TrainConfig, sam: nn.Module, fold: int | None, epoch: int,
-                   val: dict[str, float]) -> dict[str, Any]:
+                   val: dict[str, float], rounds: int = 1) -> dict[str, Any]:
     """What an adapter file records about its training: model type, input size and the training
     patch size (the scale objects were seen at), targets, base weights, fold (None: the final
-    fit on all training data), epoch, its selection score, seed and prompt."""
+    fit on all training data), epoch, its selection score, seed, prompt and prompting rounds."""
     targets = [layer.target for layer in lora.lora_layers(sam).values()] if config.lora_rank > 0 else []
     return {"model_type": config.model_type, "image_size": config.image_size, "patch_size": config.patch_size,
             "base_checkpoint_sha256": sam.checkpoint_sha256, "targets": sorted(set(targets)) or None,
             "train_decoder": config.train_decoder, "fold": fold, "epoch": epoch,
-            "selection_dice": val.get("val_dice"), "seed": config.seed, "prompt": config.prompt}
+            "selection_dice": val.get("val_dice"), "seed": config.seed, "prompt": config.prompt,
+            "sub_iterations": rounds}
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:
@@ -361,6 +362,7 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_id
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
     ctx = Context(sam, config, device, cache, optimizer, scheduler, rank, world, scaler, sub_iterations(config, device))
     state = resume_fold(fold_dir / "last.pt", sam, optimizer, scheduler, fold)
+    log.info("fold %d: %d prompting round(s) per step (--sub_iterations)", fold, ctx.rounds)
     select_loader = make_loader(PromptDataset(samples, select_idx, config, fold, train=False), config.batch_size,
                                 None, num_workers, rank, world) if select_idx else None
     for epoch in range(state["epoch"] + 1, config.epochs):
@@ -408,7 +410,7 @@ def end_epoch(ctx: Context, state: dict[str, Any], row: dict[str, Any], fold_dir
         if improved:
             adapters.save_adapter(fold_dir / "best.pt", ctx.sam,
                                   adapter_config(ctx.config, ctx.sam, None if fold == runs.FINAL_DIR else fold,
-                                                 epoch, row))
+                                                 epoch, row, ctx.rounds))
         runfiles.torch_save({"trainable": adapters.trained_state(ctx.sam), "optimizer": ctx.optimizer.state_dict(),
                              "scheduler": ctx.scheduler.state_dict(), "state": state}, fold_dir / "last.pt")
         write_metrics_csv(ctx.config)

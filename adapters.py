@@ -2,7 +2,7 @@
 
 An adapter file (:func:`save_adapter`) holds the LoRA tensors, every other parameter that was
 trained (e.g. the mask decoder) and the training's config (model type, rank, alpha, targets,
-input size, base checkpoint SHA-256, fold, seed). :func:`load_finetuned` is how evaluate, demo,
+the encoder blocks that carry LoRA (``blocks``, ``--lora_blocks``), input size, base checkpoint SHA-256, fold, seed). :func:`load_finetuned` is how evaluate, demo,
 detect and ``train --export_merged`` get a model: the rules for ``--model_type`` /
 ``--image_size`` against the adapter (:func:`resolve_model_options`), the seed of random base
 weights and the warning for other base weights live here and nowhere else.
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import checkpoints
+import encoder_blocks
 import lora
 import model as sam_model
 import runfiles
@@ -58,13 +59,16 @@ def _plain_config(value: Any, where: str = "config") -> Any:
 
 
 def _adapter_config(model: nn.Module, config: Mapping[str, Any]) -> dict[str, Any]:
-    """The caller's config, completed with rank / alpha / targets / dropout from the layers
-    when they are uniform, and checked against them when given."""
+    """The caller's config, completed with rank / alpha / targets / dropout and the encoder
+    blocks that carry LoRA (``blocks``; None without encoder LoRA) from the layers when they are
+    uniform, and checked against them when given."""
     config = _plain_config(dict(config))
-    layers = list(lora.lora_layers(model).values())
+    named = lora.lora_layers(model)
+    layers = list(named.values())
     if not layers:
         return config
-    found: dict[str, Any] = {"targets": lora.injected_targets(model)}
+    blocks = encoder_blocks.blocks_of(model, named) if hasattr(model, "image_encoder") else []
+    found: dict[str, Any] = {"targets": lora.injected_targets(model), "blocks": blocks or None}
     for key, values in (("rank", {m.rank for m in layers}), ("alpha", {m.alpha for m in layers}),
                         ("dropout", {float(getattr(m.lora_dropout, "p", 0.0)) for m in layers})):
         if len(values) == 1:
@@ -72,6 +76,9 @@ def _adapter_config(model: nn.Module, config: Mapping[str, Any]) -> dict[str, An
     for key, value in found.items():
         if key not in config:
             config[key] = value
+        elif key == "blocks":
+            if config[key] != value:
+                raise ValueError(f"config blocks {config[key]} differ from the model's LoRA blocks {value}")
         elif key == "targets":
             if sorted(lora.parse_targets(config[key])) != sorted(value):
                 raise ValueError(f"config targets {config[key]} differ from the model's LoRA "
@@ -88,7 +95,7 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, config: Mapping[str,
     The file is ``{"format": "samlora-adapter", "version": 1, "config": config,
     "state_dict": {...}}``. ``config`` is the caller's (model_type, rank, alpha, targets,
     dropout, image_size, base checkpoint SHA-256, fold, ...); rank / alpha / targets / dropout
-    are filled in from the model when absent and must agree with it when present. The write is
+    and ``blocks`` (the numbered encoder blocks with LoRA) are filled in from the model when absent and must agree with it when present. The write is
     atomic: a temporary file in the same directory, then ``os.replace``; on failure the old
     file is untouched and no temporary file remains. Returns the path.
     """
@@ -165,7 +172,7 @@ def load_adapter(path: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
                             f"lacks {', '.join(missing)}; call inject_lora first")
         try:
             injected = lora.inject_lora(model, config["rank"], config["alpha"], config["targets"],
-                                   config.get("dropout", 0.0))
+                                        config.get("dropout", 0.0), config.get("blocks"))
         except ValueError as exc:
             raise UserError(f"{path.name}: cannot inject LoRA from its config: {exc}") from exc
     try:

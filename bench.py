@@ -37,7 +37,7 @@ import runfiles
 import trainer
 from sample import Sample
 from train_config import TrainConfig
-from training_data import EmbeddingCache, PromptDataset, make_loader
+from training_data import PromptDataset, make_cache, make_loader
 
 log = logging.getLogger("bench")
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "data" / "em_vnc"
@@ -72,7 +72,7 @@ class Setup:
         params = [p for p in self.sam.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
         sched = trainer.make_schedule(opt, 10_000, 0.0)
-        cache = EmbeddingCache(self.sam, config.precision) if not config.encoder_trained else None
+        cache = make_cache(self.sam, config)
         self.ctx = trainer.Context(self.sam, config, torch.device("cpu"), cache, opt, sched)
         self.dataset = PromptDataset(samples, range(len(samples)), config, 0, train=True)
         self.loader = make_loader(self.dataset, 1, None, 0)

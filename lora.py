@@ -11,7 +11,8 @@ so a freshly injected model computes exactly what the base model computes.
 Where LoRA goes is chosen by name from :data:`TARGETS` (``--lora_targets qkv,proj,mlp,decoder``).
 Layers are found by walking ``named_modules()`` of the right sub-module (``image_encoder`` for the
 encoder targets, ``mask_decoder`` for ``decoder``), matching the parent module's class name and the
-child attribute name, and replaced through the parent with ``setattr``.
+child attribute name, and replaced through the parent with ``setattr``; ``blocks`` (``--lora_blocks``,
+encoder_blocks.py) keeps the encoder targets to some numbered encoder blocks.
 
 ``qkv`` layouts differ (see ../shared/STYLE.md): SAM ViT's fused qkv output is ``[q | k | v]``
 blocks of ``dim`` each, MobileSAM's TinyViT lays it out per head, ``[q_h | k_h | v_h]`` for each
@@ -34,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import encoder_blocks
 from errors import UserError
 
 log = logging.getLogger(__name__)
@@ -225,10 +227,8 @@ def qv_output_mask(attention: nn.Module, qkv: nn.Linear) -> torch.Tensor:
     if isinstance(heads, int) and isinstance(key_dim, int) and isinstance(d, int):
         per_head = 2 * key_dim + d  # TinyViT
         if heads * per_head != out:
-            raise UserError(
-                f"TinyViT-style qkv with {heads} heads x (2*{key_dim}+{d}) does not match its "
-                f"{out} outputs; use the 'qkv' target"
-            )
+            raise UserError(f"TinyViT-style qkv with {heads} heads x (2*{key_dim}+{d}) does not match its "
+                            f"{out} outputs; use the 'qkv' target")
         chunk = torch.ones(per_head)
         chunk[key_dim:2 * key_dim] = 0
         return chunk.repeat(heads)
@@ -237,10 +237,8 @@ def qv_output_mask(attention: nn.Module, qkv: nn.Linear) -> torch.Tensor:
         mask = torch.ones(out)
         mask[dim:2 * dim] = 0
         return mask
-    raise UserError(
-        f"unknown qkv layout in {type(attention).__module__}.{type(attention).__name__}; "
-        "the 'qv' target supports SAM ViT and TinyViT, use 'qkv' instead"
-    )
+    raise UserError(f"unknown qkv layout in {type(attention).__module__}.{type(attention).__name__}; "
+                    "the 'qv' target supports SAM ViT and TinyViT, use 'qkv' instead")
 
 
 def _class_names(module: nn.Module) -> set[str]:
@@ -252,9 +250,7 @@ def _scope(model: nn.Module, name: str) -> tuple[str, nn.Module]:
     sub = getattr(model, name, None)
     if isinstance(sub, nn.Module):
         return name + ".", sub
-    has_any = any(isinstance(getattr(model, s, None), nn.Module) for s in ("image_encoder",
-                                                                         "mask_decoder"))
-    if has_any:
+    if any(isinstance(getattr(model, s, None), nn.Module) for s in ("image_encoder", "mask_decoder")):
         raise UserError(f"the model has no {name!r}, which this LoRA target needs")
     return "", model
 
@@ -281,10 +277,12 @@ def inject_lora(
     alpha: float,
     targets: str | Iterable[str] = DEFAULT_TARGETS,
     dropout: float = 0.0,
+    blocks: Iterable[int] | None = None,
 ) -> list[str]:
     """Wrap the layers named by ``targets`` (see :data:`TARGETS`) in :class:`LoRALinear`.
 
-    Returns the full module names of the wrapped layers, e.g.
+    ``blocks``: the numbered encoder blocks that get the encoder targets (encoder_blocks.py; None:
+    all). Returns the full module names of the wrapped layers, e.g.
     ``image_encoder.blocks.0.attn.qkv``. Raises ``ValueError`` (:class:`errors.UserError`) for a
     bad rank / alpha / dropout, an unknown target, a target that matches no layer of this model
     (the message lists the targets and the linear layers that exist), or a layer that is already
@@ -292,6 +290,7 @@ def inject_lora(
     """
     _check_hyperparameters(rank, alpha, dropout)
     names = parse_targets(targets)
+    within = encoder_blocks.block_prefixes(model, blocks)
     # (full name, parent, attribute, target, output mask): all checks happen before any change
     plan: list[tuple[str, nn.Module, str, str, torch.Tensor | None]] = []
     already: list[str] = []
@@ -305,6 +304,8 @@ def inject_lora(
             for child_name in target.children:
                 child = getattr(parent, child_name, None)
                 full = prefix + (f"{parent_name}.{child_name}" if parent_name else child_name)
+                if within is not None and target.scope == "image_encoder" and not full.startswith(within):
+                    continue
                 if isinstance(child, LoRALinear):
                     already.append(full)
                     matched += 1
@@ -332,8 +333,8 @@ def inject_lora(
         base = getattr(parent, child_name)
         setattr(parent, child_name, LoRALinear(base, rank, alpha, dropout, mask, target_name))
         wrapped.append(full)
-    log.info("LoRA rank %d, alpha %g, dropout %g on %d layers (targets: %s)",
-             rank, alpha, dropout, len(wrapped), ", ".join(names))
+    log.info("LoRA rank %d, alpha %g, dropout %g on %d layers (targets: %s%s)", rank, alpha, dropout,
+             len(wrapped), ", ".join(names), "" if blocks is None else f"; encoder blocks {sorted(set(blocks))}")
     return wrapped
 
 

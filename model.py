@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import checkpoints
+import encoder_blocks
 from errors import UserError
 
 log = logging.getLogger(__name__)
@@ -133,13 +134,7 @@ def _tinyvit_class() -> type:
         """TinyViT whose token grid side is ``img_size / 16`` instead of a hard-coded 64."""
 
         def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # x: Bx3xSxS
-            x = self.patch_embed(x)
-            for layer in self.layers:
-                x = layer(x)
-            batch, _, channels = x.shape
-            side = self.img_size // PATCH_SIZE
-            x = x.view(batch, side, side, channels).permute(0, 3, 1, 2)
-            return self.neck(x)  # Bx256x(S/16)x(S/16)
+            return encoder_blocks.encode(self, x)  # Bx256x(S/16)x(S/16); the token grid reshaped there
 
     return SizedTinyViT
 

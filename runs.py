@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 import adapters
+import runfiles
 from errors import UserError
 from folds import FOLDS_FILE, Fold, load_folds, split_test
 from sample import Sample
@@ -49,6 +52,22 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     """A training run's ``config.json`` (flat ``TrainConfig`` fields)."""
     return read_json(Path(run_dir) / CONFIG_FILE, "a run directory written by train")
+
+
+def fold_histories(run_dir: Path) -> list[dict[str, Any]]:
+    """Every fold's epoch rows, read back from the resume checkpoints (``fold_k/last.pt``, ``final/last.pt``)."""
+    rows = []
+    folds = sorted(run_dir.glob("fold_*/last.pt"), key=lambda p: int(p.parent.name.split("_")[1]))
+    for last in folds + sorted(run_dir.glob(f"{FINAL_DIR}/last.pt")):
+        rows += torch.load(last, map_location="cpu", weights_only=True)["state"]["history"]
+    return rows
+
+
+def write_metrics_csv(run_dir: Path) -> None:
+    """``metrics.csv``: one row per fold and epoch (rewritten whole, atomically)."""
+    columns = ["fold", "epoch", "train_loss", "train_dice", "val_dice", "val_iou", "val_pooled_dice", "lr",
+               "skipped_steps", "seconds"]
+    runfiles.write_csv(run_dir / METRICS_FILE, fold_histories(run_dir), columns)
 
 
 def fold_adapters(run_dir: Path, num_folds: int) -> list[Path]:

@@ -37,7 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="after training, write the final fit (implies --final_fit) with LoRA merged as a "
                              "plain SAM / MobileSAM state dict that segment_anything / mobile_sam load unchanged")
     parser.add_argument("--embedding_cache", type=Path, default=None,
-                        help="directory keeping frozen-encoder image embeddings across runs")
+                        help="directory keeping the cache (frozen-encoder image embeddings, late LoRA's block "
+                             "inputs) on disk, across runs")
     parser.set_defaults(func=run)
     return parser
 
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--export_merged {args.export_merged} exists: choose a new path (nothing was overwritten)")
     samples = data.load_from_options(args)
     folds = crossval.plan_folds(config, samples, args.resume)  # impossible folds: refused before any write
-    check_cache_budget(config, len(samples), args.cache_memory_gb, args.embedding_cache)
+    check_cache_budget([config], len(samples), args.cache_memory_gb, args.embedding_cache)
     processes = trainer.Distributed.setup(device)  # torchrun: one process per device
     out = None
     if processes.rank == 0:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import dataset as data
+import encoder_blocks
 import lora
 import model as sam_model
 from errors import UserError
@@ -47,6 +48,7 @@ class TrainConfig:
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
     lora_targets: str = "qkv"
+    lora_blocks: str = "all"
     train_decoder: bool = False
     freeze_encoder: bool = False
     batch_size: int = 1
@@ -91,6 +93,24 @@ class TrainConfig:
         targets = lora.parse_targets(self.lora_targets) if self.lora_rank > 0 else ()
         return not self.freeze_encoder and any(lora.TARGETS[t].scope == "image_encoder" for t in targets)
 
+    @property
+    def lora_block_indices(self) -> tuple[int, ...]:
+        """The numbered encoder blocks ``--lora_blocks`` names (encoder_blocks.py)."""
+        return encoder_blocks.parse_blocks(self.lora_blocks, encoder_blocks.block_count(self.model_type))
+
+    @property
+    def first_lora_block(self) -> int | None:
+        """The first encoder block with LoRA; None when no encoder weight trains."""
+        return self.lora_block_indices[0] if self.encoder_trained else None
+
+    @property
+    def cached(self) -> bool:
+        """Whether a frozen start of the encoder is cached per image view: the whole encoder (no
+        encoder LoRA: the image embedding), or the blocks before the first adapted one (late
+        LoRA: that block's input). Cached views are fixed flips / rotations, no intensity change."""
+        first = self.first_lora_block
+        return first is None or first > 0
+
     def validate(self) -> None:
         """Reject nonsensical numbers with one clear message each."""
         checks = [
@@ -121,6 +141,10 @@ class TrainConfig:
                 raise UserError(message)
         if self.lora_rank > 0:
             lora.parse_targets(self.lora_targets)
+        blocks = self.lora_block_indices  # a bad --lora_blocks is refused here
+        if len(blocks) < encoder_blocks.block_count(self.model_type) and not self.encoder_trained:
+            raise UserError(f"--lora_blocks {self.lora_blocks} places encoder LoRA, but no encoder layer trains "
+                            "(--freeze_encoder, --lora_rank 0 or decoder-only --lora_targets): leave it at all")
         if self.lora_rank == 0 and not self.train_decoder:
             raise UserError("nothing to train: --lora_rank 0 needs --train_decoder")
         if self.freeze_encoder and self.lora_rank > 0 and \
@@ -145,14 +169,21 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--seed", type=int, default=defaults.seed, help="seed for folds, prompts, augmentation and init")
     out.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes for data preparation")
     out.add_argument("--cache_memory_gb", type=float, default=4.0,
-                     help="memory (CPU) for a frozen encoder's cached embeddings; a run that needs more is refused "
-                          "unless --embedding_cache keeps them on disk")
+                     help="memory (CPU) for a frozen encoder's cached embeddings (or, with late --lora_blocks, the "
+                          "cached inputs of the first adapted block); a run that needs more is refused unless "
+                          "--embedding_cache keeps them on disk")
     ad = parser.add_argument_group("LoRA")
     ad.add_argument("--lora_rank", type=int, default=defaults.lora_rank, help="LoRA rank (0 = no LoRA)")
     ad.add_argument("--lora_alpha", type=float, default=defaults.lora_alpha, help="LoRA alpha (scaling = alpha / rank)")
     ad.add_argument("--lora_dropout", type=float, default=defaults.lora_dropout, help="dropout on the LoRA path")
     ad.add_argument("--lora_targets", default=defaults.lora_targets,
                     help=f"comma-separated layers to adapt: {', '.join(lora.TARGETS)}")
+    ad.add_argument("--lora_blocks", default=defaults.lora_blocks,
+                    help="encoder blocks that get LoRA: all, lastN (e.g. last3), or indices and ranges (6-11, "
+                         "0,9-11). vit_b/l/h: blocks.0-11/23/31; vit_t: its transformer blocks numbered across "
+                         "stages 0-9 (last2 = the last stage). Late blocks only: each image's input to the first "
+                         "adapted block is computed once and cached (--cache_memory_gb), so a step runs only the "
+                         "adapted blocks, the neck and the decoder")
     ad.add_argument("--train_decoder", action="store_true", help="also train the whole mask decoder")
     ad.add_argument("--freeze_encoder", action="store_true",
                     help="decoder-only fine-tuning: the encoder is frozen and each image embedded once")
@@ -196,5 +227,5 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                     help="at most this many objects per image get prompts in one training step (0 = all)")
     pr.add_argument("--no_augment", dest="augment", action="store_false", help="no flips, rotations or intensity changes")
     pr.add_argument("--augment_variants", type=int, default=defaults.augment_variants,
-                    help="with a frozen encoder: each image is seen in this many of its 8 flips / rotations "
-                         "(the original first, one per epoch in turn), each embedded once and cached")
+                    help="with a frozen encoder (or late --lora_blocks): each image is seen in this many of its 8 "
+                         "flips / rotations (the original first, one per epoch in turn), each encoded once and cached")

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 import adapters
+import encoder_blocks
 import folds as folds_lib
 import inference
 import iterative
@@ -35,7 +36,7 @@ from errors import UserError
 from losses import hard_dice, object_losses
 from sample import Sample
 from train_config import TrainConfig
-from training_data import EmbeddingCache, Item, PromptDataset, make_loader
+from training_data import EmbeddingCache, Item, PromptDataset, make_cache, make_loader
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,15 @@ class Context:
 
 
 def embed(ctx: Context, items: Sequence[Item]) -> torch.Tensor:
-    """Bx256x(S/16)x(S/16) embeddings of the items' images (the cache's for a frozen encoder).
-    Call under the context's autocast."""
-    if ctx.cache is not None:
-        return ctx.cache.get(items, ctx.device)
-    return sam_model.encode_images(ctx.sam, torch.stack([it.image for it in items]).to(ctx.device))
+    """Bx256x(S/16)x(S/16) embeddings of the items' images: the cache's for a frozen encoder; for
+    late LoRA the adapted blocks and the neck run on the cached input of the first adapted block
+    (gradients flow into them only); else the whole encoder. Call under the context's autocast."""
+    if ctx.cache is None:
+        return sam_model.encode_images(ctx.sam, torch.stack([it.image for it in items]).to(ctx.device))
+    cached = ctx.cache.get(items, ctx.device)
+    if ctx.cache.block is None:
+        return cached
+    return encoder_blocks.run_from_block(ctx.sam.image_encoder, cached, ctx.cache.block)
 
 
 def backward_step(ctx: Context, items: Sequence[Item]) -> tuple[float | None, float, bool]:
@@ -297,7 +302,8 @@ def build_trainable_model(config: TrainConfig, checkpoint: Path | None, device: 
         targets = lora.parse_targets(config.lora_targets)
         if config.freeze_encoder:
             targets = tuple(t for t in targets if lora.TARGETS[t].scope != "image_encoder")
-        lora.inject_lora(sam, config.lora_rank, config.lora_alpha, targets, config.lora_dropout)
+        lora.inject_lora(sam, config.lora_rank, config.lora_alpha, targets, config.lora_dropout,
+                         config.lora_block_indices if config.encoder_trained else None)
     lora.mark_only_lora_as_trainable(sam, train_decoder=config.train_decoder)
     return sam.to(device)
 
@@ -305,11 +311,13 @@ def build_trainable_model(config: TrainConfig, checkpoint: Path | None, device: 
 def adapter_config(config: TrainConfig, sam: nn.Module, fold: int | None, epoch: int,
                    val: dict[str, float], rounds: int = 1) -> dict[str, Any]:
     """What an adapter file records about its training: model type, input size and the training
-    patch size (the scale objects were seen at), targets, base weights, fold (None: the final
+    patch size (the scale objects were seen at), targets, the encoder blocks with LoRA
+    (``--lora_blocks`` resolved; None without encoder LoRA), base weights, fold (None: the final
     fit on all training data), epoch, its selection score, seed, prompt and prompting rounds."""
     targets = [layer.target for layer in lora.lora_layers(sam).values()] if config.lora_rank > 0 else []
     return {"model_type": config.model_type, "image_size": config.image_size, "patch_size": config.patch_size,
             "base_checkpoint_sha256": sam.checkpoint_sha256, "targets": sorted(set(targets)) or None,
+            "blocks": list(config.lora_block_indices) if config.encoder_trained else None,
             "train_decoder": config.train_decoder, "fold": fold, "epoch": epoch,
             "selection_dice": val.get("val_dice"), "seed": config.seed, "prompt": config.prompt,
             "sub_iterations": rounds}
@@ -357,8 +365,7 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_id
     train_set = PromptDataset(samples, train_idx, config, fold, train=True)
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / world) / config.batch_size)
     scheduler = make_schedule(optimizer, steps_per_epoch * config.epochs, config.warmup_fraction)
-    cache = EmbeddingCache(sam, config.precision, cache_dir, embeddings, config.seed, cache_bytes) \
-        if not config.encoder_trained else None
+    cache = make_cache(sam, config, cache_dir, embeddings, cache_bytes)
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
     ctx = Context(sam, config, device, cache, optimizer, scheduler, rank, world, scaler, sub_iterations(config, device))
     state = resume_fold(fold_dir / "last.pt", sam, optimizer, scheduler, fold)
@@ -379,7 +386,8 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_id
                    lr=scheduler.get_last_lr()[0], seconds=round(time.perf_counter() - start, 2))
         end_epoch(ctx, state, row, fold_dir)
     if cache is not None:
-        log.info("fold %d: embedding cache %d hits, %d encoder passes", fold, cache.hits, cache.misses)
+        log.info("fold %d: %s cache %d hits, %d passes through the frozen part", fold,
+                 "embedding" if cache.block is None else f"block {cache.block} input", cache.hits, cache.misses)
     Distributed(rank, world).barrier()  # rank 0 writes best.pt; every process reads it back
     sam.load_state_dict(adapters.read_adapter(fold_dir / "best.pt")[1], strict=False)  # the chosen epoch
     scored = validation_rows(ctx, make_loader(PromptDataset(samples, score_idx, config, fold, train=False),
@@ -413,7 +421,7 @@ def end_epoch(ctx: Context, state: dict[str, Any], row: dict[str, Any], fold_dir
                                                  epoch, row, ctx.rounds))
         runfiles.torch_save({"trainable": adapters.trained_state(ctx.sam), "optimizer": ctx.optimizer.state_dict(),
                              "scheduler": ctx.scheduler.state_dict(), "state": state}, fold_dir / "last.pt")
-        write_metrics_csv(ctx.config)
+        runs.write_metrics_csv(Path(ctx.config.output_dir))
     log.info("fold %s epoch %d: loss %.4f, train Dice %.3f (low-res)%s (%.1f s)", fold, epoch, row["train_loss"], row["train_dice"],
              f", selection Dice {row['val_dice']:.4f}, IoU {row['val_iou']:.4f}" + (" *" if improved else "")
              if "val_dice" in row else "", row["seconds"])
@@ -435,24 +443,6 @@ def resume_fold(last: Path, sam: nn.Module, optimizer: torch.optim.Optimizer,
     return state
 
 
-def fold_histories(output_dir: Path) -> list[dict[str, Any]]:
-    """Every fold's epoch rows, read back from the resume checkpoints."""
-    rows = []
-    folds = sorted(output_dir.glob("fold_*/last.pt"), key=lambda p: int(p.parent.name.split("_")[1]))
-    for last in folds + sorted(output_dir.glob(f"{runs.FINAL_DIR}/last.pt")):
-        rows += torch.load(last, map_location="cpu", weights_only=True)["state"]["history"]
-    return rows
-
-
-def write_metrics_csv(config: TrainConfig) -> None:
-    """``metrics.csv``: one row per fold and epoch (rewritten whole, atomically)."""
-    out = Path(config.output_dir)
-    rows = fold_histories(out)
-    columns = ["fold", "epoch", "train_loss", "train_dice", "val_dice", "val_iou", "val_pooled_dice", "lr",
-               "skipped_steps", "seconds"]
-    runfiles.write_csv(out / runs.METRICS_FILE, rows, columns)
-
-
 def claim_output_dir(config: TrainConfig, resume: bool, overwrite: bool) -> runfiles.OutputDir:
     """The run directory (runfiles' one rule): an existing run needs ``--resume`` with the same
     options, or ``--overwrite``, which removes only the earlier run's files."""
@@ -462,8 +452,8 @@ def claim_output_dir(config: TrainConfig, resume: bool, overwrite: bool) -> runf
         if not config_path.is_file():
             raise UserError(f"--resume: no run to resume in {out.path} (no config.json); start it without --resume")
         saved = runs.read_run_config(out.path)
-        current = config.to_json()
-        diff = [k for k in current if saved.get(k) != current[k]]
+        current, defaults = config.to_json(), TrainConfig(data_dir="", output_dir="").to_json()
+        diff = [k for k in current if saved.get(k, defaults[k]) != current[k]]  # options newer than the run: defaults
         if diff:
             shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in diff[:4])
             raise UserError(f"--resume: the options differ from the run in {out.path} ({shown}); resume with "

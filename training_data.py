@@ -1,8 +1,9 @@
 """What a training step eats: prepared items (augmented, prompted, pre-processed), their loader, the embedding cache.
 
 :class:`PromptDataset` runs in DataLoader workers: augmentation, prompt sampling (prompts.py) and
-SAM's pre-processing; :class:`EmbeddingCache` keeps a frozen encoder's image embeddings, so each
-image (each augmentation variant) is encoded once.
+SAM's pre-processing; :class:`EmbeddingCache` keeps the output of the encoder's frozen start (a
+frozen encoder's image embeddings, or late LoRA's input of the first adapted block), so each image
+(each augmentation variant) goes through it once.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import encoder_blocks
 import model as sam_model
 import runfiles
 from dataset import DIHEDRAL, augment
@@ -82,16 +84,16 @@ class PromptDataset(torch.utils.data.Dataset):
     """Samples -> :class:`Item` (augmentation, prompt sampling and pre-processing).
 
     The randomness of item ``i`` in ``epoch`` comes from ``(seed, fold, epoch, i)``, so it does
-    not depend on worker count or on interruptions. With a frozen encoder (``intensity=False``)
-    there is no intensity change and each image has a fixed set of flip / rotation views
-    (:meth:`variant`), so its embeddings are cached per view.
+    not depend on worker count or on interruptions. With a cached encoder start (a frozen encoder
+    or late LoRA, ``config.cached``; ``intensity=False``) there is no intensity change and each
+    image has a fixed set of flip / rotation views (:meth:`variant`), so it is cached per view.
     """
 
     def __init__(self, samples: Sequence[Sample], indices: Sequence[int], config: TrainConfig,
                  fold: int, train: bool) -> None:
         self.samples, self.indices, self.config = samples, list(indices), config
         self.fold, self.train, self.epoch = fold, train, 0
-        self.intensity = not (train and not config.encoder_trained)
+        self.intensity = not (train and config.cached)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -127,7 +129,7 @@ class PromptDataset(torch.utils.data.Dataset):
                 boxes=prompts.boxes if prompts.use_boxes else None,
                 points=prompts.points if prompts.use_points else None,
                 point_labels=prompts.point_labels if prompts.use_points else None)
-        key = content_key(image) if not cfg.encoder_trained else ""  # only cached embeddings need it
+        key = content_key(image) if cfg.cached else ""  # only the cache needs it
         valid = None if ignore is None else low_res_targets(~ignore[None], prepared.input_size)
         return Item(index, key, prepared.tensor, prepared.input_size, prepared.original_size, prompts, tensors,
                     low_res_targets(prompts.masks, prepared.input_size), labels, valid)
@@ -155,44 +157,70 @@ def make_loader(dataset: PromptDataset, batch_size: int, shuffle_seed: int | Non
 
 
 # --------------------------------------------------------------------------------------------
-# Embedding cache (frozen encoder)
+# Embedding cache (a frozen encoder, or the frozen blocks before late LoRA)
 # --------------------------------------------------------------------------------------------
 def embedding_bytes(image_size: int, precision: str) -> int:
-    """Bytes of one cached image embedding: 256 x (S/16)^2 values in the precision's dtype."""
-    return 256 * (image_size // 16) ** 2 * (4 if precision == "fp32" else 2)
+    """Bytes of one cached image embedding: 256 x (S/16)^2 values in the storage dtype."""
+    return 256 * (image_size // 16) ** 2 * encoder_blocks.storage_dtype(precision).itemsize
 
 
-def check_cache_budget(config: TrainConfig, n_images: int, memory_gb: float, directory: Path | None) -> None:
-    """State the frozen-encoder cache's size up front; refuse one that cannot fit in ``memory_gb``
-    (unless it goes to disk) before anything is written."""
-    if config.encoder_trained:
-        return
-    views = config.augment_variants if config.augment else 1
-    need = n_images * views * embedding_bytes(config.image_size, config.precision)
-    log.info("embedding cache: up to %d images x %d view(s) x %.1f MiB = %.2f GiB (--cache_memory_gb %g%s)",
-             n_images, views, embedding_bytes(config.image_size, config.precision) / 2**20, need / 2**30, memory_gb,
-             f", on disk in {directory}" if directory else "")
+def cached_bytes(config: TrainConfig) -> int:
+    """Bytes one image view takes in the cache of ``config``'s run: its image embedding (frozen
+    encoder) or its input of the first adapted block (late LoRA)."""
+    block = config.first_lora_block
+    if block is None:
+        return embedding_bytes(config.image_size, config.precision)
+    return encoder_blocks.block_input_bytes(config.model_type, config.image_size, block, config.precision)
+
+
+def check_cache_budget(configs: Sequence[TrainConfig], n_images: int, memory_gb: float,
+                       directory: Path | None) -> None:
+    """State the cache's size up front; refuse one that cannot fit in ``memory_gb`` (unless it goes
+    to disk) before anything is written. ``configs``: the runs that share the cache's memory (one
+    training, or a search's configurations: each cached encoder start counted once)."""
+    kinds = {(c.first_lora_block, c.augment_variants if c.augment else 1): c for c in configs if c.cached}
+    need = 0
+    for (block, views), config in kinds.items():
+        size = cached_bytes(config)
+        need += n_images * views * size
+        log.info("%s cache: up to %d images x %d view(s) x %.1f MiB = %.2f GiB (--cache_memory_gb %g%s)",
+                 "embedding" if block is None else f"block {block} input (late LoRA)", n_images, views,
+                 size / 2**20, n_images * views * size / 2**30, memory_gb, f", on disk in {directory}" if directory else "")
     if need > memory_gb * 2**30 and directory is None:
-        raise UserError(f"the cached embeddings need {need / 2**30:.1f} GiB but --cache_memory_gb is {memory_gb:g}: "
-                        "raise it, lower --augment_variants or --image_size, use --precision bf16, or keep them on "
-                        "disk with --embedding_cache DIR")
+        raise UserError(f"the cache needs {need / 2**30:.1f} GiB but --cache_memory_gb is {memory_gb:g}: raise it, "
+                        "lower --augment_variants or --image_size, use --precision bf16, or keep it on disk with "
+                        "--embedding_cache DIR")
+
+
+def make_cache(sam: nn.Module, config: TrainConfig, directory: Path | None = None,
+               memory: dict[str, torch.Tensor] | None = None, max_bytes: float = float("inf")) -> "EmbeddingCache | None":
+    """The cache of ``config``'s run (None when the encoder trains from its first block)."""
+    if not config.cached:
+        return None
+    return EmbeddingCache(sam, config.precision, directory, memory, config.seed, max_bytes, config.first_lora_block)
 
 
 class EmbeddingCache:
-    """Image embeddings of a frozen encoder, computed once per image content (and view).
+    """The output of the encoder's frozen start, computed once per image content (and view): the
+    image embeddings of a frozen encoder (``block=None``), or the input of encoder ``block``, the
+    first with LoRA (late LoRA: encoder_blocks.run_to_block).
 
     Keys combine the model type, the base weights (checkpoint hash, or the seed random weights
-    were drawn from), image size, precision and the image's content hash. Values live in CPU
-    memory up to ``max_bytes`` (moved to the device per batch) and, with ``directory``, on disk
-    across runs; beyond the memory budget they are read back from disk.
+    were drawn from), image size, precision, the block and the image's content hash. Values are
+    kept in encoder_blocks.storage_dtype (bfloat16 unless fp32) in CPU memory up to ``max_bytes``
+    (moved to the device per batch, as float32) and, with ``directory``, on disk across runs;
+    beyond the memory budget they are read back from disk.
     """
 
     def __init__(self, sam: nn.Module, precision: str, directory: Path | None = None,
-                 memory: dict[str, torch.Tensor] | None = None, seed: int = 0, max_bytes: float = float("inf")) -> None:
+                 memory: dict[str, torch.Tensor] | None = None, seed: int = 0, max_bytes: float = float("inf"),
+                 block: int | None = None) -> None:
         self.sam, self.precision, self.directory, self.max_bytes = sam, precision, directory, max_bytes
+        self.block = block
         weights = sam.checkpoint_sha256 or f"random-seed{seed}"
-        self.prefix = f"{sam.model_type}-{weights}-{sam.image_encoder.img_size}-{precision}"
-        # shared across the folds of a run: the frozen encoder is the same in every fold
+        self.prefix = f"{sam.model_type}-{weights}-{sam.image_encoder.img_size}-{precision}" + \
+            ("" if block is None else f"-block{block}")
+        # shared across the folds of a run: the frozen part is the same in every fold
         self.memory: dict[str, torch.Tensor] = {} if memory is None else memory
         self.bytes = sum(v.numel() * v.element_size() for v in self.memory.values())
         self.hits = self.misses = 0
@@ -217,21 +245,27 @@ class EmbeddingCache:
             self._keep(key, found)
         return found
 
+    def compute(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Bx3xSxS images -> the frozen start's output (no gradients), on the CPU in the storage dtype."""
+        with torch.no_grad(), sam_model.autocast(device, self.precision):
+            out = sam_model.encode_images(self.sam, images) if self.block is None else \
+                encoder_blocks.run_to_block(self.sam.image_encoder, images, self.block)
+        return out.detach().to("cpu", encoder_blocks.storage_dtype(self.precision))
+
     def get(self, items: Sequence[Item], device: torch.device) -> torch.Tensor:
-        """Bx256xgxg embeddings of the items' images on ``device`` (the encoder runs only for
-        images not seen before)."""
+        """The cached outputs of the items' images, stacked, as float32 on ``device`` (the frozen
+        start runs only for images not seen before): Bx256xgxg embeddings, or the input of
+        ``block`` (BxgxgxC for SAM ViT, BxLxC for TinyViT)."""
         out = [self._lookup(item.key) for item in items]
         todo = [i for i, e in enumerate(out) if e is None]
         self.hits += len(items) - len(todo)
         self.misses += len(todo)
         if todo:
-            batch = torch.stack([items[i].image for i in todo]).to(device)
-            with torch.no_grad(), sam_model.autocast(device, self.precision):
-                embs = sam_model.encode_images(self.sam, batch).detach().cpu()
+            embs = self.compute(torch.stack([items[i].image for i in todo]).to(device), device)
             for j, i in enumerate(todo):
                 out[i] = embs[j].clone()  # its own storage: a view would keep (and save) the whole batch
                 self._keep(items[i].key, out[i])
                 path = self._path(items[i].key)
                 if path is not None:
                     runfiles.torch_save(out[i], path)
-        return torch.stack([e.to(device) for e in out])  # type: ignore[union-attr]
+        return torch.stack([e.to(device, torch.float32) for e in out])  # type: ignore[union-attr]

@@ -64,7 +64,7 @@ def test_adapter_is_small_for_vit_t(tmp_path, vit_t):
     assert size < 1_000_000 and size < 0.05 * full
     config = torch.load(path, weights_only=True)["config"]
     assert config == {"model_type": "vit_t", "targets": ["qkv"], "rank": 8, "alpha": 16.0,
-                      "dropout": 0.0}
+                      "dropout": 0.0, "blocks": list(range(10))}
 
 
 def test_save_adapter_is_atomic(tmp_path, tiny_vit, monkeypatch):

@@ -54,6 +54,24 @@ def test_save_load_adapter_reproduces_outputs(tmp_path, tiny_vit, tiny_vit_base,
         assert torch.allclose(tiny_forward(pre_injected, *tiny_inputs), expected, atol=1e-6)
 
 
+def test_late_adapter_records_its_blocks_and_loads_into_them(tmp_path, tiny_vit, tiny_vit_base, tiny_inputs):
+    """An adapter on the last block only records ``blocks: [1]``; loaded into a fresh base model it
+    is injected there alone and reproduces the outputs; a config that contradicts the layers is refused."""
+    inject_lora(tiny_vit, 4, 8, ("qkv",), blocks=(1,))
+    perturb_lora(tiny_vit)
+    with torch.no_grad():
+        expected = tiny_forward(tiny_vit, *tiny_inputs)
+    path = save_adapter(tmp_path / "late.pt", tiny_vit, _config(targets=["qkv"]))
+    assert torch.load(path, weights_only=True)["config"]["blocks"] == [1]
+    fresh = copy.deepcopy(tiny_vit_base)
+    load_adapter(path, fresh)
+    assert list(lora.lora_layers(fresh)) == ["image_encoder.blocks.1.attn.qkv"]
+    with torch.no_grad():
+        assert torch.allclose(tiny_forward(fresh, *tiny_inputs), expected, atol=1e-6)
+    with pytest.raises(ValueError, match=r"config blocks \[0, 1\] differ from the model's LoRA blocks \[1\]"):
+        save_adapter(tmp_path / "wrong.pt", tiny_vit, _config(targets=["qkv"], blocks=[0, 1]))
+
+
 def test_adapter_is_small_for_vit_t(tmp_path, vit_t):
     inject_lora(vit_t, 8, 16, ("qkv",))
     mark_only_lora_as_trainable(vit_t)

@@ -396,3 +396,36 @@ def test_merged_state_dict_loads_into_plain_models(tiny_vit, tiny_vit_base, tiny
 
     inject_lora(vit_b, 4, 8, ("qv", "proj", "mlp"))
     _strict_load(sam_registry["vit_b"](), merged_state_dict(vit_b))
+
+
+# ---------------------------------------------------------------------------- late LoRA (--lora_blocks)
+def test_inject_into_chosen_blocks_only(vit_b, vit_t, tiny_vit):
+    """Encoder targets go only into the numbered blocks given (SAM ViT blocks.k; TinyViT numbered
+    across its stages, encoder_blocks.py); the decoder target is not limited by them."""
+    names = inject_lora(vit_b, 4, 4, ("qkv", "decoder"), blocks=(9, 10, 11))
+    encoder = {n for n in names if n.startswith("image_encoder.")}
+    assert encoder == {f"image_encoder.blocks.{k}.attn.qkv" for k in (9, 10, 11)}
+    assert len(names) - len(encoder) == 28  # every decoder attention layer
+    assert not isinstance(vit_b.image_encoder.blocks[8].attn.qkv, LoRALinear)
+    names = inject_lora(vit_t, 4, 4, ("qkv", "mlp"), blocks=(8, 9))  # vit_t's last stage
+    assert set(names) == {f"image_encoder.layers.3.blocks.{j}.{layer}" for j in (0, 1)
+                          for layer in ("attn.qkv", "mlp.fc1", "mlp.fc2")}
+    before = copy.deepcopy(tiny_vit.state_dict())
+    with pytest.raises(ValueError, match=r"LoRA blocks \[2\] do not exist: this encoder has blocks 0-1"):
+        inject_lora(tiny_vit, 4, 4, ("qkv",), blocks=(2,))
+    assert not lora.lora_layers(tiny_vit) and before.keys() == tiny_vit.state_dict().keys()
+
+
+def test_merged_late_adapter_equals_the_unmerged_model(tiny_vit, tiny_vit_base, tiny_inputs):
+    """A late adapter (LoRA on the last block only) merged and exported as a plain state dict gives
+    the unmerged model's outputs; the early block's weights are the base's, bit for bit."""
+    inject_lora(tiny_vit, 4, 8, ("qkv", "proj", "mlp"), blocks=(1,))
+    perturb_lora(tiny_vit)
+    with torch.no_grad():
+        unmerged = tiny_forward(tiny_vit, *tiny_inputs)
+        plain = copy.deepcopy(tiny_vit_base)
+        _strict_load(plain, merged_state_dict(tiny_vit))
+        assert torch.allclose(tiny_forward(plain, *tiny_inputs), unmerged, atol=1e-5)
+        assert not torch.allclose(tiny_forward(tiny_vit_base, *tiny_inputs), unmerged, atol=1e-4)
+    base = tiny_vit_base.state_dict()
+    assert all(torch.equal(v, base[k]) for k, v in plain.state_dict().items() if k.startswith("image_encoder.blocks.0."))

@@ -173,3 +173,64 @@ def test_cached_embeddings_are_stored_one_by_one(tmp_path) -> None:
     assert all(v._base is None for v in cache.memory.values())
     again = EmbeddingCache(sam, "fp32", tmp_path).get(items, torch.device("cpu"))
     torch.testing.assert_close(again, batch)
+
+
+@pytest.mark.parametrize("kind", ["vit", "vit_t"])
+def test_cached_late_lora_step_equals_the_uncached_step(em_crops, one_thread, kind: str) -> None:
+    """Late LoRA (the last two blocks; vit_t: its last stage, built as train builds it): the blocks
+    before the first adapted one run without gradients, and once their output is cached they do
+    not run at all; the cached step's loss and gradients equal the uncached step's, and every
+    LoRA tensor of the adapted blocks gets a gradient."""
+    import dataclasses
+
+    from conftest import EM4
+    from dataset import load_dataset
+    from encoder_blocks import block_names
+    from training_data import PromptDataset, make_cache
+
+    config = TrainConfig(data_dir="", output_dir="", model_type="vit_b" if kind == "vit" else "vit_t",
+                         image_size=64 if kind == "vit" else 256, lora_rank=2, lora_alpha=2, lora_targets="qkv,mlp",
+                         lora_blocks="2-3" if kind == "vit" else "last2", train_decoder=True, max_objects=4,
+                         augment=False, prompt="mix")
+    if kind == "vit":  # the tiny ViT: 4 blocks
+        torch.manual_seed(0)
+        sam = tiny_sam("vit", image_size=64, depth=4)
+        lora.inject_lora(sam, 2, 2, ("qkv", "mlp"), blocks=(2, 3))
+        lora.mark_only_lora_as_trainable(sam, train_decoder=True)
+    else:
+        sam = trainer.build_trainable_model(config, None, torch.device("cpu"))
+    first = config.first_lora_block
+    assert config.cached and first == (2 if kind == "vit" else 8)
+    with torch.no_grad():
+        for layer in lora.lora_layers(sam).values():
+            layer.lora_B.normal_(std=0.05)
+    item = PromptDataset(load_dataset(em_crops(EM4, 128)), [0], config, 0, train=True)[0]
+    ran: dict[int, list[bool]] = {}
+    for k, name in enumerate(block_names(sam)):
+        sam.image_encoder.get_submodule(name).register_forward_hook(
+            lambda module, inputs, output, k=k: ran.setdefault(k, []).append(output.requires_grad))
+
+    def step(cache) -> tuple[float, dict[str, torch.Tensor]]:
+        ctx = trainer.Context(sam, dataclasses.replace(config, decoder_chunk=1), torch.device("cpu"), cache, rounds=2)
+        sam.zero_grad(set_to_none=True)
+        ran.clear()
+        loss, _, finite = trainer.backward_step(ctx, [item])
+        assert finite
+        return loss, {n: p.grad.clone() for n, p in sam.named_parameters() if p.grad is not None}
+
+    loss, grads = step(None)  # the whole encoder: the early blocks run, without gradients
+    assert all(ran[k] == [False] for k in range(first)) and all(ran[k] == [True] for k in range(first, len(ran)))
+    adapted = {f"{name}.lora_{ab}" for name, layer in lora.lora_layers(sam).items()
+               if name.startswith("image_encoder.") for ab in "AB"}
+    assert adapted and adapted <= set(grads) and all(grads[n].abs().sum() > 0 for n in adapted)
+    encoder_grads = {n for n in grads if n.startswith("image_encoder.")}
+    assert encoder_grads == adapted  # nothing else in the encoder
+    cache = make_cache(sam, config)
+    assert cache.block == first
+    step(cache)  # fills the cache
+    cached_loss, cached_grads = step(cache)
+    assert sorted(ran) == list(range(first, len(block_names(sam))))  # the early blocks did not run
+    assert cache.hits == 1 and cache.misses == 1
+    assert cached_loss == pytest.approx(loss, rel=1e-5) and cached_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(cached_grads[name], grads[name], rtol=1e-4, atol=1e-6)

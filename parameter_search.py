@@ -1,4 +1,4 @@
-"""``python main.py parameter_search``: a grid over LoRA rank, alpha and learning rate.
+"""``python main.py parameter_search``: a grid over LoRA rank, alpha, learning rate and encoder blocks.
 
 Every configuration trains on the same folds (one ``folds.json`` at the top) in its own
 sub-directory; ``results.csv`` ranks them by the cross-validated estimate (crossval.py: each
@@ -32,7 +32,7 @@ from training_data import check_cache_budget
 log = logging.getLogger(__name__)
 
 SEARCH_FILE = "search.json"
-GRID_KEYS = ("lora_rank", "lora_alpha", "learning_rate")
+GRID_KEYS = ("lora_rank", "lora_alpha", "learning_rate", "lora_blocks")
 
 
 def parse_list(text: str, kind: type, flag: str) -> list:
@@ -58,13 +58,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     grid.add_argument("--lora_ranks", default="2,4,8,16", help="comma-separated LoRA ranks")
     grid.add_argument("--lora_alphas", default="2,4,8", help="comma-separated LoRA alphas")
     grid.add_argument("--learning_rates", default="1e-4,3e-4,1e-3", help="comma-separated learning rates")
+    grid.add_argument("--lora_blocks_grid", nargs="+", default=None, metavar="SPEC",
+                      help="encoder blocks to search over, space-separated --lora_blocks specs (e.g. all last3 6-11); "
+                           "default: --lora_blocks alone")
     parser.set_defaults(func=run, output_dir=Path("runs/parameter_search"), cross_validation=True, num_folds=3)
     return parser
 
 
-def config_name(rank: int, alpha: float, lr: float) -> str:
-    """The sub-directory of one configuration."""
-    return f"rank{rank}_alpha{alpha:g}_lr{lr:g}"
+def config_name(rank: int, alpha: float, lr: float, blocks: str = "all") -> str:
+    """The sub-directory of one configuration (LoRA in every encoder block: no blocks part)."""
+    spec = blocks.strip().lower().replace(" ", "").replace(",", "+")
+    return f"rank{rank}_alpha{alpha:g}_lr{lr:g}" + ("" if spec == "all" else f"_blocks{spec}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     alphas = parse_list(args.lora_alphas, float, "--lora_alphas")
     lrs = parse_list(args.learning_rates, float, "--learning_rates")
     base = TrainConfig.from_args(args)
+    blocks = args.lora_blocks_grid or [base.lora_blocks]
     device = sam_model.resolve_device(args.device)
     sam_model.autocast(device, base.precision)
     checkpoints.resolve_checkpoint(base.model_type, base.checkpoint)
@@ -85,26 +90,27 @@ def run(args: argparse.Namespace) -> int:
                         "or a new --output_dir")
     resume = same and not args.overwrite
     out.check(args.overwrite, resume=resume)
-    configs = [configuration(base, rank, alpha, lr) for rank, alpha, lr in itertools.product(ranks, alphas, lrs)]
+    configs = [configuration(base, rank, alpha, lr, spec)
+               for rank, alpha, lr, spec in itertools.product(ranks, alphas, lrs, blocks)]
     samples = data.load_from_options(args)
     folds = crossval.plan_folds(base, samples, resume)  # impossible folds: refused before any write
-    check_cache_budget(base, len(samples), args.cache_memory_gb, None)
+    check_cache_budget(configs, len(samples), args.cache_memory_gb, None)  # each cached encoder start once
     out.claim(args.overwrite, resume=resume)
     runfiles.write_json(out.path / SEARCH_FILE, search)
     with out.active("search.log"):
         if not (out.path / folds_lib.FOLDS_FILE).is_file():
             folds_lib.save_folds(out.path, folds, samples, seed=base.seed, grouping=crossval.grouping(base))
-        embeddings: dict[str, torch.Tensor] = {}  # the frozen encoder is the same in every configuration
+        embeddings: dict[str, torch.Tensor] = {}  # frozen parts are the same in every configuration (keyed by block)
         results = [train_configuration(config, samples, folds, device, args.num_workers, args.cache_memory_gb,
                                        embeddings) for config in configs]
         write_results(out.path, base, results)
     return 0
 
 
-def configuration(base: TrainConfig, rank: int, alpha: float, lr: float) -> TrainConfig:
+def configuration(base: TrainConfig, rank: int, alpha: float, lr: float, blocks: str = "all") -> TrainConfig:
     """One configuration of the grid, checked, in its own sub-directory."""
-    config = dataclasses.replace(base, lora_rank=rank, lora_alpha=alpha, learning_rate=lr,
-                                 output_dir=str(Path(base.output_dir) / config_name(rank, alpha, lr)))
+    config = dataclasses.replace(base, lora_rank=rank, lora_alpha=alpha, learning_rate=lr, lora_blocks=blocks,
+                                 output_dir=str(Path(base.output_dir) / config_name(rank, alpha, lr, blocks)))
     config.validate()
     return config
 
@@ -129,7 +135,7 @@ def train_configuration(config: TrainConfig, samples: Sequence[Sample], folds: S
     return {"name": name, "lora_rank": rank, "lora_alpha": alpha, "learning_rate": lr,
             "cv_dice": cv["dice"]["mean"], "cv_dice_std": cv["dice"]["std"], "cv_dice_ci_low": cv["dice"]["ci_low"],
             "cv_dice_ci_high": cv["dice"]["ci_high"], "cv_iou": cv["iou"]["mean"], "n_images": cv["n_images"],
-            "folds": len(summary["folds"]), "run": config.output_dir}
+            "folds": len(summary["folds"]), "run": config.output_dir, "lora_blocks": config.lora_blocks}
 
 
 def write_results(root: Path, base: TrainConfig, results: list[dict[str, Any]]) -> None:
@@ -139,7 +145,8 @@ def write_results(root: Path, base: TrainConfig, results: list[dict[str, Any]]) 
     best = results[0]
     runfiles.write_json(root / "best_config.json", {
         **best, "config": {**base.to_json(), "lora_rank": best["lora_rank"], "lora_alpha": best["lora_alpha"],
-                           "learning_rate": best["learning_rate"], "output_dir": str(root / best["name"])}})
+                           "learning_rate": best["learning_rate"], "lora_blocks": best["lora_blocks"],
+                           "output_dir": str(root / best["name"])}})
     log.info("parameter search: %d configurations; best %s with cross-validated Dice %.4f +- %.4f",
              len(results), best["name"], best["cv_dice"], best["cv_dice_std"])
     for r in results:

@@ -416,6 +416,11 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str | tuple[str, ...], int]] 
     ("train unknown LoRA target", lambda e: train_args(e, e.data(), "--lora_targets", "qkv,nope"),
      "unknown LoRA target", 2),
     ("train fp16 on the CPU", lambda e: train_args(e, e.data(), "--precision", "fp16"), "fp16 needs a CUDA GPU", 2),
+    ("train LoRA blocks past the last", lambda e: train_args(e, e.data(), "--lora_blocks", "last11"),
+     "--lora_blocks 'last11': lastN needs N in 1..10", 2),
+    ("train LoRA blocks not numbers", lambda e: train_args(e, e.data(), "--lora_blocks", "late"), "not a block number", 2),
+    ("train LoRA blocks with a frozen encoder", lambda e: train_args(e, e.data(), "--lora_blocks", "last2"),
+     "no encoder layer trains", 2),
     # train: checkpoints
     ("train vit_b checkpoint for vit_t", lambda e: train_args(e, e.data(), "--checkpoint", str(e.vit_b)),
      VIT_B_FOR_VIT_T, 2),
@@ -438,6 +443,7 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str | tuple[str, ...], int]] 
     # parameter_search
     ("search ranks not numbers", lambda e: search_args(e, "--lora_ranks", "a,b"),
      "--lora_ranks must be a comma-separated list", 2),
+    ("search bad LoRA blocks", lambda e: search_args(e, "--lora_blocks_grid", "all", "9-99"), "outside blocks 0-9", 2),
     ("search negative learning rate", lambda e: search_args(e, "--learning_rates", "1e-3,-1"),
      "--learning_rates needs positive values", 2),
     ("search more folds than groups", lambda e: search_args(e, "--num_folds", "9"),

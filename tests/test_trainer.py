@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,3 +235,25 @@ def test_cached_late_lora_step_equals_the_uncached_step(em_crops, one_thread, ki
     assert cached_loss == pytest.approx(loss, rel=1e-5) and cached_grads.keys() == grads.keys()
     for name in grads:
         torch.testing.assert_close(cached_grads[name], grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_cache_budget_counts_late_lora_block_inputs(caplog) -> None:
+    """The size is stated up front per cached encoder start (vit_b late LoRA at 1024 px, bf16: 6.0
+    MiB per image view) and a run that cannot fit is refused; a search's configurations that share
+    a start are counted once, other starts add up."""
+    import logging
+
+    from training_data import cached_bytes, check_cache_budget
+
+    late = TrainConfig(data_dir="", output_dir="", model_type="vit_b", precision="bf16", lora_blocks="last3")
+    assert late.first_lora_block == 9 and cached_bytes(late) == 6_291_456
+    assert not TrainConfig(data_dir="", output_dir="", model_type="vit_b").cached  # full depth: nothing cached
+    with caplog.at_level(logging.INFO, logger="training_data"):
+        check_cache_budget([late, late], 100, 1.2, None)  # 100 images x 2 views x 6 MiB = 1.17 GiB
+    assert "block 9 input (late LoRA) cache: up to 100 images x 2 view(s) x 6.0 MiB = 1.17 GiB" in caplog.text
+    with pytest.raises(ValueError, match="the cache needs 1.2 GiB but --cache_memory_gb is 1"):
+        check_cache_budget([late], 100, 1.0, None)
+    check_cache_budget([late], 100, 1.0, Path("on_disk"))  # on disk: no memory limit
+    stage = TrainConfig(data_dir="", output_dir="", model_type="vit_b", precision="bf16", lora_blocks="6-11")
+    with pytest.raises(ValueError, match="the cache needs 2.3 GiB"):
+        check_cache_budget([late, stage], 100, 2.0, None)

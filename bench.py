@@ -11,6 +11,9 @@ Rows (targets in brackets):
 - sub_iterations 8 step / sub_iterations 1 step, cached embedding                 [<= 8.5]
 - where the mask decoder spends its time, per number of prompts
 - side by side with micro-sam's train_sam (--microsam_python): s per iteration    [<= 0.3x, 0.5x]
+- late LoRA (--lora_blocks; the first adapted block's input cached) step / full-depth LoRA step,
+  vit_b last 3 blocks and vit_t last stage, 1024 px, bf16                          [<= 0.35, 0.5]
+  and vit_b late LoRA step / micro-sam's vit_b LoRA iteration (--microsam_python)  [<= 0.35]
 - detect predict per image / (YOLO forward + encoder + decoder alone), bf16 / fp32 [<= 1.15]
 - instance metrics on a 512x512 map with 500 objects on both sides                  [<< 1 s]
 """
@@ -397,18 +400,58 @@ def bench_microsam(data_dir: Path, reps: int, report: Report, microsam_python: P
                    "[<= 0.3]" if nsub == 1 else "[<= 0.5]")
 
 
-def run_microsam(python: Path, data_dir: Path, nsub: int, patches: int) -> float:
-    """Median seconds per iteration of micro-sam's training (bench_microsam.py in its own environment)."""
+def run_microsam(python: Path, data_dir: Path, nsub: int, patches: int, *extra: str) -> float:
+    """Median seconds per iteration of micro-sam's training (bench_microsam.py in its own environment;
+    ``extra``: more of its options, e.g. ``--model_type vit_b --lora_rank 4``)."""
     import json
     import subprocess
 
     script = Path(__file__).resolve().parent / "bench_microsam.py"
     cmd = [str(python), str(script), "--n_sub_iteration", str(nsub), "--data", str(data_dir),
-           "--patches", str(patches), "--threads", str(torch.get_num_threads())]
+           "--patches", str(patches), "--threads", str(torch.get_num_threads()), *extra]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
     return float(json.loads(result.stdout.strip().splitlines()[-1])["median_s_per_iteration"])
+
+
+LATE_BLOCKS = {"vit_b": ("last3", "last 3 blocks"), "vit_t": ("last2", "last stage")}  # --lora_blocks, row words
+
+
+def bench_late(model_types: list[str], samples: list[Sample], reps: int, report: Report,
+               image_size: int = 1024) -> None:
+    """Late LoRA against full-depth LoRA: seconds per step of a real training epoch (rank 4, qkv,
+    bf16, 4 box prompts, 1 round), measured interleaved; late LoRA's first epoch (the warm-up
+    round) fills the cache of its first adapted block's input, so its steps run only the adapted
+    blocks, the neck and the decoder."""
+    for model_type in model_types:
+        spec, words = LATE_BLOCKS[model_type]
+        setups = {blocks: Setup(make_config(model_type, image_size, "bf16", lora_rank=4, lora_alpha=4,
+                                            lora_blocks=blocks), samples) for blocks in ("all", spec)}
+        t = interleaved_medians({blocks: setup.epoch for blocks, setup in setups.items()}, reps)
+        report(f"{model_type} full-depth LoRA step, {image_size} px, bf16 (s)", t["all"])
+        report(f"{model_type} late LoRA ({words}) cached step, {image_size} px, bf16 (s)", t[spec])
+        report(f"{model_type} late LoRA ({words}) cached step / full-depth LoRA step, {image_size} px",
+               t[spec] / t["all"], "[<= 0.35]" if model_type == "vit_b" else "[<= 0.5]")
+
+
+def bench_microsam_late(data_dir: Path, reps: int, report: Report, microsam_python: Path | None,
+                        patches: int = 4) -> None:
+    """Our vit_b late LoRA (last 3 blocks, cached) against micro-sam's vit_b LoRA (every block) on
+    micro-sam's work (:func:`microsam_work`): rank 4 on q and v (micro-sam's LoRA) and the mask
+    decoder trained (micro-sam's default), 1024 px, bf16, up to 25 objects, 1 sub-iteration.
+    micro-sam's figure comes from bench_microsam.py ``--model_type vit_b --lora_rank 4`` in its own
+    environment, only with ``microsam_python``."""
+    config = make_config("vit_b", 1024, "bf16", lora_rank=4, lora_alpha=4, lora_targets="qv", lora_blocks="last3",
+                         train_decoder=True, max_objects=25, patch_size=512)
+    ours = Setup(config, microsam_work(data_dir, patches))
+    ours.epoch()  # fills the cache
+    step = statistics.median(ours.epoch() for _ in range(reps))
+    report("ours vit_b late LoRA (last 3 blocks) rank 4, 512px patches, <= 25 objects, bf16 (s/iteration)", step)
+    if microsam_python is not None:
+        theirs = run_microsam(microsam_python, data_dir, 1, patches, "--model_type", "vit_b", "--lora_rank", "4")
+        report("micro-sam train_sam vit_b LoRA rank 4, same work, n_sub_iteration 1 (s/iteration)", theirs)
+        report("vit_b late LoRA cached step / micro-sam vit_b LoRA iteration", step / theirs, "[<= 0.35]")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -419,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--microsam_python", type=Path, default=None,
                         help="python of a separate micro-sam environment (bench_microsam_env.sh): adds micro-sam's "
                              "own training, measured in the same run, beside ours")
-    parser.add_argument("--only", choices=("all", "microsam"), default="all", help="run only some rows")
+    parser.add_argument("--only", choices=("all", "microsam", "late"), default="all",
+                        help="run only some rows: micro-sam's side by side, or late LoRA's")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     reps = 3
@@ -435,21 +479,30 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, 4 box prompts per image, "
           f"random weights, real EM sections ({args.data_dir.name})\n")
-    bench_microsam(args.data_dir, reps, report, args.microsam_python)
-    if args.only == "microsam":
-        return 0
+    if args.only in ("all", "microsam"):
+        bench_microsam(args.data_dir, reps, report, args.microsam_python)
+    if args.only in ("all", "late"):
+        bench_late(models, samples, reps, report)
+        if not args.quick:
+            bench_microsam_late(args.data_dir, reps, report, args.microsam_python)
+    if args.only == "all":
+        bench_rest(models, samples, reps, args.quick, report)
+    if args.json:
+        runfiles.write_json(args.json, figures)
+    return 0
+
+
+def bench_rest(models: list[str], samples: list[Sample], reps: int, quick: bool, report: Report) -> None:
+    """The training, frozen-encoder, memory, detect and metrics rows."""
     for model_type in models:
         bench_training(model_type, samples, reps, report)
         bench_frozen(model_type, samples, reps, report)
     for model_type in models:
         for size in (1024, 512):
             report(f"{model_type} {size}px LoRA step peak RSS (MiB)", peak_rss(model_type, size, samples))
-    for name, value, target in bench_detect(samples, args.quick):
+    for name, value, target in bench_detect(samples, quick):
         report(name, value, target)
     report("instance_metrics 512x512, 500 vs 500 objects (s)", bench_metrics(reps * 3), "[<< 1 s]")
-    if args.json:
-        runfiles.write_json(args.json, figures)
-    return 0
 
 
 if __name__ == "__main__":

@@ -4,8 +4,14 @@ micro-sam environment that ``bench_microsam_env.sh`` builds (micro-sam is no dep
 
     /work/microsam_env/bin/python bench_microsam.py --n_sub_iteration 1
     /work/microsam_env/bin/python bench_microsam.py --n_sub_iteration 8
+    /work/microsam_env/bin/python bench_microsam.py --n_sub_iteration 1 --model_type vit_b --lora_rank 4
 
-The work: vit_t (MobileSAM) with random weights (a random state dict written to a temporary
+The last runs micro-sam's LoRA (issue 13's row): ``train_sam(..., peft_kwargs={"rank": 4})`` on
+vit_b, which wraps every encoder block's attention with micro-sam's ``LoRASurgery`` (q and v) and
+freezes the rest of the encoder; the prompt encoder and mask decoder train (``freeze=None``:
+micro-sam refuses PEFT together with a frozen image encoder, and does not offer PEFT for vit_t).
+
+The work (by default): vit_t (MobileSAM) with random weights (a random state dict written to a temporary
 checkpoint, so nothing is downloaded), ``freeze=["image_encoder"]``, no segmentation decoder
 (prompt-based training only, as ours), 512 px patches of the EM sections (``images/NN.png``;
 ``masks/NN.png`` turned into instance labels by connected components) drawn by micro-sam's own
@@ -156,10 +162,10 @@ def fixed_loader(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> DataLoader
     return DataLoader(batches, batch_size=None, shuffle=False)
 
 
-def write_random_checkpoint(path: Path, seed: int) -> None:
-    """A vit_t (MobileSAM) state dict with the architecture's own random initialisation."""
+def write_random_checkpoint(path: Path, seed: int, model_type: str = "vit_t") -> None:
+    """A state dict of ``model_type`` with the architecture's own random initialisation."""
     torch.manual_seed(seed)
-    sam = sam_util.sam_model_registry["vit_t"]()
+    sam = sam_util.sam_model_registry[model_type]()
     torch.save(sam.state_dict(), path)
 
 
@@ -171,15 +177,26 @@ def run_training(args: argparse.Namespace, record: Record) -> None:
     val_loader = fixed_loader(sample_patches(images, labels, args.patch_size, 1))
     with tempfile.TemporaryDirectory() as tmp, patched_trainer(record), \
             contextlib.redirect_stdout(sys.stderr):
-        checkpoint = Path(tmp) / "vit_t_random.pt"
-        write_random_checkpoint(checkpoint, args.seed)
+        checkpoint = Path(tmp) / f"{args.model_type}_random.pt"
+        write_random_checkpoint(checkpoint, args.seed, args.model_type)
         train_sam(
-            name="bench", model_type="vit_t", train_loader=train_loader, val_loader=val_loader,
+            name="bench", model_type=args.model_type, train_loader=train_loader, val_loader=val_loader,
             n_iterations=total, early_stopping=None, n_objects_per_batch=25,
             checkpoint_path=str(checkpoint), with_segmentation_decoder=False,
-            freeze=["image_encoder"], device="cpu", n_sub_iteration=args.n_sub_iteration,
-            save_root=tmp, verify_n_labels_in_loader=1,
+            freeze=frozen_parts(args), peft_kwargs=peft_kwargs(args), device="cpu",
+            n_sub_iteration=args.n_sub_iteration, save_root=tmp, verify_n_labels_in_loader=1,
         )
+
+
+def peft_kwargs(args: argparse.Namespace) -> dict | None:
+    """micro-sam's LoRA (``--lora_rank`` > 0: every encoder block, q and v), else None."""
+    return {"rank": args.lora_rank} if args.lora_rank > 0 else None
+
+
+def frozen_parts(args: argparse.Namespace) -> list[str] | None:
+    """What ``train_sam`` freezes: the image encoder without LoRA; nothing with it (micro-sam's PEFT
+    freezes the encoder's own weights itself and refuses ``freeze=["image_encoder"]``)."""
+    return None if args.lora_rank > 0 else ["image_encoder"]
 
 
 def summary(args: argparse.Namespace, record: Record) -> dict:
@@ -200,7 +217,8 @@ def summary(args: argparse.Namespace, record: Record) -> dict:
         "sub_iterations_run": record.sub_iterations[w:],
         "autocast": sorted(record.autocast),
         "decoder_mask_dtypes": sorted(record.mask_dtypes),
-        "model_type": "vit_t", "weights": "random", "freeze": ["image_encoder"],
+        "model_type": args.model_type, "weights": "random", "freeze": frozen_parts(args),
+        "peft_kwargs": peft_kwargs(args),
         "n_objects_per_batch": 25, "patch_size": args.patch_size, "batch_size": 1,
         "threads": torch.get_num_threads(), "device": "cpu",
         "microsam_version": micro_sam.__version__, "torch_em_version": torch_em.__version__,
@@ -219,17 +237,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patch_size", type=int, default=512, help="square patch side in pixels")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, patches and prompts")
+    parser.add_argument("--model_type", choices=("vit_t", "vit_b"), default="vit_t", help="SAM model to train")
+    parser.add_argument("--lora_rank", type=int, default=0,
+                        help="0: frozen image encoder (the vit_t rows); > 0: micro-sam's LoRA of this rank on every "
+                             "encoder block (peft_kwargs={'rank': r}), vit_b only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
-    if args.iterations < 1 or args.warmup < 0 or args.n_sub_iteration < 1:
-        parser.error("--iterations and --n_sub_iteration must be >= 1, --warmup >= 0")
+    if args.iterations < 1 or args.warmup < 0 or args.n_sub_iteration < 1 or args.lora_rank < 0:
+        parser.error("--iterations and --n_sub_iteration must be >= 1, --warmup and --lora_rank >= 0")
+    if args.lora_rank > 0 and args.model_type == "vit_t":
+        parser.error("micro-sam offers no PEFT for vit_t: use --model_type vit_b with --lora_rank")
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     record = Record()
-    log.info("micro-sam %s: %d + %d iterations, n_sub_iteration %d", micro_sam.__version__,
-             args.warmup, args.iterations, args.n_sub_iteration)
+    log.info("micro-sam %s, %s, LoRA rank %d: %d + %d iterations, n_sub_iteration %d", micro_sam.__version__,
+             args.model_type, args.lora_rank, args.warmup, args.iterations, args.n_sub_iteration)
     run_training(args, record)
     if len(record.step_times) != args.warmup + args.iterations:
         log.error("expected %d timed iterations, got %d", args.warmup + args.iterations, len(record.step_times))

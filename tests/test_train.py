@@ -1,6 +1,7 @@
 """train: end-to-end runs on real EM crops with random-weight models (``--checkpoint none``): folds,
-resume, the frozen-encoder cache, the merged export, a NaN loss, torchrun (bad input:
-test_bad_inputs.py; the losses: test_losses.py)."""
+resume, the frozen-encoder cache, the merged export, a NaN loss, torchrun; cross-validation, resume,
+the merged export and torchrun also with late LoRA (``--lora_blocks last2``: vit_t's last stage, its
+input cached) (bad input: test_bad_inputs.py; the losses: test_losses.py)."""
 from __future__ import annotations
 
 import json
@@ -27,9 +28,17 @@ def run_train(data_dir: Path, out: Path, *extra: str) -> int:
     return main(["train", "--data_dir", str(data_dir), "--output_dir", str(out), *TINY_TRAIN, *extra])
 
 
-def test_cross_validation_writes_every_file(em6: Path, tmp_path: Path) -> None:
+def test_cross_validation_writes_every_file(em6: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With late LoRA: the frozen blocks run once per image view for the whole run (all folds)."""
+    import encoder_blocks
+
+    frozen_passes: list[int] = []
+    original = encoder_blocks.run_to_block
+    monkeypatch.setattr(encoder_blocks, "run_to_block",
+                        lambda enc, images, block: (frozen_passes.append(len(images)), original(enc, images, block))[1])
     out = tmp_path / "run"
-    assert run_train(em6, out, "--cross_validation", "--num_folds", "3", "--epochs", "2") == 0
+    assert run_train(em6, out, "--cross_validation", "--num_folds", "3", "--epochs", "2", "--lora_blocks", "last2") == 0
+    assert 6 <= sum(frozen_passes) <= 6 * 2  # 6 images, 2 augmentation views each, over 3 folds x 2 epochs
     for name in ("config.json", "folds.json", "metrics.csv", "summary.json", "train.log"):
         assert (out / name).is_file(), name
     rows = (out / "metrics.csv").read_text().strip().splitlines()
@@ -48,6 +57,9 @@ def test_cross_validation_writes_every_file(em6: Path, tmp_path: Path) -> None:
     for k in range(3):
         adapter = out / f"fold_{k}" / "best.pt"
         assert adapter.is_file() and adapter.stat().st_size < 2_000_000  # adapter only, not a model
+        saved = torch.load(adapter, weights_only=True)
+        assert saved["config"]["blocks"] == [8, 9]
+        assert all(k.startswith("image_encoder.layers.3.") for k in saved["state_dict"] if "lora_" in k)
         assert (out / f"fold_{k}" / "last.pt").is_file()
     # a second run into the same directory is refused, and nothing is lost
     before = (out / "summary.json").read_bytes()
@@ -55,9 +67,10 @@ def test_cross_validation_writes_every_file(em6: Path, tmp_path: Path) -> None:
     assert (out / "summary.json").read_bytes() == before
 
 
-def test_resume_after_interruption_matches_uninterrupted(em6: Path, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    args = ("--epochs", "3", "--lora_dropout", "0.1", "--prompt", "mix")
+@pytest.mark.parametrize("blocks", ["all", "last2"])
+def test_resume_after_interruption_matches_uninterrupted(em6: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        blocks: str) -> None:
+    args = ("--epochs", "3", "--lora_dropout", "0.1", "--prompt", "mix", "--lora_blocks", blocks)
     assert run_train(em6, tmp_path / "full", *args) == 0
 
     original = trainer.train_one_epoch
@@ -102,6 +115,8 @@ def test_frozen_encoder_embeds_each_image_once(em6: Path, tmp_path: Path,
 
 
 def test_export_merged_loads_in_the_official_registry(em6: Path, tmp_path: Path) -> None:
+    """A late adapter (vit_t's last stage) merged into a plain MobileSAM state dict: the official
+    registry loads it and segments as our unmerged model with the adapter does."""
     import mobile_sam
 
     import lora
@@ -109,13 +124,15 @@ def test_export_merged_loads_in_the_official_registry(em6: Path, tmp_path: Path)
     from model import build_model, import_mobile_sam_modeling
 
     out, export = tmp_path / "run", tmp_path / "merged.pt"
-    assert run_train(em6, out, "--epochs", "1", "--learning_rate", "1e-2", "--export_merged", str(export)) == 0
+    assert run_train(em6, out, "--epochs", "1", "--learning_rate", "1e-2", "--lora_blocks", "last2",
+                     "--export_merged", str(export)) == 0
     import_mobile_sam_modeling()
     official = mobile_sam.sam_model_registry["vit_t"](checkpoint=str(export)).eval()
     # ours: the same random base (seed 0) with the adapter, unmerged
     torch.manual_seed(0)
     ours = build_model("vit_t")
     adapters.load_adapter(out / "final" / "best.pt", ours)  # --export_merged exports the final fit
+    assert {name.split(".blocks.")[0] for name in lora.lora_layers(ours)} == {"image_encoder.layers.3"}
     adapter_changed = any(v.abs().sum() > 0 for k, v in lora.lora_state_dict(ours).items() if "lora_B" in k)
     assert adapter_changed
     image = cv2.cvtColor(cv2.imread(str(em6 / "images" / "a.png")), cv2.COLOR_BGR2RGB)
@@ -152,10 +169,11 @@ def test_torchrun_two_processes_on_cpu(em6: Path, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "main.py"), "train", "--data_dir", str(em6), "--output_dir", str(out), *TINY_TRAIN,
-           "--epochs", "2", "--device", "cpu"]
+           "--epochs", "2", "--device", "cpu", "--lora_blocks", "last2"]  # late LoRA: each process caches
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["folds"]) == 1 and 0 <= summary["cv_estimate"]["dice"]["mean"] <= 1
     rows = (out / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 3  # one writer (rank 0): header + 2 epochs, no duplicates
+    assert torch.load(out / "fold_0" / "best.pt", weights_only=True)["config"]["blocks"] == [8, 9]

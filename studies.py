@@ -153,9 +153,11 @@ def open_storage(url: str, heartbeat: int) -> RDBStorage:
     hint = ("check the path (its folder must exist)" if sqlite else
             "check the URL, that the server runs and accepts connections from this machine, and the credentials")
     try:
-        return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None,
-                          heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat's
+            return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None,
+                              heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
     except ImportError:
         raise UserError(f"--storage {shown(url)}: the database driver for this URL is not installed (PostgreSQL: "
                         "psycopg, pinned in requirements.txt)") from None

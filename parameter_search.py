@@ -184,10 +184,12 @@ def joins(out: runfiles.OutputDir, identity: dict[str, Any], overwrite: bool) ->
     another search's directory unless ``overwrite``, and a directory of other files. Changes nothing."""
     path = out.path / SEARCH_FILE
     previous = runs.read_json(path, "a parameter search") if path.is_file() else None
-    if previous is not None and studies.differences(previous, identity) and not overwrite:
-        shown = "; ".join(studies.differences(previous, identity)[:3])
-        raise UserError(f"{out.path} holds a search with other options or data ({shown}): use the same options, "
-                        "--overwrite, or a new --output_dir")
+    # another space on the same data and options may share the directory (its study tells them
+    # apart): its finished configurations are read, not trained again
+    diff = studies.differences({k: v for k, v in (previous or {}).items() if k != "space"}, identity)
+    if diff and not overwrite:
+        raise UserError(f"{out.path} holds a search with other options or data ({'; '.join(diff[:3])}): use the "
+                        "same options, --overwrite, or a new --output_dir")
     # a directory this command claimed but whose search.json is not written yet: a worker starting now
     resume = not overwrite and (previous is not None or out.owner() == out.command)
     out.check(overwrite, resume=resume)

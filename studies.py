@@ -199,7 +199,8 @@ def check_study(study: optuna.Study, identity: dict[str, Any], url: str, overwri
     diff = differences(recorded, identity)
     if diff:
         raise UserError(f"{where} was made for another search ({'; '.join(diff[:3])}): use the same options "
-                        "and data, another --study_name or --storage, or --overwrite to start it afresh")
+                        "and data, another --study_name (configurations finished in this --output_dir are reused), "
+                        "or --overwrite to start afresh")
 
 
 def precheck(url: str, name: str, identity: dict[str, Any], overwrite: bool, heartbeat: int) -> None:

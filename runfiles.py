@@ -177,8 +177,12 @@ class DirectoryLock:
             fd = os.open(self.file, os.O_RDWR | os.O_CREAT, file_mode())
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX)
-            except BaseException:
+            except BaseException as exc:
                 os.close(fd)
+                if isinstance(exc, OSError):
+                    raise UserError(f"cannot lock {self.file} ({exc.strerror}): the workers of a search need a "
+                                    "file system with POSIX locks for --output_dir (a local disk, NFS, Lustre, "
+                                    "GPFS)") from None
                 raise
             entry = self._held[self.file] = [fd, 0]
         entry[1] += 1

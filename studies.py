@@ -270,8 +270,13 @@ def retry_failed(study: optuna.Study) -> None:
     """Queue again, once, every failed trial that was not retried yet: a dead worker's (Optuna
     fails those whose heartbeat stopped) or one that stopped with an error (an interrupt, a
     crash). Called under the directory lock, so no trial is queued twice."""
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     optuna.storages.fail_stale_trials(study)  # the storage's callback queues stale trials as they are failed
     trials = study.get_trials(deepcopy=False)
+    for trial in trials:
+        if trial.number in running and trial.state == TrialState.FAIL:
+            log.warning("trial %d (%s): its worker stopped sending heartbeats; queued again", trial.number,
+                        trial.user_attrs.get("name", trial.params))
     retry = RetryHeartbeatStaleTrialCallback()
     retried = {n for t in trials for n in retry.retry_history(t)}
     for trial in trials:
@@ -323,13 +328,14 @@ RESULT = "result"  # a finished trial's user attribute: its results row
 
 
 def result_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """One row per configuration (the first trial that finished it): completed ones best first
+    """One row per configuration (the first trial that completed it): completed ones best first
     (ties by name), then pruned ones by name. The order does not depend on which worker ran what."""
     rows: dict[str, dict[str, Any]] = {}
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        row = trial.user_attrs.get(RESULT)
-        if row is not None:
-            rows.setdefault(row["name"], row)
+    for state in (TrialState.COMPLETE, TrialState.PRUNED):  # a configuration finished once counts as finished
+        for trial in study.get_trials(deepcopy=False, states=(state,)):
+            row = trial.user_attrs.get(RESULT)
+            if row is not None:
+                rows.setdefault(row["name"], row)
     done = sorted((r for r in rows.values() if r["state"] == "complete"), key=lambda r: (-r["cv_dice"], r["name"]))
     return done + sorted((r for r in rows.values() if r["state"] != "complete"), key=lambda r: r["name"])
 

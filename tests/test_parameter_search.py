@@ -207,3 +207,29 @@ def test_parameter_search_ranks_and_skips(em6: Path, tmp_path: Path, monkeypatch
     # a re-run skips finished configurations
     monkeypatch.setattr(trainer, "run_fold", lambda *a, **k: pytest.fail("re-trained a finished configuration"))
     assert main(argv) == 0
+
+
+@pytest.mark.slow
+def test_an_interrupted_search_continues_where_it_stopped(em4: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in the second configuration: exit 130; the same command again queues that trial
+    again (Optuna's retry), finishes the rest and trains no finished fold twice."""
+    calls: list[str] = []
+    fake = fake_run_fold(calls)
+
+    def interrupted(config, samples, fold, *args, **kwargs):
+        if len(set(calls)) == 1 and Path(config.output_dir).name not in calls:
+            raise KeyboardInterrupt
+        return fake(config, samples, fold, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "run_fold", interrupted)
+    out = tmp_path / "search"
+    argv = ["parameter_search", "--data_dir", str(em4), "--output_dir", str(out), *FAST, *GRID]
+    assert main(argv) == 130
+    monkeypatch.setattr(trainer, "run_fold", fake)
+    assert main(argv) == 0
+    assert sorted(collections.Counter(calls).values()) == [2, 2, 2, 2]  # 4 configurations x 2 folds, once each
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}").trials
+    assert [t.state.name for t in study].count("COMPLETE") == 4
+    failed = [t for t in study if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) == 1 and any(t.system_attrs.get("failed_trial") == failed[0].number for t in study)

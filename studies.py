@@ -153,11 +153,7 @@ def open_storage(url: str, heartbeat: int) -> RDBStorage:
     hint = ("check the path (its folder must exist)" if sqlite else
             "check the URL, that the server runs and accepts connections from this machine, and the credentials")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat's
-            return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None,
-                              heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+        return _rdb_storage(url, heartbeat, {"connect_args": {"timeout": 60}} if sqlite else None)
     except ImportError:
         raise UserError(f"--storage {shown(url)}: the database driver for this URL is not installed (PostgreSQL: "
                         "psycopg, pinned in requirements.txt)") from None
@@ -171,6 +167,29 @@ def open_storage(url: str, heartbeat: int) -> RDBStorage:
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
             raise UserError(f"cannot open the study storage {shown(url)} ({reason}): {hint}") from None
         raise
+
+
+CREATE_ATTEMPTS = 5
+
+
+def _rdb_storage(url: str, heartbeat: int, engine_kwargs: dict[str, Any] | None) -> RDBStorage:
+    """``RDBStorage``, tried again while another worker is creating the tables of a new database
+    (workers of a job array start together)."""
+    import sqlalchemy
+
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat's
+                return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
+                                  grace_period=2 * heartbeat,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError) as exc:
+            race = not isinstance(exc, sqlalchemy.exc.OperationalError) or "already exists" in str(exc)
+            if attempt + 1 == CREATE_ATTEMPTS or not race:  # a duplicate table, type or row: a race
+                raise
+            time.sleep(1.0 + attempt)
+    raise AssertionError("not reached")
 
 
 def find_study(storage: RDBStorage, name: str) -> optuna.Study | None:

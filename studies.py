@@ -313,14 +313,14 @@ def run_worker(study: optuna.Study, space: SearchSpace, lock: Callable[[], Direc
     released by the time ``objective`` starts. While the last trials run on other workers, the
     study is looked at again every ``heartbeat`` seconds.
     """
-    waiting_since: float | None = None
+    announced = False  # the wait for other workers' trials
     while True:
         held = lock().acquire()
         try:
             retry_failed(study)
             progress = Progress.of(study, space.budget)
             if progress.startable:
-                waiting_since: float | None = None
+                announced = False
                 study.sampler = space.make_sampler(progress.started)
 
                 def unlocked(trial: Trial) -> float:
@@ -333,8 +333,8 @@ def run_worker(study: optuna.Study, space: SearchSpace, lock: Callable[[], Direc
             held.release()
         if progress.finished:
             return
-        if waiting_since is None:
-            waiting_since = time.monotonic()
+        if not announced:
+            announced = True
             log.info("%d trial(s) running on other workers: waiting for them (a dead worker's trial is taken "
                      "over after %d s without its heartbeat)", progress.running, 2 * heartbeat)
         time.sleep(heartbeat)

@@ -305,6 +305,14 @@ def retry_failed(study: optuna.Study) -> None:
             retry(study, trial)
 
 
+def given_up(study: optuna.Study, number: int) -> bool:
+    """Whether trial ``number`` was failed and queued again by another worker (its heartbeats
+    came too late), rather than stopped by an error of its own."""
+    trials = study.get_trials(deepcopy=False)
+    return trials[number].state == TrialState.FAIL and any(
+        number in t.system_attrs.get("retry_history", []) for t in trials)
+
+
 def run_worker(study: optuna.Study, space: SearchSpace, lock: Callable[[], DirectoryLock],
                objective: Callable[[Trial], float], heartbeat: int) -> None:
     """Run trials until the study's budget is finished (see the module docstring).
@@ -323,11 +331,21 @@ def run_worker(study: optuna.Study, space: SearchSpace, lock: Callable[[], Direc
                 announced = False
                 study.sampler = space.make_sampler(progress.started)
 
+                mine: list[int] = []
+
                 def unlocked(trial: Trial) -> float:
+                    mine.append(trial.number)
                     held.release()  # the trial is ours (RUNNING): others may choose theirs
                     return objective(trial)
 
-                study.optimize(unlocked, n_trials=1)
+                try:
+                    study.optimize(unlocked, n_trials=1)
+                except Exception:
+                    if not (mine and given_up(study, mine[0])):
+                        raise
+                    log.warning("trial %d was given up by the study (no heartbeat for %d s: a stalled machine?) and "
+                                "queued again while this worker trained it; the retry reads what it finished. Raise "
+                                "--heartbeat if this machine stalls", mine[0], 2 * heartbeat)
                 continue
         finally:
             held.release()

@@ -52,7 +52,9 @@ sys.exit(main.main(sys.argv[1:]))
 
 def start_worker(cwd: Path, data: Path, *extra: str, block: Path | None = None) -> subprocess.Popen:
     """``parameter_search`` of the 4-configuration grid into ``cwd/search`` (a relative path, so
-    that two searches in two folders write the same text), as a separate process."""
+    that two searches in two folders write the same text), as a separate process. Heartbeats
+    every 2 s: a killed worker's trial is taken over 4 s after its last one, and a worker slowed
+    by a busy machine is not declared dead."""
     cwd.mkdir(exist_ok=True)
     (cwd / "worker.py").write_text(WORKER)
     env = {**os.environ, "REPO": str(REPO), "TRAINED_LOG": str(cwd / "trained.log"), "OMP_NUM_THREADS": "1"}
@@ -60,7 +62,7 @@ def start_worker(cwd: Path, data: Path, *extra: str, block: Path | None = None) 
     if block is not None:
         env["BLOCK_IN_FOLD"] = str(block)
     argv = ["parameter_search", "--data_dir", str(data), "--output_dir", "search", *FAST, *GRID,
-            "--heartbeat", "1", *extra]
+            "--heartbeat", "2", *extra]
     return subprocess.Popen([sys.executable, "worker.py", *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -90,9 +92,8 @@ def each_trained_once(cwd: Path) -> None:
 def test_two_workers_share_a_grid_and_agree_with_one(em4: Path, tmp_path: Path) -> None:
     """Two workers started together on one SQLite study train each of the 4 configurations once
     (both folds), and write results.csv / best_config.json identical to a single worker's."""
-    finish(start_worker(tmp_path / "one", em4))
-    workers = [start_worker(tmp_path / "two", em4) for _ in range(2)]
-    for proc in workers:
+    workers = [start_worker(tmp_path / "one", em4)] + [start_worker(tmp_path / "two", em4) for _ in range(2)]
+    for proc in workers:  # the single worker runs beside the pair: the test's time is the pair's
         finish(proc)
     for cwd in (tmp_path / "one", tmp_path / "two"):
         each_trained_once(cwd)
@@ -233,3 +234,30 @@ def test_an_interrupted_search_continues_where_it_stopped(em4: Path, tmp_path: P
     assert [t.state.name for t in study].count("COMPLETE") == 4
     failed = [t for t in study if t.state == optuna.trial.TrialState.FAIL]
     assert len(failed) == 1 and any(t.system_attrs.get("failed_trial") == failed[0].number for t in study)
+
+
+@pytest.mark.slow
+def test_a_worker_given_up_for_late_heartbeats_goes_on(em4: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker whose trial the study failed while it was still training (its heartbeats came
+    too late, as on a stalled machine) goes on with the next configuration; the queued retry
+    reads the finished run instead of training it again."""
+    calls: list[str] = []
+    fake = fake_run_fold(calls)
+    out = tmp_path / "search"
+
+    def given_up(config, samples, fold, *args, **kwargs):
+        result = fake(config, samples, fold, *args, **kwargs)
+        if len(calls) == 2:  # the first configuration's last fold: another worker declares it dead
+            storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'study.db'}")
+            study = optuna.load_study(study_name="search", storage=storage)
+            running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))[0]
+            storage.set_trial_state_values(running._trial_id, optuna.trial.TrialState.FAIL)
+            optuna.storages.RetryHeartbeatStaleTrialCallback()(study, running)
+        return result
+
+    monkeypatch.setattr(trainer, "run_fold", given_up)
+    argv = ["parameter_search", "--data_dir", str(em4), "--output_dir", str(out), *FAST, *GRID]
+    assert main(argv) == 0
+    assert sorted(collections.Counter(calls).values()) == [2, 2, 2, 2]  # nothing trained twice
+    assert len((out / "results.csv").read_text().splitlines()) == 5

@@ -293,29 +293,34 @@ def save_metric_bars(path: str | Path, summary: Mapping[str, Mapping[str, Mappin
 def save_search_history(path: str | Path, points: Sequence[tuple[int, float, str, str]], title: str,
                         random_weights: bool = False) -> Path:
     """Score per trial (``(trial number, score, "complete" | "pruned", name)``, a pruned trial at
-    its last fold's score) with the best completed score so far as a step line; up to 20 trials
-    are labelled with their configuration's name."""
+    its last fold's score) with the best completed score so far as a step line to the last trial;
+    the five best are numbered on the plot and named in a list under it."""
     from matplotlib.ticker import MaxNLocator
 
-    fig = _figure(8.0, 4.6)
-    ax = fig.add_subplot(1, 1, 1)
+    fig = _figure(8.0, 5.4)
+    ax, table = fig.subplots(2, 1, gridspec_kw={"height_ratios": [4, 1]})
     done = sorted((n, v) for n, v, state, _ in points if state == "complete")
     pruned = [(n, v) for n, v, state, _ in points if state != "complete"]
     if done:
         xs, ys = zip(*done)
         ax.scatter(xs, ys, s=28, color=MODEL_COLORS[0], edgecolor="black", linewidth=0.4, zorder=3,
                    label=f"finished ({len(done)})")
-        ax.step(xs, np.maximum.accumulate(ys), where="post", color=MODEL_COLORS[1], linewidth=1.5, zorder=2,
-                label=f"best so far ({max(ys):.4f})")
+        last = max(n for n, *_ in points)
+        ax.step([*xs, last], [*np.maximum.accumulate(ys), max(ys)], where="post", color=MODEL_COLORS[1],
+                linewidth=1.5, zorder=2, label=f"best so far ({max(ys):.4f})")
     if pruned:
         xs, ys = zip(*pruned)
         ax.scatter(xs, ys, s=28, marker="x", color=BASELINE_COLORS[0], zorder=3,
                    label=f"pruned ({len(pruned)}), at its last fold")
-    if len(points) <= 20:
-        for n, v, _, name in points:
-            ax.annotate(name, (n, v), xytext=(4, 4), textcoords="offset points", fontsize=7, rotation=20)
+    best = sorted((p for p in points if p[2] == "complete"), key=lambda p: (-p[1], p[0]))[:5]
+    for rank, (n, v, _, name) in enumerate(best, start=1):
+        ax.annotate(str(rank), (n, v), xytext=(5, 3), textcoords="offset points", fontsize=8, fontweight="bold")
+    table.axis("off")
+    table.text(0.0, 1.0, "\n".join(f"{rank}. {name}  (trial {n}): {v:.4f}" for rank, (n, v, _, name)
+                                    in enumerate(best, start=1)), va="top", fontsize=8, family="monospace",
+               transform=table.transAxes)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.margins(x=0.12, y=0.15)
+    ax.margins(x=0.08, y=0.15)
     ax.set_xlabel("trial (in the order started)")
     ax.set_ylabel("cross-validated Dice")
     ax.grid(alpha=0.3)

@@ -43,8 +43,8 @@ SEARCH_FILE = "search.json"
 GRID_KEYS = studies.SPACE_KEYS
 COLUMNS = ["name", "lora_rank", "lora_alpha", "learning_rate", "cv_dice", "cv_dice_std", "cv_dice_ci_low",
            "cv_dice_ci_high", "cv_iou", "n_images", "folds", "run", "state"]
-# The lists' defaults: a grid, and the bounds of a TPE search.
-LIST_DEFAULTS = {"grid": ("2,4,8,16", "2,4,8", "1e-4,3e-4,1e-3"), "tpe": ("2,16", "2,8", "1e-4,1e-3")}
+LIST_FLAGS = ("--lora_ranks", "--lora_alphas", "--learning_rates")
+LIST_DEFAULTS = ("2,4,8,16", "2,4,8", "1e-4,3e-4,1e-3")  # a grid; with TPE, the ranges they span
 
 
 def parse_list(text: str, kind: type, flag: str) -> list:
@@ -68,12 +68,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_train_arguments(parser)
     grid = parser.add_argument_group("search space")
-    grid.add_argument("--lora_ranks", help="comma-separated LoRA ranks (grid default 2,4,8,16); with --sampler tpe "
-                                           "a range LOW,HIGH (default 2,16)")
-    grid.add_argument("--lora_alphas", help="comma-separated LoRA alphas (grid default 2,4,8); with --sampler tpe "
-                                            "a range LOW,HIGH (default 2,8)")
-    grid.add_argument("--learning_rates", help="comma-separated learning rates (grid default 1e-4,3e-4,1e-3); with "
-                                               "--sampler tpe a range LOW,HIGH drawn on a log scale (default 1e-4,1e-3)")
+    for flag, default, what, extra in zip(LIST_FLAGS, LIST_DEFAULTS, ("LoRA ranks", "LoRA alphas", "learning rates"),
+                                          ("", "", ", drawn on a log scale")):
+        grid.add_argument(flag, default=default, help=f"comma-separated {what}; with --sampler tpe a range LOW,HIGH"
+                                                      f"{extra} (the default is read as its lowest and highest)")
     search = parser.add_argument_group("search")
     search.add_argument("--sampler", choices=studies.SAMPLERS, default="grid",
                         help="grid: every combination of the lists, each trained once; tpe: --n_trials draws of "
@@ -82,12 +80,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     search.add_argument("--prune", action="store_true",
                         help="stop a configuration after a fold whose Dice is below the median of the finished "
                              "configurations at that fold (Optuna's MedianPruner, folds as steps)")
-    search.add_argument("--prune_startup", type=int,
-                        help="configurations that finish before any is pruned (default 5)")
+    search.add_argument("--prune_startup", type=int, default=5,
+                        help="with --prune: configurations that finish before any is pruned")
     search.add_argument("--storage", help="the study's database: any URL Optuna accepts, e.g. "
-                                          "postgresql://user:password@host/db for workers on several machines "
-                                          "(default: sqlite:///<output_dir>/study.db)")
-    search.add_argument("--study_name", help="the study's name in --storage (default: the name of --output_dir)")
+                                          "postgresql://user:password@host/db for workers on several machines; "
+                                          "None: sqlite:///<output_dir>/study.db")
+    search.add_argument("--study_name", help="the study's name in --storage; None: the name of --output_dir")
     search.add_argument("--heartbeat", type=int, default=60,
                         help="seconds between a worker's heartbeats; a trial without one for twice as long is a "
                              "dead worker's and is trained again by another worker")
@@ -102,19 +100,18 @@ def search_space(args: argparse.Namespace) -> studies.SearchSpace:
                         "(drop --n_trials, or add --sampler tpe)")
     if args.sampler == "tpe" and (args.n_trials is None or args.n_trials < 1):
         raise UserError("--sampler tpe needs --n_trials N (N >= 1): how many configurations to train")
-    if args.prune_startup is not None and (not args.prune or args.prune_startup < 0):
-        raise UserError("--prune_startup needs --prune and a value >= 0")
+    if args.prune_startup < 0:
+        raise UserError(f"--prune_startup must be >= 0, got {args.prune_startup}")
     if args.heartbeat < 1:
         raise UserError(f"--heartbeat must be at least 1 second, got {args.heartbeat}")
     lists = {}
-    for key, flag, kind, default in zip(GRID_KEYS, ("--lora_ranks", "--lora_alphas", "--learning_rates"),
-                                        (int, float, float), LIST_DEFAULTS[args.sampler]):
-        text = getattr(args, flag[2:]) or default
+    for key, flag, kind, default in zip(GRID_KEYS, LIST_FLAGS, (int, float, float), LIST_DEFAULTS):
+        text = getattr(args, flag[2:])
         values = parse_list(text, kind, flag)
         if args.sampler == "tpe":
-            if len(values) > 2:
-                raise UserError(f"{flag} {text}: with --sampler tpe give a range LOW,HIGH (e.g. {default}); a list "
-                                "of values to try is a grid (--sampler grid)")
+            if len(values) > 2 and text != default:
+                raise UserError(f"{flag} {text}: with --sampler tpe give a range LOW,HIGH (e.g. {values[0]},"
+                                f"{values[-1]}); a list of values to try is a grid (--sampler grid)")
             values = [min(values), max(values)]  # one value: fixed
         lists[key] = tuple(values)
     return studies.SearchSpace(args.sampler, lists["lora_rank"], lists["lora_alpha"], lists["learning_rate"],
@@ -158,12 +155,13 @@ def run(args: argparse.Namespace) -> int:
     resume = joins(out, identity, args.overwrite)
     folds = crossval.plan_folds(base, samples, resume)  # impossible folds: refused before any write
     check_cache_budget(base, len(samples), args.cache_memory_gb, None)
-    if args.storage or (out.path / studies.STUDY_DB).is_file():
-        studies.precheck(url, name, identity, args.overwrite, args.heartbeat)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=5 if args.prune_startup is None else args.prune_startup) \
-        if args.prune else optuna.pruners.NopPruner()
+    check_study(args, out, url, name, identity)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=args.prune_startup) if args.prune else \
+        optuna.pruners.NopPruner()
     with out.lock():  # workers starting together: the first claims the directory and creates the study
-        out.claim(args.overwrite, resume=joins(out, identity, args.overwrite))
+        resume = joins(out, identity, args.overwrite)
+        check_study(args, out, url, name, identity)  # again, now that no worker can start: --overwrite of a live one
+        out.claim(args.overwrite, resume=resume)
         runfiles.write_json(out.path / SEARCH_FILE, identity)
         if not (out.path / folds_lib.FOLDS_FILE).is_file():
             folds_lib.save_folds(out.path, folds, samples, seed=base.seed, grouping=crossval.grouping(base))
@@ -177,6 +175,14 @@ def run(args: argparse.Namespace) -> int:
         studies.run_worker(study, space, out.lock, lambda trial: objective(trial, search), args.heartbeat)
         write_outputs(out.path, base, space, study, random_weights)
     return 0
+
+
+def check_study(args: argparse.Namespace, out: runfiles.OutputDir, url: str, name: str,
+                identity: dict[str, Any]) -> None:
+    """The study, if there is one yet, is this search's (or, with --overwrite, has no live
+    worker); nothing is written (a new default SQLite study is not created here)."""
+    if args.storage or (out.path / studies.STUDY_DB).is_file():
+        studies.precheck(url, name, identity, args.overwrite, args.heartbeat)
 
 
 def joins(out: runfiles.OutputDir, identity: dict[str, Any], overwrite: bool) -> bool:

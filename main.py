@@ -86,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERNAL
     except KeyboardInterrupt:
         log.error("interrupted: %s", "the finished epochs are saved; rerun the same command with --resume to continue"
-                  if args.command in ("train", "parameter_search") else "rerun the same command to resume"
+                  if args.command == "train" else "the finished epochs are saved; rerun the same command to "
+                  "continue the search" if args.command == "parameter_search" else "rerun the same command to resume"
                   if args.command == "download" else "rerun the same command (with --overwrite if it had "
                   "already written outputs)")
         return 130

@@ -13,6 +13,11 @@ The output-directory rule, the same for every command (:class:`OutputDir`):
   directory's manifest (``.samlora_outputs.json``, updated with every file written), so files
   the user put there are never touched;
 * a directory that is an input of the command (data, a training run) is refused.
+
+A directory that several processes write at once (the workers of one ``parameter_search``)
+is claimed with ``shared=True``: its manifest is then read, merged and rewritten under an
+exclusive ``fcntl`` lock on ``.samlora_outputs.lock`` (:class:`DirectoryLock`, which the
+workers also hold while they choose their next piece of work), so no worker's record is lost.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from errors import UserError, write_error
 log = logging.getLogger(__name__)
 
 MANIFEST = ".samlora_outputs.json"
+LOCK_FILE = ".samlora_outputs.lock"
 _ACTIVE: list["OutputDir"] = []  # directories claimed by the running command(s), outermost first
 
 
@@ -144,12 +150,83 @@ def torch_save(obj: Any, path: str | os.PathLike, rerun: str = "rerun with --res
 # --------------------------------------------------------------------------------------------
 # Output directories
 # --------------------------------------------------------------------------------------------
-class OutputDir:
-    """An output directory claimed by one command, with the manifest of the files it wrote."""
+class DirectoryLock:
+    """An exclusive lock on ``folder/.samlora_outputs.lock``, shared by the processes that write
+    into one output directory (on one machine or several, over a file system with POSIX locks:
+    a local disk, NFS, Lustre, GPFS). The kernel drops it when its process dies.
 
-    def __init__(self, path: str | os.PathLike, command: str) -> None:
+    Re-entrant within a process (a nested holder shares the outer one's lock: closing a second
+    descriptor of the file would drop a POSIX lock); :meth:`release` is idempotent, so a holder
+    may hand the lock back early and still leave a ``with`` block safely.
+    """
+
+    _held: dict[str, list[int]] = {}  # lock file -> [descriptor, holders] in this process
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.file = str(Path(folder).resolve() / LOCK_FILE)
+        self._mine = False
+
+    def acquire(self) -> "DirectoryLock":
+        """Wait for the lock (no-op if this holder has it)."""
+        if self._mine:
+            return self
+        entry = self._held.get(self.file)
+        if entry is None:
+            import fcntl  # POSIX only; imported here so that other commands run anywhere
+
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, file_mode())
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+            except BaseException as exc:
+                os.close(fd)
+                if isinstance(exc, OSError):
+                    raise UserError(f"cannot lock {self.file} ({exc.strerror}): the workers of a search need a "
+                                    "file system with POSIX locks for --output_dir (a local disk, NFS, Lustre, "
+                                    "GPFS)") from None
+                raise
+            entry = self._held[self.file] = [fd, 0]
+        entry[1] += 1
+        self._mine = True
+        return self
+
+    def release(self) -> None:
+        """Give the lock back (no-op if this holder does not have it)."""
+        if not self._mine:
+            return
+        self._mine = False
+        entry = self._held[self.file]
+        entry[1] -= 1
+        if entry[1] == 0:
+            import fcntl
+
+            del self._held[self.file]
+            fcntl.lockf(entry[0], fcntl.LOCK_UN)
+            os.close(entry[0])
+
+    def __enter__(self) -> "DirectoryLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class OutputDir:
+    """An output directory claimed by one command, with the manifest of the files it wrote.
+
+    ``shared``: several processes write into it at once (see the module docstring).
+    """
+
+    def __init__(self, path: str | os.PathLike, command: str, shared: bool = False) -> None:
         self.path = Path(path)
         self.command = command
+        self.shared = shared
+
+    def lock(self) -> DirectoryLock | contextlib.nullcontext:
+        """The directory's lock for a shared directory (created with it), else a no-op."""
+        if not self.shared:
+            return contextlib.nullcontext()
+        self.path.mkdir(parents=True, exist_ok=True)
+        return DirectoryLock(self.path)
 
     @property
     def manifest_path(self) -> Path:
@@ -178,7 +255,7 @@ class OutputDir:
         """Entries of the directory that no earlier run of this command recorded."""
         if not self.path.is_dir():
             return []
-        ours = {f.split("/", 1)[0] for f in self.recorded()} | {MANIFEST}
+        ours = {f.split("/", 1)[0] for f in self.recorded()} | {MANIFEST, LOCK_FILE}
         return sorted(p.name for p in self.path.iterdir() if p.name not in ours)
 
     def check(self, overwrite: bool, resume: bool = False, protected: Iterable[Path] = (),
@@ -196,12 +273,13 @@ class OutputDir:
         if owner not in (None, self.command):
             raise UserError(f"{flag} {self.path} holds the outputs of `{owner}`; `{self.command}` writes into a "
                             "directory of its own: choose another one (nothing was written)")
-        if resume or overwrite or not self.path.is_dir() or not any(self.path.iterdir()):
+        entries = sorted(p.name for p in self.path.iterdir() if p.name != LOCK_FILE) if self.path.is_dir() else []
+        if resume or overwrite or not entries:
             return
         if self.recorded():
             raise UserError(f"{flag} {self.path} holds an earlier `{self.command}` run: pass --overwrite to "
                             "replace it, or choose another directory (nothing was written)")
-        found = ", ".join(sorted(p.name for p in self.path.iterdir())[:4])
+        found = ", ".join(entries[:4])
         raise UserError(f"{flag} {self.path} exists and is not empty ({found}): choose a new directory or pass "
                         "--overwrite (only files this command writes are replaced; nothing was written)")
 
@@ -210,16 +288,17 @@ class OutputDir:
         """Check, create, clear an earlier run's files (``overwrite``) and start recording."""
         self.check(overwrite, resume, protected, flag)
         self.path.mkdir(parents=True, exist_ok=True)
-        files = self.recorded()
-        if overwrite and not resume:
-            self._remove(files)
-            files = []
-            others = self.user_files()
-            if others:
-                log.warning("--overwrite: %s also holds %s, which stay (files with this command's names are "
-                            "replaced)", self.path, ", ".join(others[:4]))
-        self._files = list(files)
-        self._write_manifest()
+        with self.lock():
+            files = self.recorded()
+            if overwrite and not resume:
+                self._remove(files)
+                files = []
+                others = self.user_files()
+                if others:
+                    log.warning("--overwrite: %s also holds %s, which stay (files with this command's names are "
+                                "replaced)", self.path, ", ".join(others[:4]))
+            self._files = list(files)
+            self._write_manifest()
         if self not in _ACTIVE:
             _ACTIVE.append(self)
         return self
@@ -254,9 +333,18 @@ class OutputDir:
     def add(self, path: Path) -> None:
         """Record ``path`` (inside the directory) in the manifest."""
         relative = path.resolve().relative_to(self.path.resolve()).as_posix()
-        if relative != MANIFEST and relative not in self._files:
-            self._files.append(relative)
-            self._write_manifest()
+        if relative in (MANIFEST, LOCK_FILE):
+            return
+        if not self.shared:
+            if relative not in self._files:
+                self._files.append(relative)
+                self._write_manifest()
+            return
+        with self.lock():  # other workers record files too: the manifest on disk is the record
+            self._files = self.recorded()
+            if relative not in self._files:
+                self._files.append(relative)
+                self._write_manifest()
 
     def _write_manifest(self) -> None:
         record = {"command": self.command, "files": self._files,

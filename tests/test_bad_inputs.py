@@ -22,6 +22,7 @@ import json
 import logging
 import shutil
 import socket
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -309,6 +310,37 @@ def search_args(env: Env, *extra: str) -> list[str]:
             *extra]
 
 
+def study_of_another_search(recorded: dict) -> Callable[[Env], list[str]]:
+    """The user's study database holds a study made for another search (its recorded identity:
+    ``recorded``); the command must leave the database as it was."""
+    def build(env: Env) -> list[str]:
+        import optuna
+
+        import studies
+
+        url = f"sqlite:///{env.user / 'studies.db'}"
+        optuna.create_study(storage=url, study_name="em").set_user_attr(studies.IDENTITY, recorded)
+        return search_args(env, "--storage", url, "--study_name", "em")
+    return build
+
+
+def study_with_a_live_worker(env: Env) -> list[str]:
+    """--overwrite of a study whose trial runs on a live worker (a fresh heartbeat), as when a
+    job array's every task was started with --overwrite."""
+    import optuna
+
+    import studies
+
+    url = f"sqlite:///{env.user / 'studies.db'}"
+    storage = studies.open_storage(url, heartbeat=60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "heartbeats are meant for Study.optimize": this worker is pretend
+        trial = optuna.create_study(storage=storage, study_name="em").ask()
+    storage.record_heartbeat(trial._trial_id)
+    storage.engine.dispose()
+    return search_args(env, "--storage", url, "--study_name", "em", "--overwrite")
+
+
 def leaves_nothing(build: Callable[[Env], list[str]]) -> Callable[[Env], list[str]]:
     """``build``, and afterwards: nothing was created under ``out`` (not even a folder)."""
     def wrapped(env: Env) -> list[str]:
@@ -317,12 +349,17 @@ def leaves_nothing(build: Callable[[Env], list[str]]) -> Callable[[Env], list[st
     return wrapped
 
 
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def download_unreachable(env: Env) -> list[str]:
     """A mirror that refuses the connection: the line names the URL and where the file would go;
     no file (not even a partial one) is left."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}/mobile_sam.pt"  # closed when the with ends
+    url = f"http://127.0.0.1:{closed_port()}/mobile_sam.pt"
     weights = env.out / "weights"
     env.words += [url, str((weights / "mobile_sam.pt").absolute())]
 
@@ -416,6 +453,7 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str | tuple[str, ...], int]] 
     ("train unknown LoRA target", lambda e: train_args(e, e.data(), "--lora_targets", "qkv,nope"),
      "unknown LoRA target", 2),
     ("train fp16 on the CPU", lambda e: train_args(e, e.data(), "--precision", "fp16"), "fp16 needs a CUDA GPU", 2),
+    ("train a GPU this machine lacks", lambda e: train_args(e, e.data(), "--device", "cuda:7"), "--device cuda:7", 2),
     # train: checkpoints
     ("train vit_b checkpoint for vit_t", lambda e: train_args(e, e.data(), "--checkpoint", str(e.vit_b)),
      VIT_B_FOR_VIT_T, 2),
@@ -444,6 +482,31 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str | tuple[str, ...], int]] 
      "cannot make 9 folds from 4 groups", 2),
     ("search output dir holds other files", lambda e: [*search_args(e), "--output_dir", str(existing_output(e))],
      "exists and is not empty", 2),
+    ("search --n_trials with the grid", lambda e: search_args(e, "--n_trials", "4"),
+     "--n_trials is for --sampler tpe", 2),
+    ("search tpe without --n_trials", lambda e: search_args(e, "--sampler", "tpe"), "--sampler tpe needs --n_trials", 2),
+    ("search tpe with a list of ranks",
+     lambda e: search_args(e, "--sampler", "tpe", "--n_trials", "4", "--lora_ranks", "2,4,8"),
+     "give a range LOW,HIGH", 2),
+    ("search negative --prune_startup", lambda e: search_args(e, "--prune", "--prune_startup", "-1"),
+     "--prune_startup must be >= 0", 2),
+    ("search storage not a URL", lambda e: search_args(e, "--storage", "runs/study.db"), "is not a database URL", 2),
+    ("search storage of an unknown kind", lambda e: search_args(e, "--storage", "nosuchdb://host/db"),
+     "is not a database URL", 2),
+    ("search storage folder missing",
+     lambda e: search_args(e, "--storage", f"sqlite:///{e.user / 'nowhere' / 'study.db'}"),
+     ("cannot open the study storage", "unable to open database file"), 2),
+    ("search storage server unreachable",
+     lambda e: search_args(e, "--storage", f"postgresql://samlora:secret@127.0.0.1:{closed_port()}/studies"),
+     ("cannot open the study storage postgresql://samlora:***@127.0.0.1", "Connection refused"), 2),
+    ("search study of another search space",
+     study_of_another_search({"space": {"sampler": "grid", "lora_rank": [2], "lora_alpha": [2.0],
+                                        "learning_rate": [0.001]}}),
+     ("was made for another search", "space.lora_rank: [2] -> [2, 4, 8, 16]"), 2),
+    ("search study of other data", study_of_another_search({"data": "0" * 64}),
+     ("was made for another search", "data: '000"), 2),
+    ("search --overwrite of a study with a live worker", study_with_a_live_worker,
+     "are running on other workers", 2),
     # evaluate
     ("evaluate no data dir", lambda e: evaluate_args(e, None), "--data_dir is required", 2),
     ("evaluate data dir missing", lambda e: evaluate_args(e, e.user / "nowhere"), "does not exist", 2),

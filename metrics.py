@@ -54,16 +54,12 @@ Conventions (no NaN, no division by zero, ever)
 """
 from __future__ import annotations
 
-import logging
 from typing import Iterable, Mapping
 
 import numpy as np
 from scipy import ndimage
-from scipy.optimize import linear_sum_assignment
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
-log = logging.getLogger(__name__)
+from overlaps import max_iou_matching, overlap_table
 
 #: IoU thresholds 0.50, 0.55, ..., 0.95 of the ``f1@t`` family, as integer percents (exact).
 IOU_THRESHOLD_PERCENTS: tuple[int, ...] = tuple(range(50, 100, 5))
@@ -81,12 +77,6 @@ INSTANCE_COUNT_KEYS: tuple[str, ...] = (
     "n_gt", "n_pred", "tp", "fp", "fn", "sum_matched_iou",
     "aji_intersection", "aji_union", "aji_plus_intersection", "aji_plus_union",
 ) + tuple(f"tp@{p / 100:.2f}" for p in IOU_THRESHOLD_PERCENTS)
-
-# Above this many (gt, pred) cells the overlap table is built with np.unique instead of a
-# dense bincount (memory: 8 bytes per cell).
-_DENSE_PAIR_LIMIT = 1 << 22
-# Label maps whose largest value is below this are compacted with a lookup table (O(pixels)).
-_LUT_LABEL_LIMIT = 1 << 22
 
 
 def threshold_key(name: str, percent: int) -> str:
@@ -266,64 +256,18 @@ def to_instances(mask: np.ndarray, connectivity: int = 8) -> np.ndarray:
     return labels
 
 
-def _compact_labels(labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """Map the nonzero values of a flat label array onto 1..n (0 stays 0), keeping order.
-
-    Args:
-        labels: flat (N,) non-negative integer array.
-
-    Returns:
-        ``(idx, n)``: (N,) int64 array of compact labels, and the number of objects n.
-    """
-    if labels.size == 0:
-        return labels.astype(np.int64), 0
-    top = int(labels.max())
-    if top < _LUT_LABEL_LIMIT:
-        labels = labels.astype(np.intp, copy=False)  # uint64 cannot index / bincount safely
-        present = np.bincount(labels, minlength=top + 1) > 0
-        present[0] = False
-        lut = np.cumsum(present, dtype=np.int64)
-        lut[0] = 0
-        return lut[labels], int(lut[-1])
-    values, inverse = np.unique(labels, return_inverse=True)
-    inverse = inverse.astype(np.int64).ravel()
-    if values[0] == 0:
-        return inverse, len(values) - 1
-    return inverse + 1, len(values)
-
-
 def _overlaps(
     gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Object areas and the sparse table of overlapping (gt, pred) pairs.
+    """Object areas and the sparse table of overlapping (gt, pred) pairs (overlaps.py).
 
     Returns:
         ``(area_gt, area_pred, pair_gt, pair_pred, inter)``: (G,) and (P,) int64 areas of the
         compacted objects; (K,) int64 indices (0-based, in label order) of the K overlapping
         pairs and their (K,) int64 intersections (all > 0), sorted by (gt, pred).
     """
-    g = gt.ravel()
-    p = pred.ravel()
-    if ignore is not None:
-        keep = ~ignore.ravel()
-        g = g[keep]
-        p = p[keep]
-    gi, n_gt = _compact_labels(g)
-    pi, n_pred = _compact_labels(p)
-    area_gt = np.bincount(gi, minlength=n_gt + 1)[1:]
-    area_pred = np.bincount(pi, minlength=n_pred + 1)[1:]
-    both = (gi > 0) & (pi > 0)
-    keys = (gi[both] - 1) * n_pred + (pi[both] - 1)
-    if n_gt * n_pred <= _DENSE_PAIR_LIMIT:
-        table = np.bincount(keys, minlength=n_gt * n_pred)
-        cells = np.flatnonzero(table)
-        inter = table[cells]
-    else:
-        cells, inter = np.unique(keys, return_counts=True)
-    if n_pred == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return area_gt, area_pred, empty, empty, empty
-    return area_gt, area_pred, cells // n_pred, cells % n_pred, inter.astype(np.int64)
+    table = overlap_table(gt, pred, None if ignore is None else ~ignore)
+    return table.area_a, table.area_b, table.pair_a, table.pair_b, table.inter
 
 
 def _aji_sums(
@@ -363,32 +307,7 @@ def _aji_plus_sums(
     n_gt, n_pred = len(area_gt), len(area_pred)
     if len(inter) == 0:
         return 0, int(area_gt.sum() + area_pred.sum())
-    graph = coo_matrix(
-        (np.ones(len(inter)), (pair_gt, n_gt + pair_pred)), shape=(n_gt + n_pred,) * 2
-    )
-    _, component = connected_components(graph, directed=False)
-    pair_component = component[pair_gt]
-    pairs_per_component = np.bincount(pair_component)
-    single = pairs_per_component[pair_component] == 1
-    chosen = [np.flatnonzero(single)]  # components with one pair: that pair is the match
-    multi = np.flatnonzero(~single)
-    if len(multi):
-        iou = inter / union
-        multi = multi[np.argsort(pair_component[multi], kind="stable")]
-        bounds = np.flatnonzero(np.diff(pair_component[multi])) + 1
-        log.debug("AJI+: Hungarian on %d overlap components (largest %d pairs)",
-                  len(bounds) + 1, int(pairs_per_component.max()))
-        for block in np.split(multi, bounds):
-            rows, row_idx = np.unique(pair_gt[block], return_inverse=True)
-            cols, col_idx = np.unique(pair_pred[block], return_inverse=True)
-            cost = np.zeros((len(rows), len(cols)))
-            cost[row_idx, col_idx] = -iou[block]
-            pair_of_cell = np.full((len(rows), len(cols)), -1, dtype=np.int64)
-            pair_of_cell[row_idx, col_idx] = block
-            r, c = linear_sum_assignment(cost)
-            picked = pair_of_cell[r, c]
-            chosen.append(picked[picked >= 0])  # drop assignments of non-overlapping cells
-    sel = np.concatenate(chosen)
+    sel = max_iou_matching(pair_gt, pair_pred, inter / union, n_gt, n_pred)
     total_inter = int(inter[sel].sum())
     total_union = int(union[sel].sum())
     gt_paired = np.zeros(n_gt, dtype=bool)

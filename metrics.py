@@ -59,7 +59,7 @@ from typing import Iterable, Mapping
 import numpy as np
 from scipy import ndimage
 
-from overlaps import max_iou_matching, overlap_table
+from overlaps import PairCounts, max_iou_matching, overlap_table
 
 #: IoU thresholds 0.50, 0.55, ..., 0.95 of the ``f1@t`` family, as integer percents (exact).
 IOU_THRESHOLD_PERCENTS: tuple[int, ...] = tuple(range(50, 100, 5))
@@ -416,3 +416,91 @@ def pooled_instance_metrics(rows: Iterable[Mapping[str, float]]) -> dict[str, fl
     """
     totals = _sum_counts(rows, INSTANCE_COUNT_KEYS, "instance_metrics")
     return _instance_scores(totals)
+
+
+# --------------------------------------------------------------------------- volumes
+
+#: Keys of :func:`volume_metrics` (counts ``n_gt``, ``n_pred``, ``tp50``, ``tp75`` come besides).
+VOLUME_SCORE_KEYS: tuple[str, ...] = ("dice", "iou", "precision50", "recall50", "f1_50", "ap50", "ap75")
+
+
+def _volume_counts(gt: np.ndarray, pred: np.ndarray) -> PairCounts:
+    """The contingency table of two ZxHxW label volumes, counted section by section."""
+    gt, pred = np.asarray(gt), np.asarray(pred)
+    if gt.ndim != 3 or gt.shape != pred.shape:
+        raise ValueError(f"gt and pred must be ZxHxW volumes of one shape, got {gt.shape} and {pred.shape}")
+    counts = PairCounts()
+    for z in range(gt.shape[0]):
+        counts.add(_check_label_map(gt[z], "gt"), _check_label_map(pred[z], "pred"))
+    return counts
+
+
+def average_precision(matched: np.ndarray, n_gt: int) -> float:
+    """COCO's 101-point interpolated average precision of predictions in ranking order.
+
+    ``matched``: (P,) bool, whether each prediction (best ranked first) is a true positive.
+    The precision is made non-increasing in recall, then averaged at recall 0, 0.01, ..., 1
+    (0 where that recall is never reached). No ground truth: 1.0 without predictions, else 0.0.
+    """
+    if n_gt == 0 or len(matched) == 0:
+        return float(n_gt == 0 and len(matched) == 0)
+    tp = np.cumsum(matched)
+    precision = np.maximum.accumulate((tp / np.arange(1, len(matched) + 1))[::-1])[::-1]
+    at = np.searchsorted(tp / n_gt, np.linspace(0.0, 1.0, 101), side="left")
+    return float(np.where(at < len(matched), precision[np.minimum(at, len(matched) - 1)], 0.0).mean())
+
+
+def volume_metrics(gt: np.ndarray, pred: np.ndarray,
+                   scores: Mapping[int, float] | None = None) -> dict[str, float | int]:
+    """3-D scores of a ZxHxW prediction against ZxHxW ground truth (every non-zero value one 3-D object).
+
+    * ``dice``, ``iou``: of the foreground voxels over the whole volume (the EPFL/Lucchi convention).
+    * ``precision50``, ``recall50``, ``f1_50``: 3-D objects matched one to one at IoU > 0.5 (unique,
+      as in 2-D: objects are disjoint), over ``n_pred`` / ``n_gt`` / their mean.
+    * ``ap50``, ``ap75``: average precision at 3-D IoU > 0.5 and > 0.75 (the MitoEM convention: COCO's
+      101-point AP, :func:`average_precision`), predictions ranked by ``scores`` ({label: score},
+      higher first) or, without them, by size in voxels as MitoEM's evaluation ranks them; ties by
+      label. Thresholds are strict (IoU > t), as everywhere in this module; COCO uses >=.
+
+    Counted section by section (:class:`overlaps.PairCounts`): memory of a section, not of the
+    volume. Empty volumes follow the module convention. Also returns ``n_gt``, ``n_pred``,
+    ``tp50``, ``tp75``.
+    """
+    counts = _volume_counts(gt, pred)
+    va, vb, voxels = counts.pairs
+    tp, fp, fn = (int(voxels[(va > 0) & (vb > 0)].sum()), int(voxels[(va == 0) & (vb > 0)].sum()),
+                  int(voxels[(va > 0) & (vb == 0)].sum()))
+    out: dict[str, float | int] = {k: v for k, v in _semantic_scores(tp, fp, fn).items() if k in ("dice", "iou")}
+    table = counts.overlaps()
+    n_gt, n_pred = len(table.area_a), len(table.area_b)
+    both_empty = n_gt == 0 and n_pred == 0
+    key = table.area_b if scores is None else np.array([scores[int(i)] for i in table.ids_b], float)
+    rank = np.lexsort((table.ids_b, -key))
+    for t in (50, 75):
+        good = 100 * table.inter > t * table.union  # exact: IoU > t / 100
+        matched = np.zeros(n_pred, bool)
+        matched[table.pair_b[good]] = True
+        out[f"tp{t}"], out[f"ap{t}"] = int(good.sum()), average_precision(matched[rank], n_gt)
+    out.update(precision50=_ratio(out["tp50"], n_pred, both_empty), recall50=_ratio(out["tp50"], n_gt, both_empty),
+               f1_50=_ratio(2 * out["tp50"], n_gt + n_pred, both_empty), n_gt=n_gt, n_pred=n_pred)
+    return out
+
+
+def adapted_rand_error(gt: np.ndarray, pred: np.ndarray) -> float:
+    """The adapted Rand error (CREMI, SNEMI3D) of a ZxHxW or HxW segmentation; 0 is perfect.
+
+    Over the pairs of ground-truth foreground voxels (gt != 0; ``pred`` background is a segment):
+    precision = the share of pairs in one ``pred`` segment that share a ``gt`` object, recall = the
+    share of pairs in one ``gt`` object that share a ``pred`` segment; error = 1 - their F-score.
+    From the contingency table n_ij: (sum n_ij^2 - N) / (sum b_j^2 - N), resp. (sum a_i^2 - N).
+    """
+    gt, pred = np.asarray(gt), np.asarray(pred)
+    va, vb, n = _volume_counts(gt[None] if gt.ndim == 2 else gt, pred[None] if pred.ndim == 2 else pred).pairs
+    fg = va > 0
+    n = n[fg].astype(np.float64)
+    a, b = (np.bincount(np.unique(v[fg], return_inverse=True)[1].ravel(), weights=n) for v in (va, vb))
+    both, split, merge = float(n @ n - n.sum()), float(a @ a - n.sum()), float(b @ b - n.sum())
+    if split == 0 or merge == 0:  # no pair of foreground voxels in one gt object or one pred segment
+        return 0.0 if split == merge else 1.0
+    precision, recall = both / merge, both / split
+    return 1.0 - (2 * precision * recall / (precision + recall) if both else 0.0)

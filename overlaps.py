@@ -30,7 +30,7 @@ class Overlaps:
     """The objects of two label maps and their overlapping pairs.
 
     ``area_a`` (A,) and ``area_b`` (B,) int64 object sizes of the compacted objects (index k is
-    the k-th smallest non-zero value); ``pair_a``, ``pair_b`` (K,) int64 indices of the K
+    the k-th smallest non-zero value, ``ids_a`` / ``ids_b``); ``pair_a``, ``pair_b`` (K,) int64 indices of the K
     overlapping pairs, sorted by (a, b); ``inter`` (K,) int64 their intersections (all > 0).
     """
 
@@ -39,6 +39,8 @@ class Overlaps:
     pair_a: np.ndarray
     pair_b: np.ndarray
     inter: np.ndarray
+    ids_a: np.ndarray | None = None  # (A,) the label value of each object, where known
+    ids_b: np.ndarray | None = None
 
     @property
     def union(self) -> np.ndarray:
@@ -154,27 +156,33 @@ class PairCounts:
     def __init__(self) -> None:
         self._keys: list[np.ndarray] = []
         self._counts: list[np.ndarray] = []
+        self._pairs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def add(self, a: np.ndarray, b: np.ndarray) -> None:
         """Count one pair of same-shaped label sections (non-negative integers below 2**32)."""
         if a.shape != b.shape:
             raise ValueError(f"shapes differ: {a.shape} and {b.shape}")
+        if max(int(a.max(initial=0)), int(b.max(initial=0))) >= 1 << 32:
+            raise ValueError("label values must be below 2**32")
+        self._pairs = None
         keys = (a.astype(np.uint64).ravel() << np.uint64(32)) | b.astype(np.uint64).ravel()
         keys, counts = np.unique(keys, return_counts=True)
         self._keys.append(keys)
         self._counts.append(counts)
         if len(self._keys) >= 64:  # fold in, so the lists stay short
-            self._keys, self._counts = [self.pairs[0] << np.uint64(32) | self.pairs[1]], [self.pairs[2]]
+            va, vb, counts = self.pairs
+            self._keys, self._counts = [(va << np.uint64(32)) | vb], [counts]
 
     @property
     def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(value_a, value_b, count)``: (K,) uint64, uint64, int64 of every distinct pair."""
-        if not self._keys:
-            empty = np.zeros(0, np.uint64)
-            return empty, empty, np.zeros(0, np.int64)
-        keys, inverse = np.unique(np.concatenate(self._keys), return_inverse=True)
-        counts = np.bincount(inverse.ravel(), weights=np.concatenate(self._counts)).astype(np.int64)
-        return keys >> np.uint64(32), keys & np.uint64(0xFFFFFFFF), counts
+        if self._pairs is None:
+            keys = np.concatenate(self._keys) if self._keys else np.zeros(0, np.uint64)
+            keys, inverse = np.unique(keys, return_inverse=True)
+            weights = np.concatenate(self._counts) if self._counts else np.zeros(0)
+            counts = np.bincount(inverse.ravel(), weights=weights, minlength=len(keys)).astype(np.int64)
+            self._pairs = (keys >> np.uint64(32), keys & np.uint64(0xFFFFFFFF), counts)
+        return self._pairs
 
     def overlaps(self) -> Overlaps:
         """The :class:`Overlaps` of everything added (objects compacted in value order)."""
@@ -187,4 +195,4 @@ class PairCounts:
         pair_a = np.searchsorted(ids_a, va[both]).astype(np.int64)
         pair_b = np.searchsorted(ids_b, vb[both]).astype(np.int64)
         order = np.lexsort((pair_b, pair_a))
-        return Overlaps(area_a, area_b, pair_a[order], pair_b[order], counts[both][order])
+        return Overlaps(area_a, area_b, pair_a[order], pair_b[order], counts[both][order], ids_a, ids_b)

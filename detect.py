@@ -5,14 +5,18 @@
 image and blocks of neighbouring slices never straddle it), trains a YOLOv8 detector offline with
 ultralytics and reports box precision and recall at IoU 0.5 on the validation split.
 
-``detect predict`` segments an image, a folder of images or a 3-D TIFF stack (slice by slice):
+``detect predict`` segments an image, a folder of images, a 3-D TIFF stack or a Zarr volume:
 YOLO boxes prompt (LoRA-)SAM, or SAM's automatic mask generator does (``--mode amg``). Per input
-it writes ``<stem>_labels.tif`` (uint16/uint32 instance labels, same Z/Y/X shape as the input),
+it writes ``<stem>_labels.tif`` (instance labels, same Z/Y/X shape as the input: uint16/uint32 for
+an image, a uint32 BigTIFF for a stack; ``<stem>_labels.zarr`` with the input's chunks for Zarr),
 ``<stem>_overlay.png``, and for the run one ``coco.json`` (RLE or polygons), the config and a
-log. Images larger than ``--tile_size`` are segmented in overlapping tiles, then merged.
+log. Images larger than ``--tile_size`` are segmented in overlapping tiles, then merged. Volumes
+are read, segmented and written one section at a time, their objects linked into 3-D objects
+(``--no_link`` keeps per-section ones); ``--resume`` continues an interrupted run.
 
 The work is done one level down: detector.py (offline ultralytics, the YOLO dataset, box
-matching), inference.py (SAM, tiles), labelfiles.py (the output files), adapters.py (the model).
+matching), inference.py (SAM, tiles), stacks.py (volumes section by section), labelfiles.py (the
+output files), adapters.py (the model).
 """
 from __future__ import annotations
 
@@ -32,12 +36,15 @@ import inference
 import model as sam_model
 import runfiles
 import runs
+import stacks
+import volume_io
 from coco import CocoWriter
 from detector import (BoxCounts, DetectorOptions, build_yolo, export_yolo_dataset, load_detector, load_yolo,
                       parse_yolo_args, validate_detector, yolo_device)
 from errors import UserError
 from inference import SegmentOptions, Segmenter
-from labelfiles import output_paths, segment_file
+from labelfiles import output_paths, segment_file, stack_output_paths
+from volumes import LinkOptions
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +144,11 @@ def run_train(args: argparse.Namespace) -> int:
 # detect predict
 # --------------------------------------------------------------------------------------------
 def find_inputs(path: Path) -> list[Path]:
-    """``--input``: one image or stack file, or the image / stack files of a folder (sorted)."""
+    """``--input``: one image, stack file or Zarr volume, or the image / stack files of a folder (sorted)."""
     if not path.exists():
         raise UserError(f"--input {path} does not exist")
+    if volume_io.is_zarr(path):
+        return [path]
     if path.is_dir():
         files = sorted(p for p in path.iterdir()
                        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in images.IMAGE_EXTS)
@@ -200,8 +209,8 @@ def _far(a: float, b: float) -> bool:
     return max(a, b) > SCALE_TOLERANCE * min(a, b)
 
 
-def run_predict(args: argparse.Namespace) -> int:
-    """Segment ``--input`` and write label TIFFs, overlays, one COCO file, config and log."""
+def segment_options(args: argparse.Namespace) -> tuple[SegmentOptions, DetectorOptions, dict[str, int | None]]:
+    """The Segmenter's and the detector's options from the flags, and the models' training scale."""
     adapter_configs = {args.model_path: adapters.read_adapter(args.model_path)[0]} if args.model_path else {}
     scale = training_scale(args, adapter_configs.get(args.model_path))
     tile_size, tile_overlap = tiles_at_training_scale(args, scale)
@@ -216,30 +225,66 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.mode == "yolo" and args.yolo_model is None:
         raise UserError("--mode yolo needs --yolo_model (the best.pt of `python main.py detect train`); "
                         "or use --mode amg")
-    files = find_inputs(args.input)
-    for path in files:  # every input readable before anything is written
-        images.check_planes(path)
+    return options, proposals, scale
+
+
+def check_inputs(args: argparse.Namespace) -> list[tuple[Path, bool]]:
+    """``(file, is_volume)`` of every input, each readable (a volume's header and intensity scale
+    read) before anything is written."""
+    checked = []
+    for path in find_inputs(args.input):
+        if volume_io.is_zarr(path) or images.check_planes(path):
+            volume_io.open_volume(path).close()
+            checked.append((path, True))
+        else:
+            checked.append((path, False))
+    return checked
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """Segment ``--input`` and write label TIFFs (Zarr for Zarr input), overlays, one COCO file,
+    config and log."""
+    options, proposals, scale = segment_options(args)
+    link = None if args.no_link else LinkOptions(args.link_iou, args.link_gap, args.min_sections)
+    files = check_inputs(args)
     out = runfiles.OutputDir(args.output_dir, "detect predict")
-    inputs = [args.input] if args.input.is_dir() else []  # outputs there would become inputs of a rerun
-    out.check(args.overwrite, protected=inputs)
-    bases = adapters.bases_from_flags(args.model_type, args.image_size, args.checkpoint, args.device, adapter_configs)
+    inputs = [args.input] if args.input.is_dir() and not volume_io.is_zarr(args.input) else []
+    out.check(args.overwrite, args.resume, protected=inputs)  # outputs in an input folder would become inputs
+    if args.resume and not (out.path / stacks.WORK_FOLDER).is_dir():
+        raise UserError(f"--resume: {out.path} holds no interrupted detect predict run of a volume; leave out --resume")
+    bases = adapters.bases_from_flags(args.model_type, args.image_size, args.checkpoint, args.device,
+                                      {args.model_path: adapters.read_adapter(args.model_path)[0]} if args.model_path else {})
     sam_model.autocast(bases.device, args.precision)  # rejects fp16 on CPU before any work
     detector = load_detector(args.yolo_model, proposals, bases.device) if args.mode == "yolo" else None
-    out.claim(args.overwrite, protected=inputs)
-    coco = CocoWriter(args.coco_segmentation)
-    root = args.input if args.input.is_dir() else args.input.parent
+    out.claim(args.overwrite, args.resume, protected=inputs)
+    root = args.input if args.input.is_dir() and not volume_io.is_zarr(args.input) else args.input.parent
     with out.active("detect_predict.log"):
         segmenter = Segmenter(adapters.load_finetuned(bases, args.model_path, args.seed), options, detector)
-        runfiles.write_json(out.path / "detect_predict_config.json",
-                            {**args_record(args), "model_type": bases.model_type, "image_size": bases.image_size,
-                             "training_scale": scale, "options": {**asdict(options), **asdict(proposals)}})
+        record = {"model_type": bases.model_type, "image_size": bases.image_size, "training_scale": scale,
+                  "options": {**asdict(options), **asdict(proposals)}}
+        runfiles.write_json(out.path / "detect_predict_config.json", {**args_record(args), **record})
+        work = out.path / stacks.WORK_FOLDER
+        if any(is_volume for _, is_volume in files):
+            work.mkdir(exist_ok=True)
+            out.add(work)
+        coco = CocoWriter(args.coco_segmentation, spool=work / "coco.jsonl" if work.is_dir() else None)
+        segmenting = {k: args_record(args).get(k) for k in SEGMENTATION_FLAGS}
         total = 0
-        for path in tqdm(files, desc="images", unit="file", disable=None if len(files) > 1 else True):
-            outputs = output_paths(out.path, path, not args.no_overlay)
-            total += segment_file(path, path.relative_to(root).as_posix(), segmenter, coco, outputs)
+        for path, is_volume in tqdm(files, desc="images", unit="file", disable=None if len(files) > 1 else True):
+            name = path.relative_to(root).as_posix()
+            if is_volume:
+                total += stacks.predict_volume(path, name, segmenter, {**record, "flags": segmenting}, out, args.resume,
+                                               link, coco, stack_output_paths(out.path, path, not args.no_overlay))
+            else:
+                total += segment_file(path, name, segmenter, coco, output_paths(out.path, path, not args.no_overlay))
         coco.write(out.path / "coco.json", f"detect predict --mode {args.mode} on {args.input}")
+        out.discard(work)
         log.info("%d objects in %d file(s); outputs in %s", total, len(files), out.path)
     return 0
+
+
+# The flags that change what a section's segmentation is (an interrupted run resumes only with the same).
+SEGMENTATION_FLAGS = ("mode", "model_path", "checkpoint", "seed", "yolo_model", "precision", "device")
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,12 +336,14 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "predict", help="segment images or 3-D TIFF stacks: YOLO boxes -> (LoRA-)SAM masks",
-        description="Segment an image, a folder of images or a 3-D TIFF stack (slice by slice) into "
-                    "instance labels: <stem>_labels.tif, <stem>_overlay.png, and coco.json.",
+        "predict", help="segment images, 3-D TIFF stacks or Zarr volumes: YOLO boxes -> (LoRA-)SAM masks",
+        description="Segment an image, a folder of images, a 3-D TIFF stack or a Zarr volume (section by "
+                    "section, objects linked into 3-D objects) into instance labels: <stem>_labels.tif (Zarr "
+                    "input: <stem>_labels.zarr), <stem>_overlay.png, and coco.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     io = parser.add_argument_group("input and output")
-    io.add_argument("--input", type=Path, required=True, help="an image, a folder of images, or a TIFF stack")
+    io.add_argument("--input", type=Path, required=True,
+                    help="an image, a folder of images, a TIFF stack, or a Zarr / OME-Zarr volume (vol.zarr)")
     io.add_argument("--output_dir", type=Path, default=Path("runs/detect_predict"), help="where outputs go")
     io.add_argument("--overwrite", action="store_true", help="replace existing output files")
     io.add_argument("--coco_segmentation", choices=("rle", "polygon"), default="rle",
@@ -324,6 +371,20 @@ def _add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     mode.add_argument("--points_per_batch", type=int, default=64, help="AMG: points per decoder call")
     mode.add_argument("--pred_iou_thresh", type=float, default=0.88, help="AMG: keep masks of higher predicted IoU")
     mode.add_argument("--stability_score_thresh", type=float, default=0.95, help="AMG: keep stabler masks")
+    volume = parser.add_argument_group("volumes (TIFF stacks, Zarr): read, segmented and written section by section")
+    volume.add_argument("--no_link", action="store_true",
+                        help="keep per-section objects (numbered on through the stack) instead of linking them "
+                             "into 3-D objects")
+    volume.add_argument("--link_iou", type=float, default=LinkOptions.iou,
+                        help="objects of nearby sections whose masks overlap with an IoU above this are one 3-D "
+                             "object (matched one to one)")
+    volume.add_argument("--link_gap", type=int, default=LinkOptions.gap,
+                        help="an object missing from up to this many sections keeps its id when it reappears")
+    volume.add_argument("--min_sections", type=int, default=LinkOptions.min_sections,
+                        help="drop 3-D objects found in fewer sections")
+    volume.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run in --output_dir from its last finished section "
+                             "(same options)")
     tiles = parser.add_argument_group("tiling of large images")
     tiles.add_argument("--tile_size", type=int, default=None,
                        help="segment images larger than this in tiles of this side (original pixels); 0 = never; "

@@ -296,8 +296,9 @@ class OutputDir:
         """Remove ``path`` (a file or folder this command wrote) and its manifest entry."""
         _remove_path(path)
         relative = path.resolve().relative_to(self.path.resolve()).as_posix()
-        if relative in self._files or relative + "/" in self._files:
-            self._files = [f for f in self._files if f not in (relative, relative + "/")]
+        kept = [f for f in self._files if f != relative and not f.startswith(relative + "/")]
+        if kept != self._files:
+            self._files = kept
             self._write_manifest()
 
     def _write_manifest(self) -> None:

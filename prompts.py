@@ -33,6 +33,8 @@ class Prompts:
         masks: ``NxHxW`` bool target masks (training), or None.
         ignore: ``HxW`` bool of pixels the metrics leave out (ambiguous regions, objects left
             out by ``max_objects``), or None.
+        mask_inputs: ``Nx(S/4)x(S/4)`` float32 low-resolution mask logits given to the model
+            with the other prompts (a neighbouring section's mask, inference.mask_prompt), or None.
     """
 
     object_ids: np.ndarray
@@ -43,6 +45,7 @@ class Prompts:
     use_points: bool = False
     masks: np.ndarray | None = None
     ignore: np.ndarray | None = None
+    mask_inputs: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.object_ids.shape[0])

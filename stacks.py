@@ -42,11 +42,15 @@ class Scored(NamedTuple):
 
 @dataclass
 class SectionResult:
-    """One segmented section: ``labels`` HxW int32 (objects 1..K) and the K objects' scores."""
+    """One segmented section: ``labels`` HxW int32 and its K objects: their label ``values`` (K,)
+    (1..K when None), ``scores`` (K,) predicted IoU, ``confidences`` (K,), and for propagated
+    objects the ``distances`` (K,) in sections from their seed."""
 
     labels: np.ndarray
     scores: np.ndarray
     confidences: np.ndarray
+    values: np.ndarray | None = None
+    distances: np.ndarray | None = None
 
     @classmethod
     def of(cls, labels: np.ndarray, kept: Sequence[Instance | Scored]) -> "SectionResult":
@@ -56,7 +60,17 @@ class SectionResult:
 
     @property
     def instances(self) -> list[Scored]:
-        return [Scored(float(s), float(c)) for s, c in zip(self.scores, self.confidences)]
+        """The objects' scores indexed by label value - 1 (what CocoWriter.add takes)."""
+        if self.values is None:
+            return [Scored(float(s), float(c)) for s, c in zip(self.scores, self.confidences)]
+        out = [Scored(0.0, 0.0)] * int(self.values.max(initial=0))
+        for value, score, confidence in zip(self.values.tolist(), self.scores.tolist(), self.confidences.tolist()):
+            out[value - 1] = Scored(score, confidence)
+        return out
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The fields to save (those that are set)."""
+        return {k: v for k, v in vars(self).items() if v is not None}
 
 
 # A section source: section index -> its result (the whole segmentation of one section).
@@ -91,13 +105,12 @@ class SectionStore:
         return self.folder / f"{z:06d}.npz"
 
     def save(self, z: int, result: SectionResult) -> None:
-        runfiles.atomic_write(self.path(z), lambda fh: np.savez_compressed(
-            fh, labels=result.labels, scores=result.scores, confidences=result.confidences))
+        runfiles.atomic_write(self.path(z), lambda fh: np.savez_compressed(fh, **result.arrays()))
         self.done.add(z)
 
     def load(self, z: int) -> SectionResult:
         with np.load(self.path(z)) as data:
-            return SectionResult(data["labels"], data["scores"], data["confidences"])
+            return SectionResult(**{k: data[k] for k in data.files})
 
     def get(self, z: int, source: SectionSource) -> SectionResult:
         """Section ``z`` from the store, else from ``source`` (then stored)."""
@@ -116,11 +129,16 @@ class VolumeReport:
     empty: int = 0
     best: tuple[int, int] = (-1, 0)  # (objects, -z)
     best_labels: np.ndarray | None = field(default=None, repr=False)
+    ids: set[int] | None = None  # the ids seen, where they are not numbered 1..N through the stack
 
     def see(self, z: int, labels: np.ndarray) -> None:
         present = np.unique(labels)
         count = int(np.count_nonzero(present))
-        self.objects = max(self.objects, int(present[-1]) if present.size else 0)  # ids run 1..N through the stack
+        if self.ids is None:
+            self.objects = max(self.objects, int(present[-1]) if present.size else 0)
+        else:
+            self.ids.update(present[present > 0].tolist())
+            self.objects = len(self.ids)
         self.empty += count == 0
         if (count, -z) > self.best:
             self.best, self.best_labels = (count, -z), labels.copy()
@@ -134,16 +152,23 @@ def unlinked(sections: Iterator[tuple[np.ndarray, SectionResult]]) -> Iterator[L
         offset += len(result.scores)
 
 
-def written_sections(volume: Volume, store: SectionStore, source: SectionSource, link: LinkOptions | None,
+def written_sections(volume: Volume, store: SectionStore, source: SectionSource, link: LinkOptions | str | None,
                      coco: CocoWriter, name: str, report: VolumeReport) -> Iterator[np.ndarray]:
-    """The sections' final ``HxW`` uint32 labels in order (3-D ids, or numbered on with ``link``
-    None), with their COCO entries; segments what the store does not hold yet."""
+    """The sections' final ``HxW`` uint32 labels in order: 3-D ids (``link`` options), numbered on
+    (``link`` None) or as the sections hold them (``link`` "as given", propagated objects); with
+    their COCO entries. Segments what the store does not hold yet."""
     depth = volume.shape[0]
     results = ((r.labels, r) for r in (store.get(z, source) for z in
                                        tqdm(range(depth), desc=name, unit="section", leave=False, disable=None)))
-    for item in (iter_linked(results, link) if link is not None else unlinked(results)):
+    if isinstance(link, LinkOptions):
+        linked = iter_linked(results, link)
+    elif link is None:
+        linked = unlinked(results)
+    else:
+        linked = (Linked(z, labels.astype(np.uint32), r) for z, (labels, r) in enumerate(results))
+    for item in linked:
         result: SectionResult = item.payload
-        ids = np.zeros(len(result.scores) + 1, np.uint32)
+        ids = np.zeros(int(result.labels.max(initial=0)) + 1, np.uint32)
         ids[result.labels.ravel()] = item.labels.ravel()
         coco.add(name, result.labels, result.instances, frame=item.z, ids=ids)
         report.see(item.z, item.labels)
@@ -151,9 +176,9 @@ def written_sections(volume: Volume, store: SectionStore, source: SectionSource,
 
 
 def segment_volume(volume: Volume, name: str, source: SectionSource, store: SectionStore,
-                   link: LinkOptions | None, coco: CocoWriter, outputs: dict[str, Path]) -> int:
+                   link: LinkOptions | str | None, coco: CocoWriter, outputs: dict[str, Path]) -> int:
     """Segment (or take from the store), link and write one volume; returns its object count."""
-    report = VolumeReport()
+    report = VolumeReport(ids=set() if isinstance(link, str) else None)
     sections = written_sections(volume, store, source, link, coco, name, report)
     write_label_stack(outputs["labels"], volume.shape, sections, volume.chunks if volume.kind == "zarr" else None,
                       volume.zarr_format)
@@ -168,7 +193,7 @@ def segment_volume(volume: Volume, name: str, source: SectionSource, store: Sect
         runfiles.write_png(outputs["overlay"], draw_instances(volume.section(z), report.best_labels.astype(np.int64),
                                                               thickness=1, fill_alpha=0.45))
         log.info("%s: overlay of section %d (the one with most objects)", name, z)
-    log.info("%s: %d %s in %d sections -> %s", name, objects, "3-D objects" if link else "objects",
+    log.info("%s: %d %s in %d sections -> %s", name, objects, "objects" if link is None else "3-D objects",
              volume.shape[0], outputs["labels"])
     return objects
 

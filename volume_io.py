@@ -200,3 +200,50 @@ class _Squeezed:
         index: list[Any] = [0 if i in self.squeeze else slice(None) for i in range(self.array.ndim)]
         index[next(i for i in range(self.array.ndim) if i not in self.squeeze)] = z
         return np.asarray(self.array[tuple(index)])
+
+
+def read_seeds(path: Path, shape: tuple[int, int, int], section: int | None = None) -> dict[int, np.ndarray]:
+    """``{z: HxW int64 object ids}`` of the annotated sections of a seed label file, read section by
+    section: a ZxHxW stack (TIFF or Zarr) of the volume's ``shape`` with zeros in the sections not
+    annotated, or one HxW label image of the section ``section``. A value is one object in every
+    section it appears in. Raises :class:`UserError` for a shape that does not fit, non-integer or
+    negative labels, or no object at all."""
+    if not path.exists():
+        raise UserError(f"--seed_labels {path} does not exist")
+    if is_zarr(path):
+        seeds = _open_zarr(path)
+    elif path.suffix.lower() in TIFF_EXTS:
+        import zarr
+
+        try:
+            tif = tifffile.TiffFile(path)
+        except Exception as exc:  # noqa: BLE001 - tifffile/imagecodecs raise many kinds
+            raise corrupt_file_error(path, exc) from exc
+        seeds = Volume(path, zarr.open(tif.series[0].aszarr(), mode="r"), "tiff", handle=tif)
+    else:
+        raise UserError(f"--seed_labels {path}: give a label TIFF (stack or one section) or a Zarr array")
+    with seeds:
+        return _seed_sections(seeds, shape, section)
+
+
+def _seed_sections(seeds: Volume, shape: tuple[int, int, int], section: int | None) -> dict[int, np.ndarray]:
+    array, path = seeds.array, seeds.path
+    dtype = np.dtype(array.dtype)
+    if not (np.issubdtype(dtype, np.integer) or dtype == bool):
+        raise UserError(f"--seed_labels {path} has dtype {dtype}: seed labels must be integers (0 = not annotated)")
+    two_d = len(array.shape) == 2
+    if (two_d and tuple(array.shape) != shape[1:]) or (not two_d and tuple(array.shape) != shape):
+        raise UserError(f"--seed_labels {path} has shape {tuple(array.shape)} but the volume is {shape} (Z, H, W): "
+                        "give one label image of a section's size, or a stack of the volume's shape")
+    if two_d and (section is None or not 0 <= section < shape[0]):
+        raise UserError(f"--seed_labels {path} is one section: say which with --seed_section (0..{shape[0] - 1})")
+    found = {}
+    for z in ([section] if two_d else range(shape[0])):
+        labels = np.asarray(array if two_d else array[z]).astype(np.int64)
+        if labels.size and labels.min() < 0:
+            raise UserError(f"--seed_labels {path} has negative labels; objects are 1, 2, ... and 0 is background")
+        if labels.any():
+            found[int(z)] = labels  # type: ignore[index]
+    if not found:
+        raise UserError(f"--seed_labels {path} holds no object (all zeros)")
+    return found

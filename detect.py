@@ -26,6 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 from tqdm import tqdm
 
 import adapters
@@ -34,6 +35,7 @@ import folds as folds_lib
 import images
 import inference
 import model as sam_model
+import propagation
 import runfiles
 import runs
 import stacks
@@ -44,6 +46,7 @@ from detector import (BoxCounts, DetectorOptions, build_yolo, export_yolo_datase
 from errors import UserError
 from inference import SegmentOptions, Segmenter
 from labelfiles import output_paths, segment_file, stack_output_paths
+from propagation import PropagationOptions
 from volumes import LinkOptions
 
 log = logging.getLogger(__name__)
@@ -222,9 +225,9 @@ def segment_options(args: argparse.Namespace) -> tuple[SegmentOptions, DetectorO
         points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
         pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh)
     proposals = DetectorOptions(args.conf, args.iou, args.imgsz or None, args.max_det)
-    if args.mode == "yolo" and args.yolo_model is None:
+    if args.mode == "yolo" and args.yolo_model is None and args.seed_labels is None:
         raise UserError("--mode yolo needs --yolo_model (the best.pt of `python main.py detect train`); "
-                        "or use --mode amg")
+                        "or use --mode amg, or --seed_labels")
     return options, proposals, scale
 
 
@@ -241,12 +244,27 @@ def check_inputs(args: argparse.Namespace) -> list[tuple[Path, bool]]:
     return checked
 
 
+def predict_inputs(args: argparse.Namespace) -> tuple[list[tuple[Path, bool]], dict[int, np.ndarray] | None]:
+    """The checked inputs (:func:`check_inputs`) and, with ``--seed_labels``, the annotated
+    sections of the one volume they annotate (read and checked before anything is written)."""
+    files = check_inputs(args)
+    if args.seed_labels is None:
+        return files, None
+    if len(files) != 1 or not files[0][1]:
+        raise UserError("--seed_labels annotates one volume: give that volume (a TIFF stack or a Zarr array) as --input")
+    if args.resume:
+        raise UserError("--seed_labels: carrying objects through a volume cannot be resumed; rerun with --overwrite")
+    PropagationOptions(args.stop_score, args.stop_iou)  # refuses bad values first
+    with volume_io.open_volume(files[0][0]) as volume:
+        shape = volume.shape
+    return files, volume_io.read_seeds(args.seed_labels, shape, args.seed_section)
+
+
 def run_predict(args: argparse.Namespace) -> int:
     """Segment ``--input`` and write label TIFFs (Zarr for Zarr input), overlays, one COCO file,
     config and log."""
     options, proposals, scale = segment_options(args)
-    link = None if args.no_link else LinkOptions(args.link_iou, args.link_gap, args.min_sections)
-    files = check_inputs(args)
+    files, seeds = predict_inputs(args)
     out = runfiles.OutputDir(args.output_dir, "detect predict")
     inputs = [args.input] if args.input.is_dir() and not volume_io.is_zarr(args.input) else []
     out.check(args.overwrite, args.resume, protected=inputs)  # outputs in an input folder would become inputs
@@ -255,32 +273,47 @@ def run_predict(args: argparse.Namespace) -> int:
     bases = adapters.bases_from_flags(args.model_type, args.image_size, args.checkpoint, args.device,
                                       {args.model_path: adapters.read_adapter(args.model_path)[0]} if args.model_path else {})
     sam_model.autocast(bases.device, args.precision)  # rejects fp16 on CPU before any work
-    detector = load_detector(args.yolo_model, proposals, bases.device) if args.mode == "yolo" else None
+    detector = load_detector(args.yolo_model, proposals, bases.device) if args.yolo_model and args.mode == "yolo" else None
     out.claim(args.overwrite, args.resume, protected=inputs)
-    root = args.input if args.input.is_dir() and not volume_io.is_zarr(args.input) else args.input.parent
     with out.active("detect_predict.log"):
-        segmenter = Segmenter(adapters.load_finetuned(bases, args.model_path, args.seed), options, detector)
+        sam = adapters.load_finetuned(bases, args.model_path, args.seed)
+        segmenter = Segmenter(sam, options, detector) if detector is not None or args.mode == "amg" else None
         record = {"model_type": bases.model_type, "image_size": bases.image_size, "training_scale": scale,
                   "options": {**asdict(options), **asdict(proposals)}}
         runfiles.write_json(out.path / "detect_predict_config.json", {**args_record(args), **record})
-        work = out.path / stacks.WORK_FOLDER
-        if any(is_volume for _, is_volume in files):
-            work.mkdir(exist_ok=True)
-            out.add(work)
-        coco = CocoWriter(args.coco_segmentation, spool=work / "coco.jsonl" if work.is_dir() else None)
-        segmenting = {k: args_record(args).get(k) for k in SEGMENTATION_FLAGS}
-        total = 0
-        for path, is_volume in tqdm(files, desc="images", unit="file", disable=None if len(files) > 1 else True):
-            name = path.relative_to(root).as_posix()
-            if is_volume:
-                total += stacks.predict_volume(path, name, segmenter, {**record, "flags": segmenting}, out, args.resume,
-                                               link, coco, stack_output_paths(out.path, path, not args.no_overlay))
-            else:
-                total += segment_file(path, name, segmenter, coco, output_paths(out.path, path, not args.no_overlay))
-        coco.write(out.path / "coco.json", f"detect predict --mode {args.mode} on {args.input}")
-        out.discard(work)
+        record["flags"] = {k: args_record(args).get(k) for k in SEGMENTATION_FLAGS}
+        total = predict_files(args, files, seeds, sam, segmenter, record, out)
         log.info("%d objects in %d file(s); outputs in %s", total, len(files), out.path)
     return 0
+
+
+def predict_files(args: argparse.Namespace, files: list[tuple[Path, bool]], seeds: dict[int, np.ndarray] | None,
+                  sam: Any, segmenter: Segmenter | None, record: dict[str, Any], out: runfiles.OutputDir) -> int:
+    """Segment every input (volumes section by section, or their annotated objects carried through
+    them); write the outputs and coco.json; returns the object count."""
+    link = None if args.no_link else LinkOptions(args.link_iou, args.link_gap, args.min_sections)
+    work = out.path / stacks.WORK_FOLDER
+    if any(is_volume for _, is_volume in files):
+        work.mkdir(exist_ok=True)
+        out.add(work)
+    coco = CocoWriter(args.coco_segmentation, spool=work / "coco.jsonl" if work.is_dir() else None)
+    root = args.input if args.input.is_dir() and not volume_io.is_zarr(args.input) else args.input.parent
+    total = 0
+    for path, is_volume in tqdm(files, desc="images", unit="file", disable=None if len(files) > 1 else True):
+        name = path.relative_to(root).as_posix()
+        if seeds is not None:
+            total += propagation.propagate_file(
+                path, name, seeds, propagation.sam_prompter(sam, record["options"]["box_batch"], args.precision),
+                PropagationOptions(args.stop_score, args.stop_iou), sam.image_encoder.img_size, record, out, coco,
+                stack_output_paths(out.path, path, not args.no_overlay), segmenter)
+        elif is_volume:
+            total += stacks.predict_volume(path, name, segmenter, record, out, args.resume, link, coco,
+                                           stack_output_paths(out.path, path, not args.no_overlay))
+        else:
+            total += segment_file(path, name, segmenter, coco, output_paths(out.path, path, not args.no_overlay))
+    coco.write(out.path / "coco.json", f"detect predict --mode {args.mode} on {args.input}")
+    out.discard(work)
+    return total
 
 
 # The flags that change what a section's segmentation is (an interrupted run resumes only with the same).
@@ -385,6 +418,18 @@ def _add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     volume.add_argument("--resume", action="store_true",
                         help="continue an interrupted run in --output_dir from its last finished section "
                              "(same options)")
+    seeds = parser.add_argument_group("annotated objects carried through a volume (micro-sam's segment_mask_in_volume)")
+    seeds.add_argument("--seed_labels", type=Path, default=None,
+                       help="a label stack of the volume's shape (or one label image, with --seed_section) with "
+                            "objects annotated in some sections, zeros elsewhere: each object is carried up and "
+                            "down the volume, its mask in one section prompting the next (box and mask); with "
+                            "--yolo_model the detector's objects in the annotated sections join them")
+    seeds.add_argument("--seed_section", type=int, default=None,
+                       help="the section a single --seed_labels image annotates")
+    seeds.add_argument("--stop_score", type=float, default=PropagationOptions.stop_score,
+                       help="a carried object stops where SAM's predicted IoU falls below this")
+    seeds.add_argument("--stop_iou", type=float, default=PropagationOptions.stop_iou,
+                       help="... or where its mask overlaps the previous section's with an IoU below this")
     tiles = parser.add_argument_group("tiling of large images")
     tiles.add_argument("--tile_size", type=int, default=None,
                        help="segment images larger than this in tiles of this side (original pixels); 0 = never; "

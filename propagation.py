@@ -22,12 +22,14 @@ from tqdm import tqdm
 
 import inference
 import model as sam_model
+import runfiles
 from coco import CocoWriter
 from errors import UserError
+from images import file_stem
 from instances import Instance, instance_from_mask, paint_instances
 from prompts import Prompts
-from stacks import SectionResult, SectionStore, segment_volume
-from volume_io import Volume
+from stacks import WORK_FOLDER, SectionResult, SectionStore, segment_volume
+from volume_io import Volume, open_volume
 
 log = logging.getLogger(__name__)
 
@@ -189,13 +191,20 @@ def add_detected(volume: Volume, seeds: dict[int, np.ndarray],
     return out
 
 
-def propagate_volume(volume: Volume, name: str, seeds: dict[int, np.ndarray], prompter: Prompter,
-                     options: PropagationOptions, image_size: int, store: SectionStore, coco: CocoWriter,
-                     outputs: dict[str, Path]) -> int:
-    """``detect predict --seed_labels`` on one volume: propagate, then write as stacks.py writes
-    (object ids as annotated); returns the object count."""
-    propagate(volume, seeds, prompter, options, store, image_size)
+def propagate_file(path: Path, name: str, seeds: dict[int, np.ndarray], prompter: Prompter,
+                   options: PropagationOptions, image_size: int, record: dict, out: runfiles.OutputDir,
+                   coco: CocoWriter, outputs: dict[str, Path],
+                   segment: Callable[[np.ndarray], tuple[np.ndarray, Sequence[Instance]]] | None = None) -> int:
+    """``detect predict --seed_labels`` on one volume: the annotated objects (plus, with ``segment``,
+    the detector's in the annotated sections: :func:`add_detected`) carried through it, then
+    written as stacks.py writes volumes, with the annotated ids; returns the object count."""
+    with open_volume(path) as volume:
+        store = SectionStore(out.path / WORK_FOLDER / f"{file_stem(path)}.propagated", {"input": str(path), **record})
+        store.open(False, out)
+        if segment is not None:
+            seeds = add_detected(volume, seeds, segment)
+        propagate(volume, seeds, prompter, options, store, image_size)
 
-    def missing(z: int) -> SectionResult:
-        raise RuntimeError(f"section {z} was not propagated")
-    return segment_volume(volume, name, missing, store, "as given", coco, outputs)
+        def missing(z: int) -> SectionResult:
+            raise RuntimeError(f"section {z} was not propagated")
+        return segment_volume(volume, name, missing, store, "as given", coco, outputs)

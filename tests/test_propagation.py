@@ -186,7 +186,7 @@ def test_seed_labels_with_random_weights(main, em_volume, tmp_path: Path) -> Non
     tifffile.imwrite(small, tifffile.imread(path)[8:11], photometric="minisblack")
     seeds = np.zeros((3, 256, 256), np.uint16)
     seeds[1] = objects[9]
-    tifffile.imwrite(tmp_path / "seeds.tif", seeds)
+    tifffile.imwrite(tmp_path / "seeds.tif", seeds, photometric="minisblack")
     out = tmp_path / "out"
     assert main(["detect", "predict", "--input", str(small), "--seed_labels", str(tmp_path / "seeds.tif"),
                  "--output_dir", str(out), "--stop_score", "0", "--stop_iou", "0", *SMALL]) == 0

@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 import adapters
+import cluster
 import dataset as data
 import folds as folds_lib
 import images
@@ -274,21 +275,46 @@ def run_predict(args: argparse.Namespace) -> int:
                                       {args.model_path: adapters.read_adapter(args.model_path)[0]} if args.model_path else {})
     sam_model.autocast(bases.device, args.precision)  # rejects fp16 on CPU before any work
     detector = load_detector(args.yolo_model, proposals, bases.device) if args.yolo_model and args.mode == "yolo" else None
+    spec = cluster.SegmenterSpec(bases.model_type, None if bases.checkpoint is None else str(bases.checkpoint),
+                                 bases.image_size, str(bases.device), None if args.model_path is None else
+                                 str(args.model_path), args.seed, options, proposals,
+                                 None if args.yolo_model is None else str(args.yolo_model))
+    client = dask_client(args, seeds)  # an unreachable scheduler is refused before anything is written
     out.claim(args.overwrite, args.resume, protected=inputs)
-    with out.active("detect_predict.log"):
-        sam = adapters.load_finetuned(bases, args.model_path, args.seed)
-        segmenter = Segmenter(sam, options, detector) if detector is not None or args.mode == "amg" else None
-        record = {"model_type": bases.model_type, "image_size": bases.image_size, "training_scale": scale,
-                  "options": {**asdict(options), **asdict(proposals)}}
-        runfiles.write_json(out.path / "detect_predict_config.json", {**args_record(args), **record})
-        record["flags"] = {k: args_record(args).get(k) for k in SEGMENTATION_FLAGS}
-        total = predict_files(args, files, seeds, sam, segmenter, record, out)
-        log.info("%d objects in %d file(s); outputs in %s", total, len(files), out.path)
+    try:
+        with out.active("detect_predict.log"):
+            segmenter = spec.build(detector) if detector is not None or args.mode == "amg" else None
+            record = {"model_type": bases.model_type, "image_size": bases.image_size, "training_scale": scale,
+                      "options": {**asdict(options), **asdict(proposals)}}
+            runfiles.write_json(out.path / "detect_predict_config.json", {**args_record(args), **record})
+            record["flags"] = {k: args_record(args).get(k) for k in SEGMENTATION_FLAGS}
+            sam = segmenter.sam if segmenter is not None else adapters.load_finetuned(bases, args.model_path, args.seed)
+            fill = None if client is None else lambda volume, store: cluster.fill_store(client, spec, volume, store)
+            total = predict_files(args, files, seeds, sam, segmenter, record, out, fill)
+            log.info("%d objects in %d file(s); outputs in %s", total, len(files), out.path)
+    finally:
+        if client is not None:
+            cluster.close(client)
     return 0
 
 
+def dask_client(args: argparse.Namespace, seeds: dict[int, np.ndarray] | None) -> Any:
+    """The dask client of ``--workers`` / ``--scheduler`` (None: one process)."""
+    if args.workers < 0:
+        raise UserError(f"--workers must be 0 (this process) or more, got {args.workers}")
+    if not args.workers and args.scheduler is None:
+        return None
+    if args.workers and args.scheduler is not None:
+        raise UserError("give --workers (a local cluster) or --scheduler (an existing one), not both")
+    if seeds is not None:
+        raise UserError("--seed_labels carries objects from section to section, in one process: leave out "
+                        "--workers / --scheduler")
+    return cluster.connect(args.workers, args.scheduler)
+
+
 def predict_files(args: argparse.Namespace, files: list[tuple[Path, bool]], seeds: dict[int, np.ndarray] | None,
-                  sam: Any, segmenter: Segmenter | None, record: dict[str, Any], out: runfiles.OutputDir) -> int:
+                  sam: Any, segmenter: Segmenter | None, record: dict[str, Any], out: runfiles.OutputDir,
+                  fill: Any = None) -> int:
     """Segment every input (volumes section by section, or their annotated objects carried through
     them); write the outputs and coco.json; returns the object count."""
     link = None if args.no_link else LinkOptions(args.link_iou, args.link_gap, args.min_sections)
@@ -308,7 +334,7 @@ def predict_files(args: argparse.Namespace, files: list[tuple[Path, bool]], seed
                 stack_output_paths(out.path, path, not args.no_overlay), segmenter)
         elif is_volume:
             total += stacks.predict_volume(path, name, segmenter, record, out, args.resume, link, coco,
-                                           stack_output_paths(out.path, path, not args.no_overlay))
+                                           stack_output_paths(out.path, path, not args.no_overlay), fill)
         else:
             total += segment_file(path, name, segmenter, coco, output_paths(out.path, path, not args.no_overlay))
     coco.write(out.path / "coco.json", f"detect predict --mode {args.mode} on {args.input}")
@@ -418,6 +444,13 @@ def _add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     volume.add_argument("--resume", action="store_true",
                         help="continue an interrupted run in --output_dir from its last finished section "
                              "(same options)")
+    volume.add_argument("--workers", type=int, default=0,
+                        help="segment the sections on a local dask cluster of this many worker processes, each "
+                             "loading the models once (0 = in this process); linking runs after, in order")
+    volume.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="segment the sections on the workers of an existing dask scheduler (e.g. "
+                             "tcp://host:8786, started by dask-jobqueue on SLURM / LSF); they need this project "
+                             "and its packages")
     seeds = parser.add_argument_group("annotated objects carried through a volume (micro-sam's segment_mask_in_volume)")
     seeds.add_argument("--seed_labels", type=Path, default=None,
                        help="a label stack of the volume's shape (or one label image, with --seed_section) with "

@@ -204,9 +204,11 @@ WORK_FOLDER = ".detect_predict_work"  # in the output directory: the section sto
 
 def predict_volume(path: Path, name: str, segment: Callable[[np.ndarray], tuple[np.ndarray, Sequence[Instance]]],
                    record: dict[str, Any], out: runfiles.OutputDir, resume: bool, link: LinkOptions | None,
-                   coco: CocoWriter, outputs: dict[str, Path]) -> int:
+                   coco: CocoWriter, outputs: dict[str, Path],
+                   fill: Callable[[Volume, SectionStore], None] | None = None) -> int:
     """``detect predict`` on one volume: ``segment`` (one HxWx3 uint8 section -> labels 1..K and
-    the K kept instances) on each section the store does not hold, then linking and outputs."""
+    the K kept instances) on each section the store does not hold (``fill`` first segments them
+    elsewhere: cluster.fill_store), then linking and outputs."""
     from volume_io import open_volume
 
     with open_volume(path) as volume:
@@ -216,5 +218,7 @@ def predict_volume(path: Path, name: str, segment: Callable[[np.ndarray], tuple[
         if done:
             log.info("%s: %d of %d sections were finished by the interrupted run; resuming", name, done,
                      volume.shape[0])
+        if fill is not None:
+            fill(volume, store)
         return segment_volume(volume, name, lambda z: SectionResult.of(*segment(volume.section(z))), store, link,
                               coco, outputs)

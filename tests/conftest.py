@@ -3,7 +3,7 @@ repository root on sys.path.
 
 * Data: ``../shared/data`` loaded once (``cpm15``, ``em_folders``, ``em_stack``) and cropped
   once per session (``em_crops`` and its thin variants ``em4``, ``em6``, ``em3``, ``em_split``,
-  ``em_whole4``; ``em_section_19``). Session data is shared: a test that changes files copies
+  ``em_whole4``; ``em_section_19``; ``em_crop``: the 20 EM sections as arrays). Session data is shared: a test that changes files copies
   them first.
 * Models: :func:`tiny_sam` is the one builder of small random models (the fixtures
   ``tiny_vit_base`` / ``tiny_vit`` and ``tiny_sam_256`` are built from it; ``tiny_inputs`` and
@@ -245,6 +245,21 @@ def em_section_19(shared_data: Path) -> tuple[np.ndarray, np.ndarray]:
     labels = labels.astype(np.int32)
     image.flags.writeable = labels.flags.writeable = False  # shared by many tests: nobody changes it
     return image, labels
+
+
+@pytest.fixture(scope="session")
+def em_crop(shared_data) -> tuple[np.ndarray, np.ndarray]:
+    """The 20 real EM sections (../shared/data/em_vnc_stack) and their 2-D mitochondria components
+    (8-connected, int32), cropped to a 256x256 window with many mitochondria."""
+    import tifffile
+    from scipy import ndimage
+
+    folder = shared_data / "em_vnc_stack"
+    images = np.concatenate([tifffile.imread(folder / f"{n}.tif") for n in ("training", "testing")])
+    masks = np.concatenate([tifffile.imread(folder / f"{n}_groundtruth.tif") for n in ("training", "testing")])
+    y, x = 640, 448  # a window with many mitochondria
+    labels = np.stack([ndimage.label(m > 0, structure=np.ones((3, 3)))[0] for m in masks[:, y:y + 256, x:x + 256]])
+    return images[:, y:y + 256, x:x + 256].copy(), labels.astype(np.int32)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from scipy import ndimage
 
 import runfiles
 import stacks
@@ -31,19 +30,8 @@ from volumes import LinkOptions, link_slices
 
 
 # --------------------------------------------------------------------------------------------
-# data and the test double
+# data (em_crop: conftest.py) and the test double
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def em_crop(shared_data) -> tuple[np.ndarray, np.ndarray]:
-    """The 20 real EM sections and their 2-D mitochondria components, cropped to 256x256."""
-    folder = shared_data / "em_vnc_stack"
-    images = np.concatenate([tifffile.imread(folder / f"{n}.tif") for n in ("training", "testing")])
-    masks = np.concatenate([tifffile.imread(folder / f"{n}_groundtruth.tif") for n in ("training", "testing")])
-    y, x = 640, 448  # a window with many mitochondria
-    labels = np.stack([ndimage.label(m > 0, structure=np.ones((3, 3)))[0] for m in masks[:, y:y + 256, x:x + 256]])
-    return images[:, y:y + 256, x:x + 256].copy(), labels.astype(np.int32)
-
-
 class TruthSegmenter:
     """TEST DOUBLE for the SAM Segmenter: the ground-truth objects of the section it is shown
     (found by the section's pixels), each with score 1; counts its calls."""
@@ -71,7 +59,7 @@ def write_zarr(path: Path, images: np.ndarray, chunks=(2, 128, 128)) -> Path:
 
 
 def run_volume(path: Path, out: Path, segment, link: LinkOptions | None = LinkOptions(),
-               resume: bool = False, overwrite: bool = False) -> tuple[int, Path]:
+               resume: bool = False, overwrite: bool = False, fill=None) -> tuple[int, Path]:
     """stacks.predict_volume as detect predict calls it; returns (objects, labels path)."""
     output = runfiles.OutputDir(out, "detect predict").claim(overwrite, resume)
     with output.active():
@@ -79,7 +67,7 @@ def run_volume(path: Path, out: Path, segment, link: LinkOptions | None = LinkOp
         coco = CocoWriter("rle", spool=out / stacks.WORK_FOLDER / "coco.jsonl")
         outputs = stack_output_paths(out, path, with_overlay=True)
         objects = stacks.predict_volume(path, path.name, segment, {"model": "truth"}, output, resume, link, coco,
-                                        outputs)
+                                        outputs, fill)
         coco.write(out / "coco.json", "test")
         output.discard(out / stacks.WORK_FOLDER)
     return objects, outputs["labels"]

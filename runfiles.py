@@ -241,7 +241,13 @@ class OutputDir:
               flag: str = "--output_dir") -> "OutputDir":
         """Check, create, clear an earlier run's files (``overwrite``) and start recording."""
         self.check(overwrite, resume, protected, flag)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            error = write_error(self.path, exc, False, "rerun the command")
+            if error is None:
+                raise
+            raise error from None
         files = self.recorded()
         if overwrite and not resume:
             self._remove(files)

@@ -21,7 +21,7 @@ import figures
 import metrics
 import runfiles
 from sample import Sample
-from volumes import link_slices
+from volumes import IN_PLANE_AND_FACE, link_slices
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +237,6 @@ def fold_summary(fold_table: Sequence[Mapping[str, Any]]) -> dict[str, dict[str,
 # --------------------------------------------------------------------------------------------
 # 3-D scores of volume sections
 # --------------------------------------------------------------------------------------------
-IN_PLANE_AND_FACE = np.zeros((3, 3, 3), bool)  # 8-connected in a section, joined across sections by overlap
-IN_PLANE_AND_FACE[1], IN_PLANE_AND_FACE[0, 1, 1], IN_PLANE_AND_FACE[2, 1, 1] = True, True, True
 VOLUME_PROTOCOL = ("per run of consecutive whole sections of a volume: ground-truth 3-D objects = connected "
                    "components of the ground-truth foreground (8-connected in a section, joined where sections "
                    "overlap); predicted 3-D objects = the per-section predictions linked by volumes.link_slices "

@@ -19,6 +19,11 @@ import numpy as np
 from errors import UserError
 from overlaps import compact_labels, max_iou_matching, overlap_table
 
+# 3-D connectivity of objects seen section by section: 8-connected within a section, joined to the
+# next section where they overlap (scipy.ndimage.label's structure for 3-D connected components).
+IN_PLANE_AND_FACE = np.zeros((3, 3, 3), bool)
+IN_PLANE_AND_FACE[1], IN_PLANE_AND_FACE[0, 1, 1], IN_PLANE_AND_FACE[2, 1, 1] = True, True, True
+
 
 @dataclass(frozen=True)
 class LinkOptions:

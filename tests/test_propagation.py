@@ -24,22 +24,16 @@ from propagation import PropagationOptions, carry_prompts, propagate
 from prompts import Prompts
 from stacks import SectionStore
 from volume_io import open_volume
-
-IN_PLANE_AND_FACE = np.zeros((3, 3, 3), bool)
-IN_PLANE_AND_FACE[1], IN_PLANE_AND_FACE[0, 1, 1], IN_PLANE_AND_FACE[2, 1, 1] = True, True, True
-
+from volumes import IN_PLANE_AND_FACE
 
 @pytest.fixture(scope="module")
-def em_volume(shared_data, tmp_path_factory) -> tuple[Path, np.ndarray]:
-    """20 real EM sections (256x256 crops) as a TIFF stack, and their ground-truth 3-D objects."""
-    folder = shared_data / "em_vnc_stack"
-    images = np.concatenate([tifffile.imread(folder / f"{n}.tif") for n in ("training", "testing")])
-    masks = np.concatenate([tifffile.imread(folder / f"{n}_groundtruth.tif") for n in ("training", "testing")])
-    window = (slice(None), slice(640, 896), slice(448, 704))
-    objects = ndimage.label(masks[window] > 0, IN_PLANE_AND_FACE, output=np.int32)[0]
+def em_stack_file(em_crop, tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """The 20 real EM sections (256x256 crops, conftest.py) as a TIFF stack, and their
+    ground-truth 3-D objects (connected components of the mitochondria)."""
+    images, labels = em_crop
     path = tmp_path_factory.mktemp("volume") / "em.tif"
-    tifffile.imwrite(path, images[window], photometric="minisblack")
-    return path, objects
+    tifffile.imwrite(path, images, photometric="minisblack")
+    return path, ndimage.label(labels > 0, IN_PLANE_AND_FACE, output=np.int32)[0]
 
 
 class TruthPrompter:
@@ -98,8 +92,8 @@ def run(path: Path, seeds: dict[int, np.ndarray], prompter, tmp_path: Path,
         return np.stack([store.load(z).labels for z in range(volume.shape[0])]), store
 
 
-def test_annotated_objects_are_carried_up_and_down(em_volume, tmp_path: Path) -> None:
-    path, objects = em_volume
+def test_annotated_objects_are_carried_up_and_down(em_stack_file, tmp_path: Path) -> None:
+    path, objects = em_stack_file
     seeds = {10: objects[10].copy()}
     double = TruthPrompter(path, objects)
     labels, _ = run(path, seeds, double, tmp_path)
@@ -135,8 +129,8 @@ def test_annotated_objects_are_carried_up_and_down(em_volume, tmp_path: Path) ->
         assert prompted <= set(range(reached.min() - 1, reached.max() + 2))
 
 
-def test_a_low_predicted_iou_stops_an_object(em_volume, tmp_path: Path) -> None:
-    path, objects = em_volume
+def test_a_low_predicted_iou_stops_an_object(em_stack_file, tmp_path: Path) -> None:
+    path, objects = em_stack_file
     seed = int(np.bincount(objects[10][objects[10] > 0]).argmax())  # the largest object in section 10
     reached = expected_carry(objects, seed, 10, 1, 0.25)
     assert max(reached) >= 12
@@ -147,8 +141,8 @@ def test_a_low_predicted_iou_stops_an_object(em_volume, tmp_path: Path) -> None:
         sorted(set(expected_carry(objects, seed, 10, -1, 0.25)) | {11})
 
 
-def test_between_two_annotations_the_nearer_one_wins(em_volume, tmp_path: Path) -> None:
-    path, objects = em_volume
+def test_between_two_annotations_the_nearer_one_wins(em_stack_file, tmp_path: Path) -> None:
+    path, objects = em_stack_file
     seed = next(s for s in np.unique(objects[objects > 0]).tolist()
                 if len(np.flatnonzero((objects == s).any(axis=(1, 2)))) >= 8)
     zs = np.flatnonzero((objects == seed).any(axis=(1, 2)))
@@ -178,10 +172,10 @@ def test_bad_options() -> None:
 
 
 @pytest.mark.slow
-def test_seed_labels_with_random_weights(main, em_volume, tmp_path: Path) -> None:
+def test_seed_labels_with_random_weights(main, em_stack_file, tmp_path: Path) -> None:
     """The real model path: --seed_labels on a 3-section stack completes; the annotated section
     keeps its annotation, every object id is an annotated one, COCO matches the labels."""
-    path, objects = em_volume
+    path, objects = em_stack_file
     small = tmp_path / "s.tif"
     tifffile.imwrite(small, tifffile.imread(path)[8:11], photometric="minisblack")
     seeds = np.zeros((3, 256, 256), np.uint16)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tifffile
 from scipy import ndimage
 
 import overlaps
@@ -57,12 +56,9 @@ def ref_adapted_rand_error(gt: np.ndarray, pred: np.ndarray) -> float:
 # data: crops of the real ground truth, and changed copies
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def em_objects(shared_data) -> np.ndarray:
-    """The 3-D connected components of the real mitochondria masks, 20x1024x1024 int32."""
-    folder = shared_data / "em_vnc_stack"
-    binary = np.concatenate([tifffile.imread(folder / "training_groundtruth.tif"),
-                             tifffile.imread(folder / "testing_groundtruth.tif")]) > 0
-    return ndimage.label(binary, output=np.int32)[0]
+def em_objects(em_volume) -> np.ndarray:
+    """The 3-D connected components of the real mitochondria masks (conftest.py), 20x1024x1024 int32."""
+    return ndimage.label(em_volume[1], output=np.int32)[0]
 
 
 def crop(objects: np.ndarray, size: int) -> np.ndarray:

@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tifffile
 from scipy import ndimage
 
 from errors import UserError
 from metrics import adapted_rand_error
-from volumes import LinkOptions, SliceLinker, iter_linked, link_slices
-
-IN_PLANE_AND_FACE = np.zeros((3, 3, 3), bool)  # 8-connected in a section, sections joined by overlap
-IN_PLANE_AND_FACE[1] = True
-IN_PLANE_AND_FACE[0, 1, 1] = IN_PLANE_AND_FACE[2, 1, 1] = True
+from volumes import IN_PLANE_AND_FACE, LinkOptions, SliceLinker, iter_linked, link_slices
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,12 +145,10 @@ def test_bad_arguments() -> None:
 # the real EM volume
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def em_truth(shared_data) -> tuple[np.ndarray, np.ndarray]:
-    """The 20 sections' mitochondria: (3-D connected components ZxHxW, the 2-D components of
-    each section as readers.py makes them), both int32."""
-    folder = shared_data / "em_vnc_stack"
-    binary = np.concatenate([tifffile.imread(folder / "training_groundtruth.tif"),
-                             tifffile.imread(folder / "testing_groundtruth.tif")]) > 0
+def em_truth(em_volume) -> tuple[np.ndarray, np.ndarray]:
+    """The 20 sections' mitochondria (em_volume: conftest.py): (3-D connected components ZxHxW,
+    the 2-D components of each section as readers.py makes them), both int32."""
+    binary = em_volume[1]
     objects, _ = ndimage.label(binary, structure=IN_PLANE_AND_FACE, output=np.int32)
     per_section = np.stack([ndimage.label(s, structure=np.ones((3, 3)), output=np.int32)[0] for s in binary])
     return objects, per_section

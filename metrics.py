@@ -443,7 +443,7 @@ def average_precision(matched: np.ndarray, n_gt: int) -> float:
     (0 where that recall is never reached). No ground truth: 1.0 without predictions, else 0.0.
     """
     if n_gt == 0 or len(matched) == 0:
-        return float(n_gt == 0 and len(matched) == 0)
+        return float(n_gt == len(matched) == 0)
     tp = np.cumsum(matched)
     precision = np.maximum.accumulate((tp / np.arange(1, len(matched) + 1))[::-1])[::-1]
     at = np.searchsorted(tp / n_gt, np.linspace(0.0, 1.0, 101), side="left")
@@ -462,14 +462,12 @@ def volume_metrics(gt: np.ndarray, pred: np.ndarray,
       higher first) or, without them, by size in voxels as MitoEM's evaluation ranks them; ties by
       label. Thresholds are strict (IoU > t), as everywhere in this module; COCO uses >=.
 
-    Counted section by section (:class:`overlaps.PairCounts`): memory of a section, not of the
-    volume. Empty volumes follow the module convention. Also returns ``n_gt``, ``n_pred``,
-    ``tp50``, ``tp75``.
+    Counted section by section (:class:`overlaps.PairCounts`), never the whole volume at once;
+    empty volumes follow the module convention. Also returns ``n_gt``, ``n_pred``, ``tp50``, ``tp75``.
     """
     counts = _volume_counts(gt, pred)
     va, vb, voxels = counts.pairs
-    tp, fp, fn = (int(voxels[(va > 0) & (vb > 0)].sum()), int(voxels[(va == 0) & (vb > 0)].sum()),
-                  int(voxels[(va > 0) & (vb == 0)].sum()))
+    tp, fp, fn = (int(voxels[((va > 0) == g) & ((vb > 0) == p)].sum()) for g, p in ((1, 1), (0, 1), (1, 0)))
     out: dict[str, float | int] = {k: v for k, v in _semantic_scores(tp, fp, fn).items() if k in ("dice", "iou")}
     table = counts.overlaps()
     n_gt, n_pred = len(table.area_a), len(table.area_b)
@@ -481,9 +479,8 @@ def volume_metrics(gt: np.ndarray, pred: np.ndarray,
         matched = np.zeros(n_pred, bool)
         matched[table.pair_b[good]] = True
         out[f"tp{t}"], out[f"ap{t}"] = int(good.sum()), average_precision(matched[rank], n_gt)
-    out.update(precision50=_ratio(out["tp50"], n_pred, both_empty), recall50=_ratio(out["tp50"], n_gt, both_empty),
-               f1_50=_ratio(2 * out["tp50"], n_gt + n_pred, both_empty), n_gt=n_gt, n_pred=n_pred)
-    return out
+    return out | dict(precision50=_ratio(out["tp50"], n_pred, both_empty), recall50=_ratio(out["tp50"], n_gt, both_empty),
+                      f1_50=_ratio(2 * out["tp50"], n_gt + n_pred, both_empty), n_gt=n_gt, n_pred=n_pred)
 
 
 def adapted_rand_error(gt: np.ndarray, pred: np.ndarray) -> float:

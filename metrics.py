@@ -14,6 +14,9 @@ Two families, each with a **per-image** function and a **pooled** (dataset-level
   pooling; :func:`pooled_instance_metrics` pools them over images (AJI = summed intersections
   / summed unions; PQ from summed TP / FP / FN and summed matched IoU).
 
+Volumes (ZxHxW, counted section by section): :func:`volume_metrics` (voxel Dice / IoU, 3-D
+precision / recall / F1 and AP) and :func:`adapted_rand_error`.
+
 Per-image scores averaged over images and pooled scores are different numbers; report which
 one you give (reports.py builds the tables with both, and bootstrap intervals of the means).
 
@@ -69,9 +72,8 @@ SEMANTIC_SCORE_KEYS: tuple[str, ...] = ("dice", "iou", "precision", "recall")
 SEMANTIC_COUNT_KEYS: tuple[str, ...] = ("tp", "fp", "fn")
 
 #: Headline score keys of :func:`instance_metrics`, for short tables.
-INSTANCE_HEADLINE_KEYS: tuple[str, ...] = (
-    "aji", "aji_plus", "pq", "sq", "rq", "f1", "precision", "recall", "mean_matched_iou",
-)
+INSTANCE_HEADLINE_KEYS: tuple[str, ...] = ("aji", "aji_plus", "pq", "sq", "rq", "f1", "precision", "recall",
+                                           "mean_matched_iou")
 #: Raw sums of :func:`instance_metrics` that :func:`pooled_instance_metrics` adds up.
 INSTANCE_COUNT_KEYS: tuple[str, ...] = (
     "n_gt", "n_pred", "tp", "fp", "fn", "sum_matched_iou",

@@ -232,33 +232,47 @@ def segment_options(args: argparse.Namespace) -> tuple[SegmentOptions, DetectorO
     return options, proposals, scale
 
 
-def check_inputs(args: argparse.Namespace) -> list[tuple[Path, bool]]:
-    """``(file, is_volume)`` of every input, each readable (a volume's header and intensity scale
-    read) before anything is written."""
+def check_inputs(args: argparse.Namespace) -> list[tuple[Path, tuple[int, int, int] | None]]:
+    """``(file, volume shape or None)`` of every input, each readable (a volume's header and
+    intensity scale read) before anything is written."""
     checked = []
     for path in find_inputs(args.input):
+        shape = None
         if volume_io.is_zarr(path) or images.check_planes(path):
-            volume_io.open_volume(path).close()
-            checked.append((path, True))
-        else:
-            checked.append((path, False))
+            with volume_io.open_volume(path) as volume:
+                shape = volume.shape
+        checked.append((path, shape))
     return checked
 
 
-def predict_inputs(args: argparse.Namespace) -> tuple[list[tuple[Path, bool]], dict[int, np.ndarray] | None]:
+def predict_inputs(args: argparse.Namespace) -> tuple[list[tuple[Path, Any]], dict[int, np.ndarray] | None]:
     """The checked inputs (:func:`check_inputs`) and, with ``--seed_labels``, the annotated
     sections of the one volume they annotate (read and checked before anything is written)."""
     files = check_inputs(args)
     if args.seed_labels is None:
         return files, None
-    if len(files) != 1 or not files[0][1]:
+    if len(files) != 1 or files[0][1] is None:
         raise UserError("--seed_labels annotates one volume: give that volume (a TIFF stack or a Zarr array) as --input")
     if args.resume:
         raise UserError("--seed_labels: carrying objects through a volume cannot be resumed; rerun with --overwrite")
     PropagationOptions(args.stop_score, args.stop_iou)  # refuses bad values first
-    with volume_io.open_volume(files[0][0]) as volume:
-        shape = volume.shape
-    return files, volume_io.read_seeds(args.seed_labels, shape, args.seed_section)
+    return files, volume_io.read_seeds(args.seed_labels, files[0][1], args.seed_section)
+
+
+def check_resume(args: argparse.Namespace, out: runfiles.OutputDir, files: list[tuple[Path, Any]],
+                 record: dict[str, Any]) -> None:
+    """Refuse, before anything is written, an interrupted run met without --resume / --overwrite,
+    --resume with nothing to resume, and --resume with other options than the interrupted run's."""
+    interrupted = (out.path / stacks.WORK_FOLDER).is_dir()
+    if interrupted and not args.resume and not args.overwrite:
+        raise UserError(f"{out.path} holds an interrupted detect predict run: --resume continues it from its last "
+                        "finished section, --overwrite starts again")
+    if args.resume and not interrupted:
+        raise UserError(f"--resume: {out.path} holds no interrupted detect predict run of a volume; leave out --resume")
+    for path, shape in files if args.resume else ():
+        if shape is not None and stacks.volume_store(out.path, path, shape, record).matches() is False:
+            raise UserError(f"the interrupted run in {out.path} segmented {path} with other options; rerun it with "
+                            "the same options, or pass --overwrite to start again")
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -268,9 +282,6 @@ def run_predict(args: argparse.Namespace) -> int:
     files, seeds = predict_inputs(args)
     out = runfiles.OutputDir(args.output_dir, "detect predict")
     inputs = [args.input] if args.input.is_dir() and not volume_io.is_zarr(args.input) else []
-    out.check(args.overwrite, args.resume, protected=inputs)  # outputs in an input folder would become inputs
-    if args.resume and not (out.path / stacks.WORK_FOLDER).is_dir():
-        raise UserError(f"--resume: {out.path} holds no interrupted detect predict run of a volume; leave out --resume")
     bases = adapters.bases_from_flags(args.model_type, args.image_size, args.checkpoint, args.device,
                                       {args.model_path: adapters.read_adapter(args.model_path)[0]} if args.model_path else {})
     sam_model.autocast(bases.device, args.precision)  # rejects fp16 on CPU before any work
@@ -279,18 +290,20 @@ def run_predict(args: argparse.Namespace) -> int:
                                  bases.image_size, str(bases.device), None if args.model_path is None else
                                  str(args.model_path), args.seed, options, proposals,
                                  None if args.yolo_model is None else str(args.yolo_model))
+    record = {"model_type": bases.model_type, "image_size": bases.image_size, "training_scale": scale,
+              "options": {**asdict(options), **asdict(proposals)}}
+    sections = {**record, "flags": {k: args_record(args).get(k) for k in SEGMENTATION_FLAGS}}  # what makes a section
+    check_resume(args, out, files, sections)
+    out.check(args.overwrite, args.resume, protected=inputs)  # outputs in an input folder would become inputs
     client = dask_client(args, seeds)  # an unreachable scheduler is refused before anything is written
     out.claim(args.overwrite, args.resume, protected=inputs)
     try:
         with out.active("detect_predict.log"):
             segmenter = spec.build(detector) if detector is not None or args.mode == "amg" else None
-            record = {"model_type": bases.model_type, "image_size": bases.image_size, "training_scale": scale,
-                      "options": {**asdict(options), **asdict(proposals)}}
             runfiles.write_json(out.path / "detect_predict_config.json", {**args_record(args), **record})
-            record["flags"] = {k: args_record(args).get(k) for k in SEGMENTATION_FLAGS}
             sam = segmenter.sam if segmenter is not None else adapters.load_finetuned(bases, args.model_path, args.seed)
             fill = None if client is None else lambda volume, store: cluster.fill_store(client, spec, volume, store)
-            total = predict_files(args, files, seeds, sam, segmenter, record, out, fill)
+            total = predict_files(args, files, seeds, sam, segmenter, sections, out, fill)
             log.info("%d objects in %d file(s); outputs in %s", total, len(files), out.path)
     finally:
         if client is not None:
@@ -312,27 +325,27 @@ def dask_client(args: argparse.Namespace, seeds: dict[int, np.ndarray] | None) -
     return cluster.connect(args.workers, args.scheduler)
 
 
-def predict_files(args: argparse.Namespace, files: list[tuple[Path, bool]], seeds: dict[int, np.ndarray] | None,
+def predict_files(args: argparse.Namespace, files: list[tuple[Path, Any]], seeds: dict[int, np.ndarray] | None,
                   sam: Any, segmenter: Segmenter | None, record: dict[str, Any], out: runfiles.OutputDir,
                   fill: Any = None) -> int:
     """Segment every input (volumes section by section, or their annotated objects carried through
     them); write the outputs and coco.json; returns the object count."""
     link = None if args.no_link else LinkOptions(args.link_iou, args.link_gap, args.min_sections)
     work = out.path / stacks.WORK_FOLDER
-    if any(is_volume for _, is_volume in files):
+    if any(shape is not None for _, shape in files):
         work.mkdir(exist_ok=True)
         out.add(work)
     coco = CocoWriter(args.coco_segmentation, spool=work / "coco.jsonl" if work.is_dir() else None)
     root = args.input if args.input.is_dir() and not volume_io.is_zarr(args.input) else args.input.parent
     total = 0
-    for path, is_volume in tqdm(files, desc="images", unit="file", disable=None if len(files) > 1 else True):
+    for path, shape in tqdm(files, desc="images", unit="file", disable=None if len(files) > 1 else True):
         name = path.relative_to(root).as_posix()
         if seeds is not None:
             total += propagation.propagate_file(
                 path, name, seeds, propagation.sam_prompter(sam, record["options"]["box_batch"], args.precision),
                 PropagationOptions(args.stop_score, args.stop_iou), sam.image_encoder.img_size, record, out, coco,
                 stack_output_paths(out.path, path, not args.no_overlay), segmenter)
-        elif is_volume:
+        elif shape is not None:
             total += stacks.predict_volume(path, name, segmenter, record, out, args.resume, link, coco,
                                            stack_output_paths(out.path, path, not args.no_overlay), fill)
         else:

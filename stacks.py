@@ -86,11 +86,18 @@ class SectionStore:
         self.folder, self.record = folder, {"version": STORE_VERSION, **record}
         self.done: set[int] = set()
 
+    def matches(self) -> bool | None:
+        """Whether an earlier store in the folder was made with the same record (None: there is none)."""
+        record_path = self.folder / "store.json"
+        if not record_path.is_file():
+            return None
+        return json.loads(record_path.read_text(encoding="utf-8")) == json.loads(json.dumps(self.record))
+
     def open(self, resume: bool, out: runfiles.OutputDir) -> int:
         """Start (or, with ``resume``, continue) the store; returns the sections already done."""
         record_path = self.folder / "store.json"
-        if resume and record_path.is_file():
-            if json.loads(record_path.read_text(encoding="utf-8")) != json.loads(json.dumps(self.record)):
+        if resume and self.matches() is not None:
+            if not self.matches():
                 raise UserError(f"the interrupted run in {out.path} segmented {self.record['input']} with other options; "
                                 "rerun it with the same options, or pass --overwrite to start again")
             self.done = {int(p.stem) for p in self.folder.glob("[0-9]*.npz")}
@@ -202,6 +209,13 @@ def segment_volume(volume: Volume, name: str, source: SectionSource, store: Sect
 WORK_FOLDER = ".detect_predict_work"  # in the output directory: the section stores and the COCO spool
 
 
+def volume_store(output_dir: Path, path: Path, shape: tuple[int, int, int], record: dict[str, Any]) -> SectionStore:
+    """The section store of the volume ``path`` in ``output_dir`` (``record``: the options that
+    make its sections)."""
+    return SectionStore(output_dir / WORK_FOLDER / f"{file_stem(path)}.sections",
+                        {"input": str(path.resolve()), "shape": list(shape), **record})
+
+
 def predict_volume(path: Path, name: str, segment: Callable[[np.ndarray], tuple[np.ndarray, Sequence[Instance]]],
                    record: dict[str, Any], out: runfiles.OutputDir, resume: bool, link: LinkOptions | None,
                    coco: CocoWriter, outputs: dict[str, Path],
@@ -212,8 +226,7 @@ def predict_volume(path: Path, name: str, segment: Callable[[np.ndarray], tuple[
     from volume_io import open_volume
 
     with open_volume(path) as volume:
-        store = SectionStore(out.path / WORK_FOLDER / f"{file_stem(path)}.sections",
-                             {"input": str(path.resolve()), "shape": list(volume.shape), **record})
+        store = volume_store(out.path, path, volume.shape, record)
         done = store.open(resume, out)
         if done:
             log.info("%s: %d of %d sections were finished by the interrupted run; resuming", name, done,

@@ -414,6 +414,28 @@ def unwritable_output(env: Env) -> list[str]:
     return predict_args(env, "--input", str(em_stack(env)), "--output_dir", str(locked / "pred"))
 
 
+def interrupted_run(env: Env, store_record: dict) -> Path:
+    """user/pred: what an interrupted detect predict of user/stack.tif leaves (its manifest and
+    section store, 2 sections done), the store made with ``store_record``."""
+    env.file("pred/.samlora_outputs.json", json.dumps({"command": "detect predict",
+                                                       "files": [".detect_predict_work/"]}).encode())
+    env.file("pred/.detect_predict_work/stack.sections/store.json", json.dumps(store_record).encode())
+    for z in range(2):
+        env.file(f"pred/.detect_predict_work/stack.sections/{z:06d}.npz", b"a finished section")
+    return env.user / "pred"
+
+
+def resume_with_other_options(env: Env) -> list[str]:
+    stack = em_stack(env)
+    out = interrupted_run(env, {"version": 1, "input": str(stack.resolve()), "shape": [3, 128, 128], "model": "another"})
+    return [*predict_args(env, "--input", str(stack), "--resume"), "--output_dir", str(out)]
+
+
+def interrupted_without_resume(env: Env) -> list[str]:
+    stack = em_stack(env)
+    return [*predict_args(env, "--input", str(stack)), "--output_dir", str(interrupted_run(env, {}))]
+
+
 def unreachable_scheduler(env: Env) -> list[str]:
     import cluster
 
@@ -562,6 +584,11 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str | tuple[str, ...], int]] 
     ("detect predict seed labels of another shape", seeds_of_another_shape, "but the volume is (3, 128, 128)", 2),
     ("detect predict unwritable output", unwritable_output, ("cannot write", "Permission denied"), 2),
     ("detect predict scheduler unreachable", unreachable_scheduler, "cannot reach the dask scheduler", 2),
+    ("detect predict --resume with other options", resume_with_other_options, "with other options", 2),
+    ("detect predict interrupted run without --resume", interrupted_without_resume,
+     ("holds an interrupted detect predict run", "--resume"), 2),
+    ("detect predict --resume without a run", lambda e: predict_args(e, "--input", str(em_stack(e)), "--resume"),
+     "holds no interrupted", 2),
     ("detect train zero epochs",
      lambda e: ["detect", "train", "--data_dir", str(e.data()), "--output_dir", str(e.out / "yolo"), "--epochs", "0"],
      "--epochs and --batch_size must be >= 1", 2),

@@ -190,3 +190,25 @@ def test_seed_labels_with_random_weights(main, em_stack_file, tmp_path: Path) ->
     assert set(np.unique(labels).tolist()) <= set(np.unique(objects[9]).tolist())
     coco = json.loads((out / "coco.json").read_text())
     assert len(coco["annotations"]) == sum(len(np.unique(s[s > 0])) for s in labels)
+
+
+def test_detected_objects_join_the_seeds(em_stack_file) -> None:
+    """add_detected: in an annotated section, the objects a detector finds (here: a TEST DOUBLE
+    returning every true object of the section) that no annotation covers become new seeds."""
+    from propagation import add_detected
+
+    path, objects = em_stack_file
+    present = [int(v) for v in np.unique(objects[10]) if v]
+    annotated = np.where(objects[10] == present[0], 50, 0)  # one object annotated, with id 50
+
+    def detector_and_sam(image: np.ndarray):
+        return objects[10], []
+
+    with open_volume(path) as volume:
+        seeds = add_detected(volume, {10: annotated}, detector_and_sam)
+    assert list(seeds) == [10]
+    assert np.array_equal(seeds[10] == 50, objects[10] == present[0])  # the annotation stays as it was
+    others = {int(v) for v in np.unique(seeds[10]) if v not in (0, 50)}
+    assert others == set(range(51, 51 + len(present) - 1))  # every other object, a new id after the annotated
+    for value in others:
+        assert len(np.unique(objects[10][seeds[10] == value])) == 1

@@ -207,3 +207,37 @@ def test_detect_predict_on_a_stack_with_random_weights(main, em_crop, tmp_path: 
     np.testing.assert_array_equal(zarr.open(str(tmp_path / "c" / "s_labels.zarr"), mode="r")[:], linked)
     check_coco(json.loads((tmp_path / "a" / "coco.json").read_text()), linked)
     assert "3-D objects in 3 sections" in caplog.text
+
+
+@pytest.mark.slow
+def test_detect_predict_resumes_after_ctrl_c(main, em_crop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Ctrl-C in the third section: exit 130 and the hint; a rerun without --resume is refused;
+    --resume segments only the sections left and writes what an uninterrupted run writes."""
+    import inference
+
+    images, _ = em_crop
+    stack = write_tiff(tmp_path / "s.tif", images[:4])
+    argv = ["detect", "predict", "--input", str(stack), "--output_dir", str(tmp_path / "out"), "--no_overlay", *AMG]
+    real, calls = inference.Segmenter.__call__, []
+
+    def interrupted(self, image):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, image)
+
+    monkeypatch.setattr(inference.Segmenter, "__call__", interrupted)
+    with caplog.at_level(logging.ERROR):
+        assert main(argv) == 130
+    assert "rerun the same command with --resume" in caplog.text
+    assert main(argv) == 2  # an interrupted run is neither overwritten nor continued without being asked
+    calls.clear()
+    assert main([*argv, "--resume"]) == 0
+    assert len(calls) == 2  # sections 2 and 3
+    monkeypatch.setattr(inference.Segmenter, "__call__", real)
+    assert main([*argv[:5], str(tmp_path / "clean"), *argv[6:]]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "s_labels.tif"),
+                                  tifffile.imread(tmp_path / "clean" / "s_labels.tif"))
+    assert json.loads((tmp_path / "out" / "coco.json").read_text()) == json.loads((tmp_path / "clean" / "coco.json").read_text())
+    assert not (tmp_path / "out" / stacks.WORK_FOLDER).exists()

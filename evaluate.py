@@ -477,7 +477,8 @@ def run(args: argparse.Namespace) -> int:
             if args.visualize else set()
         rows: list[dict[str, Any]] = []
         visuals: dict[int, dict[str, np.ndarray]] = defaultdict(dict)
-        volumes = reports.VolumeScores(selection.samples, selection.indices)  # 3-D scores of volume sections
+        # 3-D scores of volume sections (not of --max_objects subsets: each section prompts other objects)
+        volumes = reports.VolumeScores(selection.samples, [] if args.max_objects else selection.indices)
         for job in jobs:
             job_rows, job_visuals = score_job(args, job, bases, selection, keep, detector, len(sources), volumes)
             rows += job_rows

@@ -13,6 +13,7 @@ Rows (targets in brackets):
 - side by side with micro-sam's train_sam (--microsam_python): s per iteration    [<= 0.3x, 0.5x]
 - detect predict per image / (YOLO forward + encoder + decoder alone), bf16 / fp32 [<= 1.15]
 - instance metrics on a 512x512 map with 500 objects on both sides                  [<< 1 s]
+- volumes: linking / SAM per section, peak RSS 64 / 16 sections, 2 dask workers / 1 process (bench_volumes.py)
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import dataset as data
 import losses
 import metrics
 import model as sam_model
+import bench_volumes
 import runfiles
 import trainer
 from sample import Sample
@@ -452,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, value, target in bench_detect(samples, args.quick):
         report(name, value, target)
     report("instance_metrics 512x512, 500 vs 500 objects (s)", bench_metrics(reps * 3), "[<< 1 s]")
+    for name, value, target in bench_volumes.rows(args.quick):
+        report(name, value, target)
     if args.json:
         runfiles.write_json(args.json, figures)
     return 0

@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -46,40 +47,71 @@ _ACTIVE: list["OutputDir"] = []  # directories claimed by the running command(s)
 # --------------------------------------------------------------------------------------------
 # Atomic writers
 # --------------------------------------------------------------------------------------------
-def file_mode() -> int:
-    """Permissions of a new ordinary file under the current umask (0644 under umask 022)."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = True,
-                 rerun: str = "rerun the command") -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``.
+def file_mode() -> int:
+    """Permissions of a new ordinary file under the current umask (0644 under umask 022)."""
+    return 0o666 & ~_umask()
 
-    On any failure the temporary file is removed and an existing ``path`` is left as it was;
-    a full disk or an unwritable folder is a :class:`UserError` saying what to do (``rerun``).
-    The file is recorded in the manifest of every claimed output directory that holds it.
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, folder: bool = False, rerun: str = "rerun the command") -> Iterator[Path]:
+    """A temporary file (or, with ``folder``, an empty folder) beside ``path``, renamed to ``path``
+    when the block ends without error: for writers that need a path or write over a long time
+    (a label stack streamed section by section, a Zarr store).
+
+    On any failure the temporary is removed and an existing ``path`` is left as it was; a full
+    disk or an unwritable folder is a :class:`UserError` saying what to do (``rerun``). The result
+    gets the permissions the umask gives, and is recorded in the manifest of every claimed output
+    directory that holds it (a folder as one entry). A folder replaces an earlier one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     existed, tmp = path.exists(), None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)  # reopened by name: some writers (tifffile) need the file object's name
-        with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as fh:
-            write(fh)
-        os.chmod(tmp, file_mode())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if folder:
+            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 -> what the umask gives a folder
+        else:
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)  # reopened by name: some writers (tifffile) need the file object's name
+            tmp = Path(name)
+        yield tmp
+        if not folder:
+            os.chmod(tmp, file_mode())
+        elif path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
         os.replace(tmp, path)
     except BaseException as exc:
         if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+            _remove_path(tmp)
         error = write_error(path, exc, existed, rerun)
         if error is not None:
             raise error from None
         raise
     _record(path)
-    return path
+
+
+def _remove_path(path: Path) -> None:
+    """Remove a file or a folder tree, if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = True,
+                 rerun: str = "rerun the command") -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``
+    (:func:`atomic_path`: never half a file, the previous version intact on failure)."""
+    with atomic_path(path, rerun=rerun) as tmp:
+        with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as fh:
+            write(fh)
+    return Path(path)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -287,7 +319,13 @@ class OutputDir:
               flag: str = "--output_dir") -> "OutputDir":
         """Check, create, clear an earlier run's files (``overwrite``) and start recording."""
         self.check(overwrite, resume, protected, flag)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            error = write_error(self.path, exc, False, "rerun the command")
+            if error is None:
+                raise
+            raise error from None
         with self.lock():
             files = self.recorded()
             if overwrite and not resume:
@@ -331,20 +369,32 @@ class OutputDir:
                 self.add(path)
 
     def add(self, path: Path) -> None:
-        """Record ``path`` (inside the directory) in the manifest."""
-        relative = path.resolve().relative_to(self.path.resolve()).as_posix()
+        """Record ``path`` (inside the directory) in the manifest; a folder is one entry, ``name/``,
+        that stands for everything in it."""
+        relative = path.resolve().relative_to(self.path.resolve()).as_posix() + ("/" if path.is_dir() else "")
         if relative in (MANIFEST, LOCK_FILE):
             return
         if not self.shared:
-            if relative not in self._files:
-                self._files.append(relative)
-                self._write_manifest()
+            self._record(relative)
             return
         with self.lock():  # other workers record files too: the manifest on disk is the record
             self._files = self.recorded()
-            if relative not in self._files:
-                self._files.append(relative)
-                self._write_manifest()
+            self._record(relative)
+
+    def _record(self, relative: str) -> None:
+        inside = any(f.endswith("/") and relative.startswith(f) for f in self._files)
+        if relative not in self._files and not inside:
+            self._files.append(relative)
+            self._write_manifest()
+
+    def discard(self, path: Path) -> None:
+        """Remove ``path`` (a file or folder this command wrote) and its manifest entry."""
+        _remove_path(path)
+        relative = path.resolve().relative_to(self.path.resolve()).as_posix()
+        kept = [f for f in self._files if f != relative and not f.startswith(relative + "/")]
+        if kept != self._files:
+            self._files = kept
+            self._write_manifest()
 
     def _write_manifest(self) -> None:
         record = {"command": self.command, "files": self._files,
@@ -357,8 +407,8 @@ class OutputDir:
         removed = 0
         for name in files:
             path = (self.path / name).resolve()
-            if root in path.parents and path.is_file():
-                path.unlink()
+            if root in path.parents and (path.is_file() or (name.endswith("/") and path.is_dir())):
+                _remove_path(path)
                 removed += 1
         for name in sorted({str(Path(f).parent) for f in files}, key=len, reverse=True):
             folder = self.path / name

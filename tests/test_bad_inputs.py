@@ -20,6 +20,7 @@ import errno
 import hashlib
 import json
 import logging
+import os
 import shutil
 import socket
 import warnings
@@ -408,6 +409,78 @@ def detect_train_args(env: Env, *extra: str) -> list[str]:
             "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--no_plots", "--seed", "0", *extra]
 
 
+def em_stack(env: Env) -> Path:
+    """A 3-section TIFF stack of the real EM crops (user/stack.tif)."""
+    path = env.user / "stack.tif"
+    images = [cv2.imread(str(env.em4 / "images" / f"{n}.png"), cv2.IMREAD_GRAYSCALE) for n in "abc"]
+    tifffile.imwrite(path, np.stack(images), photometric="minisblack")
+    return path
+
+
+def zarr_of(env: Env, name: str, shape: tuple[int, ...], ome_axes: str | None = None) -> str:
+    """A Zarr array of ``shape`` (or, with ``ome_axes``, an OME-Zarr image with those axes) in user/."""
+    import zarr
+
+    path = env.user / name
+    if ome_axes is None:
+        zarr.create_array(store=str(path), shape=shape, dtype="uint8")[:] = 1
+        return str(path)
+    group = zarr.open_group(str(path), mode="w")
+    group.attrs["ome"] = {"multiscales": [{"axes": [{"name": a} for a in ome_axes], "datasets": [{"path": "0"}]}]}
+    group.create_array("0", shape=shape, dtype="uint8")[:] = 1
+    return str(path)
+
+
+def seeds_of_another_shape(env: Env) -> list[str]:
+    seeds = env.user / "seeds.tif"
+    tifffile.imwrite(seeds, np.ones((3, 64, 64), np.uint16), photometric="minisblack")
+    return predict_args(env, "--input", str(em_stack(env)), "--seed_labels", str(seeds))
+
+
+def unwritable_output(env: Env) -> list[str]:
+    """--output_dir inside a folder the user may not write to (the OS refuses every new entry there)."""
+    locked = env.out / "locked"
+    real_mkdir = os.mkdir
+
+    def refuse(path, *args, **kwargs):
+        if Path(path).absolute().is_relative_to(locked.absolute()):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    env.monkeypatch.setattr(os, "mkdir", refuse)
+    return predict_args(env, "--input", str(em_stack(env)), "--output_dir", str(locked / "pred"))
+
+
+def interrupted_run(env: Env, store_record: dict) -> Path:
+    """user/pred: what an interrupted detect predict of user/stack.tif leaves (its manifest and
+    section store, 2 sections done), the store made with ``store_record``."""
+    env.file("pred/.samlora_outputs.json", json.dumps({"command": "detect predict",
+                                                       "files": [".detect_predict_work/"]}).encode())
+    env.file("pred/.detect_predict_work/stack.sections/store.json", json.dumps(store_record).encode())
+    for z in range(2):
+        env.file(f"pred/.detect_predict_work/stack.sections/{z:06d}.npz", b"a finished section")
+    return env.user / "pred"
+
+
+def resume_with_other_options(env: Env) -> list[str]:
+    stack = em_stack(env)
+    out = interrupted_run(env, {"version": 1, "input": str(stack.resolve()), "shape": [3, 128, 128], "model": "another"})
+    return [*predict_args(env, "--input", str(stack), "--resume"), "--output_dir", str(out)]
+
+
+def interrupted_without_resume(env: Env) -> list[str]:
+    stack = em_stack(env)
+    return [*predict_args(env, "--input", str(stack)), "--output_dir", str(interrupted_run(env, {}))]
+
+
+def unreachable_scheduler(env: Env) -> list[str]:
+    import cluster
+
+    env.monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", "1s")
+    env.leaves_nothing()
+    return predict_args(env, "--input", str(em_stack(env)), "--scheduler", "tcp://127.0.0.1:9")
+
+
 # --------------------------------------------------------------------------------------------
 # The table: (id, command line builder, words the one error line must contain (one string, or a
 # tuple of them), exit code)
@@ -565,6 +638,20 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str | tuple[str, ...], int]] 
     ("detect predict vit_b checkpoint for vit_t",
      lambda e: [*predict_args(e, "--input", one_image(e)), "--checkpoint", str(e.vit_b)], VIT_B_FOR_VIT_T, 2),
     ("detect predict outputs exist", detect_outputs_exist, "exists and is not empty", 2),
+    ("detect predict Zarr without 3 spatial axes",
+     lambda e: predict_args(e, "--input", zarr_of(e, "plane.zarr", (128, 128))), "needs 3 spatial axes", 2),
+    ("detect predict Zarr with channels",
+     lambda e: predict_args(e, "--input", zarr_of(e, "rgb.zarr", (2, 3, 128, 128))), "channels", 2),
+    ("detect predict OME-Zarr with channels",
+     lambda e: predict_args(e, "--input", zarr_of(e, "ome.zarr", (3, 4, 64, 64), "czyx")), "has 3 channels", 2),
+    ("detect predict seed labels of another shape", seeds_of_another_shape, "but the volume is (3, 128, 128)", 2),
+    ("detect predict unwritable output", unwritable_output, ("cannot write", "Permission denied"), 2),
+    ("detect predict scheduler unreachable", unreachable_scheduler, "cannot reach the dask scheduler", 2),
+    ("detect predict --resume with other options", resume_with_other_options, "with other options", 2),
+    ("detect predict interrupted run without --resume", interrupted_without_resume,
+     ("holds an interrupted detect predict run", "--resume"), 2),
+    ("detect predict --resume without a run", lambda e: predict_args(e, "--input", str(em_stack(e)), "--resume"),
+     "holds no interrupted", 2),
     ("detect train zero epochs",
      lambda e: ["detect", "train", "--data_dir", str(e.data()), "--output_dir", str(e.out / "yolo"), "--epochs", "0"],
      "--epochs and --batch_size must be >= 1", 2),

@@ -31,7 +31,6 @@ import model as sam_model
 import runfiles
 import runs
 import studies
-import trainer
 from errors import UserError
 from sample import Sample
 from train_config import TrainConfig, add_train_arguments
@@ -257,7 +256,7 @@ def train_configuration(config: TrainConfig, search: Search,
     interrupted worker's folds); its summary."""
     resume = (Path(config.output_dir) / runs.CONFIG_FILE).is_file()
     # the search owns its sub-directories: one a worker claimed but never started is taken over
-    out = trainer.claim_output_dir(config, resume=resume, overwrite=not resume)
+    out = runs.claim_output_dir(config, resume=resume, overwrite=not resume)
     with out.active():  # run_training writes the shared folds there: `evaluate --cv_run` works on it
         return crossval.run_training(config, search.samples, search.device, search.num_workers, folds=search.folds,
                                      cache_memory_gb=search.cache_memory_gb, embeddings=search.embeddings,

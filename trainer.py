@@ -23,7 +23,6 @@ from torch import nn
 from tqdm import tqdm
 
 import adapters
-import folds as folds_lib
 import inference
 import iterative
 import lora
@@ -451,41 +450,6 @@ def write_metrics_csv(config: TrainConfig) -> None:
     columns = ["fold", "epoch", "train_loss", "train_dice", "val_dice", "val_iou", "val_pooled_dice", "lr",
                "skipped_steps", "seconds"]
     runfiles.write_csv(out / runs.METRICS_FILE, rows, columns)
-
-
-def claim_output_dir(config: TrainConfig, resume: bool, overwrite: bool) -> runfiles.OutputDir:
-    """The run directory (runfiles' one rule): an existing run needs ``--resume`` with the same
-    options, or ``--overwrite``, which removes only the earlier run's files."""
-    out = runfiles.OutputDir(config.output_dir, "train")
-    config_path = out.path / runs.CONFIG_FILE
-    if resume:
-        if not config_path.is_file():
-            raise UserError(f"--resume: no run to resume in {out.path} (no config.json); start it without --resume")
-        saved = runs.read_run_config(out.path)
-        current = config.to_json()
-        diff = [k for k in current if saved.get(k) != current[k]]
-        if diff:
-            shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in diff[:4])
-            raise UserError(f"--resume: the options differ from the run in {out.path} ({shown}); resume with "
-                            "the same options, or start a new --output_dir")
-        return out.claim(overwrite=False, resume=True)
-    if config_path.is_file() and not overwrite:
-        raise UserError(f"{out.path} holds another run: use --resume to continue it, --overwrite to replace it, "
-                        "or a new --output_dir")
-    if overwrite and config_path.is_file() and out.owner() is None:
-        _remove_unrecorded_run(out.path)
-    return out.claim(overwrite)
-
-
-def _remove_unrecorded_run(path: Path) -> None:
-    """A run written before run directories had a manifest: remove the files train writes (by
-    name), so that no stale ``last.pt`` is resumed; anything else stays."""
-    for name in (runs.CONFIG_FILE, folds_lib.FOLDS_FILE, runs.METRICS_FILE, runs.SUMMARY_FILE, runs.LOG_FILE):
-        (path / name).unlink(missing_ok=True)
-    for fold_path in path.glob("fold_*"):
-        for name in ("best.pt", "last.pt", "done.json"):
-            (fold_path / name).unlink(missing_ok=True)
-    log.warning("--overwrite: removed the earlier run's files in %s", path)
 
 
 @dataclass

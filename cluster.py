@@ -65,7 +65,7 @@ def connect(workers: int, scheduler: str | None) -> Any:
             raise UserError(f"cannot reach the dask scheduler at {scheduler} ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:100] if str(exc) else 'no answer'}); start it (dask "
                             "scheduler, or dask-jobqueue) and pass its address, e.g. tcp://host:8786") from None
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")  # any free port
     log.info("dask: a local cluster of %d worker processes", workers)
     return Client(cluster)
 

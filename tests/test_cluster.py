@@ -44,7 +44,7 @@ class TruthSpec:
 def client():
     from dask.distributed import Client, LocalCluster
 
-    local = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+    local = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0")
     dask_client = Client(local)
     yield dask_client
     cluster.close(dask_client)

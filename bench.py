@@ -16,6 +16,7 @@ Rows (targets in brackets):
   and vit_b late LoRA step / micro-sam's vit_b LoRA iteration (--microsam_python)  [<= 0.35]
 - detect predict per image / (YOLO forward + encoder + decoder alone), bf16 / fp32 [<= 1.15]
 - instance metrics on a 512x512 map with 500 objects on both sides                  [<< 1 s]
+- volumes: linking / SAM per section, peak RSS 64 / 16 sections, 2 dask workers / 1 process (bench_volumes.py)
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import dataset as data
 import losses
 import metrics
 import model as sam_model
+import bench_volumes
 import runfiles
 import trainer
 from sample import Sample
@@ -369,46 +371,52 @@ def bench_frozen(model_type: str, samples: list[Sample], reps: int, report: Repo
         report(f"{model_type} {name}", value, target)
 
 
-def microsam_work(data_dir: Path, patches: int) -> list[Sample]:
-    """The side-by-side work: the first ``patches`` 512 px patches (with objects) of the EM sections."""
-    return data.load_dataset(data_dir, patch_size=512, drop_empty_patches=True)[:patches]
-
-
-def bench_microsam(data_dir: Path, reps: int, report: Report, microsam_python: Path | None, patches: int = 4) -> None:
-    """Seconds per training iteration on micro-sam's work, ours and (with ``microsam_python``, the
-    interpreter of a separate micro-sam environment: bench_microsam_env.sh) micro-sam's own
-    ``train_sam`` measured by bench_microsam.py in the same run: vit_t, frozen encoder, 512 px
-    patches of the EM sections, up to 25 objects, bf16, batch 1, 1 and 8 sub-iterations.
+def bench_microsam(data_dir: Path, reps: int, report: Report, microsam_python: Path | None, iterations: int = 6) -> None:
+    """Seconds per training iteration on micro-sam's work, micro-sam's own ``train_sam`` (with
+    ``microsam_python``, the interpreter of a separate micro-sam environment built by
+    bench_microsam_env.sh; measured by bench_microsam.py) and ours, in the same run: vit_t, frozen
+    encoder, 512 px patches of the EM sections (the very patches micro-sam's loader drew; without
+    micro-sam, the first patches with objects), up to 25 objects, bf16, batch 1, box prompts, 1
+    and 8 sub-iterations.
 
     Ours caches the frozen encoder's embeddings (the first epoch fills the cache and is not
     counted); micro-sam runs its encoder every iteration.
     """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs = {}
+        if microsam_python is not None:
+            for nsub in (1, 8):
+                theirs[nsub] = run_microsam(microsam_python, data_dir, nsub, iterations, Path(tmp) / "patches")
+            samples = data.load_dataset(Path(tmp) / "patches", mask_type="instance")
+        else:
+            samples = data.load_dataset(data_dir, patch_size=512, drop_empty_patches=True)[:iterations]
     config = make_config("vit_t", 1024, "bf16", freeze_encoder=True, train_decoder=True, lora_rank=0,
                          max_objects=25, patch_size=512, augment=False)
-    ours = Setup(config, microsam_work(data_dir, patches))
+    ours = Setup(config, samples)
     ours.epoch()  # fills the cache
-    theirs: dict[int, float] = {}
+    objects = sum(len(ours.dataset[i].prompts) for i in range(len(samples))) / len(samples)
     for nsub in (1, 8):
         ours.ctx.rounds = nsub
         step = statistics.median(ours.epoch() for _ in range(reps))
-        report(f"ours vit_t frozen encoder, 512px patches, <= 25 objects, bf16, sub_iterations {nsub} (s/iteration)",
-               step)
-        if microsam_python is not None:
-            theirs[nsub] = run_microsam(microsam_python, data_dir, nsub, patches)
-            report(f"micro-sam train_sam, same work, n_sub_iteration {nsub} (s/iteration)", theirs[nsub])
-            report(f"ours / micro-sam, sub_iterations {nsub}", step / theirs[nsub],
-                   "[<= 0.3]" if nsub == 1 else "[<= 0.5]")
+        report(f"ours, micro-sam's work ({objects:.1f} objects a patch), sub_iterations {nsub} (s/iteration)", step)
+        if nsub in theirs:
+            report(f"micro-sam train_sam, same patches, n_sub_iteration {nsub} (s/iteration)", theirs[nsub])
+            report(f"ours / micro-sam, sub_iterations {nsub}", step / theirs[nsub], "[<= 0.3]" if nsub == 1 else "[<= 0.5]")
 
 
-def run_microsam(python: Path, data_dir: Path, nsub: int, patches: int, *extra: str) -> float:
-    """Median seconds per iteration of micro-sam's training (bench_microsam.py in its own environment;
-    ``extra``: more of its options, e.g. ``--model_type vit_b --lora_rank 4``)."""
+def run_microsam(python: Path, data_dir: Path, nsub: int, iterations: int, patches: Path, *extra: str) -> float:
+    """Median seconds per iteration of micro-sam's training (bench_microsam.py in its own
+    environment); its patches are written to ``patches``. ``extra``: more of its options, e.g.
+    ``--model_type vit_b --lora_rank 4``."""
     import json
     import subprocess
 
     script = Path(__file__).resolve().parent / "bench_microsam.py"
     cmd = [str(python), str(script), "--n_sub_iteration", str(nsub), "--data", str(data_dir),
-           "--patches", str(patches), "--threads", str(torch.get_num_threads()), *extra]
+           "--iterations", str(iterations), "--threads", str(torch.get_num_threads()), "--save_patches", str(patches),
+           *extra]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
@@ -436,21 +444,31 @@ def bench_late(model_types: list[str], samples: list[Sample], reps: int, report:
 
 
 def bench_microsam_late(data_dir: Path, reps: int, report: Report, microsam_python: Path | None,
-                        patches: int = 4) -> None:
+                        iterations: int = 6) -> None:
     """Our vit_b late LoRA (last 3 blocks, cached) against micro-sam's vit_b LoRA (every block) on
-    micro-sam's work (:func:`microsam_work`): rank 4 on q and v (micro-sam's LoRA) and the mask
-    decoder trained (micro-sam's default), 1024 px, bf16, up to 25 objects, 1 sub-iteration.
-    micro-sam's figure comes from bench_microsam.py ``--model_type vit_b --lora_rank 4`` in its own
-    environment, only with ``microsam_python``."""
+    micro-sam's work, as :func:`bench_microsam` (the patches micro-sam's loader drew, else the first
+    with objects): rank 4 on q and v (micro-sam's LoRA) and the mask decoder trained (micro-sam's
+    default), 1024 px, bf16, up to 25 objects, box prompts, 1 sub-iteration. micro-sam's figure
+    comes from bench_microsam.py ``--model_type vit_b --lora_rank 4`` in its own environment, only
+    with ``microsam_python``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs = None
+        if microsam_python is not None:
+            theirs = run_microsam(microsam_python, data_dir, 1, iterations, Path(tmp) / "patches",
+                                  "--model_type", "vit_b", "--lora_rank", "4")
+            samples = data.load_dataset(Path(tmp) / "patches", mask_type="instance")
+        else:
+            samples = data.load_dataset(data_dir, patch_size=512, drop_empty_patches=True)[:iterations]
     config = make_config("vit_b", 1024, "bf16", lora_rank=4, lora_alpha=4, lora_targets="qv", lora_blocks="last3",
-                         train_decoder=True, max_objects=25, patch_size=512)
-    ours = Setup(config, microsam_work(data_dir, patches))
+                         train_decoder=True, max_objects=25, patch_size=512, augment=False)
+    ours = Setup(config, samples)
     ours.epoch()  # fills the cache
     step = statistics.median(ours.epoch() for _ in range(reps))
-    report("ours vit_b late LoRA (last 3 blocks) rank 4, 512px patches, <= 25 objects, bf16 (s/iteration)", step)
-    if microsam_python is not None:
-        theirs = run_microsam(microsam_python, data_dir, 1, patches, "--model_type", "vit_b", "--lora_rank", "4")
-        report("micro-sam train_sam vit_b LoRA rank 4, same work, n_sub_iteration 1 (s/iteration)", theirs)
+    report("ours vit_b late LoRA (last 3 blocks) rank 4, micro-sam's work, sub_iterations 1 (s/iteration)", step)
+    if theirs is not None:
+        report("micro-sam train_sam vit_b LoRA rank 4, same patches, n_sub_iteration 1 (s/iteration)", theirs)
         report("vit_b late LoRA cached step / micro-sam vit_b LoRA iteration", step / theirs, "[<= 0.35]")
 
 
@@ -493,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bench_rest(models: list[str], samples: list[Sample], reps: int, quick: bool, report: Report) -> None:
-    """The training, frozen-encoder, memory, detect and metrics rows."""
+    """The training, frozen-encoder, memory, detect, metrics and volume rows."""
     for model_type in models:
         bench_training(model_type, samples, reps, report)
         bench_frozen(model_type, samples, reps, report)
@@ -503,6 +521,8 @@ def bench_rest(models: list[str], samples: list[Sample], reps: int, quick: bool,
     for name, value, target in bench_detect(samples, quick):
         report(name, value, target)
     report("instance_metrics 512x512, 500 vs 500 objects (s)", bench_metrics(reps * 3), "[<< 1 s]")
+    for name, value, target in bench_volumes.rows(quick):
+        report(name, value, target)
 
 
 if __name__ == "__main__":

@@ -162,6 +162,19 @@ def fixed_loader(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> DataLoader
     return DataLoader(batches, batch_size=None, shuffle=False)
 
 
+def save_patches(batches: list[tuple[torch.Tensor, torch.Tensor]], out: Path) -> None:
+    """The drawn patches as ``out/images/NNN.png`` (uint8) and ``out/masks/NNN.tif`` (instance
+    labels), so that bench.py trains ours on exactly the same patches."""
+    import tifffile
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    for i, (x, y) in enumerate(batches):
+        image = np.clip(x[0, 0].numpy(), 0, 255).astype(np.uint8)
+        imageio.imwrite(out / "images" / f"{i:03d}.png", image)
+        tifffile.imwrite(out / "masks" / f"{i:03d}.tif", y[0, 0].numpy().astype(np.uint16))
+
+
 def write_random_checkpoint(path: Path, seed: int, model_type: str = "vit_t") -> None:
     """A state dict of ``model_type`` with the architecture's own random initialisation."""
     torch.manual_seed(seed)
@@ -173,7 +186,10 @@ def run_training(args: argparse.Namespace, record: Record) -> None:
     """One ``train_sam`` call over warm-up + measured iterations, its output sent to stderr."""
     images, labels = load_sections(args.data)
     total = args.warmup + args.iterations
-    train_loader = fixed_loader(sample_patches(images, labels, args.patch_size, total))
+    batches = sample_patches(images, labels, args.patch_size, total)
+    if args.save_patches is not None:
+        save_patches(batches[args.warmup:], args.save_patches)
+    train_loader = fixed_loader(batches)
     val_loader = fixed_loader(sample_patches(images, labels, args.patch_size, 1))
     with tempfile.TemporaryDirectory() as tmp, patched_trainer(record), \
             contextlib.redirect_stdout(sys.stderr):
@@ -241,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora_rank", type=int, default=0,
                         help="0: frozen image encoder (the vit_t rows); > 0: micro-sam's LoRA of this rank on every "
                              "encoder block (peft_kwargs={'rank': r}), vit_b only")
+    parser.add_argument("--save_patches", type=Path, default=None,
+                        help="write the measured iterations' patches here (images/*.png, masks/*.tif)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
     if args.iterations < 1 or args.warmup < 0 or args.n_sub_iteration < 1 or args.lora_rank < 0:

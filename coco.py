@@ -5,7 +5,7 @@ import json
 import logging
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import IO, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -305,40 +305,72 @@ def polygons(crop: np.ndarray, box: tuple[int, int, int, int]) -> list[list[floa
 
 
 class CocoWriter:
-    """Collects one COCO detection/segmentation file: an image entry per 2-D image or slice."""
+    """Collects one COCO detection/segmentation file: an image entry per 2-D image or slice.
 
-    def __init__(self, segmentation: str = "rle") -> None:
+    With a ``spool`` file the annotations wait there, one JSON line each, instead of in memory
+    (a volume's thousands of sections), and :meth:`write` streams them into the file.
+    """
+
+    def __init__(self, segmentation: str = "rle", spool: Path | None = None) -> None:
         if segmentation not in ("rle", "polygon"):
             raise ValueError(f"segmentation must be rle or polygon, got {segmentation!r}")
         self.segmentation = segmentation
         self.images: list[dict] = []
         self.annotations: list[dict] = []
+        self.count = 0  # annotations so far
+        self.spool = spool
+        if spool is not None:
+            spool.write_text("", encoding="utf-8")
 
     def add(self, file_name: str, labels: np.ndarray, instances: Sequence[Instance],
-            frame: int | None = None, label_offset: int = 0) -> None:
-        """One image's final HxW labels (1..K) and the K instances in label order."""
+            frame: int | None = None, label_offset: int = 0, ids: np.ndarray | None = None) -> None:
+        """One image's final HxW labels (1..K) and the K instances in label order. Each object is
+        written with the label ``value + label_offset``, or ``ids[value]`` (K+1,) where given (0:
+        the object is left out, e.g. dropped from a linked volume)."""
         height, width = labels.shape
         image_id = len(self.images) + 1
         entry = {"id": image_id, "file_name": file_name, "height": height, "width": width}
         if frame is not None:
             entry["frame_index"] = frame
         self.images.append(entry)
+        found = []
         for value, where in enumerate(ndimage.find_objects(labels), start=1):
-            if where is None:
+            label = value + label_offset if ids is None else int(ids[value])
+            if where is None or label == 0:
                 continue
             crop = labels[where] == value
             box = (where[1].start, where[0].start, where[1].stop, where[0].stop)
             segmentation = (rle_encode(crop, box, (height, width)) if self.segmentation == "rle"
                             else polygons(crop, box))
-            self.annotations.append({
-                "id": len(self.annotations) + 1, "image_id": image_id, "category_id": 1,
+            self.count += 1
+            found.append({
+                "id": self.count, "image_id": image_id, "category_id": 1,
                 "segmentation": segmentation, "area": int(crop.sum()),
                 "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "iscrowd": 0,
                 "score": round(instances[value - 1].confidence, 5),
-                "predicted_iou": round(instances[value - 1].score, 5), "label": value + label_offset})
+                "predicted_iou": round(instances[value - 1].score, 5), "label": label})
+        if self.spool is None:
+            self.annotations += found
+        elif found:
+            with open(self.spool, "a", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(a, sort_keys=True) + "\n" for a in found)
+
+    def _annotations(self) -> Iterator[str]:
+        if self.spool is None:
+            yield from (json.dumps(a, sort_keys=True) for a in self.annotations)
+            return
+        with open(self.spool, encoding="utf-8") as fh:
+            yield from (line.rstrip("\n") for line in fh)
 
     def write(self, path: Path, description: str) -> None:
-        """The COCO file (atomically)."""
-        runfiles.write_json(path, {"info": {"description": description}, "images": self.images,
-                                   "annotations": self.annotations,
-                                   "categories": [{"id": 1, "name": CLASS_NAME, "supercategory": CLASS_NAME}]})
+        """The COCO file (atomically), the annotations streamed one by one."""
+        head = {"info": {"description": description}, "images": self.images,
+                "categories": [{"id": 1, "name": CLASS_NAME, "supercategory": CLASS_NAME}]}
+
+        def stream(fh: IO) -> None:
+            fh.write(json.dumps(head, indent=1, sort_keys=True)[:-2] + ',\n "annotations": [\n')
+            for n, line in enumerate(self._annotations()):
+                fh.write(("" if n == 0 else ",\n") + line)
+            fh.write("\n ]\n}\n")
+
+        runfiles.atomic_write(path, stream, binary=False)

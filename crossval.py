@@ -14,7 +14,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -80,11 +80,13 @@ def summarize(results: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any
 
 def run_training(config: TrainConfig, samples: Sequence[Sample], device: torch.device, num_workers: int = 0,
                  folds: Sequence[folds_lib.Fold] | None = None, cache_dir: Path | None = None,
-                 cache_memory_gb: float = float("inf"),
-                 embeddings: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+                 cache_memory_gb: float = float("inf"), embeddings: dict[str, torch.Tensor] | None = None,
+                 after_fold: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train every fold (finished ones are read from ``done.json``), write the summary, and with
     ``config.final_fit`` the final model. ``embeddings``: a frozen encoder's cache to share with
-    other runs on the same images and base model (a parameter search)."""
+    other runs on the same images and base model (a parameter search). ``after_fold(fold,
+    result)`` is called after each fold, finished earlier or not; an exception it raises (a
+    pruned configuration) stops the run before the next fold."""
     out = Path(config.output_dir)
     dist_info = trainer.Distributed.setup(device)
     if dist_info.world > 1 and device.type == "cuda":
@@ -106,9 +108,11 @@ def run_training(config: TrainConfig, samples: Sequence[Sample], device: torch.d
         if done.is_file():
             results.append(json.loads(done.read_text(encoding="utf-8")))
             log.info("fold %d: already finished", fold)
-            continue
-        fit, select = inner_split(config, samples, train_idx, fold)
-        results.append(trainer.run_fold(config, samples, fold, fit, select, val_idx, **common))
+        else:
+            fit, select = inner_split(config, samples, train_idx, fold)
+            results.append(trainer.run_fold(config, samples, fold, fit, select, val_idx, **common))
+        if after_fold is not None:
+            after_fold(fold, results[-1])
     summary = summarize(results, config.seed)
     if config.final_fit:
         summary.update(final_fit(config, samples, results, len(folds), common))

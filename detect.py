@@ -5,14 +5,18 @@
 image and blocks of neighbouring slices never straddle it), trains a YOLOv8 detector offline with
 ultralytics and reports box precision and recall at IoU 0.5 on the validation split.
 
-``detect predict`` segments an image, a folder of images or a 3-D TIFF stack (slice by slice):
+``detect predict`` segments an image, a folder of images, a 3-D TIFF stack or a Zarr volume:
 YOLO boxes prompt (LoRA-)SAM, or SAM's automatic mask generator does (``--mode amg``). Per input
-it writes ``<stem>_labels.tif`` (uint16/uint32 instance labels, same Z/Y/X shape as the input),
+it writes ``<stem>_labels.tif`` (instance labels, same Z/Y/X shape as the input: uint16/uint32 for
+an image, a uint32 BigTIFF for a stack; ``<stem>_labels.zarr`` with the input's chunks for Zarr),
 ``<stem>_overlay.png``, and for the run one ``coco.json`` (RLE or polygons), the config and a
-log. Images larger than ``--tile_size`` are segmented in overlapping tiles, then merged.
+log. Images larger than ``--tile_size`` are segmented in overlapping tiles, then merged. Volumes
+are read, segmented and written one section at a time, their objects linked into 3-D objects
+(``--no_link`` keeps per-section ones); ``--resume`` continues an interrupted run.
 
 The work is done one level down: detector.py (offline ultralytics, the YOLO dataset, box
-matching), inference.py (SAM, tiles), labelfiles.py (the output files), adapters.py (the model).
+matching), inference.py (SAM, tiles), stacks.py (volumes section by section), labelfiles.py (the
+output files), adapters.py (the model).
 """
 from __future__ import annotations
 
@@ -22,22 +26,29 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 from tqdm import tqdm
 
 import adapters
+import cluster
 import dataset as data
 import folds as folds_lib
 import images
 import inference
 import model as sam_model
+import propagation
 import runfiles
 import runs
+import stacks
+import volume_io
 from coco import CocoWriter
 from detector import (BoxCounts, DetectorOptions, build_yolo, export_yolo_dataset, load_detector, load_yolo,
                       parse_yolo_args, validate_detector, yolo_device)
 from errors import UserError
 from inference import SegmentOptions, Segmenter
-from labelfiles import output_paths, segment_file
+from labelfiles import output_paths, segment_file, stack_output_paths
+from propagation import PropagationOptions
+from volumes import LinkOptions
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +148,11 @@ def run_train(args: argparse.Namespace) -> int:
 # detect predict
 # --------------------------------------------------------------------------------------------
 def find_inputs(path: Path) -> list[Path]:
-    """``--input``: one image or stack file, or the image / stack files of a folder (sorted)."""
+    """``--input``: one image, stack file or Zarr volume, or the image / stack files of a folder (sorted)."""
     if not path.exists():
         raise UserError(f"--input {path} does not exist")
+    if volume_io.is_zarr(path):
+        return [path]
     if path.is_dir():
         files = sorted(p for p in path.iterdir()
                        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in images.IMAGE_EXTS)
@@ -200,8 +213,8 @@ def _far(a: float, b: float) -> bool:
     return max(a, b) > SCALE_TOLERANCE * min(a, b)
 
 
-def run_predict(args: argparse.Namespace) -> int:
-    """Segment ``--input`` and write label TIFFs, overlays, one COCO file, config and log."""
+def segment_options(args: argparse.Namespace) -> tuple[SegmentOptions, DetectorOptions, dict[str, int | None]]:
+    """The Segmenter's and the detector's options from the flags, and the models' training scale."""
     adapter_configs = {args.model_path: adapters.read_adapter(args.model_path)[0]} if args.model_path else {}
     scale = training_scale(args, adapter_configs.get(args.model_path))
     tile_size, tile_overlap = tiles_at_training_scale(args, scale)
@@ -213,33 +226,137 @@ def run_predict(args: argparse.Namespace) -> int:
         points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
         pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh)
     proposals = DetectorOptions(args.conf, args.iou, args.imgsz or None, args.max_det)
-    if args.mode == "yolo" and args.yolo_model is None:
+    if args.mode == "yolo" and args.yolo_model is None and args.seed_labels is None:
         raise UserError("--mode yolo needs --yolo_model (the best.pt of `python main.py detect train`); "
-                        "or use --mode amg")
-    files = find_inputs(args.input)
-    for path in files:  # every input readable before anything is written
-        images.check_planes(path)
+                        "or use --mode amg, or --seed_labels")
+    return options, proposals, scale
+
+
+def check_inputs(args: argparse.Namespace) -> list[tuple[Path, tuple[int, int, int] | None]]:
+    """``(file, volume shape or None)`` of every input, each readable (a volume's header and
+    intensity scale read) before anything is written."""
+    checked = []
+    for path in find_inputs(args.input):
+        shape = None
+        if volume_io.is_zarr(path) or images.check_planes(path):
+            with volume_io.open_volume(path) as volume:
+                shape = volume.shape
+        checked.append((path, shape))
+    return checked
+
+
+def predict_inputs(args: argparse.Namespace) -> tuple[list[tuple[Path, Any]], dict[int, np.ndarray] | None]:
+    """The checked inputs (:func:`check_inputs`) and, with ``--seed_labels``, the annotated
+    sections of the one volume they annotate (read and checked before anything is written)."""
+    files = check_inputs(args)
+    if args.seed_labels is None:
+        return files, None
+    if len(files) != 1 or files[0][1] is None:
+        raise UserError("--seed_labels annotates one volume: give that volume (a TIFF stack or a Zarr array) as --input")
+    if args.resume:
+        raise UserError("--seed_labels: carrying objects through a volume cannot be resumed; rerun with --overwrite")
+    PropagationOptions(args.stop_score, args.stop_iou)  # refuses bad values first
+    return files, volume_io.read_seeds(args.seed_labels, files[0][1], args.seed_section)
+
+
+def check_resume(args: argparse.Namespace, out: runfiles.OutputDir, files: list[tuple[Path, Any]],
+                 record: dict[str, Any]) -> None:
+    """Refuse, before anything is written, an interrupted run met without --resume / --overwrite,
+    --resume with nothing to resume, and --resume with other options than the interrupted run's."""
+    interrupted = (out.path / stacks.WORK_FOLDER).is_dir()
+    if interrupted and not args.resume and not args.overwrite:
+        raise UserError(f"{out.path} holds an interrupted detect predict run: --resume continues it from its last "
+                        "finished section, --overwrite starts again")
+    if args.resume and not interrupted:
+        raise UserError(f"--resume: {out.path} holds no interrupted detect predict run of a volume; leave out --resume")
+    for path, shape in files if args.resume else ():
+        if shape is not None and stacks.volume_store(out.path, path, shape, record).matches() is False:
+            raise UserError(f"the interrupted run in {out.path} segmented {path} with other options; rerun it with "
+                            "the same options, or pass --overwrite to start again")
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """Segment ``--input`` and write label TIFFs (Zarr for Zarr input), overlays, one COCO file,
+    config and log."""
+    options, proposals, scale = segment_options(args)
+    files, seeds = predict_inputs(args)
     out = runfiles.OutputDir(args.output_dir, "detect predict")
-    inputs = [args.input] if args.input.is_dir() else []  # outputs there would become inputs of a rerun
-    out.check(args.overwrite, protected=inputs)
-    bases = adapters.bases_from_flags(args.model_type, args.image_size, args.checkpoint, args.device, adapter_configs)
+    inputs = [args.input] if args.input.is_dir() and not volume_io.is_zarr(args.input) else []
+    bases = adapters.bases_from_flags(args.model_type, args.image_size, args.checkpoint, args.device,
+                                      {args.model_path: adapters.read_adapter(args.model_path)[0]} if args.model_path else {})
     sam_model.autocast(bases.device, args.precision)  # rejects fp16 on CPU before any work
-    detector = load_detector(args.yolo_model, proposals, bases.device) if args.mode == "yolo" else None
-    out.claim(args.overwrite, protected=inputs)
-    coco = CocoWriter(args.coco_segmentation)
-    root = args.input if args.input.is_dir() else args.input.parent
-    with out.active("detect_predict.log"):
-        segmenter = Segmenter(adapters.load_finetuned(bases, args.model_path, args.seed), options, detector)
-        runfiles.write_json(out.path / "detect_predict_config.json",
-                            {**args_record(args), "model_type": bases.model_type, "image_size": bases.image_size,
-                             "training_scale": scale, "options": {**asdict(options), **asdict(proposals)}})
-        total = 0
-        for path in tqdm(files, desc="images", unit="file", disable=None if len(files) > 1 else True):
-            outputs = output_paths(out.path, path, not args.no_overlay)
-            total += segment_file(path, path.relative_to(root).as_posix(), segmenter, coco, outputs)
-        coco.write(out.path / "coco.json", f"detect predict --mode {args.mode} on {args.input}")
-        log.info("%d objects in %d file(s); outputs in %s", total, len(files), out.path)
+    detector = load_detector(args.yolo_model, proposals, bases.device) if args.yolo_model and args.mode == "yolo" else None
+    spec = cluster.SegmenterSpec(bases.model_type, None if bases.checkpoint is None else str(bases.checkpoint),
+                                 bases.image_size, str(bases.device), None if args.model_path is None else
+                                 str(args.model_path), args.seed, options, proposals,
+                                 None if args.yolo_model is None else str(args.yolo_model))
+    record = {"model_type": bases.model_type, "image_size": bases.image_size, "training_scale": scale,
+              "options": {**asdict(options), **asdict(proposals)}}
+    sections = {**record, "flags": {k: args_record(args).get(k) for k in SEGMENTATION_FLAGS}}  # what makes a section
+    check_resume(args, out, files, sections)
+    out.check(args.overwrite, args.resume, protected=inputs)  # outputs in an input folder would become inputs
+    client = dask_client(args, seeds)  # an unreachable scheduler is refused before anything is written
+    out.claim(args.overwrite, args.resume, protected=inputs)
+    try:
+        with out.active("detect_predict.log"):
+            segmenter = spec.build(detector) if detector is not None or args.mode == "amg" else None
+            runfiles.write_json(out.path / "detect_predict_config.json", {**args_record(args), **record})
+            sam = segmenter.sam if segmenter is not None else adapters.load_finetuned(bases, args.model_path, args.seed)
+            fill = None if client is None else lambda volume, store: cluster.fill_store(client, spec, volume, store)
+            total = predict_files(args, files, seeds, sam, segmenter, sections, out, fill)
+            log.info("%d objects in %d file(s); outputs in %s", total, len(files), out.path)
+    finally:
+        if client is not None:
+            cluster.close(client)
     return 0
+
+
+def dask_client(args: argparse.Namespace, seeds: dict[int, np.ndarray] | None) -> Any:
+    """The dask client of ``--workers`` / ``--scheduler`` (None: one process)."""
+    if args.workers < 0:
+        raise UserError(f"--workers must be 0 (this process) or more, got {args.workers}")
+    if not args.workers and args.scheduler is None:
+        return None
+    if args.workers and args.scheduler is not None:
+        raise UserError("give --workers (a local cluster) or --scheduler (an existing one), not both")
+    if seeds is not None:
+        raise UserError("--seed_labels carries objects from section to section, in one process: leave out "
+                        "--workers / --scheduler")
+    return cluster.connect(args.workers, args.scheduler)
+
+
+def predict_files(args: argparse.Namespace, files: list[tuple[Path, Any]], seeds: dict[int, np.ndarray] | None,
+                  sam: Any, segmenter: Segmenter | None, record: dict[str, Any], out: runfiles.OutputDir,
+                  fill: Any = None) -> int:
+    """Segment every input (volumes section by section, or their annotated objects carried through
+    them); write the outputs and coco.json; returns the object count."""
+    link = None if args.no_link else LinkOptions(args.link_iou, args.link_gap, args.min_sections)
+    work = out.path / stacks.WORK_FOLDER
+    if any(shape is not None for _, shape in files):
+        work.mkdir(exist_ok=True)
+        out.add(work)
+    coco = CocoWriter(args.coco_segmentation, spool=work / "coco.jsonl" if work.is_dir() else None)
+    root = args.input if args.input.is_dir() and not volume_io.is_zarr(args.input) else args.input.parent
+    total = 0
+    for path, shape in tqdm(files, desc="images", unit="file", disable=None if len(files) > 1 else True):
+        name = path.relative_to(root).as_posix()
+        if seeds is not None:
+            total += propagation.propagate_file(
+                path, name, seeds, propagation.sam_prompter(sam, record["options"]["box_batch"], args.precision),
+                PropagationOptions(args.stop_score, args.stop_iou), sam.image_encoder.img_size, record, out, coco,
+                stack_output_paths(out.path, path, not args.no_overlay), segmenter)
+        elif shape is not None:
+            total += stacks.predict_volume(path, name, segmenter, record, out, args.resume, link, coco,
+                                           stack_output_paths(out.path, path, not args.no_overlay), fill)
+        else:
+            total += segment_file(path, name, segmenter, coco, output_paths(out.path, path, not args.no_overlay))
+    coco.write(out.path / "coco.json", f"detect predict --mode {args.mode} on {args.input}")
+    out.discard(work)
+    return total
+
+
+# The flags that change what a section's segmentation is (an interrupted run resumes only with the same).
+SEGMENTATION_FLAGS = ("mode", "model_path", "checkpoint", "seed", "yolo_model", "precision", "device")
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,12 +408,14 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "predict", help="segment images or 3-D TIFF stacks: YOLO boxes -> (LoRA-)SAM masks",
-        description="Segment an image, a folder of images or a 3-D TIFF stack (slice by slice) into "
-                    "instance labels: <stem>_labels.tif, <stem>_overlay.png, and coco.json.",
+        "predict", help="segment images, 3-D TIFF stacks or Zarr volumes: YOLO boxes -> (LoRA-)SAM masks",
+        description="Segment an image, a folder of images, a 3-D TIFF stack or a Zarr volume (section by "
+                    "section, objects linked into 3-D objects) into instance labels: <stem>_labels.tif (Zarr "
+                    "input: <stem>_labels.zarr), <stem>_overlay.png, and coco.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     io = parser.add_argument_group("input and output")
-    io.add_argument("--input", type=Path, required=True, help="an image, a folder of images, or a TIFF stack")
+    io.add_argument("--input", type=Path, required=True,
+                    help="an image, a folder of images, a TIFF stack, or a Zarr / OME-Zarr volume (vol.zarr)")
     io.add_argument("--output_dir", type=Path, default=Path("runs/detect_predict"), help="where outputs go")
     io.add_argument("--overwrite", action="store_true", help="replace existing output files")
     io.add_argument("--coco_segmentation", choices=("rle", "polygon"), default="rle",
@@ -324,6 +443,39 @@ def _add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     mode.add_argument("--points_per_batch", type=int, default=64, help="AMG: points per decoder call")
     mode.add_argument("--pred_iou_thresh", type=float, default=0.88, help="AMG: keep masks of higher predicted IoU")
     mode.add_argument("--stability_score_thresh", type=float, default=0.95, help="AMG: keep stabler masks")
+    volume = parser.add_argument_group("volumes (TIFF stacks, Zarr): read, segmented and written section by section")
+    volume.add_argument("--no_link", action="store_true",
+                        help="keep per-section objects (numbered on through the stack) instead of linking them "
+                             "into 3-D objects")
+    volume.add_argument("--link_iou", type=float, default=LinkOptions.iou,
+                        help="objects of nearby sections whose masks overlap with an IoU above this are one 3-D "
+                             "object (matched one to one)")
+    volume.add_argument("--link_gap", type=int, default=LinkOptions.gap,
+                        help="an object missing from up to this many sections keeps its id when it reappears")
+    volume.add_argument("--min_sections", type=int, default=LinkOptions.min_sections,
+                        help="drop 3-D objects found in fewer sections")
+    volume.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run in --output_dir from its last finished section "
+                             "(same options)")
+    volume.add_argument("--workers", type=int, default=0,
+                        help="segment the sections on a local dask cluster of this many worker processes, each "
+                             "loading the models once (0 = in this process); linking runs after, in order")
+    volume.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="segment the sections on the workers of an existing dask scheduler (e.g. "
+                             "tcp://host:8786, started by dask-jobqueue on SLURM / LSF); they need this project "
+                             "and its packages")
+    seeds = parser.add_argument_group("annotated objects carried through a volume (micro-sam's segment_mask_in_volume)")
+    seeds.add_argument("--seed_labels", type=Path, default=None,
+                       help="a label stack of the volume's shape (or one label image, with --seed_section) with "
+                            "objects annotated in some sections, zeros elsewhere: each object is carried up and "
+                            "down the volume, its mask in one section prompting the next (box and mask); with "
+                            "--yolo_model the detector's objects in the annotated sections join them")
+    seeds.add_argument("--seed_section", type=int, default=None,
+                       help="the section a single --seed_labels image annotates")
+    seeds.add_argument("--stop_score", type=float, default=PropagationOptions.stop_score,
+                       help="a carried object stops where SAM's predicted IoU falls below this")
+    seeds.add_argument("--stop_iou", type=float, default=PropagationOptions.stop_iou,
+                       help="... or where its mask overlaps the previous section's with an IoU below this")
     tiles = parser.add_argument_group("tiling of large images")
     tiles.add_argument("--tile_size", type=int, default=None,
                        help="segment images larger than this in tiles of this side (original pixels); 0 = never; "

@@ -22,7 +22,8 @@ Baselines (box prompts): ``baseline_box`` (the prompt box filled) and ``baseline
 inscribed ellipse), scored alike: a box-prompted score means little until it is set beside them.
 Masks become one instance map by instances.py's rule (overlaps to the higher predicted IoU); the
 metrics (metrics.py) leave ``Sample.ignore`` out; reports.py writes ``per_image.csv``,
-``per_group.csv``, ``per_fold.csv``, ``summary.json``, ``config.json`` and the figures.
+``per_group.csv``, ``per_fold.csv``, ``summary.json``, ``config.json`` and the figures, and for
+consecutive sections of a volume ``per_volume.csv``: voxel Dice / IoU and 3-D instance scores.
 """
 from __future__ import annotations
 
@@ -280,7 +281,7 @@ def yolo_row_name(source_name: str, n_sources: int) -> str:
 
 
 def score_job(args: argparse.Namespace, job: Job, bases: adapters.BaseModels, selection: Selection,
-              keep: set[int], detector: Detector | None, n_sources: int
+              keep: set[int], detector: Detector | None, n_sources: int, volumes: reports.VolumeScores
               ) -> tuple[list[dict[str, Any]], dict[int, dict[str, np.ndarray]]]:
     """One model on its images: the per-image rows and the predictions of the images in ``keep``.
 
@@ -316,6 +317,7 @@ def score_job(args: argparse.Namespace, job: Job, bases: adapters.BaseModels, se
             row = image_row(selection, i, name, "model", job.fold, pred, time.perf_counter() - tick,
                             prompt if boxes_from is None else args.prompt, n_prompts)
             rows.append(row | extra | {"seen_in_training": seen_mark(selection, job, i)})
+            volumes.add(name, i, pred)
             if i in keep:
                 visuals[i][name] = pred
     return rows, visuals
@@ -333,7 +335,7 @@ def shared_embedding(sam: nn.Module, image: np.ndarray, precision: str,
     return embedding, time.perf_counter() - tick
 
 
-def score_baselines(selection: Selection, names: Sequence[str],
+def score_baselines(selection: Selection, names: Sequence[str], volumes: reports.VolumeScores,
                     detector: Detector | None = None) -> list[dict[str, Any]]:
     """Rows of the trivial predictions on the selected images: the ground-truth boxes filled or
     their inscribed ellipses, and with a ``detector`` its boxes filled."""
@@ -346,6 +348,7 @@ def score_baselines(selection: Selection, names: Sequence[str],
         row = image_row(selection, i, BASELINE_YOLO_BOX, "baseline", None, pred,
                         detect_seconds + time.perf_counter() - tick, "yolo", n_prompts=len(boxes))
         rows.append(row | detection_columns(detector, i, sample.labels) | {"seen_in_training": "no"})
+        volumes.add(BASELINE_YOLO_BOX, i, pred)
     for name in names:
         for i in selection.indices:
             tick, prompts = time.perf_counter(), selection.prompts[i]
@@ -353,6 +356,7 @@ def score_baselines(selection: Selection, names: Sequence[str],
                                 prompts.object_ids)
             row = image_row(selection, i, name, "baseline", None, pred, time.perf_counter() - tick, "box")
             rows.append(row | {"seen_in_training": "no"})
+            volumes.add(name, i, pred)
     return rows
 
 
@@ -473,18 +477,20 @@ def run(args: argparse.Namespace) -> int:
             if args.visualize else set()
         rows: list[dict[str, Any]] = []
         visuals: dict[int, dict[str, np.ndarray]] = defaultdict(dict)
+        # 3-D scores of volume sections (not of --max_objects subsets: each section prompts other objects)
+        volumes = reports.VolumeScores(selection.samples, [] if args.max_objects else selection.indices)
         for job in jobs:
-            job_rows, job_visuals = score_job(args, job, bases, selection, keep, detector, len(sources))
+            job_rows, job_visuals = score_job(args, job, bases, selection, keep, detector, len(sources), volumes)
             rows += job_rows
             for i, preds in job_visuals.items():
                 visuals[i].update(preds)
         baselines = BASELINES if args.prompt in ("box", "yolo") else ()
         if not baselines:
             log.info("no box / ellipse baselines: they need box prompts (--prompt box)")
-        rows += score_baselines(selection, baselines, detector)
+        rows += score_baselines(selection, baselines, volumes, detector)
         config = make_config(args, sources, selection, bases, options, run_dirs, detector)
+        sets = row_sets(args.prompt, sources, baselines, detector)
         reports.write_evaluation(args.output_dir, reports.Evaluation(
-            config, rows, row_sets(args.prompt, sources, baselines, detector), selection.samples, selection.indices,
-            bool(selection.fold_of), visuals, detection_summary(detector, selection) if detector else None,
-            time.time() - started))
+            config, rows, sets, selection.samples, selection.indices, bool(selection.fold_of), visuals,
+            detection_summary(detector, selection) if detector else None, time.time() - started, volumes.rows(list(sets))))
     return 0

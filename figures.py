@@ -1,4 +1,4 @@
-"""Figures for ``evaluate`` (and ``demo``): instance contours, per-group bars, box plots.
+"""Figures for ``evaluate``, ``demo`` and ``parameter_search``: instance contours, bars, box plots, search history.
 
 Everything is drawn with matplotlib's object-oriented API on the Agg canvas (``Figure`` +
 ``FigureCanvasAgg``): no pyplot, no global backend switch, no window, safe in tests and on
@@ -285,3 +285,68 @@ def save_metric_bars(path: str | Path, summary: Mapping[str, Mapping[str, Mappin
     table = {label: {model: summary[model][key] for model in summary if key in summary[model]}
              for key, label in metric_labels.items()}
     return save_grouped_bars(path, table, "per-image mean (95 % CI)", title, random_weights, baselines)
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter search
+# --------------------------------------------------------------------------------------------
+def save_search_history(path: str | Path, points: Sequence[tuple[int, float, str, str]], title: str,
+                        random_weights: bool = False) -> Path:
+    """Score per trial (``(trial number, score, "complete" | "pruned", name)``, a pruned trial at
+    its last fold's score) with the best completed score so far as a step line to the last trial;
+    the five best are numbered on the plot and named in a list under it."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(8.0, 5.4)
+    ax, table = fig.subplots(2, 1, gridspec_kw={"height_ratios": [4, 1]})
+    done = sorted((n, v) for n, v, state, _ in points if state == "complete")
+    pruned = [(n, v) for n, v, state, _ in points if state != "complete"]
+    if done:
+        xs, ys = zip(*done)
+        ax.scatter(xs, ys, s=28, color=MODEL_COLORS[0], edgecolor="black", linewidth=0.4, zorder=3,
+                   label=f"finished ({len(done)})")
+        last = max(n for n, *_ in points)
+        ax.step([*xs, last], [*np.maximum.accumulate(ys), max(ys)], where="post", color=MODEL_COLORS[1],
+                linewidth=1.5, zorder=2, label=f"best so far ({max(ys):.4f})")
+    if pruned:
+        xs, ys = zip(*pruned)
+        ax.scatter(xs, ys, s=28, marker="x", color=BASELINE_COLORS[0], zorder=3,
+                   label=f"pruned ({len(pruned)}), at its last fold")
+    best = sorted((p for p in points if p[2] == "complete"), key=lambda p: (-p[1], p[0]))[:5]
+    for rank, (n, v, _, name) in enumerate(best, start=1):
+        ax.annotate(str(rank), (n, v), xytext=(5, 3), textcoords="offset points", fontsize=8, fontweight="bold")
+    table.axis("off")
+    table.text(0.0, 1.0, "\n".join(f"{rank}. {name}  (trial {n}): {v:.4f}" for rank, (n, v, _, name)
+                                    in enumerate(best, start=1)), va="top", fontsize=8, family="monospace",
+               transform=table.transAxes)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.margins(x=0.08, y=0.15)
+    ax.set_xlabel("trial (in the order started)")
+    ax.set_ylabel("cross-validated Dice")
+    ax.grid(alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(with_warning(title, random_weights), fontsize=11, color="red" if random_weights else "black")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def save_importance(path: str | Path, importances: Mapping[str, float], title: str,
+                    random_weights: bool = False, fixed: Sequence[str] = ()) -> Path:
+    """Horizontal bars of each hyper-parameter's importance (shares summing to 1), largest on
+    top; the names in ``fixed`` (one value in the whole search) are marked as such."""
+    names = sorted(importances, key=lambda k: importances[k])
+    fig = _figure(7.5, 1.4 + 0.6 * len(names))
+    ax = fig.add_subplot(1, 1, 1)
+    values = [importances[n] for n in names]
+    ax.barh([f"{n}\n(one value)" if n in fixed else n for n in names], values, color=MODEL_COLORS[0],
+            edgecolor="black", linewidth=0.4)
+    for y, value in enumerate(values):
+        ax.text(value + 0.01, y, f"{value:.2f}", va="center", fontsize=9)
+    ax.set_xlim(0, 1.1)
+    ax.set_xlabel("importance (share of the variance of the cross-validated Dice)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.set_title(with_warning(title, random_weights), fontsize=10, color="red" if random_weights else "black")
+    fig.tight_layout()
+    return _save(fig, path)

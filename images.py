@@ -100,24 +100,35 @@ def read_image_file(path: Path) -> np.ndarray:
     return array
 
 
-def scale_to_uint8(array: np.ndarray, percentiles: tuple[float, float] = PERCENTILES) -> np.ndarray:
-    """uint8 stays as it is; anything else is scaled linearly between two percentiles to 0..255."""
+def intensity_limits(array: np.ndarray, percentiles: tuple[float, float] = PERCENTILES) -> tuple[float, float]:
+    """``(lo, hi)`` of :func:`scale_to_uint8`: two percentiles of the finite values (NaN and inf as
+    0), or the minimum and maximum where the percentiles coincide."""
+    values = np.nan_to_num(np.asarray(array, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = np.percentile(values, percentiles)
+    if hi <= lo:
+        lo, hi = float(values.min()), float(values.max())
+    return float(lo), float(hi)
+
+
+def scale_to_uint8(array: np.ndarray, percentiles: tuple[float, float] = PERCENTILES,
+                   limits: tuple[float, float] | None = None) -> np.ndarray:
+    """uint8 stays as it is; anything else is scaled linearly to 0..255 between two percentiles,
+    or between the given ``limits`` (one scale for every section of a volume)."""
     if array.dtype == np.uint8:
         return array
     if array.dtype == bool:
         return array.astype(np.uint8) * 255
     values = np.nan_to_num(array.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = np.percentile(values, percentiles)
-    if hi <= lo:
-        lo, hi = float(values.min()), float(values.max())
+    lo, hi = intensity_limits(values, percentiles) if limits is None else limits
     if hi <= lo:
         return np.zeros(array.shape, np.uint8)
     scaled = (values - lo) * (255.0 / (hi - lo))
     return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
 
 
-def to_rgb(array: np.ndarray, path: Path | str = "image") -> np.ndarray:
-    """``HxW`` / ``HxWx1`` / ``HxWx3`` / ``HxWx4`` of any dtype -> ``HxWx3`` uint8 (percentile scaling)."""
+def to_rgb(array: np.ndarray, path: Path | str = "image", limits: tuple[float, float] | None = None) -> np.ndarray:
+    """``HxW`` / ``HxWx1`` / ``HxWx3`` / ``HxWx4`` of any dtype -> ``HxWx3`` uint8 (percentile scaling,
+    or between ``limits``)."""
     if array.ndim == 3 and array.shape[2] == 4:
         array = array[..., :3]  # drop alpha
     if array.ndim == 3 and array.shape[2] == 1:
@@ -125,7 +136,7 @@ def to_rgb(array: np.ndarray, path: Path | str = "image") -> np.ndarray:
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
         raise UserError(f"{path}: image of shape {array.shape} is neither grayscale nor RGB; "
                         "convert it to 1 or 3 channels")
-    array = scale_to_uint8(array)
+    array = scale_to_uint8(array, limits=limits)
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     return np.ascontiguousarray(array)
@@ -239,7 +250,7 @@ def read_image_and_labels(image_path: Path, mask_path: Path,
     return image, labels, kind
 
 
-def _plane_layout(shape: tuple[int, ...], axes: str, path: Path) -> tuple[bool, bool]:
+def plane_layout(shape: tuple[int, ...], axes: str, path: Path) -> tuple[bool, bool]:
     """``(planar_rgb, is_stack)`` of a TIFF series of ``shape`` and tifffile ``axes``; refuses
     what is neither a 2-D image nor a 3-D stack (ZYX, gray or RGB)."""
     planar = len(shape) == 3 and axes.startswith("S") and not axes.endswith("S")
@@ -259,31 +270,15 @@ def _plane_layout(shape: tuple[int, ...], axes: str, path: Path) -> tuple[bool, 
     return planar, True
 
 
-def check_planes(path: Path) -> None:
-    """Refuse an input :func:`read_planes` cannot read, reading a TIFF's header only."""
+def check_planes(path: Path) -> bool:
+    """Refuse an input that is neither a 2-D image nor a 3-D stack, reading a TIFF's header only;
+    returns whether it is a stack (read by volume_io.py)."""
     if path.suffix.lower() not in TIFF_EXTS:
         to_rgb(read_image_file(path), path)
-        return
+        return False
     try:
         with tifffile.TiffFile(path) as tif:
             shape, axes = tuple(tif.series[0].shape), tif.series[0].axes
     except Exception as exc:  # noqa: BLE001 - tifffile/imagecodecs raise many kinds
         raise corrupt_file_error(path, exc) from exc
-    _plane_layout(shape, axes, path)
-
-
-def read_planes(path: Path) -> tuple[np.ndarray, bool]:
-    """An image file -> ``(planes, is_stack)``: ``ZxHxW`` or ``ZxHxWx3`` uint8 (Z = 1 for 2-D).
-
-    A multi-page TIFF (ZYX, optionally with RGB samples) is a stack; 16-bit and float volumes are
-    scaled to uint8 with percentiles of the whole volume, so all slices share one scale.
-    """
-    if path.suffix.lower() not in TIFF_EXTS:
-        return to_rgb(read_image_file(path), path)[None], False
-    array, axes = read_tiff(path)
-    planar, is_stack = _plane_layout(array.shape, axes, path)
-    if planar:
-        array = np.moveaxis(array, 0, -1)
-    if not is_stack:
-        return to_rgb(array, path)[None], False
-    return scale_to_uint8(array), True
+    return plane_layout(shape, axes, path)[1]

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -125,7 +126,8 @@ def decode_instances(sam: nn.Module, embedding: torch.Tensor, prompts: Prompts,
         tensors = sam_model.make_prompts(
             original_size, image_size, boxes=prompts.boxes[rows] if prompts.use_boxes else None,
             points=prompts.points[rows] if prompts.use_points else None,
-            point_labels=prompts.point_labels[rows] if prompts.use_points else None, device=embedding.device)
+            point_labels=prompts.point_labels[rows] if prompts.use_points else None,
+            mask_inputs=prompts.mask_inputs[rows] if prompts.mask_inputs is not None else None, device=embedding.device)
         multimask = single_click(prompts)
         low_res, ious = sam_model.decode(sam, embedding[0], tensors, multimask_output=multimask)
         best = ious.argmax(dim=1) if multimask else torch.zeros(len(ious), dtype=torch.long, device=ious.device)
@@ -141,6 +143,19 @@ def decode_instances(sam: nn.Module, embedding: torch.Tensor, prompts: Prompts,
             if instance is not None:
                 found.append(instance)
     return found
+
+
+def mask_prompt(mask: np.ndarray, image_size: int, eps: float = 1e-3) -> np.ndarray:
+    """An ``HxW`` bool mask -> ``(S/4)x(S/4)`` float32 logits for the decoder's mask input: resized
+    as the image is (longest side to S/4, padded bottom-right), then the logit of the mask value
+    clipped to eps..1-eps (micro-sam's mask prompt of a neighbouring section)."""
+    side = image_size // 4
+    height, width = sam_model.preprocess_shape(mask.shape[:2], side)
+    resized = cv2.resize(mask.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    padded = np.zeros((side, side), np.float32)
+    padded[:height, :width] = resized
+    p = np.clip(padded, eps, 1 - eps)
+    return np.log(p / (1 - p)).astype(np.float32)
 
 
 def single_click(prompts: Prompts) -> bool:

@@ -64,6 +64,20 @@ def torch_oom_errors() -> tuple[type[BaseException], ...]:
     return (MemoryError, oom) if oom is not None else (MemoryError,)
 
 
+def interrupted_hint(args: argparse.Namespace) -> str:
+    """What to do after Ctrl-C, per command."""
+    if args.command == "train":
+        return "the finished epochs are saved; rerun the same command with --resume to continue"
+    if args.command == "parameter_search":
+        return "the finished epochs are saved; rerun the same command to continue the search"
+    if args.command == "download":
+        return "rerun the same command to resume"
+    if getattr(args, "detect_command", None) == "predict":
+        return ("the finished sections of a volume are kept; rerun the same command with --resume to continue "
+                "(or with --overwrite to start again)")
+    return "rerun the same command (with --overwrite if it had already written outputs)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen subcommand; returns the process exit code.
 
@@ -85,10 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "--precision bf16, a smaller --batch_size / --max_objects / --batch_prompts", type(exc).__name__)
         return EXIT_INTERNAL
     except KeyboardInterrupt:
-        log.error("interrupted: %s", "the finished epochs are saved; rerun the same command with --resume to continue"
-                  if args.command in ("train", "parameter_search") else "rerun the same command to resume"
-                  if args.command == "download" else "rerun the same command (with --overwrite if it had "
-                  "already written outputs)")
+        log.error("interrupted: %s", interrupted_hint(args))
         return 130
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback
         log.debug("internal error", exc_info=True)

@@ -14,6 +14,9 @@ Two families, each with a **per-image** function and a **pooled** (dataset-level
   pooling; :func:`pooled_instance_metrics` pools them over images (AJI = summed intersections
   / summed unions; PQ from summed TP / FP / FN and summed matched IoU).
 
+Volumes (ZxHxW, counted section by section): :func:`volume_metrics` (voxel Dice / IoU, 3-D
+precision / recall / F1 and AP) and :func:`adapted_rand_error`.
+
 Per-image scores averaged over images and pooled scores are different numbers; report which
 one you give (reports.py builds the tables with both, and bootstrap intervals of the means).
 
@@ -54,16 +57,12 @@ Conventions (no NaN, no division by zero, ever)
 """
 from __future__ import annotations
 
-import logging
 from typing import Iterable, Mapping
 
 import numpy as np
 from scipy import ndimage
-from scipy.optimize import linear_sum_assignment
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
-log = logging.getLogger(__name__)
+from overlaps import PairCounts, max_iou_matching, overlap_table
 
 #: IoU thresholds 0.50, 0.55, ..., 0.95 of the ``f1@t`` family, as integer percents (exact).
 IOU_THRESHOLD_PERCENTS: tuple[int, ...] = tuple(range(50, 100, 5))
@@ -73,20 +72,13 @@ SEMANTIC_SCORE_KEYS: tuple[str, ...] = ("dice", "iou", "precision", "recall")
 SEMANTIC_COUNT_KEYS: tuple[str, ...] = ("tp", "fp", "fn")
 
 #: Headline score keys of :func:`instance_metrics`, for short tables.
-INSTANCE_HEADLINE_KEYS: tuple[str, ...] = (
-    "aji", "aji_plus", "pq", "sq", "rq", "f1", "precision", "recall", "mean_matched_iou",
-)
+INSTANCE_HEADLINE_KEYS: tuple[str, ...] = ("aji", "aji_plus", "pq", "sq", "rq", "f1", "precision", "recall",
+                                           "mean_matched_iou")
 #: Raw sums of :func:`instance_metrics` that :func:`pooled_instance_metrics` adds up.
 INSTANCE_COUNT_KEYS: tuple[str, ...] = (
     "n_gt", "n_pred", "tp", "fp", "fn", "sum_matched_iou",
     "aji_intersection", "aji_union", "aji_plus_intersection", "aji_plus_union",
 ) + tuple(f"tp@{p / 100:.2f}" for p in IOU_THRESHOLD_PERCENTS)
-
-# Above this many (gt, pred) cells the overlap table is built with np.unique instead of a
-# dense bincount (memory: 8 bytes per cell).
-_DENSE_PAIR_LIMIT = 1 << 22
-# Label maps whose largest value is below this are compacted with a lookup table (O(pixels)).
-_LUT_LABEL_LIMIT = 1 << 22
 
 
 def threshold_key(name: str, percent: int) -> str:
@@ -266,64 +258,18 @@ def to_instances(mask: np.ndarray, connectivity: int = 8) -> np.ndarray:
     return labels
 
 
-def _compact_labels(labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """Map the nonzero values of a flat label array onto 1..n (0 stays 0), keeping order.
-
-    Args:
-        labels: flat (N,) non-negative integer array.
-
-    Returns:
-        ``(idx, n)``: (N,) int64 array of compact labels, and the number of objects n.
-    """
-    if labels.size == 0:
-        return labels.astype(np.int64), 0
-    top = int(labels.max())
-    if top < _LUT_LABEL_LIMIT:
-        labels = labels.astype(np.intp, copy=False)  # uint64 cannot index / bincount safely
-        present = np.bincount(labels, minlength=top + 1) > 0
-        present[0] = False
-        lut = np.cumsum(present, dtype=np.int64)
-        lut[0] = 0
-        return lut[labels], int(lut[-1])
-    values, inverse = np.unique(labels, return_inverse=True)
-    inverse = inverse.astype(np.int64).ravel()
-    if values[0] == 0:
-        return inverse, len(values) - 1
-    return inverse + 1, len(values)
-
-
 def _overlaps(
     gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Object areas and the sparse table of overlapping (gt, pred) pairs.
+    """Object areas and the sparse table of overlapping (gt, pred) pairs (overlaps.py).
 
     Returns:
         ``(area_gt, area_pred, pair_gt, pair_pred, inter)``: (G,) and (P,) int64 areas of the
         compacted objects; (K,) int64 indices (0-based, in label order) of the K overlapping
         pairs and their (K,) int64 intersections (all > 0), sorted by (gt, pred).
     """
-    g = gt.ravel()
-    p = pred.ravel()
-    if ignore is not None:
-        keep = ~ignore.ravel()
-        g = g[keep]
-        p = p[keep]
-    gi, n_gt = _compact_labels(g)
-    pi, n_pred = _compact_labels(p)
-    area_gt = np.bincount(gi, minlength=n_gt + 1)[1:]
-    area_pred = np.bincount(pi, minlength=n_pred + 1)[1:]
-    both = (gi > 0) & (pi > 0)
-    keys = (gi[both] - 1) * n_pred + (pi[both] - 1)
-    if n_gt * n_pred <= _DENSE_PAIR_LIMIT:
-        table = np.bincount(keys, minlength=n_gt * n_pred)
-        cells = np.flatnonzero(table)
-        inter = table[cells]
-    else:
-        cells, inter = np.unique(keys, return_counts=True)
-    if n_pred == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return area_gt, area_pred, empty, empty, empty
-    return area_gt, area_pred, cells // n_pred, cells % n_pred, inter.astype(np.int64)
+    table = overlap_table(gt, pred, None if ignore is None else ~ignore)
+    return table.area_a, table.area_b, table.pair_a, table.pair_b, table.inter
 
 
 def _aji_sums(
@@ -363,32 +309,7 @@ def _aji_plus_sums(
     n_gt, n_pred = len(area_gt), len(area_pred)
     if len(inter) == 0:
         return 0, int(area_gt.sum() + area_pred.sum())
-    graph = coo_matrix(
-        (np.ones(len(inter)), (pair_gt, n_gt + pair_pred)), shape=(n_gt + n_pred,) * 2
-    )
-    _, component = connected_components(graph, directed=False)
-    pair_component = component[pair_gt]
-    pairs_per_component = np.bincount(pair_component)
-    single = pairs_per_component[pair_component] == 1
-    chosen = [np.flatnonzero(single)]  # components with one pair: that pair is the match
-    multi = np.flatnonzero(~single)
-    if len(multi):
-        iou = inter / union
-        multi = multi[np.argsort(pair_component[multi], kind="stable")]
-        bounds = np.flatnonzero(np.diff(pair_component[multi])) + 1
-        log.debug("AJI+: Hungarian on %d overlap components (largest %d pairs)",
-                  len(bounds) + 1, int(pairs_per_component.max()))
-        for block in np.split(multi, bounds):
-            rows, row_idx = np.unique(pair_gt[block], return_inverse=True)
-            cols, col_idx = np.unique(pair_pred[block], return_inverse=True)
-            cost = np.zeros((len(rows), len(cols)))
-            cost[row_idx, col_idx] = -iou[block]
-            pair_of_cell = np.full((len(rows), len(cols)), -1, dtype=np.int64)
-            pair_of_cell[row_idx, col_idx] = block
-            r, c = linear_sum_assignment(cost)
-            picked = pair_of_cell[r, c]
-            chosen.append(picked[picked >= 0])  # drop assignments of non-overlapping cells
-    sel = np.concatenate(chosen)
+    sel = max_iou_matching(pair_gt, pair_pred, inter / union, n_gt, n_pred)
     total_inter = int(inter[sel].sum())
     total_union = int(union[sel].sum())
     gt_paired = np.zeros(n_gt, dtype=bool)
@@ -497,3 +418,88 @@ def pooled_instance_metrics(rows: Iterable[Mapping[str, float]]) -> dict[str, fl
     """
     totals = _sum_counts(rows, INSTANCE_COUNT_KEYS, "instance_metrics")
     return _instance_scores(totals)
+
+
+# --------------------------------------------------------------------------- volumes
+
+#: Keys of :func:`volume_metrics` (counts ``n_gt``, ``n_pred``, ``tp50``, ``tp75`` come besides).
+VOLUME_SCORE_KEYS: tuple[str, ...] = ("dice", "iou", "precision50", "recall50", "f1_50", "ap50", "ap75")
+
+
+def _volume_counts(gt: np.ndarray, pred: np.ndarray) -> PairCounts:
+    """The contingency table of two ZxHxW label volumes, counted section by section."""
+    gt, pred = np.asarray(gt), np.asarray(pred)
+    if gt.ndim != 3 or gt.shape != pred.shape:
+        raise ValueError(f"gt and pred must be ZxHxW volumes of one shape, got {gt.shape} and {pred.shape}")
+    counts = PairCounts()
+    for z in range(gt.shape[0]):
+        counts.add(_check_label_map(gt[z], "gt"), _check_label_map(pred[z], "pred"))
+    return counts
+
+
+def average_precision(matched: np.ndarray, n_gt: int) -> float:
+    """COCO's 101-point interpolated average precision of predictions in ranking order.
+
+    ``matched``: (P,) bool, whether each prediction (best ranked first) is a true positive.
+    The precision is made non-increasing in recall, then averaged at recall 0, 0.01, ..., 1
+    (0 where that recall is never reached). No ground truth: 1.0 without predictions, else 0.0.
+    """
+    if n_gt == 0 or len(matched) == 0:
+        return float(n_gt == len(matched) == 0)
+    tp = np.cumsum(matched)
+    precision = np.maximum.accumulate((tp / np.arange(1, len(matched) + 1))[::-1])[::-1]
+    at = np.searchsorted(tp / n_gt, np.linspace(0.0, 1.0, 101), side="left")
+    return float(np.where(at < len(matched), precision[np.minimum(at, len(matched) - 1)], 0.0).mean())
+
+
+def volume_metrics(gt: np.ndarray, pred: np.ndarray,
+                   scores: Mapping[int, float] | None = None) -> dict[str, float | int]:
+    """3-D scores of a ZxHxW prediction against ZxHxW ground truth (every non-zero value one 3-D object).
+
+    * ``dice``, ``iou``: of the foreground voxels over the whole volume (the EPFL/Lucchi convention).
+    * ``precision50``, ``recall50``, ``f1_50``: 3-D objects matched one to one at IoU > 0.5 (unique,
+      as in 2-D: objects are disjoint), over ``n_pred`` / ``n_gt`` / their mean.
+    * ``ap50``, ``ap75``: average precision at 3-D IoU > 0.5 and > 0.75 (the MitoEM convention: COCO's
+      101-point AP, :func:`average_precision`), predictions ranked by ``scores`` ({label: score},
+      higher first) or, without them, by size in voxels as MitoEM's evaluation ranks them; ties by
+      label. Thresholds are strict (IoU > t), as everywhere in this module; COCO uses >=.
+
+    Counted section by section (:class:`overlaps.PairCounts`), never the whole volume at once;
+    empty volumes follow the module convention. Also returns ``n_gt``, ``n_pred``, ``tp50``, ``tp75``.
+    """
+    counts = _volume_counts(gt, pred)
+    va, vb, voxels = counts.pairs
+    tp, fp, fn = (int(voxels[((va > 0) == g) & ((vb > 0) == p)].sum()) for g, p in ((1, 1), (0, 1), (1, 0)))
+    out: dict[str, float | int] = {k: v for k, v in _semantic_scores(tp, fp, fn).items() if k in ("dice", "iou")}
+    table = counts.overlaps()
+    n_gt, n_pred = len(table.area_a), len(table.area_b)
+    both_empty = n_gt == 0 and n_pred == 0
+    key = table.area_b if scores is None else np.array([scores[int(i)] for i in table.ids_b], float)
+    rank = np.lexsort((table.ids_b, -key))
+    for t in (50, 75):
+        good = 100 * table.inter > t * table.union  # exact: IoU > t / 100
+        matched = np.zeros(n_pred, bool)
+        matched[table.pair_b[good]] = True
+        out[f"tp{t}"], out[f"ap{t}"] = int(good.sum()), average_precision(matched[rank], n_gt)
+    return out | dict(precision50=_ratio(out["tp50"], n_pred, both_empty), recall50=_ratio(out["tp50"], n_gt, both_empty),
+                      f1_50=_ratio(2 * out["tp50"], n_gt + n_pred, both_empty), n_gt=n_gt, n_pred=n_pred)
+
+
+def adapted_rand_error(gt: np.ndarray, pred: np.ndarray) -> float:
+    """The adapted Rand error (CREMI, SNEMI3D) of a ZxHxW or HxW segmentation; 0 is perfect.
+
+    Over the pairs of ground-truth foreground voxels (gt != 0; ``pred`` background is a segment):
+    precision = the share of pairs in one ``pred`` segment that share a ``gt`` object, recall = the
+    share of pairs in one ``gt`` object that share a ``pred`` segment; error = 1 - their F-score.
+    From the contingency table n_ij: (sum n_ij^2 - N) / (sum b_j^2 - N), resp. (sum a_i^2 - N).
+    """
+    gt, pred = np.asarray(gt), np.asarray(pred)
+    va, vb, n = _volume_counts(gt[None] if gt.ndim == 2 else gt, pred[None] if pred.ndim == 2 else pred).pairs
+    fg = va > 0
+    n = n[fg].astype(np.float64)
+    a, b = (np.bincount(np.unique(v[fg], return_inverse=True)[1].ravel(), weights=n) for v in (va, vb))
+    both, split, merge = float(n @ n - n.sum()), float(a @ a - n.sum()), float(b @ b - n.sum())
+    if split == 0 or merge == 0:  # no pair of foreground voxels in one gt object or one pred segment
+        return 0.0 if split == merge else 1.0
+    precision, recall = both / merge, both / split
+    return 1.0 - (2 * precision * recall / (precision + recall) if both else 0.0)

@@ -417,19 +417,28 @@ def make_prompts(
 # Device, precision and the shared command-line options
 # --------------------------------------------------------------------------------------------
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> cuda if available, else mps, else cpu; an unavailable choice is a UserError."""
+    """``auto`` -> cuda if available, else mps, else cpu; ``cuda:K`` the K-th visible GPU (made the
+    current device); an unavailable choice is a UserError."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available: use --device cpu or auto")
+    kind, _, index = name.partition(":")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but CUDA is not available: use --device cpu or auto")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError("--device mps was asked for but MPS is not available: use --device cpu or auto")
+    if kind == "cuda" and index:
+        count = torch.cuda.device_count()
+        if not index.isdigit() or int(index) >= count:
+            raise UserError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1} "
+                            "(CUDA_VISIBLE_DEVICES renumbers the visible ones from 0)")
+        torch.cuda.set_device(int(index))  # libraries that use "the current device" use this one too
+        return torch.device("cuda", int(index))
     if name not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:K (the K-th GPU) or mps")
     return torch.device(name)
 
 
@@ -478,6 +487,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, from_adapter: bool = Fa
                        choices=list(SUPPORTED_IMAGE_SIZES),
                        help="model input side in px; 512 or 256 make CPU training practical"
                             + (f"; default: the adapter's, else {defaults.image_size}" if from_adapter else ""))
-    group.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or mps")
+    group.add_argument("--device", default=defaults.device,
+                       help="auto, cpu, cuda, cuda:K (the K-th visible GPU: one worker per GPU) or mps")
     group.add_argument("--precision", default=defaults.precision, choices=list(PRECISIONS),
                        help="bf16 roughly halves CPU time; fp16 only on CUDA")

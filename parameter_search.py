@@ -1,29 +1,36 @@
-"""``python main.py parameter_search``: a grid over LoRA rank, alpha, learning rate and encoder blocks.
+"""``python main.py parameter_search``: LoRA rank, alpha and learning rate searched with Optuna by many workers.
 
 Every configuration trains on the same folds (one ``folds.json`` at the top) in its own
 sub-directory; ``results.csv`` ranks them by the cross-validated estimate (crossval.py: each
 fold's checkpoint chosen on an inner split, scored on the outer fold) and ``best_config.json``
-names the winner. A re-run skips finished configurations.
+names the winner. The search is an Optuna study (studies.py) in ``--storage``: the same command
+started again, on this machine or another one that sees the same output directory, adds a
+worker to it. ``--sampler grid`` trains every combination of the lists, ``--sampler tpe`` draws
+``--n_trials`` configurations between the bounds; ``--prune`` stops a configuration after a
+fold that scores below the median of the finished ones at that fold. A re-run skips finished
+work; ``importance.png`` and ``history.png`` show what mattered and how the search went.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import numpy as np
+import optuna
 import torch
 
 import checkpoints
 import crossval
 import dataset as data
+import figures
 import folds as folds_lib
 import model as sam_model
 import runfiles
 import runs
-import trainer
+import studies
 from errors import UserError
 from sample import Sample
 from train_config import TrainConfig, add_train_arguments
@@ -32,7 +39,11 @@ from training_data import check_cache_budget
 log = logging.getLogger(__name__)
 
 SEARCH_FILE = "search.json"
-GRID_KEYS = ("lora_rank", "lora_alpha", "learning_rate", "lora_blocks")
+GRID_KEYS = studies.SPACE_KEYS + ("lora_blocks",)  # the searched options: not part of the base identity
+COLUMNS = ["name", "lora_rank", "lora_alpha", "learning_rate", "cv_dice", "cv_dice_std", "cv_dice_ci_low",
+           "cv_dice_ci_high", "cv_iou", "n_images", "folds", "run", "state", "lora_blocks"]
+LIST_FLAGS = ("--lora_ranks", "--lora_alphas", "--learning_rates")
+LIST_DEFAULTS = ("2,4,8,16", "2,4,8", "1e-4,3e-4,1e-3")  # a grid; with TPE, the ranges they span
 
 
 def parse_list(text: str, kind: type, flag: str) -> list:
@@ -49,20 +60,64 @@ def parse_list(text: str, kind: type, flag: str) -> list:
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The ``parameter_search`` subcommand."""
     parser = subparsers.add_parser(
-        "parameter_search", help="grid search over LoRA rank, alpha and learning rate",
-        description="Train every combination of --lora_ranks x --lora_alphas x --learning_rates on the "
-                    "same folds and rank them by validation Dice.",
+        "parameter_search", help="search LoRA rank, alpha and learning rate (Optuna; many workers share one study)",
+        description="Train configurations of --lora_ranks x --lora_alphas x --learning_rates on the same folds and "
+                    "rank them by the cross-validated Dice. Start the same command again (here or on another "
+                    "machine that sees the same --output_dir) to add a worker to the search.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_train_arguments(parser)
-    grid = parser.add_argument_group("grid")
-    grid.add_argument("--lora_ranks", default="2,4,8,16", help="comma-separated LoRA ranks")
-    grid.add_argument("--lora_alphas", default="2,4,8", help="comma-separated LoRA alphas")
-    grid.add_argument("--learning_rates", default="1e-4,3e-4,1e-3", help="comma-separated learning rates")
+    grid = parser.add_argument_group("search space")
+    for flag, default, what, extra in zip(LIST_FLAGS, LIST_DEFAULTS, ("LoRA ranks", "LoRA alphas", "learning rates"),
+                                          ("", "", ", drawn on a log scale")):
+        grid.add_argument(flag, default=default, help=f"comma-separated {what}; with --sampler tpe a range LOW,HIGH"
+                                                      f"{extra} (the default is read as its lowest and highest)")
     grid.add_argument("--lora_blocks_grid", nargs="+", default=None, metavar="SPEC",
-                      help="encoder blocks to search over, space-separated --lora_blocks specs (e.g. all last3 6-11); "
-                           "default: --lora_blocks alone")
+                      help="encoder blocks to search over, space-separated --lora_blocks specs (e.g. all last3 6-11), a "
+                           "categorical choice for either sampler; default: --lora_blocks alone")
+    search = parser.add_argument_group("search")
+    search.add_argument("--sampler", choices=studies.SAMPLERS, default="grid",
+                        help="grid: every combination of the lists, each trained once; tpe: --n_trials draws of "
+                             "Optuna's TPE sampler between the bounds, for spaces too large to enumerate")
+    search.add_argument("--n_trials", type=int, help="configurations a TPE search trains (all workers together)")
+    search.add_argument("--prune", action="store_true",
+                        help="stop a configuration after a fold whose Dice is below the median of the finished "
+                             "configurations at that fold (Optuna's MedianPruner, folds as steps)")
+    search.add_argument("--prune_startup", type=int, default=5,
+                        help="with --prune: configurations that finish before any is pruned")
+    search.add_argument("--storage", help="the study's database: any URL Optuna accepts, e.g. "
+                                          "postgresql://user:password@host/db for workers on several machines; "
+                                          "None: sqlite:///<output_dir>/study.db")
+    search.add_argument("--study_name", help="the study's name in --storage; None: the name of --output_dir")
+    search.add_argument("--heartbeat", type=int, default=60,
+                        help="seconds between a worker's heartbeats; a trial without one for twice as long is a "
+                             "dead worker's and is trained again by another worker")
     parser.set_defaults(func=run, output_dir=Path("runs/parameter_search"), cross_validation=True, num_folds=3)
     return parser
+
+
+def search_space(args: argparse.Namespace) -> studies.SearchSpace:
+    """The flags as a :class:`studies.SearchSpace`; conflicting flags are one UserError each."""
+    if args.sampler == "grid" and args.n_trials is not None:
+        raise UserError("--n_trials is for --sampler tpe: --sampler grid trains every combination of the lists "
+                        "(drop --n_trials, or add --sampler tpe)")
+    if args.sampler == "tpe" and (args.n_trials is None or args.n_trials < 1):
+        raise UserError("--sampler tpe needs --n_trials N (N >= 1): how many configurations to train")
+    if args.prune_startup < 0:
+        raise UserError(f"--prune_startup must be >= 0, got {args.prune_startup}")
+    if args.heartbeat < 1:
+        raise UserError(f"--heartbeat must be at least 1 second, got {args.heartbeat}")
+    lists = {}
+    for key, flag, kind, default in zip(studies.SPACE_KEYS, LIST_FLAGS, (int, float, float), LIST_DEFAULTS):
+        text = getattr(args, flag[2:])
+        values = parse_list(text, kind, flag)
+        if args.sampler == "tpe":
+            if len(values) > 2 and text != default:
+                raise UserError(f"{flag} {text}: with --sampler tpe give a range LOW,HIGH (e.g. {values[0]},"
+                                f"{values[-1]}); a list of values to try is a grid (--sampler grid)")
+            values = [min(values), max(values)]  # one value: fixed
+        lists[key] = tuple(values)
+    return studies.SearchSpace(args.sampler, lists["lora_rank"], lists["lora_alpha"], lists["learning_rate"],
+                               args.n_trials, seed=args.seed, lora_blocks=tuple(args.lora_blocks_grid or [args.lora_blocks]))
 
 
 def config_name(rank: int, alpha: float, lr: float, blocks: str = "all") -> str:
@@ -71,84 +126,190 @@ def config_name(rank: int, alpha: float, lr: float, blocks: str = "all") -> str:
     return f"rank{rank}_alpha{alpha:g}_lr{lr:g}" + ("" if spec == "all" else f"_blocks{spec}")
 
 
+@dataclasses.dataclass
+class Search:
+    """What every trial of this worker shares."""
+
+    base: TrainConfig
+    space: studies.SearchSpace
+    samples: Sequence[Sample]
+    folds: Sequence[folds_lib.Fold]
+    device: torch.device
+    num_workers: int
+    cache_memory_gb: float
+    prune: bool
+    embeddings: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # frozen encoder: one per image
+
+
 def run(args: argparse.Namespace) -> int:
-    """Train every configuration of the grid (skipping finished ones) and rank them."""
-    ranks = parse_list(args.lora_ranks, int, "--lora_ranks")
-    alphas = parse_list(args.lora_alphas, float, "--lora_alphas")
-    lrs = parse_list(args.learning_rates, float, "--learning_rates")
+    """Join (or start) the search's study, train configurations until it is finished, write the results."""
+    space = search_space(args)
+    studies.quiet_optuna()
     base = TrainConfig.from_args(args)
-    blocks = args.lora_blocks_grid or [base.lora_blocks]
     device = sam_model.resolve_device(args.device)
     sam_model.autocast(device, base.precision)
-    checkpoints.resolve_checkpoint(base.model_type, base.checkpoint)
-    out = runfiles.OutputDir(base.output_dir, "parameter_search")
-    search = {"base": {k: v for k, v in base.to_json().items() if k not in GRID_KEYS + ("output_dir",)}}
-    previous = runs.read_json(out.path / SEARCH_FILE, "a parameter search") if (out.path / SEARCH_FILE).is_file() else None
-    same = previous is not None and previous.get("base") == search["base"]
-    if previous is not None and not same and not args.overwrite:
-        raise UserError(f"{out.path} holds a search with other options: use the same options, --overwrite, "
-                        "or a new --output_dir")
-    resume = same and not args.overwrite
-    out.check(args.overwrite, resume=resume)
-    configs = [configuration(base, rank, alpha, lr, spec)
-               for rank, alpha, lr, spec in itertools.product(ranks, alphas, lrs, blocks)]
+    random_weights = checkpoints.resolve_checkpoint(base.model_type, base.checkpoint) is None
+    out = runfiles.OutputDir(base.output_dir, "parameter_search", shared=True)
+    url = args.storage or studies.default_storage(out.path)
+    name = args.study_name or out.path.resolve().name
     samples = data.load_from_options(args)
+    identity = {"base": {k: v for k, v in base.to_json().items() if k not in GRID_KEYS + ("output_dir",)},
+                "space": space.record(), "data": studies.data_fingerprint(samples)}
+    resume = joins(out, identity, args.overwrite)
     folds = crossval.plan_folds(base, samples, resume)  # impossible folds: refused before any write
-    check_cache_budget(configs, len(samples), args.cache_memory_gb, None)  # each cached encoder start once
-    out.claim(args.overwrite, resume=resume)
-    runfiles.write_json(out.path / SEARCH_FILE, search)
-    with out.active("search.log"):
+    check_cache_budget([configuration(base, base.lora_rank, base.lora_alpha, base.learning_rate, spec)
+                        for spec in space.lora_blocks], len(samples), args.cache_memory_gb, None)  # bad specs refused
+    check_study(args, out, url, name, identity)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=args.prune_startup) if args.prune else \
+        optuna.pruners.NopPruner()
+    with out.lock():  # workers starting together: the first claims the directory and creates the study
+        resume = joins(out, identity, args.overwrite)
+        check_study(args, out, url, name, identity)  # again, now that no worker can start: --overwrite of a live one
+        out.claim(args.overwrite, resume=resume)
+        runfiles.write_json(out.path / SEARCH_FILE, identity)
         if not (out.path / folds_lib.FOLDS_FILE).is_file():
             folds_lib.save_folds(out.path, folds, samples, seed=base.seed, grouping=crossval.grouping(base))
-        embeddings: dict[str, torch.Tensor] = {}  # frozen parts are the same in every configuration (keyed by block)
-        results = [train_configuration(config, samples, folds, device, args.num_workers, args.cache_memory_gb,
-                                       embeddings) for config in configs]
-        write_results(out.path, base, results)
+        study = studies.open_study(url, name, identity, space, args.overwrite, args.heartbeat, pruner)
+        if (out.path / studies.STUDY_DB).is_file():
+            out.add(out.path / studies.STUDY_DB)
+    search = Search(base, space, samples, folds, device, args.num_workers, args.cache_memory_gb, args.prune)
+    with out.active("search.log"):
+        log.info("worker %s joins study %r in %s (%s sampler, %d configurations)", studies.worker_name(), name,
+                 studies.shown(url), space.sampler, space.budget)
+        studies.run_worker(study, space, out.lock, lambda trial: objective(trial, search), args.heartbeat)
+        write_outputs(out.path, base, space, study, random_weights)
     return 0
 
 
+def check_study(args: argparse.Namespace, out: runfiles.OutputDir, url: str, name: str,
+                identity: dict[str, Any]) -> None:
+    """The study, if there is one yet, is this search's (or, with --overwrite, has no live
+    worker); nothing is written (a new default SQLite study is not created here)."""
+    if args.storage or (out.path / studies.STUDY_DB).is_file():
+        studies.precheck(url, name, identity, args.overwrite, args.heartbeat)
+
+
+def joins(out: runfiles.OutputDir, identity: dict[str, Any], overwrite: bool) -> bool:
+    """Whether this worker joins a search already in ``out`` (same options and data); refuses
+    another search's directory unless ``overwrite``, and a directory of other files. Changes nothing."""
+    path = out.path / SEARCH_FILE
+    previous = runs.read_json(path, "a parameter search") if path.is_file() else None
+    # another space on the same data and options may share the directory (its study tells them
+    # apart): its finished configurations are read, not trained again
+    diff = studies.differences({k: v for k, v in (previous or {}).items() if k != "space"}, identity)
+    if diff and not overwrite:
+        raise UserError(f"{out.path} holds a search with other options or data ({'; '.join(diff[:3])}): use the "
+                        "same options, --overwrite, or a new --output_dir")
+    # a directory this command claimed but whose search.json is not written yet: a worker starting now
+    resume = not overwrite and (previous is not None or out.owner() == out.command)
+    out.check(overwrite, resume=resume)
+    return resume
+
+
 def configuration(base: TrainConfig, rank: int, alpha: float, lr: float, blocks: str = "all") -> TrainConfig:
-    """One configuration of the grid, checked, in its own sub-directory."""
+    """One configuration of the search, checked, in its own sub-directory."""
     config = dataclasses.replace(base, lora_rank=rank, lora_alpha=alpha, learning_rate=lr, lora_blocks=blocks,
                                  output_dir=str(Path(base.output_dir) / config_name(rank, alpha, lr, blocks)))
     config.validate()
     return config
 
 
-def train_configuration(config: TrainConfig, samples: Sequence[Sample], folds: Sequence[folds_lib.Fold],
-                        device: torch.device, num_workers: int, cache_memory_gb: float,
-                        embeddings: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Train one configuration on the shared folds (or read its finished summary); its results row."""
-    name, rank, alpha, lr = Path(config.output_dir).name, config.lora_rank, config.lora_alpha, config.learning_rate
+def objective(trial: optuna.Trial, search: Search) -> float:
+    """Train the trial's configuration (or read its finished summary): its cross-validated Dice.
+    The results row is kept in the trial, so that any worker can write results.csv."""
+    config = configuration(search.base, *search.space.suggest(trial))
+    name = Path(config.output_dir).name
+    trial.set_user_attr("name", name)
     summary_path = Path(config.output_dir) / runs.SUMMARY_FILE
     if summary_path.is_file():
         summary = runs.read_json(summary_path, "a finished training run")
-        log.info("%s: finished earlier, skipped", name)
+        log.info("%s: %s finished earlier, skipped", studies.trial_of(trial), name)
+        for fold in summary["cv_estimate"]["per_fold"] if search.prune else []:
+            if fold["dice"] is not None:
+                trial.report(fold["dice"], fold["fold"])
     else:
-        log.info("%s: training %d fold(s)", name, len(folds))
-        resume = (Path(config.output_dir) / runs.CONFIG_FILE).is_file()
-        out = trainer.claim_output_dir(config, resume=resume, overwrite=False)
-        with out.active():  # run_training writes the shared folds there: `evaluate --cv_run` works on it
-            summary = crossval.run_training(config, samples, device, num_workers, folds=folds,
-                                            cache_memory_gb=cache_memory_gb, embeddings=embeddings)
+        log.info("%s: %s, training %d fold(s) on worker %s", studies.trial_of(trial), name, len(search.folds),
+                 studies.worker_name())
+        summary = train_configuration(config, search, pruning(trial, config) if search.prune else None)
+    row = result_row(config, summary)
+    trial.set_user_attr(studies.RESULT, row)
+    return row["cv_dice"]
+
+
+def pruning(trial: optuna.Trial, config: TrainConfig) -> Callable[[int, dict[str, Any]], None]:
+    """``after_fold`` for crossval.run_training: report the fold's Dice (Optuna step = fold) and
+    stop the configuration when the pruner says so (its row says ``pruned``)."""
+    def after_fold(fold: int, result: dict[str, Any]) -> None:
+        if not result["scored"]:
+            return
+        dice = float(np.mean([r["dice"] for r in result["scored"]]))
+        trial.report(dice, fold)
+        if trial.should_prune():
+            row = {"name": Path(config.output_dir).name, "lora_rank": config.lora_rank,
+                   "lora_alpha": config.lora_alpha, "learning_rate": config.learning_rate, "folds": fold + 1,
+                   "run": config.output_dir, "state": "pruned", "lora_blocks": config.lora_blocks}
+            trial.set_user_attr(studies.RESULT, row)
+            log.info("%s: pruned after fold %d (Dice %.4f, below the median of the finished configurations)",
+                     row["name"], fold, dice)
+            raise optuna.TrialPruned(f"fold {fold}: Dice {dice:.4f} below the median")
+    return after_fold
+
+
+def train_configuration(config: TrainConfig, search: Search,
+                        after_fold: Callable[[int, dict[str, Any]], None] | None) -> dict[str, Any]:
+    """Train one configuration on the shared folds in its sub-directory (resuming a dead or
+    interrupted worker's folds); its summary."""
+    resume = (Path(config.output_dir) / runs.CONFIG_FILE).is_file()
+    # the search owns its sub-directories: one a worker claimed but never started is taken over
+    out = runs.claim_output_dir(config, resume=resume, overwrite=not resume)
+    with out.active():  # run_training writes the shared folds there: `evaluate --cv_run` works on it
+        return crossval.run_training(config, search.samples, search.device, search.num_workers, folds=search.folds,
+                                     cache_memory_gb=search.cache_memory_gb, embeddings=search.embeddings,
+                                     after_fold=after_fold)
+
+
+def result_row(config: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    """A finished configuration's row of results.csv."""
     cv = summary["cv_estimate"]
-    return {"name": name, "lora_rank": rank, "lora_alpha": alpha, "learning_rate": lr,
-            "cv_dice": cv["dice"]["mean"], "cv_dice_std": cv["dice"]["std"], "cv_dice_ci_low": cv["dice"]["ci_low"],
-            "cv_dice_ci_high": cv["dice"]["ci_high"], "cv_iou": cv["iou"]["mean"], "n_images": cv["n_images"],
-            "folds": len(summary["folds"]), "run": config.output_dir, "lora_blocks": config.lora_blocks}
+    return {"name": Path(config.output_dir).name, "lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha,
+            "learning_rate": config.learning_rate, "cv_dice": cv["dice"]["mean"], "cv_dice_std": cv["dice"]["std"],
+            "cv_dice_ci_low": cv["dice"]["ci_low"], "cv_dice_ci_high": cv["dice"]["ci_high"],
+            "cv_iou": cv["iou"]["mean"], "n_images": cv["n_images"], "folds": len(summary["folds"]),
+            "run": config.output_dir, "state": "complete", "lora_blocks": config.lora_blocks}
+
+
+def write_outputs(root: Path, base: TrainConfig, space: studies.SearchSpace, study: optuna.Study,
+                  random_weights: bool) -> None:
+    """results.csv, best_config.json, history.png and importance.png from the study."""
+    rows = studies.result_rows(study)
+    if not rows or rows[0]["state"] != "complete":
+        log.warning("parameter search: no configuration finished yet; nothing to rank")
+        return
+    write_results(root, base, rows)
+    figures.save_search_history(root / "history.png", studies.history(study), "parameter search: cross-validated "
+                                "Dice per trial", random_weights)
+    importance = studies.importances(study, base.seed)
+    if importance is None:
+        log.info("importance.png: needs at least two finished configurations that differ")
+    else:
+        done = sum(r["state"] == "complete" for r in rows)
+        figures.save_importance(root / "importance.png", importance, f"what mattered (fANOVA, {done} configurations)",
+                                random_weights, fixed=space.fixed)
 
 
 def write_results(root: Path, base: TrainConfig, results: list[dict[str, Any]]) -> None:
-    """results.csv (best first) and best_config.json; logs the ranking."""
-    results.sort(key=lambda r: -r["cv_dice"])
-    runfiles.write_csv(root / "results.csv", results, list(results[0]))
+    """results.csv (rows in the order given: best first) and best_config.json; logs the ranking."""
+    runfiles.write_csv(root / "results.csv", results, COLUMNS)
     best = results[0]
     runfiles.write_json(root / "best_config.json", {
         **best, "config": {**base.to_json(), "lora_rank": best["lora_rank"], "lora_alpha": best["lora_alpha"],
-                           "learning_rate": best["learning_rate"], "lora_blocks": best["lora_blocks"],
+                           "learning_rate": best["learning_rate"], "lora_blocks": best.get("lora_blocks", "all"),
                            "output_dir": str(root / best["name"])}})
     log.info("parameter search: %d configurations; best %s with cross-validated Dice %.4f +- %.4f",
              len(results), best["name"], best["cv_dice"], best["cv_dice_std"])
     for r in results:
-        log.info("  %-28s Dice %.4f +- %.4f [%.4f, %.4f]", r["name"], r["cv_dice"], r["cv_dice_std"],
-                 r["cv_dice_ci_low"], r["cv_dice_ci_high"])
+        if r["state"] == "complete":
+            log.info("  %-28s Dice %.4f +- %.4f [%.4f, %.4f]", r["name"], r["cv_dice"], r["cv_dice_std"],
+                     r["cv_dice_ci_low"], r["cv_dice_ci_high"])
+        else:
+            log.info("  %-28s pruned after %d fold(s)", r["name"], r["folds"])

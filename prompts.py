@@ -36,6 +36,8 @@ class Prompts:
         masks: ``NxHxW`` bool target masks (training), or None.
         ignore: ``HxW`` bool of pixels the metrics leave out (ambiguous regions, objects left
             out by ``max_objects``), or None.
+        mask_inputs: ``Nx(S/4)x(S/4)`` float32 low-resolution mask logits given to the model
+            with the other prompts (a neighbouring section's mask, inference.mask_prompt), or None.
     """
 
     object_ids: np.ndarray
@@ -47,6 +49,7 @@ class Prompts:
     masks: np.ndarray | None = None
     ignore: np.ndarray | None = None
     kinds: np.ndarray | None = None
+    mask_inputs: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.object_ids.shape[0])
@@ -63,7 +66,8 @@ class Prompts:
             return None if a is None else a[order]
 
         return Prompts(self.object_ids[order], self.boxes[order], self.points[order], self.point_labels[order],
-                       self.use_boxes, self.use_points, pick(self.masks), self.ignore, pick(self.kinds))
+                       self.use_boxes, self.use_points, pick(self.masks), self.ignore, pick(self.kinds),
+                       pick(self.mask_inputs))
 
 
 def _objects(labels: np.ndarray) -> tuple[list, np.ndarray]:

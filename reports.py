@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 import figures
 import metrics
 import runfiles
 from sample import Sample
+from volumes import IN_PLANE_AND_FACE, link_slices
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +235,59 @@ def fold_summary(fold_table: Sequence[Mapping[str, Any]]) -> dict[str, dict[str,
 
 
 # --------------------------------------------------------------------------------------------
+# 3-D scores of volume sections
+# --------------------------------------------------------------------------------------------
+VOLUME_PROTOCOL = ("per run of consecutive whole sections of a volume: ground-truth 3-D objects = connected "
+                   "components of the ground-truth foreground (8-connected in a section, joined where sections "
+                   "overlap); predicted 3-D objects = the per-section predictions linked by volumes.link_slices "
+                   "(defaults); dice / iou over the voxels; precision50 / recall50 / f1_50 at 3-D IoU > 0.5; "
+                   "ap50 / ap75 = COCO 101-point AP, predictions ranked by size (MitoEM)")
+
+
+class VolumeScores:
+    """Collects the per-section predictions of the selected volume sections (whole sections in runs
+    of two or more consecutive ones) and scores each run in 3-D (metrics.volume_metrics)."""
+
+    def __init__(self, samples: Sequence[Sample], indices: Sequence[int]) -> None:
+        self.samples = samples
+        by_volume: dict[str, list[int]] = defaultdict(list)
+        for i in indices:
+            s = samples[i]
+            if s.volume is not None and s.slice_index is not None and not s.is_patch:
+                by_volume[s.volume].append(i)
+        self.runs: list[tuple[str, list[int]]] = []
+        for volume, members in by_volume.items():
+            members.sort(key=lambda i: samples[i].slice_index)
+            cuts = [0] + [k for k in range(1, len(members))
+                          if samples[members[k]].slice_index != samples[members[k - 1]].slice_index + 1] + [len(members)]
+            for a, b in zip(cuts, cuts[1:]):
+                first, last = samples[members[a]].slice_index, samples[members[b - 1]].slice_index
+                if b - a >= 2:
+                    self.runs.append((volume if len(cuts) == 2 else f"{volume}[{first}:{last + 1}]", members[a:b]))
+        self.members = {i for _, run in self.runs for i in run}
+        self.predictions: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+
+    def add(self, name: str, i: int, pred: np.ndarray) -> None:
+        """The HxW prediction of row name ``name`` on sample ``i`` (kept only for volume sections)."""
+        if i in self.members:
+            self.predictions[name][i] = pred
+
+    def rows(self, names: Sequence[str]) -> list[dict[str, Any]]:
+        """One row per (row name, run of sections): its 3-D scores."""
+        out = []
+        for volume, run in self.runs:
+            truth = ndimage.label(np.stack([self.samples[i].labels > 0 for i in run]), IN_PLANE_AND_FACE,
+                                  output=np.int32)[0]
+            for name in names:
+                preds = self.predictions.get(name, {})
+                if all(i in preds for i in run):
+                    scores = metrics.volume_metrics(truth, link_slices(np.stack([preds[i] for i in run])))
+                    keys = (*metrics.VOLUME_SCORE_KEYS, "n_gt", "n_pred", "tp50", "tp75")
+                    out.append({"model": name, "volume": volume, "n_sections": len(run), **{k: scores[k] for k in keys}})
+        return out
+
+
+# --------------------------------------------------------------------------------------------
 # The files of an evaluation
 # --------------------------------------------------------------------------------------------
 OUTPUT_FORMAT = "samlora-evaluation"
@@ -280,6 +335,7 @@ class Evaluation:
     visuals: Mapping[int, Mapping[str, np.ndarray]]
     detection: dict[str, Any] | None
     seconds: float
+    volumes: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # VolumeScores.rows
 
 
 def write_tables(out: Path, ev: Evaluation) -> tuple[dict[str, Any], list, list]:
@@ -296,6 +352,8 @@ def write_tables(out: Path, ev: Evaluation) -> tuple[dict[str, Any], list, list]
     if ev.by_fold:
         fold_table = group_rows(ev.rows, "fold", n_boot, seed, include_all=False)
         runfiles.write_csv(out / "per_fold.csv", fold_table, list(fold_table[0]))
+    if ev.volumes:
+        runfiles.write_csv(out / "per_volume.csv", ev.volumes, list(ev.volumes[0]))
     return model_summaries(ev.rows, ev.sets, n_boot, seed), group_table, fold_table
 
 
@@ -323,8 +381,10 @@ def write_evaluation(out: Path, ev: Evaluation) -> None:
         "prompt_protocol": config.protocol,
         "seen_in_training": {name: s["n_seen_in_training"] for name, s in summaries.items()},
         "detection": ev.detection,
+        "per_volume": ev.volumes or None,
+        "volume_protocol": VOLUME_PROTOCOL if ev.volumes else None,
         "files": ["per_image.csv", "per_group.csv"] + (["per_fold.csv"] if fold_table else [])
-        + ["config.json"] + figure_files,
+        + (["per_volume.csv"] if ev.volumes else []) + ["config.json"] + figure_files,
         "seconds": round(ev.seconds, 2),
     }
     runfiles.write_json(out / "summary.json", summary, sort_keys=False)  # models in table order
@@ -333,6 +393,10 @@ def write_evaluation(out: Path, ev: Evaluation) -> None:
     for line in format_table(summaries):
         log.info("%s", line)
     log.info("mean = mean of per-image scores; pooled = counts summed over images first")
+    for row in ev.volumes:
+        log.info("%-18s 3-D, %s (%d sections): voxel Dice %.3f, IoU %.3f; 3-D objects P %.3f R %.3f F1 %.3f at IoU "
+                 "0.5, AP50 %.3f, AP75 %.3f", row["model"], row["volume"], row["n_sections"], row["dice"], row["iou"],
+                 row["precision50"], row["recall50"], row["f1_50"], row["ap50"], row["ap75"])
     for name, count in summary["seen_in_training"].items():
         if count:
             log.warning("%s: %d of its rows are images it was trained on (seen_in_training = yes)", name, count)

@@ -13,6 +13,11 @@ The output-directory rule, the same for every command (:class:`OutputDir`):
   directory's manifest (``.samlora_outputs.json``, updated with every file written), so files
   the user put there are never touched;
 * a directory that is an input of the command (data, a training run) is refused.
+
+A directory that several processes write at once (the workers of one ``parameter_search``)
+is claimed with ``shared=True``: its manifest is then read, merged and rewritten under an
+exclusive ``fcntl`` lock on ``.samlora_outputs.lock`` (:class:`DirectoryLock`, which the
+workers also hold while they choose their next piece of work), so no worker's record is lost.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -34,46 +40,78 @@ from errors import UserError, write_error
 log = logging.getLogger(__name__)
 
 MANIFEST = ".samlora_outputs.json"
+LOCK_FILE = ".samlora_outputs.lock"
 _ACTIVE: list["OutputDir"] = []  # directories claimed by the running command(s), outermost first
 
 
 # --------------------------------------------------------------------------------------------
 # Atomic writers
 # --------------------------------------------------------------------------------------------
-def file_mode() -> int:
-    """Permissions of a new ordinary file under the current umask (0644 under umask 022)."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = True,
-                 rerun: str = "rerun the command") -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``.
+def file_mode() -> int:
+    """Permissions of a new ordinary file under the current umask (0644 under umask 022)."""
+    return 0o666 & ~_umask()
 
-    On any failure the temporary file is removed and an existing ``path`` is left as it was;
-    a full disk or an unwritable folder is a :class:`UserError` saying what to do (``rerun``).
-    The file is recorded in the manifest of every claimed output directory that holds it.
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, folder: bool = False, rerun: str = "rerun the command") -> Iterator[Path]:
+    """A temporary file (or, with ``folder``, an empty folder) beside ``path``, renamed to ``path``
+    when the block ends without error: for writers that need a path or write over a long time
+    (a label stack streamed section by section, a Zarr store).
+
+    On any failure the temporary is removed and an existing ``path`` is left as it was; a full
+    disk or an unwritable folder is a :class:`UserError` saying what to do (``rerun``). The result
+    gets the permissions the umask gives, and is recorded in the manifest of every claimed output
+    directory that holds it (a folder as one entry). A folder replaces an earlier one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     existed, tmp = path.exists(), None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)  # reopened by name: some writers (tifffile) need the file object's name
-        with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as fh:
-            write(fh)
-        os.chmod(tmp, file_mode())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if folder:
+            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 -> what the umask gives a folder
+        else:
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)  # reopened by name: some writers (tifffile) need the file object's name
+            tmp = Path(name)
+        yield tmp
+        if not folder:
+            os.chmod(tmp, file_mode())
+        elif path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
         os.replace(tmp, path)
     except BaseException as exc:
         if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+            _remove_path(tmp)
         error = write_error(path, exc, existed, rerun)
         if error is not None:
             raise error from None
         raise
     _record(path)
-    return path
+
+
+def _remove_path(path: Path) -> None:
+    """Remove a file or a folder tree, if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = True,
+                 rerun: str = "rerun the command") -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``
+    (:func:`atomic_path`: never half a file, the previous version intact on failure)."""
+    with atomic_path(path, rerun=rerun) as tmp:
+        with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as fh:
+            write(fh)
+    return Path(path)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -144,12 +182,83 @@ def torch_save(obj: Any, path: str | os.PathLike, rerun: str = "rerun with --res
 # --------------------------------------------------------------------------------------------
 # Output directories
 # --------------------------------------------------------------------------------------------
-class OutputDir:
-    """An output directory claimed by one command, with the manifest of the files it wrote."""
+class DirectoryLock:
+    """An exclusive lock on ``folder/.samlora_outputs.lock``, shared by the processes that write
+    into one output directory (on one machine or several, over a file system with POSIX locks:
+    a local disk, NFS, Lustre, GPFS). The kernel drops it when its process dies.
 
-    def __init__(self, path: str | os.PathLike, command: str) -> None:
+    Re-entrant within a process (a nested holder shares the outer one's lock: closing a second
+    descriptor of the file would drop a POSIX lock); :meth:`release` is idempotent, so a holder
+    may hand the lock back early and still leave a ``with`` block safely.
+    """
+
+    _held: dict[str, list[int]] = {}  # lock file -> [descriptor, holders] in this process
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.file = str(Path(folder).resolve() / LOCK_FILE)
+        self._mine = False
+
+    def acquire(self) -> "DirectoryLock":
+        """Wait for the lock (no-op if this holder has it)."""
+        if self._mine:
+            return self
+        entry = self._held.get(self.file)
+        if entry is None:
+            import fcntl  # POSIX only; imported here so that other commands run anywhere
+
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, file_mode())
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+            except BaseException as exc:
+                os.close(fd)
+                if isinstance(exc, OSError):
+                    raise UserError(f"cannot lock {self.file} ({exc.strerror}): the workers of a search need a "
+                                    "file system with POSIX locks for --output_dir (a local disk, NFS, Lustre, "
+                                    "GPFS)") from None
+                raise
+            entry = self._held[self.file] = [fd, 0]
+        entry[1] += 1
+        self._mine = True
+        return self
+
+    def release(self) -> None:
+        """Give the lock back (no-op if this holder does not have it)."""
+        if not self._mine:
+            return
+        self._mine = False
+        entry = self._held[self.file]
+        entry[1] -= 1
+        if entry[1] == 0:
+            import fcntl
+
+            del self._held[self.file]
+            fcntl.lockf(entry[0], fcntl.LOCK_UN)
+            os.close(entry[0])
+
+    def __enter__(self) -> "DirectoryLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class OutputDir:
+    """An output directory claimed by one command, with the manifest of the files it wrote.
+
+    ``shared``: several processes write into it at once (see the module docstring).
+    """
+
+    def __init__(self, path: str | os.PathLike, command: str, shared: bool = False) -> None:
         self.path = Path(path)
         self.command = command
+        self.shared = shared
+
+    def lock(self) -> DirectoryLock | contextlib.nullcontext:
+        """The directory's lock for a shared directory (created with it), else a no-op."""
+        if not self.shared:
+            return contextlib.nullcontext()
+        self.path.mkdir(parents=True, exist_ok=True)
+        return DirectoryLock(self.path)
 
     @property
     def manifest_path(self) -> Path:
@@ -178,7 +287,7 @@ class OutputDir:
         """Entries of the directory that no earlier run of this command recorded."""
         if not self.path.is_dir():
             return []
-        ours = {f.split("/", 1)[0] for f in self.recorded()} | {MANIFEST}
+        ours = {f.split("/", 1)[0] for f in self.recorded()} | {MANIFEST, LOCK_FILE}
         return sorted(p.name for p in self.path.iterdir() if p.name not in ours)
 
     def check(self, overwrite: bool, resume: bool = False, protected: Iterable[Path] = (),
@@ -196,12 +305,13 @@ class OutputDir:
         if owner not in (None, self.command):
             raise UserError(f"{flag} {self.path} holds the outputs of `{owner}`; `{self.command}` writes into a "
                             "directory of its own: choose another one (nothing was written)")
-        if resume or overwrite or not self.path.is_dir() or not any(self.path.iterdir()):
+        entries = sorted(p.name for p in self.path.iterdir() if p.name != LOCK_FILE) if self.path.is_dir() else []
+        if resume or overwrite or not entries:
             return
         if self.recorded():
             raise UserError(f"{flag} {self.path} holds an earlier `{self.command}` run: pass --overwrite to "
                             "replace it, or choose another directory (nothing was written)")
-        found = ", ".join(sorted(p.name for p in self.path.iterdir())[:4])
+        found = ", ".join(entries[:4])
         raise UserError(f"{flag} {self.path} exists and is not empty ({found}): choose a new directory or pass "
                         "--overwrite (only files this command writes are replaced; nothing was written)")
 
@@ -209,17 +319,24 @@ class OutputDir:
               flag: str = "--output_dir") -> "OutputDir":
         """Check, create, clear an earlier run's files (``overwrite``) and start recording."""
         self.check(overwrite, resume, protected, flag)
-        self.path.mkdir(parents=True, exist_ok=True)
-        files = self.recorded()
-        if overwrite and not resume:
-            self._remove(files)
-            files = []
-            others = self.user_files()
-            if others:
-                log.warning("--overwrite: %s also holds %s, which stay (files with this command's names are "
-                            "replaced)", self.path, ", ".join(others[:4]))
-        self._files = list(files)
-        self._write_manifest()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            error = write_error(self.path, exc, False, "rerun the command")
+            if error is None:
+                raise
+            raise error from None
+        with self.lock():
+            files = self.recorded()
+            if overwrite and not resume:
+                self._remove(files)
+                files = []
+                others = self.user_files()
+                if others:
+                    log.warning("--overwrite: %s also holds %s, which stay (files with this command's names are "
+                                "replaced)", self.path, ", ".join(others[:4]))
+            self._files = list(files)
+            self._write_manifest()
         if self not in _ACTIVE:
             _ACTIVE.append(self)
         return self
@@ -252,10 +369,31 @@ class OutputDir:
                 self.add(path)
 
     def add(self, path: Path) -> None:
-        """Record ``path`` (inside the directory) in the manifest."""
-        relative = path.resolve().relative_to(self.path.resolve()).as_posix()
-        if relative != MANIFEST and relative not in self._files:
+        """Record ``path`` (inside the directory) in the manifest; a folder is one entry, ``name/``,
+        that stands for everything in it."""
+        relative = path.resolve().relative_to(self.path.resolve()).as_posix() + ("/" if path.is_dir() else "")
+        if relative in (MANIFEST, LOCK_FILE):
+            return
+        if not self.shared:
+            self._record(relative)
+            return
+        with self.lock():  # other workers record files too: the manifest on disk is the record
+            self._files = self.recorded()
+            self._record(relative)
+
+    def _record(self, relative: str) -> None:
+        inside = any(f.endswith("/") and relative.startswith(f) for f in self._files)
+        if relative not in self._files and not inside:
             self._files.append(relative)
+            self._write_manifest()
+
+    def discard(self, path: Path) -> None:
+        """Remove ``path`` (a file or folder this command wrote) and its manifest entry."""
+        _remove_path(path)
+        relative = path.resolve().relative_to(self.path.resolve()).as_posix()
+        kept = [f for f in self._files if f != relative and not f.startswith(relative + "/")]
+        if kept != self._files:
+            self._files = kept
             self._write_manifest()
 
     def _write_manifest(self) -> None:
@@ -269,8 +407,8 @@ class OutputDir:
         removed = 0
         for name in files:
             path = (self.path / name).resolve()
-            if root in path.parents and path.is_file():
-                path.unlink()
+            if root in path.parents and (path.is_file() or (name.endswith("/") and path.is_dir())):
+                _remove_path(path)
                 removed += 1
         for name in sorted({str(Path(f).parent) for f in files}, key=len, reverse=True):
             folder = self.path / name

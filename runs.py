@@ -7,9 +7,10 @@ the best validation epoch), ``fold_k/last.pt`` (resume state) and ``fold_k/done.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -18,6 +19,11 @@ import runfiles
 from errors import UserError
 from folds import FOLDS_FILE, Fold, load_folds, split_test
 from sample import Sample
+
+if TYPE_CHECKING:
+    from train_config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
@@ -151,3 +157,38 @@ def trained_on(adapter: Path, samples: Sequence[Sample]) -> set[int] | None:
     if fold is None:
         return set(split_test(samples)[0])
     return set(folds[fold][0]) if 0 <= fold < len(folds) else None
+
+
+def claim_output_dir(config: "TrainConfig", resume: bool, overwrite: bool) -> runfiles.OutputDir:
+    """The run directory (runfiles' one rule): an existing run needs ``--resume`` with the same
+    options, or ``--overwrite``, which removes only the earlier run's files."""
+    out = runfiles.OutputDir(config.output_dir, "train")
+    config_path = out.path / CONFIG_FILE
+    if resume:
+        if not config_path.is_file():
+            raise UserError(f"--resume: no run to resume in {out.path} (no config.json); start it without --resume")
+        saved = read_run_config(out.path)
+        current, defaults = config.to_json(), type(config)(data_dir="", output_dir="").to_json()
+        diff = [k for k in current if saved.get(k, defaults[k]) != current[k]]  # options newer than the run: defaults
+        if diff:
+            shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in diff[:4])
+            raise UserError(f"--resume: the options differ from the run in {out.path} ({shown}); resume with "
+                            "the same options, or start a new --output_dir")
+        return out.claim(overwrite=False, resume=True)
+    if config_path.is_file() and not overwrite:
+        raise UserError(f"{out.path} holds another run: use --resume to continue it, --overwrite to replace it, "
+                        "or a new --output_dir")
+    if overwrite and config_path.is_file() and out.owner() is None:
+        _remove_unrecorded_run(out.path)
+    return out.claim(overwrite)
+
+
+def _remove_unrecorded_run(path: Path) -> None:
+    """A run written before run directories had a manifest: remove the files train writes (by
+    name), so that no stale ``last.pt`` is resumed; anything else stays."""
+    for name in (CONFIG_FILE, FOLDS_FILE, METRICS_FILE, SUMMARY_FILE, LOG_FILE):
+        (path / name).unlink(missing_ok=True)
+    for fold_path in path.glob("fold_*"):
+        for name in ("best.pt", "last.pt", "done.json"):
+            (fold_path / name).unlink(missing_ok=True)
+    log.warning("--overwrite: removed the earlier run's files in %s", path)

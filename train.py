@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     processes = trainer.Distributed.setup(device)  # torchrun: one process per device
     out = None
     if processes.rank == 0:
-        out = trainer.claim_output_dir(config, args.resume, args.overwrite)
+        out = runs.claim_output_dir(config, args.resume, args.overwrite)
     else:  # one voice: the other processes report warnings and errors only
         logging.getLogger().setLevel(logging.WARNING)
     processes.barrier()

@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 import adapters
 import encoder_blocks
-import folds as folds_lib
 import inference
 import iterative
 import lora
@@ -441,41 +440,6 @@ def resume_fold(last: Path, sam: nn.Module, optimizer: torch.optim.Optimizer,
     log.info("fold %d: resuming after epoch %d (best val Dice %.4f at epoch %d)", fold,
              state["epoch"], state["best_dice"], state["best_epoch"])
     return state
-
-
-def claim_output_dir(config: TrainConfig, resume: bool, overwrite: bool) -> runfiles.OutputDir:
-    """The run directory (runfiles' one rule): an existing run needs ``--resume`` with the same
-    options, or ``--overwrite``, which removes only the earlier run's files."""
-    out = runfiles.OutputDir(config.output_dir, "train")
-    config_path = out.path / runs.CONFIG_FILE
-    if resume:
-        if not config_path.is_file():
-            raise UserError(f"--resume: no run to resume in {out.path} (no config.json); start it without --resume")
-        saved = runs.read_run_config(out.path)
-        current, defaults = config.to_json(), TrainConfig(data_dir="", output_dir="").to_json()
-        diff = [k for k in current if saved.get(k, defaults[k]) != current[k]]  # options newer than the run: defaults
-        if diff:
-            shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in diff[:4])
-            raise UserError(f"--resume: the options differ from the run in {out.path} ({shown}); resume with "
-                            "the same options, or start a new --output_dir")
-        return out.claim(overwrite=False, resume=True)
-    if config_path.is_file() and not overwrite:
-        raise UserError(f"{out.path} holds another run: use --resume to continue it, --overwrite to replace it, "
-                        "or a new --output_dir")
-    if overwrite and config_path.is_file() and out.owner() is None:
-        _remove_unrecorded_run(out.path)
-    return out.claim(overwrite)
-
-
-def _remove_unrecorded_run(path: Path) -> None:
-    """A run written before run directories had a manifest: remove the files train writes (by
-    name), so that no stale ``last.pt`` is resumed; anything else stays."""
-    for name in (runs.CONFIG_FILE, folds_lib.FOLDS_FILE, runs.METRICS_FILE, runs.SUMMARY_FILE, runs.LOG_FILE):
-        (path / name).unlink(missing_ok=True)
-    for fold_path in path.glob("fold_*"):
-        for name in ("best.pt", "last.pt", "done.json"):
-            (fold_path / name).unlink(missing_ok=True)
-    log.warning("--overwrite: removed the earlier run's files in %s", path)
 
 
 @dataclass

@@ -3,7 +3,7 @@ repository root on sys.path.
 
 * Data: ``../shared/data`` loaded once (``cpm15``, ``em_folders``, ``em_stack``) and cropped
   once per session (``em_crops`` and its thin variants ``em4``, ``em6``, ``em3``, ``em_split``,
-  ``em_whole4``; ``em_section_19``). Session data is shared: a test that changes files copies
+  ``em_whole4``; ``em_section_19``; ``em_volume``, ``em_crop``: the 20 EM sections as arrays). Session data is shared: a test that changes files copies
   them first.
 * Models: :func:`tiny_sam` is the one builder of small random models (the fixtures
   ``tiny_vit_base`` / ``tiny_vit`` and ``tiny_sam_256`` are built from it; ``tiny_inputs`` and
@@ -245,6 +245,31 @@ def em_section_19(shared_data: Path) -> tuple[np.ndarray, np.ndarray]:
     labels = labels.astype(np.int32)
     image.flags.writeable = labels.flags.writeable = False  # shared by many tests: nobody changes it
     return image, labels
+
+
+@pytest.fixture(scope="session")
+def em_volume(shared_data) -> tuple[np.ndarray, np.ndarray]:
+    """The 20 consecutive real EM sections of ../shared/data/em_vnc_stack as arrays: the images
+    (20x1024x1024 uint8) and the mitochondria masks (bool). Read only."""
+    import tifffile
+
+    folder = shared_data / "em_vnc_stack"
+    images = np.concatenate([tifffile.imread(folder / f"{n}.tif") for n in ("training", "testing")])
+    masks = np.concatenate([tifffile.imread(folder / f"{n}_groundtruth.tif") for n in ("training", "testing")]) > 0
+    images.flags.writeable = masks.flags.writeable = False
+    return images, masks
+
+
+@pytest.fixture(scope="session")
+def em_crop(em_volume) -> tuple[np.ndarray, np.ndarray]:
+    """``em_volume`` cropped to a 256x256 window with many mitochondria: the images and each
+    section's mitochondria as 8-connected components (int32)."""
+    from scipy import ndimage
+
+    images, masks = em_volume
+    window = (slice(None), slice(640, 896), slice(448, 704))
+    labels = np.stack([ndimage.label(m, structure=np.ones((3, 3)))[0] for m in masks[window]])
+    return images[window].copy(), labels.astype(np.int32)
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,8 +20,10 @@ import errno
 import hashlib
 import json
 import logging
+import os
 import shutil
 import socket
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -309,6 +311,37 @@ def search_args(env: Env, *extra: str) -> list[str]:
             *extra]
 
 
+def study_of_another_search(recorded: dict) -> Callable[[Env], list[str]]:
+    """The user's study database holds a study made for another search (its recorded identity:
+    ``recorded``); the command must leave the database as it was."""
+    def build(env: Env) -> list[str]:
+        import optuna
+
+        import studies
+
+        url = f"sqlite:///{env.user / 'studies.db'}"
+        optuna.create_study(storage=url, study_name="em").set_user_attr(studies.IDENTITY, recorded)
+        return search_args(env, "--storage", url, "--study_name", "em")
+    return build
+
+
+def study_with_a_live_worker(env: Env) -> list[str]:
+    """--overwrite of a study whose trial runs on a live worker (a fresh heartbeat), as when a
+    job array's every task was started with --overwrite."""
+    import optuna
+
+    import studies
+
+    url = f"sqlite:///{env.user / 'studies.db'}"
+    storage = studies.open_storage(url, heartbeat=60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "heartbeats are meant for Study.optimize": this worker is pretend
+        trial = optuna.create_study(storage=storage, study_name="em").ask()
+    storage.record_heartbeat(trial._trial_id)
+    storage.engine.dispose()
+    return search_args(env, "--storage", url, "--study_name", "em", "--overwrite")
+
+
 def leaves_nothing(build: Callable[[Env], list[str]]) -> Callable[[Env], list[str]]:
     """``build``, and afterwards: nothing was created under ``out`` (not even a folder)."""
     def wrapped(env: Env) -> list[str]:
@@ -317,12 +350,17 @@ def leaves_nothing(build: Callable[[Env], list[str]]) -> Callable[[Env], list[st
     return wrapped
 
 
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def download_unreachable(env: Env) -> list[str]:
     """A mirror that refuses the connection: the line names the URL and where the file would go;
     no file (not even a partial one) is left."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}/mobile_sam.pt"  # closed when the with ends
+    url = f"http://127.0.0.1:{closed_port()}/mobile_sam.pt"
     weights = env.out / "weights"
     env.words += [url, str((weights / "mobile_sam.pt").absolute())]
 
@@ -369,6 +407,78 @@ def detect_train_args(env: Env, *extra: str) -> list[str]:
     return ["detect", "train", "--data_dir", str(env.data()), "--output_dir", str(env.out / "yolo"),
             "--data_format", "folders", "--val_fraction", "0.25", "--epochs", "2", "--imgsz", "256",
             "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--no_plots", "--seed", "0", *extra]
+
+
+def em_stack(env: Env) -> Path:
+    """A 3-section TIFF stack of the real EM crops (user/stack.tif)."""
+    path = env.user / "stack.tif"
+    images = [cv2.imread(str(env.em4 / "images" / f"{n}.png"), cv2.IMREAD_GRAYSCALE) for n in "abc"]
+    tifffile.imwrite(path, np.stack(images), photometric="minisblack")
+    return path
+
+
+def zarr_of(env: Env, name: str, shape: tuple[int, ...], ome_axes: str | None = None) -> str:
+    """A Zarr array of ``shape`` (or, with ``ome_axes``, an OME-Zarr image with those axes) in user/."""
+    import zarr
+
+    path = env.user / name
+    if ome_axes is None:
+        zarr.create_array(store=str(path), shape=shape, dtype="uint8")[:] = 1
+        return str(path)
+    group = zarr.open_group(str(path), mode="w")
+    group.attrs["ome"] = {"multiscales": [{"axes": [{"name": a} for a in ome_axes], "datasets": [{"path": "0"}]}]}
+    group.create_array("0", shape=shape, dtype="uint8")[:] = 1
+    return str(path)
+
+
+def seeds_of_another_shape(env: Env) -> list[str]:
+    seeds = env.user / "seeds.tif"
+    tifffile.imwrite(seeds, np.ones((3, 64, 64), np.uint16), photometric="minisblack")
+    return predict_args(env, "--input", str(em_stack(env)), "--seed_labels", str(seeds))
+
+
+def unwritable_output(env: Env) -> list[str]:
+    """--output_dir inside a folder the user may not write to (the OS refuses every new entry there)."""
+    locked = env.out / "locked"
+    real_mkdir = os.mkdir
+
+    def refuse(path, *args, **kwargs):
+        if Path(path).absolute().is_relative_to(locked.absolute()):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    env.monkeypatch.setattr(os, "mkdir", refuse)
+    return predict_args(env, "--input", str(em_stack(env)), "--output_dir", str(locked / "pred"))
+
+
+def interrupted_run(env: Env, store_record: dict) -> Path:
+    """user/pred: what an interrupted detect predict of user/stack.tif leaves (its manifest and
+    section store, 2 sections done), the store made with ``store_record``."""
+    env.file("pred/.samlora_outputs.json", json.dumps({"command": "detect predict",
+                                                       "files": [".detect_predict_work/"]}).encode())
+    env.file("pred/.detect_predict_work/stack.sections/store.json", json.dumps(store_record).encode())
+    for z in range(2):
+        env.file(f"pred/.detect_predict_work/stack.sections/{z:06d}.npz", b"a finished section")
+    return env.user / "pred"
+
+
+def resume_with_other_options(env: Env) -> list[str]:
+    stack = em_stack(env)
+    out = interrupted_run(env, {"version": 1, "input": str(stack.resolve()), "shape": [3, 128, 128], "model": "another"})
+    return [*predict_args(env, "--input", str(stack), "--resume"), "--output_dir", str(out)]
+
+
+def interrupted_without_resume(env: Env) -> list[str]:
+    stack = em_stack(env)
+    return [*predict_args(env, "--input", str(stack)), "--output_dir", str(interrupted_run(env, {}))]
+
+
+def unreachable_scheduler(env: Env) -> list[str]:
+    import cluster
+
+    env.monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", "1s")
+    env.leaves_nothing()
+    return predict_args(env, "--input", str(em_stack(env)), "--scheduler", "tcp://127.0.0.1:9")
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,6 +531,7 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str | tuple[str, ...], int]] 
     ("train LoRA blocks not numbers", lambda e: train_args(e, e.data(), "--lora_blocks", "late"), "not a block number", 2),
     ("train LoRA blocks with a frozen encoder", lambda e: train_args(e, e.data(), "--lora_blocks", "last2"),
      "no encoder layer trains", 2),
+    ("train a GPU this machine lacks", lambda e: train_args(e, e.data(), "--device", "cuda:7"), "--device cuda:7", 2),
     # train: checkpoints
     ("train vit_b checkpoint for vit_t", lambda e: train_args(e, e.data(), "--checkpoint", str(e.vit_b)),
      VIT_B_FOR_VIT_T, 2),
@@ -450,6 +561,31 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str | tuple[str, ...], int]] 
      "cannot make 9 folds from 4 groups", 2),
     ("search output dir holds other files", lambda e: [*search_args(e), "--output_dir", str(existing_output(e))],
      "exists and is not empty", 2),
+    ("search --n_trials with the grid", lambda e: search_args(e, "--n_trials", "4"),
+     "--n_trials is for --sampler tpe", 2),
+    ("search tpe without --n_trials", lambda e: search_args(e, "--sampler", "tpe"), "--sampler tpe needs --n_trials", 2),
+    ("search tpe with a list of ranks",
+     lambda e: search_args(e, "--sampler", "tpe", "--n_trials", "4", "--lora_ranks", "2,4,8"),
+     "give a range LOW,HIGH", 2),
+    ("search negative --prune_startup", lambda e: search_args(e, "--prune", "--prune_startup", "-1"),
+     "--prune_startup must be >= 0", 2),
+    ("search storage not a URL", lambda e: search_args(e, "--storage", "runs/study.db"), "is not a database URL", 2),
+    ("search storage of an unknown kind", lambda e: search_args(e, "--storage", "nosuchdb://host/db"),
+     "is not a database URL", 2),
+    ("search storage folder missing",
+     lambda e: search_args(e, "--storage", f"sqlite:///{e.user / 'nowhere' / 'study.db'}"),
+     ("cannot open the study storage", "unable to open database file"), 2),
+    ("search storage server unreachable",
+     lambda e: search_args(e, "--storage", f"postgresql://samlora:secret@127.0.0.1:{closed_port()}/studies"),
+     ("cannot open the study storage postgresql://samlora:***@127.0.0.1", "Connection refused"), 2),
+    ("search study of another search space",
+     study_of_another_search({"space": {"sampler": "grid", "lora_rank": [2], "lora_alpha": [2.0],
+                                        "learning_rate": [0.001]}}),
+     ("was made for another search", "space.lora_rank: [2] -> [2, 4, 8, 16]"), 2),
+    ("search study of other data", study_of_another_search({"data": "0" * 64}),
+     ("was made for another search", "data: '000"), 2),
+    ("search --overwrite of a study with a live worker", study_with_a_live_worker,
+     "are running on other workers", 2),
     # evaluate
     ("evaluate no data dir", lambda e: evaluate_args(e, None), "--data_dir is required", 2),
     ("evaluate data dir missing", lambda e: evaluate_args(e, e.user / "nowhere"), "does not exist", 2),
@@ -508,6 +644,20 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str | tuple[str, ...], int]] 
     ("detect predict vit_b checkpoint for vit_t",
      lambda e: [*predict_args(e, "--input", one_image(e)), "--checkpoint", str(e.vit_b)], VIT_B_FOR_VIT_T, 2),
     ("detect predict outputs exist", detect_outputs_exist, "exists and is not empty", 2),
+    ("detect predict Zarr without 3 spatial axes",
+     lambda e: predict_args(e, "--input", zarr_of(e, "plane.zarr", (128, 128))), "needs 3 spatial axes", 2),
+    ("detect predict Zarr with channels",
+     lambda e: predict_args(e, "--input", zarr_of(e, "rgb.zarr", (2, 3, 128, 128))), "channels", 2),
+    ("detect predict OME-Zarr with channels",
+     lambda e: predict_args(e, "--input", zarr_of(e, "ome.zarr", (3, 4, 64, 64), "czyx")), "has 3 channels", 2),
+    ("detect predict seed labels of another shape", seeds_of_another_shape, "but the volume is (3, 128, 128)", 2),
+    ("detect predict unwritable output", unwritable_output, ("cannot write", "Permission denied"), 2),
+    ("detect predict scheduler unreachable", unreachable_scheduler, "cannot reach the dask scheduler", 2),
+    ("detect predict --resume with other options", resume_with_other_options, "with other options", 2),
+    ("detect predict interrupted run without --resume", interrupted_without_resume,
+     ("holds an interrupted detect predict run", "--resume"), 2),
+    ("detect predict --resume without a run", lambda e: predict_args(e, "--input", str(em_stack(e)), "--resume"),
+     "holds no interrupted", 2),
     ("detect train zero epochs",
      lambda e: ["detect", "train", "--data_dir", str(e.data()), "--output_dir", str(e.out / "yolo"), "--epochs", "0"],
      "--epochs and --batch_size must be >= 1", 2),

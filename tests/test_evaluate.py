@@ -264,3 +264,55 @@ def test_yolo_row_names_with_several_models():
     assert sets["yolo+lora"].source == "lora.pt" and sets["lora"].prompts == "box"
     assert list(row_sets("yolo", sources[:1], BASELINES, detector))[:2] == ["base", "yolo+sam"]
     assert list(row_sets("box", sources[:1], BASELINES)) == ["base", "baseline_box", "baseline_ellipse"]
+
+
+# --------------------------------------------------------------------------------------------
+# volumes: 3-D scores beside the per-section ones
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def em_stack_dir(shared_data, tmp_path_factory) -> Path:
+    """The EPFL layout with 4 consecutive real EM sections (training.tif, 192x192 crops)."""
+    root = tmp_path_factory.mktemp("stack") / "stack"
+    root.mkdir()
+    folder = shared_data / "em_vnc_stack"
+    for name in ("training", "training_groundtruth"):
+        tifffile.imwrite(root / f"{name}.tif", tifffile.imread(folder / f"{name}.tif")[3:7, 640:832, 448:640],
+                         photometric="minisblack")
+    return root
+
+
+def test_volume_scores_link_and_score_runs_of_sections(em_stack_dir) -> None:
+    """reports.VolumeScores: runs of consecutive whole sections, 3-D truth = connected components
+    of the foreground, predictions linked, scored by metrics.volume_metrics."""
+    from scipy import ndimage
+
+    from metrics import volume_metrics
+    from reports import IN_PLANE_AND_FACE, VolumeScores
+    from volumes import link_slices
+
+    samples = dataset.load_dataset(em_stack_dir)
+    scores = VolumeScores(samples, [0, 1, 3])  # sections 0, 1 and 3: one run of two, section 3 alone
+    assert [(name, run) for name, run in scores.runs] == [("training.tif[0:2]", [0, 1])]
+    preds = {i: np.roll(samples[i].labels, 3, axis=1) for i in (0, 1, 3)}
+    for i, pred in preds.items():
+        scores.add("model", i, pred)
+    truth = ndimage.label(np.stack([samples[i].labels > 0 for i in (0, 1)]), IN_PLANE_AND_FACE)[0]
+    expected = volume_metrics(truth, link_slices(np.stack([preds[0], preds[1]])))
+    assert scores.rows(["model", "absent"]) == [{"model": "model", "volume": "training.tif[0:2]", "n_sections": 2,
+                                                  **expected}]
+
+
+@pytest.mark.slow
+def test_evaluate_on_a_stack_reports_3d_scores(main, em_stack_dir, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--data_dir", str(em_stack_dir), "--split", "all", "--output_dir", str(out),
+                 "--bootstrap", "10", *SMALL]) == 0
+    rows = {r["model"]: r for r in csv.DictReader(open(out / "per_volume.csv"))}
+    assert set(rows) == {"base", *BASELINES}
+    assert {r["volume"] for r in rows.values()} == {"training.tif"} and rows["base"]["n_sections"] == "4"
+    summary = json.loads((out / "summary.json").read_text())
+    assert "per_volume.csv" in summary["files"] and "connected components" in summary["volume_protocol"]
+    assert summary["models"]["base"]["per_image_mean"]["dice"]["n"] == 4  # the 2-D scores beside
+    for row in rows.values():
+        assert 0.0 <= float(row["dice"]) <= 1.0 and 0.0 <= float(row["ap75"]) <= float(row["ap50"]) <= 1.0
+    assert float(rows["baseline_box"]["recall50"]) > 0  # boxes of the true objects find some of them in 3-D

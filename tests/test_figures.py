@@ -35,3 +35,12 @@ def test_label_edges_match_3x3_filters():
         labels = rng.integers(0, 4, shape).astype(np.int32)
         expected = (labels != ndimage.maximum_filter(labels, 3)) | (labels != ndimage.minimum_filter(labels, 3))
         np.testing.assert_array_equal(figures.label_edges(labels), expected)
+
+
+def test_search_figures(tmp_path):
+    points = [(0, 0.31, "complete", "rank2_alpha2_lr0.001"), (1, 0.2, "pruned", "rank4_alpha2_lr0.001"),
+              (2, 0.35, "complete", "rank8_alpha2_lr0.001")]
+    history = figures.save_search_history(tmp_path / "history.png", points, "search", random_weights=True)
+    importance = figures.save_importance(tmp_path / "importance.png", {"learning_rate": 0.7, "lora_rank": 0.3,
+                                                                       "lora_alpha": 0.0}, "t", fixed=["lora_alpha"])
+    assert history.stat().st_size > 1000 and importance.stat().st_size > 1000

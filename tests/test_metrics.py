@@ -18,6 +18,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_score
 
 import metrics
+import overlaps
 from reports import summarize
 from metrics import (
     IOU_THRESHOLD_PERCENTS,
@@ -554,8 +555,8 @@ def test_sparse_code_paths_agree(shared_data, monkeypatch):
     gt = real_crops(shared_data)["cpm15_20x"]
     pred = perturbations(gt, 11)["mixed"]
     dense = instance_metrics(gt, pred)
-    monkeypatch.setattr(metrics, "_DENSE_PAIR_LIMIT", 0)
-    monkeypatch.setattr(metrics, "_LUT_LABEL_LIMIT", 0)
+    monkeypatch.setattr(overlaps, "DENSE_PAIR_LIMIT", 0)
+    monkeypatch.setattr(overlaps, "LUT_LABEL_LIMIT", 0)
     assert instance_metrics(gt.astype(np.uint64), pred) == dense
 
 

@@ -1,17 +1,192 @@
-"""parameter_search: a grid of LoRA settings (ranks, encoder blocks) on the same grouped folds, ranked,
-finished ones skipped."""
+"""parameter_search: LoRA settings on the same grouped folds, ranked, finished ones skipped; an
+Optuna study that several worker processes share (each configuration trained once, a killed
+worker's trial taken over), TPE and median pruning."""
 from __future__ import annotations
 
+import collections
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
+import optuna
 import pytest
 import torch
 
 import trainer
-from conftest import TINY_TRAIN
+from conftest import REPO, SMALL, TINY_TRAIN
 from main import main
 
+# The cheapest real training: random-weight MobileSAM at 256 px on 128 px crops, frozen encoder
+# (each image embedded once per worker), LoRA on the decoder only, 2 prompts, 2 folds, 1 epoch.
+FAST = [*SMALL, "--freeze_encoder", "--lora_targets", "decoder", "--max_objects", "2", "--no_augment",
+        "--val_fraction", "0.25", "--epochs", "1", "--num_folds", "2"]
+GRID = ["--lora_ranks", "2,4", "--lora_alphas", "2", "--learning_rates", "1e-3,3e-3"]  # 4 configurations
+
+# A worker process: main.py with one intra-op thread, every finished training of a fold logged
+# to $TRAINED_LOG ("configuration fold"), and with $BLOCK_IN_FOLD set, its first fold blocks
+# after creating that file (the test kills it there, mid-trial).
+WORKER = '''
+import os, sys, time
+sys.path.insert(0, os.environ["REPO"])
+import torch
+torch.set_num_threads(1)
+import trainer
+original = trainer.run_fold
+def run_fold(config, samples, fold, *args, **kwargs):
+    if os.environ.get("BLOCK_IN_FOLD"):
+        open(os.environ["BLOCK_IN_FOLD"], "w").close()
+        time.sleep(600)
+    result = original(config, samples, fold, *args, **kwargs)
+    with open(os.environ["TRAINED_LOG"], "a") as fh:
+        fh.write(f"{os.path.basename(config.output_dir)} {fold}\\n")
+    return result
+trainer.run_fold = run_fold
+import main
+sys.exit(main.main(sys.argv[1:]))
+'''
+
+
+def start_worker(cwd: Path, data: Path, *extra: str, block: Path | None = None) -> subprocess.Popen:
+    """``parameter_search`` of the 4-configuration grid into ``cwd/search`` (a relative path, so
+    that two searches in two folders write the same text), as a separate process. Heartbeats
+    every 2 s: a killed worker's trial is taken over 4 s after its last one, and a worker slowed
+    by a busy machine is not declared dead."""
+    cwd.mkdir(exist_ok=True)
+    (cwd / "worker.py").write_text(WORKER)
+    env = {**os.environ, "REPO": str(REPO), "TRAINED_LOG": str(cwd / "trained.log"), "OMP_NUM_THREADS": "1"}
+    env.pop("BLOCK_IN_FOLD", None)
+    if block is not None:
+        env["BLOCK_IN_FOLD"] = str(block)
+    argv = ["parameter_search", "--data_dir", str(data), "--output_dir", "search", *FAST, *GRID,
+            "--heartbeat", "2", *extra]
+    return subprocess.Popen([sys.executable, "worker.py", *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen) -> None:
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+
+
+def trained(cwd: Path) -> collections.Counter:
+    """How often each (configuration, fold) was trained to its end."""
+    return collections.Counter(tuple(line.split()) for line in (cwd / "trained.log").read_text().splitlines())
+
+
+def trials(search: Path) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="search", storage=f"sqlite:///{search / 'study.db'}").get_trials()
+
+
+def each_trained_once(cwd: Path) -> None:
+    names = {f"rank{r}_alpha2_lr{lr}" for r in (2, 4) for lr in ("0.001", "0.003")}
+    assert trained(cwd) == {(name, str(fold)): 1 for name in names for fold in (0, 1)}
+    done = [t for t in trials(cwd / "search") if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["name"] for t in done) == sorted(names)
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_grid_and_agree_with_one(em4: Path, tmp_path: Path) -> None:
+    """Two workers started together on one SQLite study train each of the 4 configurations once
+    (both folds), and write results.csv / best_config.json identical to a single worker's."""
+    workers = [start_worker(tmp_path / "one", em4)] + [start_worker(tmp_path / "two", em4) for _ in range(2)]
+    for proc in workers:  # the single worker runs beside the pair: the test's time is the pair's
+        finish(proc)
+    for cwd in (tmp_path / "one", tmp_path / "two"):
+        each_trained_once(cwd)
+        assert {t.state for t in trials(cwd / "search")} == {optuna.trial.TrialState.COMPLETE}
+    for name in ("results.csv", "best_config.json"):
+        assert (tmp_path / "one" / "search" / name).read_text() == (tmp_path / "two" / "search" / name).read_text()
+    rows = (tmp_path / "two" / "search" / "results.csv").read_text().splitlines()
+    assert len(rows) == 5 and all(row.endswith(",complete") for row in rows[1:])
+    assert (tmp_path / "two" / "search" / "history.png").is_file()
+    assert (tmp_path / "two" / "search" / "importance.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_taken_over(em4: Path, tmp_path: Path) -> None:
+    """A worker killed in the middle of its trial (SIGKILL: no clean-up at all) and started again:
+    the study finishes, its trial retried once, every configuration trained to its end once."""
+    cwd, marker = tmp_path / "run", tmp_path / "blocked"
+    first = start_worker(cwd, em4, block=marker)
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-3000:]
+        time.sleep(0.2)
+    other = start_worker(cwd, em4)
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=60)
+    again = start_worker(cwd, em4)
+    finish(other)
+    finish(again)
+    each_trained_once(cwd)
+    study = trials(cwd / "search")
+    failed = [t for t in study if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) == 1  # the killed worker's trial ...
+    retries = [t for t in study if t.system_attrs.get("failed_trial") == failed[0].number]
+    assert [(t.state, t.params) for t in retries] == [(optuna.trial.TrialState.COMPLETE, failed[0].params)]
+    assert len((cwd / "search" / "results.csv").read_text().splitlines()) == 5
+
+
+@pytest.mark.slow
+def test_a_tpe_search_draws_within_the_bounds(em4: Path, tmp_path: Path, one_thread) -> None:
+    out = tmp_path / "tpe"
+    argv = ["parameter_search", "--data_dir", str(em4), "--output_dir", str(out), *FAST, "--sampler", "tpe",
+            "--n_trials", "4", "--lora_ranks", "2,8", "--lora_alphas", "1,4", "--learning_rates", "1e-4,1e-2"]
+    assert main(argv) == 0
+    study = optuna.load_study(study_name="tpe", storage=f"sqlite:///{out / 'study.db'}")
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(study.trials) == len(done) == 4
+    assert study.trials[0].distributions["learning_rate"].log  # the rate on a log scale
+    for t in done:
+        assert 2 <= t.params["lora_rank"] <= 8 and 1 <= t.params["lora_alpha"] <= 4
+        assert 1e-4 <= t.params["learning_rate"] <= 1e-2
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + len({t.user_attrs["name"] for t in done})
+    assert (out / "history.png").is_file() and (out / "importance.png").is_file()
+
+
+def fake_run_fold(calls: list[str]) -> Any:
+    """trainer.run_fold without training: the n-th configuration to start scores 0.9 - 0.1 n on
+    every fold (so each after the first is below the median of the finished ones)."""
+    order: list[str] = []
+
+    def run_fold(config, samples, fold, train_idx, select_idx, score_idx, **kwargs):
+        name = Path(config.output_dir).name
+        calls.append(name)
+        if name not in order:
+            order.append(name)
+        dice = 0.9 - 0.1 * order.index(name)
+        return {"fold": fold, "best_epoch": 0, "selection": "fake", "adapter": "none",
+                "scored": [{"index": i, "key": samples[i].key, "dice": dice, "iou": dice / 2} for i in score_idx]}
+    return run_fold
+
+
+@pytest.mark.slow
+def test_pruning_stops_configurations_below_the_median(em4: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """--prune: after the first configuration finishes, each later one scores below the median
+    at fold 0 and is stopped there; results.csv ranks the finished one and lists the pruned."""
+    calls: list[str] = []
+    monkeypatch.setattr(trainer, "run_fold", fake_run_fold(calls))
+    out = tmp_path / "pruned"
+    argv = ["parameter_search", "--data_dir", str(em4), "--output_dir", str(out), *FAST, *GRID, "--prune",
+            "--prune_startup", "1"]
+    assert main(argv) == 0
+    assert len(calls) == 2 + 3  # both folds of the first, fold 0 of the three others
+    rows = [line.split(",") for line in (out / "results.csv").read_text().splitlines()]
+    assert [r[-1] for r in rows[1:]] == ["complete", "pruned", "pruned", "pruned"]
+    assert [r[10] for r in rows[1:]] == ["2", "1", "1", "1"]  # folds trained
+    assert json.loads((out / "best_config.json").read_text())["name"] == calls[0]
+    assert not (out / "importance.png").exists()  # one finished configuration says nothing about importance
+    monkeypatch.setattr(trainer, "run_fold", lambda *a, **k: pytest.fail("re-trained finished work"))
+    before = (out / "results.csv").read_text()
+    assert main(argv) == 0  # a re-run: nothing left to do
+    assert (out / "results.csv").read_text() == before
 
 
 @pytest.mark.slow
@@ -19,22 +194,75 @@ def test_parameter_search_ranks_and_skips(em6: Path, tmp_path: Path, monkeypatch
     out = tmp_path / "search"
     argv = ["parameter_search", "--data_dir", str(em6), "--output_dir", str(out), *TINY_TRAIN,
             "--lora_ranks", "2", "--lora_alphas", "4", "--learning_rates", "1e-3", "--num_folds", "2",
-            "--epochs", "1", "--lora_blocks_grid", "all", "last2"]
+            "--epochs", "1", "--lora_blocks_grid", "all", "last2"]  # blocks searched like rank (vit_t: last stage)
     assert main(argv) == 0
     lines = (out / "results.csv").read_text().strip().splitlines()
     assert lines[0].startswith("name,lora_rank,lora_alpha,learning_rate,cv_dice,cv_dice_std")
     dices = [float(line.split(",")[4]) for line in lines[1:]]
     assert len(dices) == 2 and dices == sorted(dices, reverse=True)
-    names = {line.split(",")[0]: line.rsplit(",", 1)[1] for line in lines[1:]}  # name -> lora_blocks
+    names = {line.split(",")[0]: line.rsplit(",", 1)[1] for line in lines[1:]}  # name -> lora_blocks (last column)
     assert names == {"rank2_alpha4_lr0.001": "all", "rank2_alpha4_lr0.001_blockslast2": "last2"}
     best = json.loads((out / "best_config.json").read_text())
-    assert best["cv_dice"] == dices[0]
+    assert best["cv_dice"] == dices[0] and best["config"]["lora_blocks"] == best["lora_blocks"]
+    late = torch.load(out / "rank2_alpha4_lr0.001_blockslast2" / "fold_0" / "best.pt", weights_only=True)
+    assert late["config"]["blocks"] == [8, 9]
     # every configuration trained on the same folds
     folds = {json.dumps(json.loads((d / "folds.json").read_text())["folds"]) for d in out.glob("rank*")}
     assert len(list(out.glob("rank*"))) == 2 and len(folds) == 1
-    late = torch.load(out / "rank2_alpha4_lr0.001_blockslast2" / "fold_0" / "best.pt", weights_only=True)
-    assert late["config"]["blocks"] == [8, 9] and best["config"]["lora_blocks"] == best["lora_blocks"]
     assert json.loads((out / "folds.json").read_text())["folds"] == json.loads(folds.pop())
     # a re-run skips finished configurations
     monkeypatch.setattr(trainer, "run_fold", lambda *a, **k: pytest.fail("re-trained a finished configuration"))
     assert main(argv) == 0
+
+
+@pytest.mark.slow
+def test_an_interrupted_search_continues_where_it_stopped(em4: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in the second configuration: exit 130; the same command again queues that trial
+    again (Optuna's retry), finishes the rest and trains no finished fold twice."""
+    calls: list[str] = []
+    fake = fake_run_fold(calls)
+
+    def interrupted(config, samples, fold, *args, **kwargs):
+        if len(set(calls)) == 1 and Path(config.output_dir).name not in calls:
+            raise KeyboardInterrupt
+        return fake(config, samples, fold, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "run_fold", interrupted)
+    out = tmp_path / "search"
+    argv = ["parameter_search", "--data_dir", str(em4), "--output_dir", str(out), *FAST, *GRID]
+    assert main(argv) == 130
+    monkeypatch.setattr(trainer, "run_fold", fake)
+    assert main(argv) == 0
+    assert sorted(collections.Counter(calls).values()) == [2, 2, 2, 2]  # 4 configurations x 2 folds, once each
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}").trials
+    assert [t.state.name for t in study].count("COMPLETE") == 4
+    failed = [t for t in study if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) == 1 and any(t.system_attrs.get("failed_trial") == failed[0].number for t in study)
+
+
+@pytest.mark.slow
+def test_a_worker_given_up_for_late_heartbeats_goes_on(em4: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker whose trial the study failed while it was still training (its heartbeats came
+    too late, as on a stalled machine) goes on with the next configuration; the queued retry
+    reads the finished run instead of training it again."""
+    calls: list[str] = []
+    fake = fake_run_fold(calls)
+    out = tmp_path / "search"
+
+    def given_up(config, samples, fold, *args, **kwargs):
+        result = fake(config, samples, fold, *args, **kwargs)
+        if len(calls) == 2:  # the first configuration's last fold: another worker declares it dead
+            storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'study.db'}")
+            study = optuna.load_study(study_name="search", storage=storage)
+            running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))[0]
+            storage.set_trial_state_values(running._trial_id, optuna.trial.TrialState.FAIL)
+            optuna.storages.RetryHeartbeatStaleTrialCallback()(study, running)
+        return result
+
+    monkeypatch.setattr(trainer, "run_fold", given_up)
+    argv = ["parameter_search", "--data_dir", str(em4), "--output_dir", str(out), *FAST, *GRID]
+    assert main(argv) == 0
+    assert sorted(collections.Counter(calls).values()) == [2, 2, 2, 2]  # nothing trained twice
+    assert len((out / "results.csv").read_text().splitlines()) == 5

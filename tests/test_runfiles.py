@@ -152,3 +152,36 @@ def test_an_input_folder_is_never_an_output_folder(main, em_crops, tmp_path: Pat
     assert main([*argv, "--output_dir", str(data / "images")]) == 2
     assert main(["demo", *SMALL, "--samples_dir", str(data), "--output_dir", str(data / "demo"), "--overwrite"]) == 2
     assert sorted(p.name for p in data.iterdir()) == ["images", "masks"]
+
+
+def test_a_shared_output_dir_keeps_every_workers_record(tmp_path: Path) -> None:
+    """Two processes write into one shared directory at once (the workers of a parameter search):
+    the manifest, merged under the directory's lock, records every file of both."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = runfiles.OutputDir(tmp_path / "search", "parameter_search", shared=True).claim(overwrite=False)
+    worker = ("import sys; sys.path.insert(0, sys.argv[1]); import runfiles\n"
+              "out = runfiles.OutputDir(sys.argv[2], 'parameter_search', shared=True).claim(False, resume=True)\n"
+              "with out.active():\n"
+              "    for i in range(40):\n"
+              "        runfiles.write_text(out.path / sys.argv[3] / f'{i}.txt', 'x')\n")
+    procs = [subprocess.Popen([sys.executable, "-c", worker, str(REPO), str(out.path), name]) for name in "ab"]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert sorted(out.recorded()) == sorted(f"{name}/{i}.txt" for name in "ab" for i in range(40))
+    assert out.user_files() == []  # the lock file is the directory's own
+    runfiles.OutputDir(out.path, "parameter_search", shared=True).claim(overwrite=True)
+    assert sorted(p.name for p in out.path.iterdir()) == sorted([runfiles.LOCK_FILE, runfiles.MANIFEST])
+
+
+def test_the_directory_lock_is_reentrant_and_released_early(tmp_path: Path) -> None:
+    outer, inner = runfiles.DirectoryLock(tmp_path), runfiles.DirectoryLock(tmp_path)
+    with outer:
+        with inner:  # the same process: shares the lock instead of waiting for itself
+            assert len(runfiles.DirectoryLock._held) == 1
+        assert runfiles.DirectoryLock._held  # the outer holder still has it
+        outer.release()  # handed back early ...
+        assert not runfiles.DirectoryLock._held
+    assert not runfiles.DirectoryLock._held  # ... and leaving the block is harmless

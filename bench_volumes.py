@@ -1,0 +1,139 @@
+"""Speed and memory of volumes, for bench.py (or alone: ``python bench_volumes.py [--tiny]``).
+
+Rows (targets in brackets):
+- link_slices per section / SAM per section                                           [<< 0.05]
+- peak RSS of detect predict on a 64-section volume / on a 16-section volume of the same sections
+                                                                                       [<= 1.1]
+- sections per second with 2 dask workers / with 1 process (and whether they wrote the same labels)
+
+The volumes are the 20 real EM sections of ../shared/data/em_vnc_stack (1024x1024), repeated to
+make the deeper ones; SAM is MobileSAM (vit_t, random weights) at 1024 px with the automatic mask
+generator on a 2x2 point grid, so each section costs one encoder pass and a few decoder calls.
+``detect predict`` runs as a user runs it, in a fresh process, whose peak RSS (VmHWM) it prints.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from scipy import ndimage
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_STACK = REPO.parent / "shared" / "data" / "em_vnc_stack"
+# Runs `main.py ARGS` in this process, then prints its peak resident memory (kB).
+CHILD = ("import sys; sys.argv = ['main.py', *sys.argv[1:]]; import main; code = main.main(sys.argv[1:]); "
+         "print('VmHWM', open('/proc/self/status').read().split('VmHWM:')[1].split()[0]); sys.exit(code)")
+Row = tuple[str, float, str]
+
+
+def real_volume(stack_dir: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 20 EM sections (top-left ``size`` px) and their 2-D mitochondria components."""
+    images = np.concatenate([tifffile.imread(stack_dir / f"{n}.tif") for n in ("training", "testing")])
+    masks = np.concatenate([tifffile.imread(stack_dir / f"{n}_groundtruth.tif") for n in ("training", "testing")])
+    labels = np.stack([ndimage.label(m > 0, structure=np.ones((3, 3)))[0] for m in masks[:, :size, :size]])
+    return images[:, :size, :size].copy(), labels.astype(np.int32)
+
+
+def detect_args(image_size: int) -> list[str]:
+    return ["--mode", "amg", "--points_per_side", "2", "--pred_iou_thresh", "0", "--stability_score_thresh", "0",
+            "--checkpoint", "none", "--model_type", "vit_t", "--image_size", str(image_size), "--device", "cpu",
+            "--no_overlay"]
+
+
+def run_detect(stack: Path, out: Path, image_size: int, *extra: str) -> tuple[float, float]:
+    """``detect predict`` on ``stack`` in a fresh process: (wall seconds, peak RSS MiB)."""
+    argv = ["detect", "predict", "--input", str(stack), "--output_dir", str(out), *detect_args(image_size), *extra]
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", CHILD, *argv], cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"detect predict failed:\n{proc.stderr[-3000:]}")
+    peak = next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("VmHWM"))
+    return seconds, int(peak) / 1024
+
+
+def bench_linking(images: np.ndarray, labels: np.ndarray, image_size: int, reps: int) -> list[Row]:
+    """Linking the real per-section objects against SAM on one section (the Segmenter of detect
+    predict with the options above)."""
+    import torch
+
+    import inference
+    import model as sam_model
+    from volumes import link_slices
+
+    torch.manual_seed(0)
+    sam = sam_model.build_model("vit_t", None, image_size).eval()
+    segmenter = inference.Segmenter(sam, inference.SegmentOptions(mode="amg", points_per_side=2, pred_iou_thresh=0,
+                                                                  stability_score_thresh=0, tile_size=0))
+    rgb = np.repeat(images[0][..., None], 3, axis=2)
+    segmenter(rgb)  # warm-up
+    sam_seconds = statistics.median(_timed(lambda: segmenter(rgb)) for _ in range(reps))
+    link_seconds = statistics.median(_timed(lambda: link_slices(labels)) for _ in range(reps)) / len(labels)
+    return [("link_slices per section (s)", link_seconds, ""), ("SAM per section (s)", sam_seconds, ""),
+            ("link_slices per section / SAM per section", link_seconds / sam_seconds, "[<< 0.05]")]
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_streaming(images: np.ndarray, work: Path, image_size: int, small: int, big: int) -> list[Row]:
+    """Peak RSS of detect predict on ``big`` sections against ``small`` of the same sections."""
+    peaks = {}
+    for depth in (small, big):
+        stack = work / f"stack{depth}.tif"
+        tifffile.imwrite(stack, np.concatenate([images[:small]] * (depth // small)), photometric="minisblack")
+        peaks[depth] = run_detect(stack, work / f"out{depth}", image_size)[1]
+    return [(f"detect predict peak RSS, {small} sections (MiB)", peaks[small], ""),
+            (f"detect predict peak RSS, {big} sections (MiB)", peaks[big], ""),
+            (f"peak RSS of detect predict on a {big}-section volume / on a {small}-section volume of the same "
+             "sections", peaks[big] / peaks[small], "[<= 1.1]")]
+
+
+def bench_dask(images: np.ndarray, work: Path, image_size: int, depth: int) -> list[Row]:
+    """Sections per second of detect predict with 2 dask worker processes and with 1 process
+    (each whole command: model loading and, for dask, the cluster's start included)."""
+    stack = work / "dask.tif"
+    tifffile.imwrite(stack, images[:depth], photometric="minisblack")
+    one = run_detect(stack, work / "one", image_size)[0]
+    two = run_detect(stack, work / "two", image_size, "--workers", "2")[0]
+    same = np.array_equal(tifffile.imread(work / "one" / "dask_labels.tif"), tifffile.imread(work / "two" / "dask_labels.tif"))
+    return [(f"sections per second, 1 process ({depth} sections)", depth / one, ""),
+            (f"sections per second, 2 dask workers ({depth} sections)", depth / two, ""),
+            ("sections per second with 2 dask workers / with 1 process", one / two, ""),
+            ("2 dask workers wrote the labels of 1 process (1 = yes)", float(same), "[= 1]")]
+
+
+def rows(quick: bool = False, stack_dir: Path = DEFAULT_STACK, tiny: bool = False) -> list[Row]:
+    """Every row, measured in this order; ``tiny`` only checks that the code runs (small crops and
+    depths: its figures mean nothing)."""
+    size, image_size, small, big = (128, 256, 2, 4) if tiny else (1024, 1024, 16, 64)
+    images, labels = real_volume(stack_dir, size)
+    out = bench_linking(images, labels, image_size, 1 if tiny else 3)
+    with tempfile.TemporaryDirectory() as tmp:
+        out += bench_streaming(images, Path(tmp), image_size, small, big)
+        out += bench_dask(images, Path(tmp), image_size, 3 if tiny else (8 if quick else 16))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer sections for the dask row")
+    parser.add_argument("--tiny", action="store_true", help="check that the code runs (figures mean nothing)")
+    args = parser.parse_args(argv)
+    for name, value, target in rows(args.quick, tiny=args.tiny):
+        print(f"{name:<100} {value:9.4f} {target}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""stacks.py, volume_io.py and the stack writers of labelfiles.py: volumes segmented section by
+section, linked, streamed, resumed.
+
+Most tests put a TEST DOUBLE in place of SAM: ``TruthSegmenter`` returns the real ground-truth
+mitochondria (2-D components) of the section it is shown, so the labels are known and the tests
+check the volume machinery (reading, the section store, linking, writing, resuming, memory), not a
+model. The real model path (random weights through the command line) runs in the slow tests at the
+end and must write consistent files.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+import runfiles
+import stacks
+from coco import CocoWriter, rle_decode
+from conftest import SMALL
+from labelfiles import stack_output_paths, write_label_stack
+from stacks import Scored
+from volume_io import open_volume
+from volumes import LinkOptions, link_slices
+
+
+# --------------------------------------------------------------------------------------------
+# data (em_crop: conftest.py) and the test double
+# --------------------------------------------------------------------------------------------
+class TruthSegmenter:
+    """TEST DOUBLE for the SAM Segmenter: the ground-truth objects of the section it is shown
+    (found by the section's pixels), each with score 1; counts its calls."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, stop_after: int | None = None) -> None:
+        self.truth = {image.tobytes(): section for image, section in zip(images, labels)}
+        self.calls, self.stop_after = 0, stop_after
+
+    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, list[Scored]]:
+        if self.stop_after is not None and self.calls == self.stop_after:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of a volume
+        self.calls += 1
+        labels = self.truth[np.ascontiguousarray(image[..., 0]).tobytes()]
+        return labels, [Scored(1.0, 1.0)] * int(labels.max())
+
+
+def write_tiff(path: Path, images: np.ndarray) -> Path:
+    tifffile.imwrite(path, images, photometric="minisblack")
+    return path
+
+
+def write_zarr(path: Path, images: np.ndarray, chunks=(2, 128, 128)) -> Path:
+    zarr.create_array(store=str(path), shape=images.shape, chunks=chunks, dtype=images.dtype)[:] = images
+    return path
+
+
+def run_volume(path: Path, out: Path, segment, link: LinkOptions | None = LinkOptions(),
+               resume: bool = False, overwrite: bool = False, fill=None) -> tuple[int, Path]:
+    """stacks.predict_volume as detect predict calls it; returns (objects, labels path)."""
+    output = runfiles.OutputDir(out, "detect predict").claim(overwrite, resume)
+    with output.active():
+        (out / stacks.WORK_FOLDER).mkdir(exist_ok=True)
+        coco = CocoWriter("rle", spool=out / stacks.WORK_FOLDER / "coco.jsonl")
+        outputs = stack_output_paths(out, path, with_overlay=True)
+        objects = stacks.predict_volume(path, path.name, segment, {"model": "truth"}, output, resume, link, coco,
+                                        outputs, fill)
+        coco.write(out / "coco.json", "test")
+        output.discard(out / stacks.WORK_FOLDER)
+    return objects, outputs["labels"]
+
+
+def read_labels(path: Path) -> np.ndarray:
+    return zarr.open(str(path), mode="r")[:] if path.suffix == ".zarr" else tifffile.imread(path)
+
+
+def check_coco(coco: dict, labels: np.ndarray) -> None:
+    """Every annotation decodes to exactly its object in its section."""
+    assert len(coco["annotations"]) == sum(len(np.unique(s[s > 0])) for s in labels)
+    frames = {img["id"]: img["frame_index"] for img in coco["images"]}
+    for ann in coco["annotations"]:
+        np.testing.assert_array_equal(rle_decode(ann["segmentation"]), labels[frames[ann["image_id"]]] == ann["label"])
+
+
+# --------------------------------------------------------------------------------------------
+# tests with the test double
+# --------------------------------------------------------------------------------------------
+def test_a_tiff_stack_is_linked_and_streamed(em_crop, tmp_path: Path) -> None:
+    images, truth = em_crop
+    stack = write_tiff(tmp_path / "stack.tif", images[:8])
+    objects, labels_path = run_volume(stack, tmp_path / "out", TruthSegmenter(images, truth))
+    with tifffile.TiffFile(labels_path) as tif:
+        assert tif.is_bigtiff and tif.series[0].shape == (8, 256, 256) and tif.series[0].axes == "ZYX"
+        assert len(tif.pages) == 8
+    labels = tifffile.imread(labels_path)
+    assert labels.dtype == np.uint32
+    np.testing.assert_array_equal(labels, link_slices(truth[:8]))
+    assert objects == labels.max() > 0
+    check_coco(json.loads((tmp_path / "out" / "coco.json").read_text()), labels)
+    assert (tmp_path / "out" / "stack_overlay.png").is_file()
+    assert not (tmp_path / "out" / stacks.WORK_FOLDER).exists()  # the work is cleared when done
+    manifest = json.loads((tmp_path / "out" / runfiles.MANIFEST).read_text())["files"]
+    assert sorted(manifest) == ["coco.json", "stack_labels.tif", "stack_overlay.png"]
+
+
+def test_no_link_numbers_objects_on(em_crop, tmp_path: Path) -> None:
+    images, truth = em_crop
+    stack = write_tiff(tmp_path / "stack.tif", images[:4])
+    objects, labels_path = run_volume(stack, tmp_path / "out", TruthSegmenter(images, truth), link=None)
+    labels, offset = tifffile.imread(labels_path), 0
+    for z in range(4):
+        np.testing.assert_array_equal(labels[z], np.where(truth[z] > 0, truth[z] + offset, 0))
+        offset += truth[z].max()
+    assert objects == offset
+
+
+def test_zarr_input_gives_the_tiff_labels_with_its_chunks(em_crop, tmp_path: Path) -> None:
+    images, truth = em_crop
+    options = LinkOptions(iou=0.1, gap=1, min_sections=2)
+    _, from_tiff = run_volume(write_tiff(tmp_path / "v.tif", images[:7]), tmp_path / "a",
+                              TruthSegmenter(images, truth), options)
+    _, from_zarr = run_volume(write_zarr(tmp_path / "v.zarr", images[:7]), tmp_path / "b",
+                              TruthSegmenter(images, truth), options)
+    assert from_zarr.name == "v_labels.zarr"
+    array = zarr.open(str(from_zarr), mode="r")
+    assert array.chunks == (2, 128, 128) and array.dtype == np.uint32
+    np.testing.assert_array_equal(array[:], tifffile.imread(from_tiff))
+    np.testing.assert_array_equal(array[:], link_slices(truth[:7], 0.1, 1, 2))
+
+
+def test_ome_zarr_input(em_crop, tmp_path: Path) -> None:
+    """An OME-Zarr image (tczyx, one time point and one channel) is read as its ZYX volume."""
+    images, truth = em_crop
+    group = zarr.open_group(str(tmp_path / "ome.zarr"), mode="w")
+    group.attrs["ome"] = {"multiscales": [{"axes": [{"name": n} for n in "tczyx"], "datasets": [{"path": "0"}]}]}
+    group.create_array("0", shape=(1, 1, 3, 256, 256), chunks=(1, 1, 1, 256, 256), dtype="uint8")[:] = images[None, None, :3]
+    with open_volume(tmp_path / "ome.zarr") as volume:
+        assert volume.shape == (3, 256, 256) and volume.chunks == (1, 256, 256)
+        np.testing.assert_array_equal(volume.section(1)[..., 0], images[1])
+
+
+def test_an_interrupted_run_resumes_from_the_last_finished_section(em_crop, tmp_path: Path) -> None:
+    images, truth = em_crop
+    stack = write_tiff(tmp_path / "stack.tif", images[:6])
+    with pytest.raises(KeyboardInterrupt):
+        run_volume(stack, tmp_path / "out", TruthSegmenter(images, truth, stop_after=4))
+    store = tmp_path / "out" / stacks.WORK_FOLDER / "stack.sections"
+    assert sorted(p.name for p in store.glob("*.npz")) == [f"{z:06d}.npz" for z in range(4)]
+    assert not (tmp_path / "out" / "stack_labels.tif").exists()  # never half a file
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+    again = TruthSegmenter(images, truth)
+    _, labels_path = run_volume(stack, tmp_path / "out", again, resume=True)
+    assert again.calls == 2  # only the sections the first run had not finished
+    np.testing.assert_array_equal(tifffile.imread(labels_path), link_slices(truth[:6]))
+    with pytest.raises(Exception, match="other options"):  # a store made with other options is refused
+        output = runfiles.OutputDir(tmp_path / "x", "detect predict").claim(False)
+        first = stacks.SectionStore(tmp_path / "x" / "s", {"input": "a", "model": 1})
+        first.open(False, output)
+        stacks.SectionStore(tmp_path / "x" / "s", {"input": "a", "model": 2}).open(True, output)
+
+
+def test_memory_does_not_grow_with_the_sections(em_crop, tmp_path: Path) -> None:
+    """The Python-visible peak memory (tracemalloc, numpy included) of a 64-section volume is
+    that of a 16-section volume of the same sections: nothing is held per section."""
+    images, truth = em_crop
+    peaks = {}
+    for depth in (16, 16, 64):  # the first run warms up (imports, caches)
+        stack = write_tiff(tmp_path / f"s{depth}.tif", np.concatenate([images[:16]] * (depth // 16)))
+        segment = TruthSegmenter(images, truth)
+        tracemalloc.start()
+        run_volume(stack, tmp_path / f"out{depth}", segment, LinkOptions(min_sections=2), overwrite=True)
+        peaks[depth] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    held = 64 * 256 * 256 * 4  # what the 64 sections' uint32 labels alone would take
+    assert peaks[64] / peaks[16] <= 1.1 and peaks[64] < held / 2, peaks
+
+
+def test_write_label_stack_refuses_a_wrong_count(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="2 sections given for a stack of 3"):
+        write_label_stack(tmp_path / "l.tif", (3, 4, 4), [np.zeros((4, 4))] * 2)
+    assert not list(tmp_path.iterdir())  # nothing left behind
+
+
+# --------------------------------------------------------------------------------------------
+# the real model path: random weights through the command line
+# --------------------------------------------------------------------------------------------
+AMG = ["--mode", "amg", "--points_per_side", "2", "--pred_iou_thresh", "0", "--stability_score_thresh", "0", *SMALL]
+
+
+@pytest.mark.slow
+def test_detect_predict_on_a_stack_with_random_weights(main, em_crop, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """The command completes on a 3-section TIFF stack and a Zarr copy; the linked labels are
+    link_slices of the --no_link labels, COCO matches the labels, Zarr gives the TIFF's labels."""
+    images, _ = em_crop
+    stack, volume = write_tiff(tmp_path / "s.tif", images[:3]), write_zarr(tmp_path / "s.zarr", images[:3])
+    with caplog.at_level(logging.INFO):
+        assert main(["detect", "predict", "--input", str(stack), "--output_dir", str(tmp_path / "a"), *AMG]) == 0
+        assert main(["detect", "predict", "--input", str(stack), "--output_dir", str(tmp_path / "b"), "--no_link",
+                     "--no_overlay", *AMG]) == 0
+        assert main(["detect", "predict", "--input", str(volume), "--output_dir", str(tmp_path / "c"), *AMG]) == 0
+    linked, per_section = tifffile.imread(tmp_path / "a" / "s_labels.tif"), tifffile.imread(tmp_path / "b" / "s_labels.tif")
+    np.testing.assert_array_equal(linked, link_slices(per_section))
+    np.testing.assert_array_equal(zarr.open(str(tmp_path / "c" / "s_labels.zarr"), mode="r")[:], linked)
+    check_coco(json.loads((tmp_path / "a" / "coco.json").read_text()), linked)
+    assert "3-D objects in 3 sections" in caplog.text
+
+
+@pytest.mark.slow
+def test_detect_predict_resumes_after_ctrl_c(main, em_crop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Ctrl-C in the third section: exit 130 and the hint; a rerun without --resume is refused;
+    --resume segments only the sections left and writes what an uninterrupted run writes."""
+    import inference
+
+    images, _ = em_crop
+    stack = write_tiff(tmp_path / "s.tif", images[:4])
+    argv = ["detect", "predict", "--input", str(stack), "--output_dir", str(tmp_path / "out"), "--no_overlay", *AMG]
+    real, calls = inference.Segmenter.__call__, []
+
+    def interrupted(self, image):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, image)
+
+    monkeypatch.setattr(inference.Segmenter, "__call__", interrupted)
+    with caplog.at_level(logging.ERROR):
+        assert main(argv) == 130
+    assert "rerun the same command with --resume" in caplog.text
+    assert main(argv) == 2  # an interrupted run is neither overwritten nor continued without being asked
+    calls.clear()
+    assert main([*argv, "--resume"]) == 0
+    assert len(calls) == 2  # sections 2 and 3
+    monkeypatch.setattr(inference.Segmenter, "__call__", real)
+    assert main([*argv[:5], str(tmp_path / "clean"), *argv[6:]]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "s_labels.tif"),
+                                  tifffile.imread(tmp_path / "clean" / "s_labels.tif"))
+    assert json.loads((tmp_path / "out" / "coco.json").read_text()) == json.loads((tmp_path / "clean" / "coco.json").read_text())
+    assert not (tmp_path / "out" / stacks.WORK_FOLDER).exists()

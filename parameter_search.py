@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 SEARCH_FILE = "search.json"
 GRID_KEYS = studies.SPACE_KEYS + ("lora_blocks",)  # the searched options: not part of the base identity
 COLUMNS = ["name", "lora_rank", "lora_alpha", "learning_rate", "cv_dice", "cv_dice_std", "cv_dice_ci_low",
-           "cv_dice_ci_high", "cv_iou", "n_images", "folds", "run", "state", "lora_blocks"]
+           "cv_dice_ci_high", "cv_iou", "n_images", "folds", "run", "lora_blocks", "state"]
 LIST_FLAGS = ("--lora_ranks", "--lora_alphas", "--learning_rates")
 LIST_DEFAULTS = ("2,4,8,16", "2,4,8", "1e-4,3e-4,1e-3")  # a grid; with TPE, the ranges they span
 

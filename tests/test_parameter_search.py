@@ -4,6 +4,7 @@ worker's trial taken over), TPE and median pruning."""
 from __future__ import annotations
 
 import collections
+import csv
 import json
 import os
 import signal
@@ -200,7 +201,7 @@ def test_parameter_search_ranks_and_skips(em6: Path, tmp_path: Path, monkeypatch
     assert lines[0].startswith("name,lora_rank,lora_alpha,learning_rate,cv_dice,cv_dice_std")
     dices = [float(line.split(",")[4]) for line in lines[1:]]
     assert len(dices) == 2 and dices == sorted(dices, reverse=True)
-    names = {line.split(",")[0]: line.rsplit(",", 1)[1] for line in lines[1:]}  # name -> lora_blocks (last column)
+    names = {row["name"]: row["lora_blocks"] for row in csv.DictReader(lines)}
     assert names == {"rank2_alpha4_lr0.001": "all", "rank2_alpha4_lr0.001_blockslast2": "last2"}
     best = json.loads((out / "best_config.json").read_text())
     assert best["cv_dice"] == dices[0] and best["config"]["lora_blocks"] == best["lora_blocks"]

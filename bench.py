@@ -45,6 +45,7 @@ from train_config import TrainConfig
 from training_data import PromptDataset, make_cache, make_loader
 
 log = logging.getLogger("bench")
+SETTLE_S = 90
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "data" / "em_vnc"
 
 
@@ -418,6 +419,9 @@ def run_microsam(python: Path, data_dir: Path, nsub: int, iterations: int, patch
            "--iterations", str(iterations), "--threads", str(torch.get_num_threads()), "--save_patches", str(patches),
            *extra]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # Measured here: for about a minute after the micro-sam process (a 7 GiB environment) exits,
+    # the next process's steps run up to 10x slower (the kernel reclaiming its memory); let it settle.
+    time.sleep(SETTLE_S)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
     return float(json.loads(result.stdout.strip().splitlines()[-1])["median_s_per_iteration"])

@@ -119,3 +119,18 @@ def fill_store(client: Any, spec: Any, volume: Volume, store: SectionStore) -> N
                        disable=None):
         future.result()  # a worker's error ends the run here
         store.done.add(futures[future])
+
+
+def client(workers: int, scheduler: str | None, carries_seeds: bool = False) -> Any:
+    """The dask client of ``--workers N`` / ``--scheduler ADDRESS`` (None: one process); the
+    flags' bad combinations are refused with one line each."""
+    if workers < 0:
+        raise UserError(f"--workers must be 0 (this process) or more, got {workers}")
+    if not workers and scheduler is None:
+        return None
+    if workers and scheduler is not None:
+        raise UserError("give --workers (a local cluster) or --scheduler (an existing one), not both")
+    if carries_seeds:
+        raise UserError("--seed_labels carries objects from section to section, in one process: leave out "
+                        "--workers / --scheduler")
+    return connect(workers, scheduler)

@@ -295,7 +295,7 @@ def run_predict(args: argparse.Namespace) -> int:
     sections = {**record, "flags": {k: args_record(args).get(k) for k in SEGMENTATION_FLAGS}}  # what makes a section
     check_resume(args, out, files, sections)
     out.check(args.overwrite, args.resume, protected=inputs)  # outputs in an input folder would become inputs
-    client = dask_client(args, seeds)  # an unreachable scheduler is refused before anything is written
+    client = cluster.client(args.workers, args.scheduler, seeds is not None)  # an unreachable scheduler is refused before anything is written
     out.claim(args.overwrite, args.resume, protected=inputs)
     try:
         with out.active("detect_predict.log"):
@@ -309,20 +309,6 @@ def run_predict(args: argparse.Namespace) -> int:
         if client is not None:
             cluster.close(client)
     return 0
-
-
-def dask_client(args: argparse.Namespace, seeds: dict[int, np.ndarray] | None) -> Any:
-    """The dask client of ``--workers`` / ``--scheduler`` (None: one process)."""
-    if args.workers < 0:
-        raise UserError(f"--workers must be 0 (this process) or more, got {args.workers}")
-    if not args.workers and args.scheduler is None:
-        return None
-    if args.workers and args.scheduler is not None:
-        raise UserError("give --workers (a local cluster) or --scheduler (an existing one), not both")
-    if seeds is not None:
-        raise UserError("--seed_labels carries objects from section to section, in one process: leave out "
-                        "--workers / --scheduler")
-    return cluster.connect(args.workers, args.scheduler)
 
 
 def predict_files(args: argparse.Namespace, files: list[tuple[Path, Any]], seeds: dict[int, np.ndarray] | None,

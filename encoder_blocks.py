@@ -14,7 +14,7 @@ ranges ``A-B`` (inclusive), e.g. ``6-11`` or ``0,9-11``.
 Two halves of one forward: :func:`run_to_block` gives the input of block k (SAM ViT: BxHxWxC
 tokens after the patch and position embedding; TinyViT: BxLxC tokens), :func:`run_from_block`
 runs blocks k.. and the neck on it (-> Bx256x(S/16)x(S/16)); composed they are the encoder's own
-forward for every k (tested).
+forward for every k (tested). :func:`qv_output_mask` knows each backbone's qkv output layout.
 """
 from __future__ import annotations
 
@@ -187,3 +187,32 @@ def encode(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     for _, step in _steps(encoder):
         x = step(x)
     return x
+
+
+def qv_output_mask(attention: nn.Module, qkv: nn.Linear) -> torch.Tensor:
+    """0/1 mask over ``qkv``'s outputs that is 1 on q and v features and 0 on k features.
+
+    SAM ViT (``segment_anything`` ``Attention``: ``reshape(B, N, 3, heads, -1)``): outputs are
+    ``[q | k | v]`` blocks of ``dim`` each. TinyViT (``Attention`` with ``key_dim`` and ``d``:
+    ``view(B, N, heads, -1).split([key_dim, key_dim, d])``): each head owns a chunk of
+    ``2 * key_dim + d`` outputs laid out ``[q_h | k_h | v_h]``.
+    """
+    out = qkv.out_features
+    heads = getattr(attention, "num_heads", None)
+    key_dim = getattr(attention, "key_dim", None)
+    d = getattr(attention, "d", None)
+    if isinstance(heads, int) and isinstance(key_dim, int) and isinstance(d, int):
+        per_head = 2 * key_dim + d  # TinyViT
+        if heads * per_head != out:
+            raise UserError(f"TinyViT-style qkv with {heads} heads x (2*{key_dim}+{d}) does not match its "
+                            f"{out} outputs; use the 'qkv' target")
+        chunk = torch.ones(per_head)
+        chunk[key_dim:2 * key_dim] = 0
+        return chunk.repeat(heads)
+    if isinstance(heads, int) and out % 3 == 0 and (out // 3) % heads == 0:
+        dim = out // 3  # SAM ViT: [q | k | v]
+        mask = torch.ones(out)
+        mask[dim:2 * dim] = 0
+        return mask
+    raise UserError(f"unknown qkv layout in {type(attention).__module__}.{type(attention).__name__}; "
+                    "the 'qv' target supports SAM ViT and TinyViT, use 'qkv' instead")

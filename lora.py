@@ -18,7 +18,7 @@ encoder_blocks.py) keeps the encoder targets to some numbered encoder blocks.
 blocks of ``dim`` each, MobileSAM's TinyViT lays it out per head, ``[q_h | k_h | v_h]`` for each
 head h (``view(B, N, heads, -1).split([key_dim, key_dim, d])``). The ``qkv`` target adapts the
 whole output and is layout-free; the ``qv`` target adapts only the q and v outputs through a
-per-architecture output mask (:func:`qv_output_mask`).
+per-architecture output mask (:func:`encoder_blocks.qv_output_mask`).
 
 :func:`merged_state_dict` exports a plain state dict that the unmodified ``segment_anything`` /
 ``mobile_sam`` models load with ``strict=True``; adapter files are adapters.py's.
@@ -29,7 +29,7 @@ import logging
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -212,35 +212,6 @@ def parse_targets(targets: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def qv_output_mask(attention: nn.Module, qkv: nn.Linear) -> torch.Tensor:
-    """0/1 mask over ``qkv``'s outputs that is 1 on q and v features and 0 on k features.
-
-    SAM ViT (``segment_anything`` ``Attention``: ``reshape(B, N, 3, heads, -1)``): outputs are
-    ``[q | k | v]`` blocks of ``dim`` each. TinyViT (``Attention`` with ``key_dim`` and ``d``:
-    ``view(B, N, heads, -1).split([key_dim, key_dim, d])``): each head owns a chunk of
-    ``2 * key_dim + d`` outputs laid out ``[q_h | k_h | v_h]``.
-    """
-    out = qkv.out_features
-    heads = getattr(attention, "num_heads", None)
-    key_dim = getattr(attention, "key_dim", None)
-    d = getattr(attention, "d", None)
-    if isinstance(heads, int) and isinstance(key_dim, int) and isinstance(d, int):
-        per_head = 2 * key_dim + d  # TinyViT
-        if heads * per_head != out:
-            raise UserError(f"TinyViT-style qkv with {heads} heads x (2*{key_dim}+{d}) does not match its "
-                            f"{out} outputs; use the 'qkv' target")
-        chunk = torch.ones(per_head)
-        chunk[key_dim:2 * key_dim] = 0
-        return chunk.repeat(heads)
-    if isinstance(heads, int) and out % 3 == 0 and (out // 3) % heads == 0:
-        dim = out // 3  # SAM ViT: [q | k | v]
-        mask = torch.ones(out)
-        mask[dim:2 * dim] = 0
-        return mask
-    raise UserError(f"unknown qkv layout in {type(attention).__module__}.{type(attention).__name__}; "
-                    "the 'qv' target supports SAM ViT and TinyViT, use 'qkv' instead")
-
-
 def _class_names(module: nn.Module) -> set[str]:
     return {cls.__name__ for cls in type(module).__mro__}
 
@@ -271,6 +242,42 @@ def _check_hyperparameters(rank: Any, alpha: Any, dropout: Any) -> None:
         raise UserError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
 
 
+def _plan_target(model: nn.Module, target_name: str, within: tuple[str, ...] | None
+                 ) -> tuple[list[tuple[str, nn.Module, str, str, torch.Tensor | None]], list[str]]:
+    """The layers one target would wrap (full name, parent, attribute, target, output mask) and
+    those of it already wrapped; encoder layers only under the block prefixes ``within``."""
+    target = TARGETS[target_name]
+    prefix, root = _scope(model, target.scope)
+    plan, already = [], []
+    for parent_name, parent in root.named_modules():
+        if not _class_names(parent) & set(target.parents):
+            continue
+        for child_name in target.children:
+            child = getattr(parent, child_name, None)
+            full = prefix + (f"{parent_name}.{child_name}" if parent_name else child_name)
+            if within is not None and target.scope == "image_encoder" and not full.startswith(within):
+                continue
+            if isinstance(child, LoRALinear):
+                already.append(full)
+            elif isinstance(child, nn.Linear):
+                mask = encoder_blocks.qv_output_mask(parent, child) if target.qv_only else None
+                plan.append((full, parent, child_name, target_name, mask))
+    return plan, already
+
+
+def _no_match(model: nn.Module, target_name: str, names: Sequence[str]) -> UserError:
+    """The error for a target that matched no layer: what it looks for and the linear layers present."""
+    target = TARGETS[target_name]
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    shown = ", ".join(linear[:8]) + (f", ... ({len(linear)} in all)" if len(linear) > 8 else "")
+    return UserError(
+        f"LoRA target {target_name!r} (of requested {', '.join(names)}) matched no layer "
+        f"in {type(model).__name__}: it looks for {'/'.join(target.children)} in "
+        f"{'/'.join(target.parents)} modules under {target.scope!r}. Linear layers "
+        f"present: {shown or 'none'}"
+    )
+
+
 def inject_lora(
     model: nn.Module,
     rank: int,
@@ -295,34 +302,11 @@ def inject_lora(
     plan: list[tuple[str, nn.Module, str, str, torch.Tensor | None]] = []
     already: list[str] = []
     for target_name in names:
-        target = TARGETS[target_name]
-        prefix, root = _scope(model, target.scope)
-        matched = 0
-        for parent_name, parent in root.named_modules():
-            if not _class_names(parent) & set(target.parents):
-                continue
-            for child_name in target.children:
-                child = getattr(parent, child_name, None)
-                full = prefix + (f"{parent_name}.{child_name}" if parent_name else child_name)
-                if within is not None and target.scope == "image_encoder" and not full.startswith(within):
-                    continue
-                if isinstance(child, LoRALinear):
-                    already.append(full)
-                    matched += 1
-                elif isinstance(child, nn.Linear):
-                    mask = qv_output_mask(parent, child) if target.qv_only else None
-                    plan.append((full, parent, child_name, target_name, mask))
-                    matched += 1
-        if matched == 0:
-            linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-            shown = ", ".join(linear[:8]) + (f", ... ({len(linear)} in all)" if len(linear) > 8
-                                             else "")
-            raise UserError(
-                f"LoRA target {target_name!r} (of requested {', '.join(names)}) matched no layer "
-                f"in {type(model).__name__}: it looks for {'/'.join(target.children)} in "
-                f"{'/'.join(target.parents)} modules under {target.scope!r}. Linear layers "
-                f"present: {shown or 'none'}"
-            )
+        found, wrapped_before = _plan_target(model, target_name, within)
+        if not found and not wrapped_before:
+            raise _no_match(model, target_name, names)
+        plan += found
+        already += wrapped_before
     if already:
         raise UserError(
             f"{len(already)} layer(s) already carry LoRA (inject_lora called twice?), e.g. "

@@ -62,7 +62,7 @@ from typing import Iterable, Mapping
 import numpy as np
 from scipy import ndimage
 
-from overlaps import PairCounts, max_iou_matching, overlap_table
+from overlaps import PairCounts, average_precision, max_iou_matching, overlap_table
 
 #: IoU thresholds 0.50, 0.55, ..., 0.95 of the ``f1@t`` family, as integer percents (exact).
 IOU_THRESHOLD_PERCENTS: tuple[int, ...] = tuple(range(50, 100, 5))
@@ -437,21 +437,6 @@ def _volume_counts(gt: np.ndarray, pred: np.ndarray) -> PairCounts:
     return counts
 
 
-def average_precision(matched: np.ndarray, n_gt: int) -> float:
-    """COCO's 101-point interpolated average precision of predictions in ranking order.
-
-    ``matched``: (P,) bool, whether each prediction (best ranked first) is a true positive.
-    The precision is made non-increasing in recall, then averaged at recall 0, 0.01, ..., 1
-    (0 where that recall is never reached). No ground truth: 1.0 without predictions, else 0.0.
-    """
-    if n_gt == 0 or len(matched) == 0:
-        return float(n_gt == len(matched) == 0)
-    tp = np.cumsum(matched)
-    precision = np.maximum.accumulate((tp / np.arange(1, len(matched) + 1))[::-1])[::-1]
-    at = np.searchsorted(tp / n_gt, np.linspace(0.0, 1.0, 101), side="left")
-    return float(np.where(at < len(matched), precision[np.minimum(at, len(matched) - 1)], 0.0).mean())
-
-
 def volume_metrics(gt: np.ndarray, pred: np.ndarray,
                    scores: Mapping[int, float] | None = None) -> dict[str, float | int]:
     """3-D scores of a ZxHxW prediction against ZxHxW ground truth (every non-zero value one 3-D object).
@@ -460,7 +445,7 @@ def volume_metrics(gt: np.ndarray, pred: np.ndarray,
     * ``precision50``, ``recall50``, ``f1_50``: 3-D objects matched one to one at IoU > 0.5 (unique,
       as in 2-D: objects are disjoint), over ``n_pred`` / ``n_gt`` / their mean.
     * ``ap50``, ``ap75``: average precision at 3-D IoU > 0.5 and > 0.75 (the MitoEM convention: COCO's
-      101-point AP, :func:`average_precision`), predictions ranked by ``scores`` ({label: score},
+      101-point AP, :func:`overlaps.average_precision`), predictions ranked by ``scores`` ({label: score},
       higher first) or, without them, by size in voxels as MitoEM's evaluation ranks them; ties by
       label. Thresholds are strict (IoU > t), as everywhere in this module; COCO uses >=.
 

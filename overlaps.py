@@ -196,3 +196,18 @@ class PairCounts:
         pair_b = np.searchsorted(ids_b, vb[both]).astype(np.int64)
         order = np.lexsort((pair_b, pair_a))
         return Overlaps(area_a, area_b, pair_a[order], pair_b[order], counts[both][order], ids_a, ids_b)
+
+
+def average_precision(matched: np.ndarray, n_gt: int) -> float:
+    """COCO's 101-point interpolated average precision of predictions in ranking order.
+
+    ``matched``: (P,) bool, whether each prediction (best ranked first) is a true positive.
+    The precision is made non-increasing in recall, then averaged at recall 0, 0.01, ..., 1
+    (0 where that recall is never reached). No ground truth: 1.0 without predictions, else 0.0.
+    """
+    if n_gt == 0 or len(matched) == 0:
+        return float(n_gt == len(matched) == 0)
+    tp = np.cumsum(matched)
+    precision = np.maximum.accumulate((tp / np.arange(1, len(matched) + 1))[::-1])[::-1]
+    at = np.searchsorted(tp / n_gt, np.linspace(0.0, 1.0, 101), side="left")
+    return float(np.where(at < len(matched), precision[np.minimum(at, len(matched) - 1)], 0.0).mean())

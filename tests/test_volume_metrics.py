@@ -9,7 +9,8 @@ import pytest
 from scipy import ndimage
 
 import overlaps
-from metrics import VOLUME_SCORE_KEYS, adapted_rand_error, average_precision, volume_metrics
+from metrics import VOLUME_SCORE_KEYS, adapted_rand_error, volume_metrics
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,10 +111,10 @@ def test_scores_rank_the_predictions() -> None:
 
 
 def test_average_precision_edges() -> None:
-    assert average_precision(np.array([True, True]), 2) == 1.0
-    assert average_precision(np.zeros(0, bool), 0) == 1.0
-    assert average_precision(np.zeros(0, bool), 3) == 0.0
-    assert average_precision(np.array([False]), 0) == 0.0
+    assert overlaps.average_precision(np.array([True, True]), 2) == 1.0
+    assert overlaps.average_precision(np.zeros(0, bool), 0) == 1.0
+    assert overlaps.average_precision(np.zeros(0, bool), 3) == 0.0
+    assert overlaps.average_precision(np.array([False]), 0) == 0.0
     empty = np.zeros((2, 5, 5), np.int32)
     assert volume_metrics(empty, empty)["ap75"] == 1.0 and volume_metrics(empty, empty)["dice"] == 1.0
 

@@ -19,7 +19,7 @@ import adapters
 from detector import Detector, DetectorOptions, load_detector
 from errors import UserError
 from inference import SegmentOptions, Segmenter
-from stacks import SectionResult, SectionStore
+from stacks import SectionStore, section_result
 from volume_io import Volume, open_volume
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def segment_section(spec: Any, path: Path, z: int, store: Path) -> int:
         if volume is not None:
             volume.close()
         cache["volume"] = volume = open_volume(path)
-    result = SectionResult.of(*cache["segmenter"](volume.section(z)))
+    result = section_result(cache["segmenter"], volume, z)
     SectionStore(store, {}).save(z, result)
     return len(result.scores)
 

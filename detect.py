@@ -296,6 +296,9 @@ def run_predict(args: argparse.Namespace) -> int:
     check_resume(args, out, files, sections)
     out.check(args.overwrite, args.resume, protected=inputs)  # outputs in an input folder would become inputs
     client = cluster.client(args.workers, args.scheduler, seeds is not None)  # an unreachable scheduler is refused before anything is written
+    if client is not None and bases.device.type == "cpu" and options.precision == "bf16":
+        log.warning("bf16 on a CPU: oneDNN's sums depend on the thread count, so the workers' labels may differ "
+                    "from one process's near the mask threshold; --precision fp32 gives the same labels")
     out.claim(args.overwrite, args.resume, protected=inputs)
     try:
         with out.active("detect_predict.log"):

@@ -9,6 +9,7 @@ dask workers can fill it in any order, cluster.py), linked in section order into
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 import runfiles
@@ -75,6 +77,32 @@ class SectionResult:
 
 # A section source: section index -> its result (the whole segmentation of one section).
 SectionSource = Callable[[int], SectionResult]
+# A Segmenter of inference.py: one HxWx3 uint8 image -> labels 1..K and the K kept instances.
+Segment = Callable[[np.ndarray], tuple[np.ndarray, Sequence[Instance]]]
+
+
+@contextlib.contextmanager
+def thread_count_invariant(precision: str = "fp32") -> Iterator[None]:
+    """Run torch in fp32 without oneDNN (mkldnn): its CPU convolutions sum in an order that depends
+    on the thread count, so a dask worker (1 thread) and this process (all cores) would find masks
+    that differ near the threshold. The fallback (im2col + BLAS) gives the same bits on 1 and 2
+    threads (tests/test_stacks.py) and costs little in fp32 (README, Volumes); in bf16 it is ~50x
+    slower, so bf16 keeps oneDNN (and its thread-dependent bits). No effect on CUDA."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = before and precision != "fp32"
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+def section_result(segment: Segment, volume: Volume, z: int) -> SectionResult:
+    """Section ``z`` of ``volume`` segmented by ``segment`` (a Segmenter: its ``options.precision``
+    is used): the one way a section is computed, in this process and on dask workers alike
+    (:func:`thread_count_invariant`)."""
+    precision = getattr(getattr(segment, "options", None), "precision", "fp32")
+    with thread_count_invariant(precision):
+        return SectionResult.of(*segment(volume.section(z)))
 
 
 class SectionStore:
@@ -216,7 +244,7 @@ def volume_store(output_dir: Path, path: Path, shape: tuple[int, int, int], reco
                         {"input": str(path.resolve()), "shape": list(shape), **record})
 
 
-def predict_volume(path: Path, name: str, segment: Callable[[np.ndarray], tuple[np.ndarray, Sequence[Instance]]],
+def predict_volume(path: Path, name: str, segment: Segment,
                    record: dict[str, Any], out: runfiles.OutputDir, resume: bool, link: LinkOptions | None,
                    coco: CocoWriter, outputs: dict[str, Path],
                    fill: Callable[[Volume, SectionStore], None] | None = None) -> int:
@@ -233,5 +261,5 @@ def predict_volume(path: Path, name: str, segment: Callable[[np.ndarray], tuple[
                      volume.shape[0])
         if fill is not None:
             fill(volume, store)
-        return segment_volume(volume, name, lambda z: SectionResult.of(*segment(volume.section(z))), store, link,
+        return segment_volume(volume, name, lambda z: section_result(segment, volume, z), store, link,
                               coco, outputs)

@@ -178,6 +178,36 @@ def test_memory_does_not_grow_with_the_sections(em_crop, tmp_path: Path) -> None
     assert peaks[64] / peaks[16] <= 1.1 and peaks[64] < held / 2, peaks
 
 
+def test_a_section_does_not_depend_on_the_thread_count(em_crop, tmp_path: Path) -> None:
+    """MobileSAM's TinyViT (its convolutions) on a section gives the same bits on 1 thread (a dask
+    worker) and on 2 (this process) when the section goes through stacks.section_result: oneDNN,
+    which sums in a thread-dependent order, is off there and back on after."""
+    import torch
+
+    import model
+    from conftest import tiny_sam
+
+    sam, threads, embeddings = tiny_sam("vit_t", image_size=256), torch.get_num_threads(), {}
+
+    def encode(image: np.ndarray) -> tuple[np.ndarray, list[Scored]]:
+        assert not torch.backends.mkldnn.enabled
+        with torch.no_grad():
+            embeddings[torch.get_num_threads()] = sam.image_encoder(model.prepare_image(image, 256).tensor[None])
+        return np.zeros(image.shape[:2], np.int32), []
+
+    with open_volume(write_tiff(tmp_path / "s.tif", em_crop[0][:2])) as volume:
+        try:
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                assert stacks.section_result(encode, volume, 1).scores.shape == (0,)
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.backends.mkldnn.enabled
+    assert torch.equal(embeddings[1], embeddings[2])
+    with stacks.thread_count_invariant("bf16"):  # the fallback's bf16 convolutions are ~50x slower
+        assert torch.backends.mkldnn.enabled
+
+
 def test_write_label_stack_refuses_a_wrong_count(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="2 sections given for a stack of 3"):
         write_label_stack(tmp_path / "l.tif", (3, 4, 4), [np.zeros((4, 4))] * 2)

@@ -16,7 +16,8 @@ Rows (targets in brackets):
   and vit_b late LoRA step / micro-sam's vit_b LoRA iteration (--microsam_python)  [<= 0.35]
 - detect predict per image / (YOLO forward + encoder + decoder alone), bf16 / fp32 [<= 1.15]
 - instance metrics on a 512x512 map with 500 objects on both sides                  [<< 1 s]
-- volumes: linking / SAM per section, peak RSS 64 / 16 sections, 2 dask workers / 1 process (bench_volumes.py)
+- volumes: linking / SAM per section, peak RSS 64 / 16 sections, 2 dask workers / 1 process and their
+  labels, sections without / with oneDNN (bench_volumes.py)
 """
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ Rows (targets in brackets):
 - peak RSS of detect predict on a 64-section volume / on a 16-section volume of the same sections
                                                                                        [<= 1.1]
 - sections per second with 2 dask workers / with 1 process (and whether they wrote the same labels)
+- SAM per section without oneDNN (thread-count-invariant, as detect predict computes a volume's
+  sections) / with oneDNN: what the same labels on any number of workers cost
 
 The volumes are the 20 real EM sections of ../shared/data/em_vnc_stack (1024x1024), repeated to
 make the deeper ones; SAM is MobileSAM (vit_t, random weights) at 1024 px with the automatic mask
@@ -66,6 +68,7 @@ def bench_linking(images: np.ndarray, labels: np.ndarray, image_size: int, reps:
 
     import inference
     import model as sam_model
+    from stacks import thread_count_invariant
     from volumes import link_slices
 
     torch.manual_seed(0)
@@ -74,10 +77,16 @@ def bench_linking(images: np.ndarray, labels: np.ndarray, image_size: int, reps:
                                                                   stability_score_thresh=0, tile_size=0))
     rgb = np.repeat(images[0][..., None], 3, axis=2)
     segmenter(rgb)  # warm-up
-    sam_seconds = statistics.median(_timed(lambda: segmenter(rgb)) for _ in range(reps))
+    onednn_seconds = statistics.median(_timed(lambda: segmenter(rgb)) for _ in range(reps))
+    with thread_count_invariant():  # as detect predict computes a section of a volume
+        segmenter(rgb)
+        sam_seconds = statistics.median(_timed(lambda: segmenter(rgb)) for _ in range(reps))
     link_seconds = statistics.median(_timed(lambda: link_slices(labels)) for _ in range(reps)) / len(labels)
     return [("link_slices per section (s)", link_seconds, ""), ("SAM per section (s)", sam_seconds, ""),
-            ("link_slices per section / SAM per section", link_seconds / sam_seconds, "[<< 0.05]")]
+            ("link_slices per section / SAM per section", link_seconds / sam_seconds, "[<< 0.05]"),
+            ("SAM per section with oneDNN (thread-dependent bits) (s)", onednn_seconds, ""),
+            ("SAM per section without oneDNN / with oneDNN (the cost of thread-count-invariant sections)",
+             sam_seconds / onednn_seconds, "")]
 
 
 def _timed(fn) -> float:
@@ -118,7 +127,7 @@ def rows(quick: bool = False, stack_dir: Path = DEFAULT_STACK, tiny: bool = Fals
     depths: its figures mean nothing)."""
     size, image_size, small, big = (128, 256, 2, 4) if tiny else (1024, 1024, 16, 64)
     images, labels = real_volume(stack_dir, size)
-    out = bench_linking(images, labels, image_size, 1 if tiny else 3)
+    out = bench_linking(images, labels, image_size, 1 if tiny else 5)
     with tempfile.TemporaryDirectory() as tmp:
         out += bench_streaming(images, Path(tmp), image_size, small, big)
         out += bench_dask(images, Path(tmp), image_size, 3 if tiny else (8 if quick else 16))

@@ -178,16 +178,18 @@ def test_memory_does_not_grow_with_the_sections(em_crop, tmp_path: Path) -> None
     assert peaks[64] / peaks[16] <= 1.1 and peaks[64] < held / 2, peaks
 
 
-def test_a_section_does_not_depend_on_the_thread_count(em_crop, tmp_path: Path) -> None:
-    """MobileSAM's TinyViT (its convolutions) on a section gives the same bits on 1 thread (a dask
-    worker) and on 2 (this process) when the section goes through stacks.section_result: oneDNN,
-    which sums in a thread-dependent order, is off there and back on after."""
+@pytest.mark.parametrize("kind", ["vit_t", "vit"])
+def test_a_section_does_not_depend_on_the_thread_count(kind: str, em_crop, tmp_path: Path) -> None:
+    """MobileSAM's TinyViT and SAM's ViT (their convolutions) on a section give the same bits on 1
+    thread (a dask worker) and on 2 (this process) when the section goes through
+    stacks.section_result: oneDNN, which sums in a thread-dependent order, is off there and back
+    on after."""
     import torch
 
     import model
     from conftest import tiny_sam
 
-    sam, threads, embeddings = tiny_sam("vit_t", image_size=256), torch.get_num_threads(), {}
+    sam, threads, embeddings = tiny_sam(kind, image_size=256), torch.get_num_threads(), {}
 
     def encode(image: np.ndarray) -> tuple[np.ndarray, list[Scored]]:
         assert not torch.backends.mkldnn.enabled

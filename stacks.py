@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
@@ -81,19 +82,35 @@ SectionSource = Callable[[int], SectionResult]
 Segment = Callable[[np.ndarray], tuple[np.ndarray, Sequence[Instance]]]
 
 
+_ONEDNN_LOCK = threading.Lock()
+_onednn = {"active": 0, "before": True}  # sections being computed now; the flag before the first
+
+
 @contextlib.contextmanager
 def thread_count_invariant(precision: str = "fp32") -> Iterator[None]:
     """Run torch in fp32 without oneDNN (mkldnn): its CPU convolutions sum in an order that depends
     on the thread count, so a dask worker (1 thread) and this process (all cores) would find masks
     that differ near the threshold. The fallback (im2col + BLAS) gives the same bits on 1 and 2
     threads (tests/test_stacks.py) and costs little in fp32 (README, Volumes); in bf16 it is ~50x
-    slower, so bf16 keeps oneDNN (and its thread-dependent bits). No effect on CUDA."""
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = before and precision != "fp32"
+    slower, so bf16 keeps oneDNN (and its thread-dependent bits). No effect on CUDA.
+
+    The flag is global to the process: sections computed at once in threads (a dask worker with
+    several threads) share one switch, and the last of them to finish restores the flag."""
+    if precision != "fp32":
+        yield
+        return
+    with _ONEDNN_LOCK:
+        if not _onednn["active"]:
+            _onednn["before"] = torch.backends.mkldnn.enabled
+            torch.backends.mkldnn.enabled = False
+        _onednn["active"] += 1
     try:
         yield
     finally:
-        torch.backends.mkldnn.enabled = before
+        with _ONEDNN_LOCK:
+            _onednn["active"] -= 1
+            if not _onednn["active"]:
+                torch.backends.mkldnn.enabled = _onednn["before"]
 
 
 def section_result(segment: Segment, volume: Volume, z: int) -> SectionResult:

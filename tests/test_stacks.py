@@ -210,6 +210,33 @@ def test_a_section_does_not_depend_on_the_thread_count(kind: str, em_crop, tmp_p
         assert torch.backends.mkldnn.enabled
 
 
+def test_sections_computed_at_once_restore_onednn_when_the_last_ends() -> None:
+    """Two sections in threads (a dask worker with 2 threads) share the global switch: the first to
+    finish leaves oneDNN off for the other, the last restores it."""
+    import threading
+
+    import torch
+
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def second() -> None:
+        first_in.wait(10)
+        with stacks.thread_count_invariant():
+            second_in.set()
+            first_out.wait(10)
+            seen["after the first ended"] = torch.backends.mkldnn.enabled
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    with stacks.thread_count_invariant():
+        first_in.set()
+        assert second_in.wait(10)
+    first_out.set()
+    thread.join()
+    assert seen == {"after the first ended": False} and torch.backends.mkldnn.enabled
+
+
 def test_write_label_stack_refuses_a_wrong_count(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="2 sections given for a stack of 3"):
         write_label_stack(tmp_path / "l.tif", (3, 4, 4), [np.zeros((4, 4))] * 2)

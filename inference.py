@@ -113,8 +113,9 @@ def decode_instances(sam: nn.Module, embedding: torch.Tensor, prompts: Prompts,
     ``chunk`` prompts share a decoder call. Returns the non-empty masks as :class:`Instance`
     objects (masks as :func:`predict` gives them), scored by SAM's predicted IoU; ``confidences``
     (N) break ties; ``keep_ids`` paints each with its prompt's object id. A single click (one
-    point, no box) is ambiguous, so it takes the best of SAM's three masks by predicted IoU, as
-    segment_anything recommends; other prompts take the single-mask output.
+    positive point, no box or mask: ``PromptTensors.single_click``, the rule training follows) is
+    ambiguous, so it takes the best of SAM's three masks by predicted IoU, as segment_anything
+    recommends; other prompts take the single-mask output.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -128,11 +129,10 @@ def decode_instances(sam: nn.Module, embedding: torch.Tensor, prompts: Prompts,
             points=prompts.points[rows] if prompts.use_points else None,
             point_labels=prompts.point_labels[rows] if prompts.use_points else None,
             mask_inputs=prompts.mask_inputs[rows] if prompts.mask_inputs is not None else None, device=embedding.device)
-        multimask = single_click(prompts)
+        multimask = tensors.single_click()
         low_res, ious = sam_model.decode(sam, embedding[0], tensors, multimask_output=multimask)
         best = ious.argmax(dim=1) if multimask else torch.zeros(len(ious), dtype=torch.long, device=ious.device)
-        rows_of = torch.arange(len(ious), device=ious.device)
-        low_res, ious = low_res[rows_of, best][:, None], ious[rows_of, best][:, None]
+        low_res, ious = sam_model.pick_outputs(low_res, best), sam_model.pick_outputs(ious, best)
         masks = full_size_masks(low_res, image_size, input_size, original_size)
         scores = ious[:, 0].float().cpu().numpy()
         for j, (mask, score) in enumerate(zip(masks, scores)):
@@ -156,11 +156,6 @@ def mask_prompt(mask: np.ndarray, image_size: int, eps: float = 1e-3) -> np.ndar
     padded[:height, :width] = resized
     p = np.clip(padded, eps, 1 - eps)
     return np.log(p / (1 - p)).astype(np.float32)
-
-
-def single_click(prompts: Prompts) -> bool:
-    """Whether every object is prompted by one point alone (SAM's ambiguous case)."""
-    return prompts.use_points and not prompts.use_boxes and prompts.points.shape[1] == 1
 
 
 PROTOCOLS = {"box": "one box per object, SAM's single-mask output",

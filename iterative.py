@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 import model as sam_model
-from losses import hard_dice
 from prompts import BOX, POINTS, correction_clicks
 
 # The decoder's masks are at 1/4 of the input frame: a low-res pixel's centre in input pixels.
 LOW_RES_SCALE = 4
 
-Choose = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+# choose(round, low_res NxCx(S/4)x(S/4), iou NxC, targets Nx1xhxw, valid 1x1xhxw | None) -> N output indices
+Choose = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def with_kind(tensors: sam_model.PromptTensors, kind: int) -> sam_model.PromptTensors:
@@ -28,14 +28,6 @@ def with_kind(tensors: sam_model.PromptTensors, kind: int) -> sam_model.PromptTe
     points = bool(kind & POINTS)
     return sam_model.PromptTensors(tensors.boxes if kind & BOX else None, tensors.points if points else None,
                                    tensors.point_labels if points else None, tensors.masks)
-
-
-def single_click(tensors: sam_model.PromptTensors) -> bool:
-    """Whether every object is prompted by one positive point and no box or mask: SAM's ambiguous
-    case, answered with three masks (negative points may come with it)."""
-    if tensors.boxes is not None or tensors.masks is not None or tensors.point_labels is None:
-        return False
-    return bool(((tensors.point_labels == 1).sum(dim=1) == 1).all())
 
 
 def add_clicks(tensors: sam_model.PromptTensors, low_res: torch.Tensor, targets: torch.Tensor,
@@ -66,37 +58,14 @@ def decode_rounds(sam: nn.Module, embedding: torch.Tensor, tensors: sam_model.Pr
     """Decode ``rounds`` rounds of prompts for N objects of one image.
 
     embedding: 256x(S/16)x(S/16); targets: Nx1xhxw. After each round ``choose(round, low_res,
-    iou)`` (low_res NxCx(S/4)x(S/4) logits, iou NxC; C = 3 for a single click in round 0, else
-    1) does what the caller needs (a loss and its backward pass, or scores) and returns the N
-    indices of the outputs the next round continues from.
+    iou, targets, valid)`` (low_res NxCx(S/4)x(S/4) logits, iou NxC; C = 3 for a single click in
+    round 0, else 1) does what the caller needs (a loss and its backward pass, or scores) and
+    returns the N indices of the outputs the next round continues from.
     """
     for r in range(rounds):
-        multimask = r == 0 and single_click(tensors)
+        multimask = r == 0 and tensors.single_click()
         with sam_model.autocast(device, precision):
             low_res, iou = sam_model.decode(sam, embedding, tensors, multimask_output=multimask)
-        best = choose(r, low_res, iou)
+        best = choose(r, low_res, iou, targets, valid)
         if r + 1 < rounds:
-            picked = low_res.detach()[torch.arange(len(best), device=best.device), best][:, None]
-            tensors = add_clicks(tensors, picked, targets, valid)
-
-
-@torch.no_grad()
-def round_dice(sam: nn.Module, embedding: torch.Tensor, tensors: sam_model.PromptTensors, targets: torch.Tensor,
-               valid: torch.Tensor | None, rounds: int, device: torch.device, precision: str = "fp32") -> list[float]:
-    """Mean Dice over N objects after each of ``rounds`` rounds (the first prompt, then each
-    correction click), at the decoder's resolution against Nx1xhxw ``targets``.
-
-    The outputs are chosen as the tool segments: by predicted IoU among a single click's three
-    masks (losses.hard_dice: an empty target and prediction score 1).
-    """
-    h, w = targets.shape[-2:]
-    dice: list[float] = []  # valid only matters for where clicks go; targets hold no ignored pixels
-
-    def choose(r: int, low_res: torch.Tensor, iou: torch.Tensor) -> torch.Tensor:
-        best = iou.argmax(dim=1)
-        chosen = low_res[torch.arange(len(best), device=best.device), best][:, None, :h, :w]
-        dice.append(float(hard_dice(chosen.float(), targets).mean()))
-        return best
-
-    decode_rounds(sam, embedding, tensors, targets, valid, rounds, choose, device, precision)
-    return dice
+            tensors = add_clicks(tensors, sam_model.pick_outputs(low_res.detach(), best), targets, valid)

@@ -73,8 +73,7 @@ def object_losses(kind: str, logits: torch.Tensor, iou_pred: torch.Tensor, targe
     n, c = logits.shape[:2]
     flat = logits.reshape(n * c, 1, *logits.shape[-2:])
     wide = targets.repeat_interleave(c, dim=0)
-    valid_wide = None if valid is None or valid.shape[0] == 1 else valid.repeat_interleave(c, dim=0)
-    valid_wide = valid if valid_wide is None else valid_wide
+    valid_wide = valid if valid is None or valid.shape[0] == 1 else valid.repeat_interleave(c, dim=0)
     if kind == "dice_ce":
         mask = dice_loss(flat, wide, valid_wide) + bce_loss(flat, wide, valid_wide)
     elif kind == "focal_dice_iou":

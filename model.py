@@ -299,6 +299,14 @@ class PromptTensors:
 
         return PromptTensors(move(self.boxes), move(self.points), move(self.point_labels), move(self.masks))
 
+    def single_click(self) -> bool:
+        """Whether every object is prompted by one positive point and no box or mask (negative
+        points may come with it): SAM's ambiguous case, answered with three masks. The one rule
+        of training (iterative.py) and inference (inference.py)."""
+        if self.boxes is not None or self.masks is not None or self.point_labels is None:
+            return False
+        return bool(((self.point_labels == 1).sum(dim=1) == 1).all())
+
 
 @dataclass
 class SamOutput:
@@ -335,6 +343,11 @@ def decode(
         dense_prompt_embeddings=dense,
         multimask_output=multimask_output,
     )
+
+
+def pick_outputs(outputs: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """Output ``best[i]`` of each object i: NxC... -> Nx1... (the chosen mask logits or IoUs)."""
+    return outputs[torch.arange(len(best), device=best.device), best][:, None]
 
 
 def sam_forward(

@@ -96,7 +96,6 @@ def backward_step(ctx: Context, items: Sequence[Item]) -> tuple[float | None, fl
         valid = item.valid.to(ctx.device) if item.valid is not None else None
         step.share = 1 / len(item.prompts) / len(with_objects)
         for rows, kind in item.groups(chunk_size(ctx)):
-            step.targets, step.valid = targets[rows], valid
             iterative.decode_rounds(ctx.sam, leaf[j], iterative.with_kind(tensors.select(rows), kind), targets[rows],
                                     valid, ctx.rounds, step.round, ctx.device, ctx.config.precision)
         step.dices.append(step.image_dice / len(item.prompts))
@@ -113,21 +112,20 @@ class _StepLoss:
     def __init__(self, ctx: Context) -> None:
         self.ctx, self.total, self.finite = ctx, 0.0, True
         self.dices: list[float] = []
-        self.image_dice, self.share = 0.0, 1.0
-        self.targets: torch.Tensor | None = None
-        self.valid: torch.Tensor | None = None
+        self.image_dice, self.share = 0.0, 1.0  # this image's first-round Dice; its objects' weight
 
-    def round(self, r: int, low_res: torch.Tensor, iou: torch.Tensor) -> torch.Tensor:
-        """Loss of one round's NxCx(S/4)x(S/4) logits; returns the N outputs the next round uses."""
-        cfg, targets = self.ctx.config, self.targets
+    def round(self, r: int, low_res: torch.Tensor, iou: torch.Tensor, targets: torch.Tensor,
+              valid: torch.Tensor | None) -> torch.Tensor:
+        """Loss of one round's NxCx(S/4)x(S/4) logits against Nx1xhxw ``targets``; returns the N
+        outputs the next round uses."""
+        cfg = self.ctx.config
         logits = low_res[..., :targets.shape[-2], :targets.shape[-1]]
-        losses, best = object_losses(cfg.loss, logits, iou, targets, self.valid, cfg.iou_loss_weight)
+        losses, best = object_losses(cfg.loss, logits, iou, targets, valid, cfg.iou_loss_weight)
         loss = losses.sum() * self.share
         self.finite = self.finite and bool(torch.isfinite(loss.detach()))
         self.total += float(loss.detach())
         if r == 0:
-            chosen = logits[torch.arange(len(best), device=best.device), best][:, None]
-            self.image_dice += float(hard_dice(chosen, targets).sum())
+            self.image_dice += float(hard_dice(sam_model.pick_outputs(logits, best), targets).sum())
         if self.finite:
             scaler = self.ctx.scaler
             (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -308,7 +306,7 @@ def build_trainable_model(config: TrainConfig, checkpoint: Path | None, device: 
 
 
 def adapter_config(config: TrainConfig, sam: nn.Module, fold: int | None, epoch: int,
-                   val: dict[str, float], rounds: int = 1) -> dict[str, Any]:
+                   val: dict[str, float], rounds: int) -> dict[str, Any]:
     """What an adapter file records about its training: model type, input size and the training
     patch size (the scale objects were seen at), targets, the encoder blocks with LoRA
     (``--lora_blocks`` resolved; None without encoder LoRA), base weights, fold (None: the final

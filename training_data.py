@@ -120,7 +120,8 @@ class PromptDataset(torch.utils.data.Dataset):
             labels, rng, prompt=cfg.prompt if self.train else ("point" if cfg.prompt == "point" else "box"),
             num_points=cfg.num_points, box_jitter=cfg.box_jitter if self.train else 0.0,
             max_objects=cfg.max_objects if self.train else 0, ignore=ignore)
-        prompts = prompts.take(np.argsort(prompts.object_kinds(), kind="stable"))  # one kind per decoder call
+        if prompts.kinds is not None:  # --prompt mix: one kind per decoder call
+            prompts = prompts.take(np.argsort(prompts.kinds, kind="stable"))
         prepared = sam_model.prepare_image(image, cfg.image_size)
         tensors = sam_model.PromptTensors()
         if len(prompts):  # every object's box and points; each call takes those of its objects' kind

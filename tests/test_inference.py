@@ -70,3 +70,26 @@ def test_segmenter_tiles_and_merges(em_section_19, tiny_sam_256: torch.nn.Module
     labels, kept = segmenter(image)
     assert len(kept) == labels.max() == gt.max()
     assert instance_metrics(gt, labels)["f1"] == 1.0
+
+
+def test_training_point_prompts_are_decoded_as_round_one_trains_them(em_section_19, tiny_sam_256: torch.nn.Module,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """--prompt point samples one positive and one negative point per object: training's first
+    round takes the best of three masks for it (iterative.py), so validation must too."""
+    import model
+    from prompts import sample_prompts
+
+    image, gt = em_section_19
+    prompts = sample_prompts(gt, np.random.default_rng(0), "point", num_points=1, max_objects=3)
+    assert prompts.point_labels.tolist() == [[1, 0]] * 3
+    asked, decode = [], model.decode
+
+    def spy(*args, multimask_output: bool = False, **kwargs):
+        asked.append(multimask_output)
+        return decode(*args, multimask_output=multimask_output, **kwargs)
+
+    monkeypatch.setattr(inference.sam_model, "decode", spy)
+    embedding = inference.encode_image(tiny_sam_256, image)
+    inference.decode_instances(tiny_sam_256, embedding, prompts, image.shape[:2])
+    tensors = model.make_prompts(image.shape[:2], 256, points=prompts.points, point_labels=prompts.point_labels)
+    assert asked == [True] and tensors.single_click()

@@ -10,11 +10,10 @@ from model import PromptTensors
 
 def test_single_click_is_one_positive_point_without_box_or_mask() -> None:
     one = PromptTensors(points=torch.zeros(2, 2, 2), point_labels=torch.tensor([[1, 0], [1, -1]]))
-    assert iterative.single_click(one)
-    assert not iterative.single_click(PromptTensors(boxes=torch.zeros(2, 4), points=one.points,
-                                                    point_labels=one.point_labels))
-    assert not iterative.single_click(PromptTensors(points=one.points, point_labels=torch.tensor([[1, 1], [1, 0]])))
-    assert not iterative.single_click(PromptTensors(boxes=torch.zeros(2, 4)))
+    assert one.single_click()
+    assert not PromptTensors(boxes=torch.zeros(2, 4), points=one.points, point_labels=one.point_labels).single_click()
+    assert not PromptTensors(points=one.points, point_labels=torch.tensor([[1, 1], [1, 0]])).single_click()
+    assert not PromptTensors(boxes=torch.zeros(2, 4)).single_click()
 
 
 def test_clicks_are_added_in_the_input_frame_with_the_mask_prompt() -> None:
@@ -50,7 +49,7 @@ def test_rounds_decode_once_each_and_carry_clicks_and_masks(monkeypatch) -> None
     clicks = PromptTensors(points=torch.tensor([[[30.0, 30.0]], [[20.0, 20.0]]]), point_labels=torch.ones(2, 1))
     shapes = []
 
-    def choose(r, low_res, iou):
+    def choose(r, low_res, iou, targets, valid):
         shapes.append((r, tuple(low_res.shape), tuple(iou.shape)))
         return iou.argmax(dim=1)
 

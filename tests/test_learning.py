@@ -61,13 +61,39 @@ def test_training_from_random_init_reaches_dice_09_on_real_em(shared_data: Path,
     assert trained > ellipse  # it learned more than the trivial shape in the box
 
 
+def _round_dice(sam, embedding, tensors, targets, valid, rounds: int, device) -> list[float]:
+    """Mean Dice over N objects after each of ``rounds`` rounds (the first prompt, then each
+    correction click), at the decoder's resolution against Nx1xhxw ``targets``.
+
+    The outputs are chosen as the tool segments: by predicted IoU among a single click's three
+    masks (losses.hard_dice: an empty target and prediction score 1).
+    """
+    import torch
+
+    import iterative
+    import model as sam_model
+    from losses import hard_dice
+
+    h, w = targets.shape[-2:]
+    dice: list[float] = []  # valid only matters for where clicks go; targets hold no ignored pixels
+
+    def choose(r: int, low_res: torch.Tensor, iou: torch.Tensor, *_) -> torch.Tensor:
+        best = iou.argmax(dim=1)
+        chosen = sam_model.pick_outputs(low_res, best)[..., :h, :w]
+        dice.append(float(hard_dice(chosen.float(), targets).mean()))
+        return best
+
+    with torch.no_grad():
+        iterative.decode_rounds(sam, embedding, tensors, targets, valid, rounds, choose, device)
+    return dice
+
+
 def _click_dice(run: Path, data: Path, rounds: int) -> list[float]:
     """Dice (decoder resolution, mean over objects and images) after the first click and after
     each correction click, for the adapter of ``run`` on the images of ``data``."""
     import torch
 
     import adapters
-    import iterative
     import model as sam_model
     from dataset import load_dataset
     from prompts import object_prompts
@@ -85,8 +111,8 @@ def _click_dice(run: Path, data: Path, rounds: int) -> list[float]:
         masks = np.stack([sample.labels == i for i in prompts.object_ids])
         with torch.no_grad():
             embedding = sam_model.encode_images(sam, prepared.tensor[None])[0]
-        per_image.append(iterative.round_dice(sam, embedding, tensors, low_res_targets(masks, prepared.input_size),
-                                              None, rounds, torch.device("cpu")))
+        per_image.append(_round_dice(sam, embedding, tensors, low_res_targets(masks, prepared.input_size), None, rounds,
+                                    torch.device("cpu")))
     return list(np.mean(per_image, axis=0))
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing as mp
-import resource
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ import losses
 import metrics
 import model as sam_model
 import bench_volumes
+from bench_timing import interleaved_medians, peak_rss_mib, timed
 import runfiles
 import trainer
 from sample import Sample
@@ -47,18 +47,6 @@ from training_data import PromptDataset, make_cache, make_loader
 
 log = logging.getLogger("bench")
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "data" / "em_vnc"
-
-
-def timed(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` over ``reps`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def make_config(model_type: str, image_size: int, precision: str = "fp32", **changes) -> TrainConfig:
@@ -117,16 +105,6 @@ def peak_rss_child(model_type: str, image_size: int, samples: list[Sample], queu
     setup = Setup(make_config(model_type, image_size), samples[:1])
     setup.epoch()
     queue.put(peak_rss_mib())
-
-
-def peak_rss_mib() -> float:
-    """This process's resident-memory high-water mark in MiB: VmHWM (reset at exec, unlike
-    ru_maxrss, which a spawned child inherits from its large parent)."""
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: KiB or bytes
 
 
 def peak_rss(model_type: str, image_size: int, samples: list[Sample]) -> float:
@@ -210,19 +188,6 @@ def bench_metrics(reps: int) -> float:
         gt[disc] = i + 1
         pred[(yy - cy - 2) ** 2 + (xx - cx) ** 2 < 64] = i + 1
     return timed(lambda: metrics.instance_metrics(gt, pred), reps)
-
-
-def interleaved_medians(measured: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Median seconds of each function, measured interleaved (one of each per repetition, so that
-    load from other processes hits all alike), after one warm-up round."""
-    times: dict[str, list[float]] = {name: [] for name in measured}
-    for rep in range(reps + 1):  # the first round warms up (bf16 kernels, ultralytics' predictor)
-        for name, fn in measured.items():
-            start = time.perf_counter()
-            fn()
-            if rep:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def untrained_detector(yolo_size: int, max_det: int):

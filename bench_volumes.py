@@ -4,7 +4,8 @@ Rows (targets in brackets):
 - link_slices per section / SAM per section                                           [<< 0.05]
 - peak RSS of detect predict on a 64-section volume / on a 16-section volume of the same sections
                                                                                        [<= 1.1]
-- sections per second with 2 dask workers / with 1 process (and whether they wrote the same labels)
+- sections per second with 2 dask workers / with 1 process, start-up excluded (and whether they
+  wrote the same labels)
 - SAM per section without oneDNN (thread-count-invariant, as detect predict computes a volume's
   sections) / with oneDNN: what the same labels on any number of workers cost
 
@@ -16,7 +17,6 @@ generator on a 2x2 point grid, so each section costs one encoder pass and a few 
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent
 DEFAULT_STACK = REPO.parent / "shared" / "data" / "em_vnc_stack"
 # Runs `main.py ARGS` in this process, then prints its peak resident memory (kB).
 CHILD = ("import sys; sys.argv = ['main.py', *sys.argv[1:]]; import main; code = main.main(sys.argv[1:]); "
-         "print('VmHWM', open('/proc/self/status').read().split('VmHWM:')[1].split()[0]); sys.exit(code)")
+         "import bench_timing; print('PEAK_MIB', bench_timing.peak_rss_mib()); sys.exit(code)")
 Row = tuple[str, float, str]
 
 
@@ -57,8 +57,7 @@ def run_detect(stack: Path, out: Path, image_size: int, *extra: str) -> tuple[fl
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"detect predict failed:\n{proc.stderr[-3000:]}")
-    peak = next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("VmHWM"))
-    return seconds, int(peak) / 1024
+    return seconds, float(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("PEAK_MIB")))
 
 
 def bench_linking(images: np.ndarray, labels: np.ndarray, image_size: int, reps: int) -> list[Row]:
@@ -68,6 +67,7 @@ def bench_linking(images: np.ndarray, labels: np.ndarray, image_size: int, reps:
 
     import inference
     import model as sam_model
+    from bench_timing import interleaved_medians, timed
     from stacks import thread_count_invariant
     from volumes import link_slices
 
@@ -76,23 +76,18 @@ def bench_linking(images: np.ndarray, labels: np.ndarray, image_size: int, reps:
     segmenter = inference.Segmenter(sam, inference.SegmentOptions(mode="amg", points_per_side=2, pred_iou_thresh=0,
                                                                   stability_score_thresh=0, tile_size=0))
     rgb = np.repeat(images[0][..., None], 3, axis=2)
-    segmenter(rgb)  # warm-up
-    onednn_seconds = statistics.median(_timed(lambda: segmenter(rgb)) for _ in range(reps))
-    with thread_count_invariant():  # as detect predict computes a section of a volume
-        segmenter(rgb)
-        sam_seconds = statistics.median(_timed(lambda: segmenter(rgb)) for _ in range(reps))
-    link_seconds = statistics.median(_timed(lambda: link_slices(labels)) for _ in range(reps)) / len(labels)
-    return [("link_slices per section (s)", link_seconds, ""), ("SAM per section (s)", sam_seconds, ""),
-            ("link_slices per section / SAM per section", link_seconds / sam_seconds, "[<< 0.05]"),
-            ("SAM per section with oneDNN (thread-dependent bits) (s)", onednn_seconds, ""),
+
+    def invariant() -> None:  # as detect predict computes a section of a volume
+        with thread_count_invariant():
+            segmenter(rgb)
+
+    sam = interleaved_medians({"oneDNN": lambda: segmenter(rgb), "invariant": invariant}, reps)
+    link_seconds = timed(lambda: link_slices(labels), reps, warmup=0) / len(labels)
+    return [("link_slices per section (s)", link_seconds, ""), ("SAM per section (s)", sam["invariant"], ""),
+            ("link_slices per section / SAM per section", link_seconds / sam["invariant"], "[<< 0.05]"),
+            ("SAM per section with oneDNN (thread-dependent bits) (s)", sam["oneDNN"], ""),
             ("SAM per section without oneDNN / with oneDNN (the cost of thread-count-invariant sections)",
-             sam_seconds / onednn_seconds, "")]
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+             sam["invariant"] / sam["oneDNN"], "")]
 
 
 def bench_streaming(images: np.ndarray, work: Path, image_size: int, small: int, big: int) -> list[Row]:
@@ -105,21 +100,29 @@ def bench_streaming(images: np.ndarray, work: Path, image_size: int, small: int,
     return [(f"detect predict peak RSS, {small} sections (MiB)", peaks[small], ""),
             (f"detect predict peak RSS, {big} sections (MiB)", peaks[big], ""),
             (f"peak RSS of detect predict on a {big}-section volume / on a {small}-section volume of the same "
-             "sections", peaks[big] / peaks[small], "[<= 1.1]")]
+             "sections", peaks[big] / peaks[small], "[<= 1.1]"),
+            (f"peak RSS, {big} sections - {small} sections (MiB; their inputs differ by "
+             f"{(big - small) * images[0].nbytes / 2**20:.0f} MiB)", peaks[big] - peaks[small], "")]
 
 
 def bench_dask(images: np.ndarray, work: Path, image_size: int, depth: int) -> list[Row]:
-    """Sections per second of detect predict with 2 dask worker processes and with 1 process
-    (each whole command: model loading and, for dask, the cluster's start included)."""
-    stack = work / "dask.tif"
-    tifffile.imwrite(stack, images[:depth], photometric="minisblack")
-    one = run_detect(stack, work / "one", image_size)[0]
-    two = run_detect(stack, work / "two", image_size, "--workers", "2")[0]
-    same = np.array_equal(tifffile.imread(work / "one" / "dask_labels.tif"), tifffile.imread(work / "two" / "dask_labels.tif"))
-    return [(f"sections per second, 1 process ({depth} sections)", depth / one, ""),
-            (f"sections per second, 2 dask workers ({depth} sections)", depth / two, ""),
-            ("sections per second with 2 dask workers / with 1 process", one / two, ""),
-            ("2 dask workers wrote the labels of 1 process (1 = yes)", float(same), "[= 1]")]
+    """Sections per second of detect predict with 2 dask worker processes and with 1 process, from
+    whole commands on ``depth`` and ``2 * depth`` sections: the difference of the two times is the
+    segmenting of ``depth`` sections, without start-up (imports, model loading, the cluster)."""
+    seconds = {}
+    for n in (depth, 2 * depth):
+        stack = work / f"dask{n}.tif"
+        tifffile.imwrite(stack, np.concatenate([images] * (2 * depth // len(images) + 1))[:n], photometric="minisblack")
+        seconds["one", n] = run_detect(stack, work / f"one{n}", image_size)[0]
+        seconds["two", n] = run_detect(stack, work / f"two{n}", image_size, "--workers", "2")[0]
+    one, two = (depth / (seconds[k, 2 * depth] - seconds[k, depth]) for k in ("one", "two"))
+    n = 2 * depth
+    same = np.array_equal(tifffile.imread(work / f"one{n}" / f"dask{n}_labels.tif"),
+                          tifffile.imread(work / f"two{n}" / f"dask{n}_labels.tif"))
+    return [(f"sections per second, 1 process (the last {depth} of {n} sections)", one, ""),
+            (f"sections per second, 2 dask workers (the last {depth} of {n} sections)", two, ""),
+            ("sections per second with 2 dask workers / with 1 process", two / one, ""),
+            (f"2 dask workers wrote the labels of 1 process (1 = yes; {n} sections)", float(same), "[= 1]")]
 
 
 def rows(quick: bool = False, stack_dir: Path = DEFAULT_STACK, tiny: bool = False) -> list[Row]:

@@ -73,8 +73,10 @@ def interrupted_hint(args: argparse.Namespace) -> str:
     if args.command == "download":
         return "rerun the same command to resume"
     if getattr(args, "detect_command", None) == "predict":
-        return ("the finished sections of a volume are kept; rerun the same command with --resume to continue "
-                "(or with --overwrite to start again)")
+        if getattr(args, "seed_labels", None) is not None:
+            return "carrying objects through a volume cannot be resumed; rerun the same command with --overwrite"
+        return ("a volume's finished sections are kept: rerun the same command with --resume to continue (other "
+                "inputs: rerun it with --overwrite)")
     return "rerun the same command (with --overwrite if it had already written outputs)"
 
 

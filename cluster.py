@@ -88,25 +88,27 @@ def _worker_cache() -> dict[str, Any]:
     return worker.samlora_cache
 
 
-def segment_section(spec: Any, path: Path, z: int, store: Path) -> int:
-    """A task: segment section ``z`` of the volume ``path`` with this worker's models (built on its
-    first task) and save it in the store folder; returns its object count."""
+def segment_section(spec: Any, path: Path, z: int, store: Path, limits: tuple[float, float] | None) -> int:
+    """A task: segment section ``z`` of the volume ``path``, scaled to uint8 with the client's
+    intensity ``limits`` (volume_io.open_volume), with this worker's models (built on its first
+    task) and save it in the store folder; returns its object count."""
     cache = _worker_cache()
     key = repr(spec)
     if cache.get("spec") != key:
         cache.update(spec=key, segmenter=spec.build())
     volume: Volume | None = cache.get("volume")
-    if volume is None or volume.path != path:
+    if volume is None or volume.path != path or volume.limits != limits:
         if volume is not None:
             volume.close()
-        cache["volume"] = volume = open_volume(path)
+        cache["volume"] = volume = open_volume(path, limits)
     result = section_result(cache["segmenter"], volume, z)
     SectionStore(store, {}).save(z, result)
     return len(result.scores)
 
 
 def fill_store(client: Any, spec: Any, volume: Volume, store: SectionStore) -> None:
-    """Segment every section the store lacks on the cluster's workers, in parallel."""
+    """Segment every section the store lacks on the cluster's workers, in parallel, each scaled
+    with ``volume``'s intensity limits (computed once, in the client)."""
     from dask.distributed import as_completed
 
     missing = [z for z in range(volume.shape[0]) if z not in store.done]
@@ -114,7 +116,8 @@ def fill_store(client: Any, spec: Any, volume: Volume, store: SectionStore) -> N
         return
     workers = len(client.scheduler_info().get("workers", {}))
     log.info("%s: %d sections on %d dask workers", volume.path.name, len(missing), workers)
-    futures = {client.submit(segment_section, spec, volume.path, z, store.folder, pure=False): z for z in missing}
+    futures = {client.submit(segment_section, spec, volume.path, z, store.folder, volume.limits, pure=False): z
+               for z in missing}
     for future in tqdm(as_completed(futures), total=len(futures), desc="sections", unit="section", leave=False,
                        disable=None):
         future.result()  # a worker's error ends the run here

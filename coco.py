@@ -323,10 +323,10 @@ class CocoWriter:
             spool.write_text("", encoding="utf-8")
 
     def add(self, file_name: str, labels: np.ndarray, instances: Sequence[Instance],
-            frame: int | None = None, label_offset: int = 0, ids: np.ndarray | None = None) -> None:
+            frame: int | None = None, ids: np.ndarray | None = None) -> None:
         """One image's final HxW labels (1..K) and the K instances in label order. Each object is
-        written with the label ``value + label_offset``, or ``ids[value]`` (K+1,) where given (0:
-        the object is left out, e.g. dropped from a linked volume)."""
+        written with its label ``value``, or ``ids[value]`` (K+1,) where given (0: the object is
+        left out, e.g. dropped from a linked volume)."""
         height, width = labels.shape
         image_id = len(self.images) + 1
         entry = {"id": image_id, "file_name": file_name, "height": height, "width": width}
@@ -335,7 +335,7 @@ class CocoWriter:
         self.images.append(entry)
         found = []
         for value, where in enumerate(ndimage.find_objects(labels), start=1):
-            label = value + label_offset if ids is None else int(ids[value])
+            label = value if ids is None else int(ids[value])
             if where is None or label == 0:
                 continue
             crop = labels[where] == value

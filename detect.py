@@ -213,10 +213,11 @@ def _far(a: float, b: float) -> bool:
     return max(a, b) > SCALE_TOLERANCE * min(a, b)
 
 
-def segment_options(args: argparse.Namespace) -> tuple[SegmentOptions, DetectorOptions, dict[str, int | None]]:
-    """The Segmenter's and the detector's options from the flags, and the models' training scale."""
-    adapter_configs = {args.model_path: adapters.read_adapter(args.model_path)[0]} if args.model_path else {}
-    scale = training_scale(args, adapter_configs.get(args.model_path))
+def segment_options(args: argparse.Namespace, adapter: dict[str, Any] | None
+                    ) -> tuple[SegmentOptions, DetectorOptions, dict[str, int | None]]:
+    """The Segmenter's and the detector's options from the flags and the ``--model_path`` adapter's
+    config (None without one), and the models' training scale."""
+    scale = training_scale(args, adapter)
     tile_size, tile_overlap = tiles_at_training_scale(args, scale)
     options = SegmentOptions(
         mode=args.mode, box_batch=args.box_batch if args.box_batch is not None else
@@ -233,14 +234,11 @@ def segment_options(args: argparse.Namespace) -> tuple[SegmentOptions, DetectorO
 
 
 def check_inputs(args: argparse.Namespace) -> list[tuple[Path, tuple[int, int, int] | None]]:
-    """``(file, volume shape or None)`` of every input, each readable (a volume's header and
-    intensity scale read) before anything is written."""
+    """``(file, volume shape or None)`` of every input, each readable (a volume's header read;
+    its intensity scale is computed once, when it is segmented) before anything is written."""
     checked = []
     for path in find_inputs(args.input):
-        shape = None
-        if volume_io.is_zarr(path) or images.check_planes(path):
-            with volume_io.open_volume(path) as volume:
-                shape = volume.shape
+        shape = volume_io.volume_shape(path) if volume_io.is_zarr(path) or images.check_planes(path) else None
         checked.append((path, shape))
     return checked
 
@@ -270,20 +268,19 @@ def check_resume(args: argparse.Namespace, out: runfiles.OutputDir, files: list[
     if args.resume and not interrupted:
         raise UserError(f"--resume: {out.path} holds no interrupted detect predict run of a volume; leave out --resume")
     for path, shape in files if args.resume else ():
-        if shape is not None and stacks.volume_store(out.path, path, shape, record).matches() is False:
-            raise UserError(f"the interrupted run in {out.path} segmented {path} with other options; rerun it with "
-                            "the same options, or pass --overwrite to start again")
+        if shape is not None:
+            stacks.volume_store(out.path, path, shape, record).resumable(out.path)
 
 
 def run_predict(args: argparse.Namespace) -> int:
     """Segment ``--input`` and write label TIFFs (Zarr for Zarr input), overlays, one COCO file,
     config and log."""
-    options, proposals, scale = segment_options(args)
+    adapter_configs = {args.model_path: adapters.read_adapter(args.model_path)[0]} if args.model_path else {}
+    options, proposals, scale = segment_options(args, adapter_configs.get(args.model_path))
     files, seeds = predict_inputs(args)
     out = runfiles.OutputDir(args.output_dir, "detect predict")
     inputs = [args.input] if args.input.is_dir() and not volume_io.is_zarr(args.input) else []
-    bases = adapters.bases_from_flags(args.model_type, args.image_size, args.checkpoint, args.device,
-                                      {args.model_path: adapters.read_adapter(args.model_path)[0]} if args.model_path else {})
+    bases = adapters.bases_from_flags(args.model_type, args.image_size, args.checkpoint, args.device, adapter_configs)
     sam_model.autocast(bases.device, args.precision)  # rejects fp16 on CPU before any work
     detector = load_detector(args.yolo_model, proposals, bases.device) if args.yolo_model and args.mode == "yolo" else None
     spec = cluster.SegmenterSpec(bases.model_type, None if bases.checkpoint is None else str(bases.checkpoint),

@@ -14,6 +14,7 @@ from coco import CocoWriter
 from figures import draw_instances
 from images import file_stem, read_image_file, to_rgb
 from inference import Segmenter
+from volume_io import is_zarr
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,8 @@ def segment_file(path: Path, name: str, segmenter: Segmenter, coco: CocoWriter,
 def stack_output_paths(output_dir: Path, path: Path, with_overlay: bool) -> dict[str, Path]:
     """The files ``detect predict`` writes for the volume ``path``: ``<stem>_labels.tif`` for a
     TIFF stack, ``<stem>_labels.zarr`` for a Zarr volume, and the overlay PNG."""
-    stem, zarr_input = file_stem(path), path.suffix.lower() == ".zarr" or path.is_dir()
-    paths = {"labels": output_dir / f"{stem}_labels.{'zarr' if zarr_input else 'tif'}"}
+    stem = file_stem(path)
+    paths = {"labels": output_dir / f"{stem}_labels.{'zarr' if is_zarr(path) else 'tif'}"}
     if with_overlay:
         paths["overlay"] = output_dir / f"{stem}_overlay.png"
     return paths

@@ -422,18 +422,20 @@ def pooled_instance_metrics(rows: Iterable[Mapping[str, float]]) -> dict[str, fl
 
 # --------------------------------------------------------------------------- volumes
 
-#: Keys of :func:`volume_metrics` (counts ``n_gt``, ``n_pred``, ``tp50``, ``tp75`` come besides).
+#: Keys of :func:`volume_metrics`, in its order: the scores, then the counts.
 VOLUME_SCORE_KEYS: tuple[str, ...] = ("dice", "iou", "precision50", "recall50", "f1_50", "ap50", "ap75")
+VOLUME_COUNT_KEYS: tuple[str, ...] = ("n_gt", "n_pred", "tp50", "tp75")
 
 
 def _volume_counts(gt: np.ndarray, pred: np.ndarray) -> PairCounts:
-    """The contingency table of two ZxHxW label volumes, counted section by section."""
-    gt, pred = np.asarray(gt), np.asarray(pred)
-    if gt.ndim != 3 or gt.shape != pred.shape:
-        raise ValueError(f"gt and pred must be ZxHxW volumes of one shape, got {gt.shape} and {pred.shape}")
+    """The contingency table of two ZxHxW label volumes (numpy arrays, or zarr / dask arrays read
+    one section at a time), counted section by section."""
+    shape_gt, shape_pred = tuple(gt.shape), tuple(pred.shape)
+    if len(shape_gt) != 3 or shape_gt != shape_pred:
+        raise ValueError(f"gt and pred must be ZxHxW volumes of one shape, got {shape_gt} and {shape_pred}")
     counts = PairCounts()
-    for z in range(gt.shape[0]):
-        counts.add(_check_label_map(gt[z], "gt"), _check_label_map(pred[z], "pred"))
+    for z in range(shape_gt[0]):
+        counts.add(_check_label_map(np.asarray(gt[z]), "gt"), _check_label_map(np.asarray(pred[z]), "pred"))
     return counts
 
 
@@ -450,7 +452,8 @@ def volume_metrics(gt: np.ndarray, pred: np.ndarray,
       label. Thresholds are strict (IoU > t), as everywhere in this module; COCO uses >=.
 
     Counted section by section (:class:`overlaps.PairCounts`), never the whole volume at once;
-    empty volumes follow the module convention. Also returns ``n_gt``, ``n_pred``, ``tp50``, ``tp75``.
+    empty volumes follow the module convention. Also returns ``n_gt``, ``n_pred``, ``tp50``, ``tp75``
+    (keys in the order of :data:`VOLUME_SCORE_KEYS` then :data:`VOLUME_COUNT_KEYS`).
     """
     counts = _volume_counts(gt, pred)
     va, vb, voxels = counts.pairs
@@ -466,8 +469,9 @@ def volume_metrics(gt: np.ndarray, pred: np.ndarray,
         matched = np.zeros(n_pred, bool)
         matched[table.pair_b[good]] = True
         out[f"tp{t}"], out[f"ap{t}"] = int(good.sum()), average_precision(matched[rank], n_gt)
-    return out | dict(precision50=_ratio(out["tp50"], n_pred, both_empty), recall50=_ratio(out["tp50"], n_gt, both_empty),
-                      f1_50=_ratio(2 * out["tp50"], n_gt + n_pred, both_empty), n_gt=n_gt, n_pred=n_pred)
+    out |= dict(precision50=_ratio(out["tp50"], n_pred, both_empty), recall50=_ratio(out["tp50"], n_gt, both_empty),
+                f1_50=_ratio(2 * out["tp50"], n_gt + n_pred, both_empty), n_gt=n_gt, n_pred=n_pred)
+    return {key: out[key] for key in (*VOLUME_SCORE_KEYS, *VOLUME_COUNT_KEYS)}  # a fixed order: report columns
 
 
 def adapted_rand_error(gt: np.ndarray, pred: np.ndarray) -> float:
@@ -478,8 +482,9 @@ def adapted_rand_error(gt: np.ndarray, pred: np.ndarray) -> float:
     share of pairs in one ``gt`` object that share a ``pred`` segment; error = 1 - their F-score.
     From the contingency table n_ij: (sum n_ij^2 - N) / (sum b_j^2 - N), resp. (sum a_i^2 - N).
     """
-    gt, pred = np.asarray(gt), np.asarray(pred)
-    va, vb, n = _volume_counts(gt[None] if gt.ndim == 2 else gt, pred[None] if pred.ndim == 2 else pred).pairs
+    if len(gt.shape) == 2:  # one section: small enough to hold
+        gt, pred = np.asarray(gt)[None], np.asarray(pred)[None]
+    va, vb, n = _volume_counts(gt, pred).pairs
     fg = va > 0
     n = n[fg].astype(np.float64)
     a, b = (np.bincount(np.unique(v[fg], return_inverse=True)[1].ravel(), weights=n) for v in (va, vb))

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 DENSE_PAIR_LIMIT = 1 << 22
 # Label maps whose largest value is below this are compacted with a lookup table (O(pixels)).
 LUT_LABEL_LIMIT = 1 << 22
+# PairCounts folds its per-section tables into one after this many sections (short lists, bounded memory).
+FOLD_IN_SECTIONS = 64
 
 
 @dataclass
@@ -169,7 +171,7 @@ class PairCounts:
         keys, counts = np.unique(keys, return_counts=True)
         self._keys.append(keys)
         self._counts.append(counts)
-        if len(self._keys) >= 64:  # fold in, so the lists stay short
+        if len(self._keys) >= FOLD_IN_SECTIONS:
             va, vb, counts = self.pairs
             self._keys, self._counts = [(va << np.uint64(32)) | vb], [counts]
 

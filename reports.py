@@ -282,8 +282,7 @@ class VolumeScores:
                 preds = self.predictions.get(name, {})
                 if all(i in preds for i in run):
                     scores = metrics.volume_metrics(truth, link_slices(np.stack([preds[i] for i in run])))
-                    keys = (*metrics.VOLUME_SCORE_KEYS, "n_gt", "n_pred", "tp50", "tp75")
-                    out.append({"model": name, "volume": volume, "n_sections": len(run), **{k: scores[k] for k in keys}})
+                    out.append({"model": name, "volume": volume, "n_sections": len(run), **scores})
         return out
 
 

@@ -138,13 +138,19 @@ class SectionStore:
             return None
         return json.loads(record_path.read_text(encoding="utf-8")) == json.loads(json.dumps(self.record))
 
+    def resumable(self, output_dir: Path) -> bool:
+        """Whether an earlier store in the folder can be continued (False: there is none); raises
+        :class:`UserError` when it was made with other options (``output_dir``: the run's, for the message)."""
+        same = self.matches()
+        if same is False:
+            raise UserError(f"the interrupted run in {output_dir} segmented {self.record['input']} with other options; "
+                            "rerun it with the same options, or pass --overwrite to start again")
+        return bool(same)
+
     def open(self, resume: bool, out: runfiles.OutputDir) -> int:
         """Start (or, with ``resume``, continue) the store; returns the sections already done."""
         record_path = self.folder / "store.json"
-        if resume and self.matches() is not None:
-            if not self.matches():
-                raise UserError(f"the interrupted run in {out.path} segmented {self.record['input']} with other options; "
-                                "rerun it with the same options, or pass --overwrite to start again")
+        if resume and self.resumable(out.path):
             self.done = {int(p.stem) for p in self.folder.glob("[0-9]*.npz")}
         elif self.folder.exists():
             out.discard(self.folder)

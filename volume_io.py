@@ -11,7 +11,8 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import EllipsisType
+from typing import Any, Callable, Literal
 
 import numpy as np
 import tifffile
@@ -59,8 +60,8 @@ class Volume:
     def zarr_format(self) -> int:
         return int(getattr(getattr(self.array, "metadata", None), "zarr_format", 3))
 
-    def raw(self, z: int) -> np.ndarray:
-        """Section ``z`` as stored: ``HxW`` or ``HxWx3``."""
+    def raw(self, z: int | EllipsisType) -> np.ndarray:
+        """Section ``z`` as stored: ``HxW`` or ``HxWx3`` (``...``: the whole array, e.g. a 2-D label image)."""
         try:
             return np.asarray(self.array[z])
         except Exception as exc:  # noqa: BLE001 - zarr, tifffile and imagecodecs raise many kinds
@@ -96,9 +97,12 @@ def volume_limits(volume: Volume) -> tuple[float, float] | None:
     return intensity_limits(values)
 
 
-def open_volume(path: Path) -> Volume:
+def open_volume(path: Path, limits: tuple[float, float] | None | Literal["scan"] = "scan") -> Volume:
     """Open a TIFF stack or a Zarr / OME-Zarr volume for reading section by section.
 
+    ``limits``: the intensity scale, "scan" to compute it here (:func:`volume_limits`, which reads
+    up to :data:`LIMIT_SECTIONS` sections of a non-uint8 volume); a dask worker is given the
+    client's, so that every section is scaled alike and the scan runs once.
     Raises :class:`UserError` for what is not a 3-D volume: a Zarr without three spatial axes, a
     channel or time axis of more than one element, a TIFF that is neither.
     """
@@ -106,16 +110,35 @@ def open_volume(path: Path) -> Volume:
     try:
         if 0 in volume.shape:
             raise UserError(f"{path} is an empty volume (shape {tuple(volume.array.shape)})")
-        volume.limits = volume_limits(volume)
+        volume.limits = volume_limits(volume) if isinstance(limits, str) else limits
     except BaseException:
         volume.close()
         raise
     return volume
 
 
+def volume_shape(path: Path) -> tuple[int, int, int]:
+    """``(Z, H, W)`` of a volume, checked as :func:`open_volume` checks it, from its header alone."""
+    with open_volume(path, limits=None) as volume:
+        return volume.shape
+
+
 def _open_tiff(path: Path) -> Volume:
     if path.suffix.lower() not in TIFF_EXTS:
         raise UserError(f"{path} is not a TIFF stack or a Zarr volume")
+    return _tiff_volume(path, _check_stack)
+
+
+def _check_stack(path: Path, series: Any) -> None:
+    planar, is_stack = plane_layout(tuple(series.shape), series.axes, path)
+    if planar or not is_stack:
+        raise UserError(f"{path} is a 2-D image (shape {tuple(series.shape)}), not a stack")
+
+
+def _tiff_volume(path: Path, check: Callable[[Path, Any], None] | None = None) -> Volume:
+    """A TIFF's first series as a zarr array (chunks: its pages or strips), the file kept open
+    until :meth:`Volume.close`. ``check(path, series)`` refuses a layout the caller cannot use;
+    what tifffile or zarr cannot read is one :class:`UserError`, and the file is closed then."""
     import zarr
 
     try:
@@ -124,9 +147,8 @@ def _open_tiff(path: Path) -> Volume:
         raise corrupt_file_error(path, exc) from exc
     try:
         series = tif.series[0]
-        planar, is_stack = plane_layout(tuple(series.shape), series.axes, path)
-        if planar or not is_stack:
-            raise UserError(f"{path} is a 2-D image (shape {tuple(series.shape)}), not a stack")
+        if check is not None:
+            check(path, series)
         return Volume(path, zarr.open(series.aszarr(), mode="r"), "tiff", handle=tif)
     except BaseException as exc:
         tif.close()
@@ -213,13 +235,7 @@ def read_seeds(path: Path, shape: tuple[int, int, int], section: int | None = No
     if is_zarr(path):
         seeds = _open_zarr(path)
     elif path.suffix.lower() in TIFF_EXTS:
-        import zarr
-
-        try:
-            tif = tifffile.TiffFile(path)
-        except Exception as exc:  # noqa: BLE001 - tifffile/imagecodecs raise many kinds
-            raise corrupt_file_error(path, exc) from exc
-        seeds = Volume(path, zarr.open(tif.series[0].aszarr(), mode="r"), "tiff", handle=tif)
+        seeds = _tiff_volume(path)
     else:
         raise UserError(f"--seed_labels {path}: give a label TIFF (stack or one section) or a Zarr array")
     with seeds:
@@ -239,7 +255,7 @@ def _seed_sections(seeds: Volume, shape: tuple[int, int, int], section: int | No
         raise UserError(f"--seed_labels {path} is one section: say which with --seed_section (0..{shape[0] - 1})")
     found = {}
     for z in ([section] if two_d else range(shape[0])):
-        labels = np.asarray(array if two_d else array[z]).astype(np.int64)
+        labels = seeds.raw(... if two_d else z).astype(np.int64)
         if labels.size and labels.min() < 0:
             raise UserError(f"--seed_labels {path} has negative labels; objects are 1, 2, ... and 0 is background")
         if labels.any():

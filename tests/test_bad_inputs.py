@@ -437,6 +437,19 @@ def seeds_of_another_shape(env: Env) -> list[str]:
     return predict_args(env, "--input", str(em_stack(env)), "--seed_labels", str(seeds))
 
 
+def corrupt_seeds(env: Env) -> list[str]:
+    """A seed label stack of the volume's shape whose second section's compressed data is garbage:
+    its header reads, that section does not."""
+    seeds = env.user / "seeds.tif"
+    tifffile.imwrite(seeds, np.ones((3, 128, 128), np.uint16), photometric="minisblack", compression="zlib")
+    with tifffile.TiffFile(seeds) as tif:
+        start, size = tif.pages[1].dataoffsets[0], tif.pages[1].databytecounts[0]
+    data = bytearray(seeds.read_bytes())
+    data[start:start + size] = b"\xff" * size
+    seeds.write_bytes(bytes(data))
+    return predict_args(env, "--input", str(em_stack(env)), "--seed_labels", str(seeds))
+
+
 def unwritable_output(env: Env) -> list[str]:
     """--output_dir inside a folder the user may not write to (the OS refuses every new entry there)."""
     locked = env.out / "locked"
@@ -651,6 +664,7 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str | tuple[str, ...], int]] 
     ("detect predict OME-Zarr with channels",
      lambda e: predict_args(e, "--input", zarr_of(e, "ome.zarr", (3, 4, 64, 64), "czyx")), "has 3 channels", 2),
     ("detect predict seed labels of another shape", seeds_of_another_shape, "but the volume is (3, 128, 128)", 2),
+    ("detect predict corrupt seed labels", corrupt_seeds, ("cannot read", "seeds.tif", "corrupt"), 2),
     ("detect predict unwritable output", unwritable_output, ("cannot write", "Permission denied"), 2),
     ("detect predict scheduler unreachable", unreachable_scheduler, "cannot reach the dask scheduler", 2),
     ("detect predict --resume with other options", resume_with_other_options, "with other options", 2),

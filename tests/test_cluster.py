@@ -54,14 +54,19 @@ def never(image: np.ndarray):
     raise AssertionError("a section was segmented in the client, not on a worker")
 
 
-def test_two_workers_give_the_single_process_result(client, em_crop, tmp_path: Path) -> None:
+def test_two_workers_give_the_single_process_result(client, em_crop, tmp_path: Path, monkeypatch) -> None:
+    import volume_io
+
     images, truth = em_crop
     stack = write_tiff(tmp_path / "stack.tif", images[:9])
     _, alone = run_volume(stack, tmp_path / "one", TruthSegmenter(images, truth))
     spec = TruthSpec(images, truth)
     TruthSpec.builds.clear()
+    scans, real = [], volume_io.volume_limits
+    monkeypatch.setattr(volume_io, "volume_limits", lambda volume: scans.append(volume.path) or real(volume))
     _, parallel = run_volume(stack, tmp_path / "two", never,
                              fill=lambda volume, store: cluster.fill_store(client, spec, volume, store))
+    assert scans == [stack]  # the intensity scale is computed once, in the client; the workers are given it
     np.testing.assert_array_equal(tifffile.imread(parallel), tifffile.imread(alone))
     assert (tmp_path / "two" / "coco.json").read_text() == (tmp_path / "one" / "coco.json").read_text()
     assert sorted(TruthSpec.builds.values()) in ([1], [1, 1])  # each worker built its models once, 9 sections

@@ -285,6 +285,8 @@ def test_volume_scores_link_and_score_runs_of_sections(em_stack_dir) -> None:
     """reports.VolumeScores: runs of consecutive whole sections, 3-D truth = connected components
     of the foreground, predictions linked, scored by metrics.volume_metrics."""
     from scipy import ndimage
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
     from metrics import volume_metrics
     from reports import IN_PLANE_AND_FACE, VolumeScores
@@ -300,6 +302,19 @@ def test_volume_scores_link_and_score_runs_of_sections(em_stack_dir) -> None:
     expected = volume_metrics(truth, link_slices(np.stack([preds[0], preds[1]])))
     assert scores.rows(["model", "absent"]) == [{"model": "model", "volume": "training.tif[0:2]", "n_sections": 2,
                                                   **expected}]
+    # Known without volume_metrics: the prediction is the truth's foreground rolled 3 px along x,
+    # which keeps its voxel count, so Dice = |G & P| / |G| and IoU = |G & P| / (2 |G| - |G & P|).
+    fg = np.stack([samples[i].labels > 0 for i in (0, 1)])
+    both, size = int((fg & np.roll(fg, 3, axis=2)).sum()), int(fg.sum())
+    row = scores.rows(["model"])[0]
+    assert 0 < both < size
+    assert row["dice"] == pytest.approx(both / size) and row["iou"] == pytest.approx(both / (2 * size - both))
+    # The 3-D objects counted as 8-connected objects of each section, those that share a pixel
+    # across the two sections being one: a graph of the section objects and its components.
+    (a, n0), (b, n1) = (ndimage.label(section, np.ones((3, 3))) for section in fg)
+    touching = np.unique(np.stack([a[fg[0] & fg[1]] - 1, n0 + b[fg[0] & fg[1]] - 1]), axis=1)
+    graph = coo_matrix((np.ones(touching.shape[1]), tuple(touching)), shape=(n0 + n1, n0 + n1))
+    assert row["n_gt"] == connected_components(graph, directed=False)[0] < n0 + n1
 
 
 @pytest.mark.slow

@@ -166,6 +166,28 @@ def test_carry_prompts_are_boxes_and_low_resolution_masks() -> None:
     assert logits[int(7 * 64 / 60), int(25 * 64 / 60)] > 5 and logits[30, 30] < -5  # inside / outside
 
 
+def test_seed_files_are_read_section_by_section(em_stack_file, tmp_path: Path) -> None:
+    """volume_io.read_seeds: a label stack (TIFF or Zarr) gives its annotated sections, one label
+    image the section it is said to annotate."""
+    import zarr
+
+    from volume_io import read_seeds
+
+    _, objects = em_stack_file
+    stack = np.zeros_like(objects, dtype=np.uint16)
+    stack[[3, 12]] = objects[[3, 12]]
+    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
+    zarr.create_array(store=str(tmp_path / "stack.zarr"), shape=stack.shape, chunks=(4, 128, 128), dtype="uint16")[:] = stack
+    tifffile.imwrite(tmp_path / "one.tif", objects[7].astype(np.uint16), photometric="minisblack")
+    for name in ("stack.tif", "stack.zarr"):
+        found = read_seeds(tmp_path / name, objects.shape)
+        assert sorted(found) == [3, 12], name
+        np.testing.assert_array_equal(found[12], objects[12])
+    found = read_seeds(tmp_path / "one.tif", objects.shape, section=7)
+    assert list(found) == [7] and found[7].dtype == np.int64
+    np.testing.assert_array_equal(found[7], objects[7])
+
+
 def test_bad_options() -> None:
     with pytest.raises(ValueError, match="--stop_iou"):
         PropagationOptions(stop_iou=1.5)

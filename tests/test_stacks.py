@@ -142,6 +142,26 @@ def test_ome_zarr_input(em_crop, tmp_path: Path) -> None:
         np.testing.assert_array_equal(volume.section(1)[..., 0], images[1])
 
 
+def test_the_intensity_scale_is_computed_only_when_asked(em_crop, tmp_path: Path, monkeypatch) -> None:
+    """A 16-bit stack: volume_shape reads its header alone; open_volume computes the scale once by
+    default and uses a given one (a dask worker's, from the client) as it is."""
+    import volume_io
+
+    calls = []
+    real = volume_io.volume_limits
+    monkeypatch.setattr(volume_io, "volume_limits", lambda volume: calls.append(volume.path) or real(volume))
+    stack = write_tiff(tmp_path / "s16.tif", em_crop[0][:3].astype(np.uint16) * 200)
+    assert volume_io.volume_shape(stack) == (3, 256, 256) and calls == []
+    with open_volume(stack) as volume:
+        assert calls == [stack] and volume.limits is not None
+        scaled, limits = volume.section(2), volume.limits
+    with open_volume(stack, limits) as volume:
+        assert calls == [stack] and volume.limits == limits
+        np.testing.assert_array_equal(volume.section(2), scaled)
+    with open_volume(stack, (0.0, 1.0)) as volume:
+        assert volume.section(2).max() == 255 and calls == [stack]
+
+
 def test_an_interrupted_run_resumes_from_the_last_finished_section(em_crop, tmp_path: Path) -> None:
     images, truth = em_crop
     stack = write_tiff(tmp_path / "stack.tif", images[:6])

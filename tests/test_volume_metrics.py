@@ -127,14 +127,53 @@ def test_adapted_rand_error_equals_the_reference(em_objects) -> None:
     assert adapted_rand_error(gt[0], gt[0]) == 0.0  # a single section
 
 
+class SectionsOnly:
+    """A ZxHxW volume that can only be read one section at a time (as a zarr or dask array is
+    meant to be): turning it whole into a numpy array fails the test."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array, self.shape, self.dtype = array, array.shape, array.dtype
+        self.reads: list[int] = []
+
+    def __getitem__(self, z: int) -> np.ndarray:
+        assert isinstance(z, (int, np.integer)), z
+        self.reads.append(int(z))
+        return self.array[z]
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the whole volume was loaded at once")
+
+
 def test_the_volume_is_counted_section_by_section(em_objects, monkeypatch) -> None:
-    """Whole real volume; the sparse code paths agree with the dense ones."""
+    """Whole real volume (20 sections); folding the per-section tables in every 2 sections gives
+    what folding them in once at the end gives, and the volume is read section by section."""
     pred = changed(em_objects, 2)["eroded"]
     scores = volume_metrics(em_objects, pred)
-    monkeypatch.setattr(overlaps, "DENSE_PAIR_LIMIT", 0)
-    monkeypatch.setattr(overlaps, "LUT_LABEL_LIMIT", 0)
+    assert len(em_objects) < overlaps.FOLD_IN_SECTIONS  # above: no fold-in before the end
+    monkeypatch.setattr(overlaps, "FOLD_IN_SECTIONS", 2)
     assert volume_metrics(em_objects, pred) == scores
     assert 0.5 < scores["dice"] < 1.0 and scores["n_gt"] == em_objects.max()
+    gt, lazy_pred = SectionsOnly(em_objects), SectionsOnly(pred)
+    assert volume_metrics(gt, lazy_pred) == scores
+    assert gt.reads == lazy_pred.reads == list(range(len(em_objects)))
+    small = crop(em_objects, 128)[4:10, ::3, ::3]
+    assert adapted_rand_error(SectionsOnly(small), SectionsOnly(small * 7)) == 0.0
+
+
+@pytest.mark.parametrize("fold_in", [1, 3, 64])
+def test_pair_counts_over_sections_equal_the_table_of_the_volume(em_objects, monkeypatch, fold_in) -> None:
+    """overlaps.PairCounts added up over 20 real sections (folded in every ``fold_in``) is
+    overlaps.overlap_table of the whole 3-D arrays."""
+    monkeypatch.setattr(overlaps, "FOLD_IN_SECTIONS", fold_in)
+    gt, pred = em_objects[:, :512, :512], changed(em_objects[:, :512, :512], 3)["shifted"]
+    counts = overlaps.PairCounts()
+    for z in range(len(gt)):
+        counts.add(gt[z], pred[z])
+    got, want = counts.overlaps(), overlaps.overlap_table(gt, pred)
+    for field in ("area_a", "area_b", "pair_a", "pair_b", "inter"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+    np.testing.assert_array_equal(got.ids_a, np.unique(gt[gt > 0]))
+    assert counts.pairs[2].sum() == gt.size and len(want.inter) > len(want.area_a) / 2
 
 
 def test_bad_volumes() -> None:

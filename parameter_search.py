@@ -137,7 +137,6 @@ class Search:
     device: torch.device
     num_workers: int
     cache_memory_gb: float
-    prune: bool
     embeddings: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # frozen encoder: one per image
 
 
@@ -153,26 +152,30 @@ def run(args: argparse.Namespace) -> int:
     url = args.storage or studies.default_storage(out.path)
     name = args.study_name or out.path.resolve().name
     samples = data.load_from_options(args)
-    identity = {"base": {k: v for k, v in base.to_json().items() if k not in GRID_KEYS + ("output_dir",)},
-                "space": space.record(), "data": studies.data_fingerprint(samples)}
-    resume = joins(out, identity, args.overwrite)
+    identity = search_identity(base, space, studies.data_fingerprint(samples))
+    defaults = studies.identity_defaults(runs.option_defaults(base))  # options newer than a recorded search
+    resume = joins(out, identity, defaults, args.overwrite)
     folds = crossval.plan_folds(base, samples, resume)  # impossible folds: refused before any write
     check_cache_budget([configuration(base, base.lora_rank, base.lora_alpha, base.learning_rate, spec)
                         for spec in space.lora_blocks], len(samples), args.cache_memory_gb, None)  # bad specs refused
-    check_study(args, out, url, name, identity)
+    if has_study(args, out):  # before out.lock() creates the directory
+        studies.precheck(url, name, identity, defaults, args.overwrite, args.heartbeat)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=args.prune_startup) if args.prune else \
         optuna.pruners.NopPruner()
     with out.lock():  # workers starting together: the first claims the directory and creates the study
-        resume = joins(out, identity, args.overwrite)
-        check_study(args, out, url, name, identity)  # again, now that no worker can start: --overwrite of a live one
-        out.claim(args.overwrite, resume=resume)
+        resume = joins(out, identity, defaults, args.overwrite)
+        storage = studies.open_storage(url, args.heartbeat) if has_study(args, out) else None
+        if storage is not None:  # again, now that no worker can start: --overwrite of a live one
+            studies.check_storage(storage, url, name, identity, defaults, args.overwrite)
+        out.claim(args.overwrite, resume=resume, keep=[studies.STUDY_DB])  # open_study replaces the study in it
         runfiles.write_json(out.path / SEARCH_FILE, identity)
         if not (out.path / folds_lib.FOLDS_FILE).is_file():
             folds_lib.save_folds(out.path, folds, samples, seed=base.seed, grouping=crossval.grouping(base))
-        study = studies.open_study(url, name, identity, space, args.overwrite, args.heartbeat, pruner)
+        study = studies.open_study(storage or studies.open_storage(url, args.heartbeat), url, name, identity,
+                                   args.overwrite, pruner)
         if (out.path / studies.STUDY_DB).is_file():
             out.add(out.path / studies.STUDY_DB)
-    search = Search(base, space, samples, folds, device, args.num_workers, args.cache_memory_gb, args.prune)
+    search = Search(base, space, samples, folds, device, args.num_workers, args.cache_memory_gb)
     with out.active("search.log"):
         log.info("worker %s joins study %r in %s (%s sampler, %d configurations)", studies.worker_name(), name,
                  studies.shown(url), space.sampler, space.budget)
@@ -181,22 +184,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_study(args: argparse.Namespace, out: runfiles.OutputDir, url: str, name: str,
-                identity: dict[str, Any]) -> None:
-    """The study, if there is one yet, is this search's (or, with --overwrite, has no live
-    worker); nothing is written (a new default SQLite study is not created here)."""
-    if args.storage or (out.path / studies.STUDY_DB).is_file():
-        studies.precheck(url, name, identity, args.overwrite, args.heartbeat)
+def search_identity(base: TrainConfig, space: studies.SearchSpace, fingerprint: str) -> dict[str, Any]:
+    """What the search is (search.json, the study's identity): the training options it does not
+    search, its space and the data's fingerprint."""
+    return {"base": {k: v for k, v in base.to_json().items() if k not in GRID_KEYS + ("output_dir",)},
+            "space": space.record(), "data": fingerprint}
 
 
-def joins(out: runfiles.OutputDir, identity: dict[str, Any], overwrite: bool) -> bool:
+def has_study(args: argparse.Namespace, out: runfiles.OutputDir) -> bool:
+    """Whether the study's database may hold the study already: any --storage, or the default
+    SQLite file once it exists (it is created only after the directory is claimed)."""
+    return bool(args.storage) or (out.path / studies.STUDY_DB).is_file()
+
+
+def joins(out: runfiles.OutputDir, identity: dict[str, Any], defaults: dict[str, Any], overwrite: bool) -> bool:
     """Whether this worker joins a search already in ``out`` (same options and data); refuses
     another search's directory unless ``overwrite``, and a directory of other files. Changes nothing."""
     path = out.path / SEARCH_FILE
     previous = runs.read_json(path, "a parameter search") if path.is_file() else None
     # another space on the same data and options may share the directory (its study tells them
     # apart): its finished configurations are read, not trained again
-    diff = studies.differences({k: v for k, v in (previous or {}).items() if k != "space"}, identity)
+    diff = runs.differences({k: v for k, v in (previous or {}).items() if k != "space"}, identity, defaults)
     if diff and not overwrite:
         raise UserError(f"{out.path} holds a search with other options or data ({'; '.join(diff[:3])}): use the "
                         "same options, --overwrite, or a new --output_dir")
@@ -224,13 +232,13 @@ def objective(trial: optuna.Trial, search: Search) -> float:
     if summary_path.is_file():
         summary = runs.read_json(summary_path, "a finished training run")
         log.info("%s: %s finished earlier, skipped", studies.trial_of(trial), name)
-        for fold in summary["cv_estimate"]["per_fold"] if search.prune else []:
+        for fold in summary["cv_estimate"]["per_fold"]:  # for the pruner (none without --prune)
             if fold["dice"] is not None:
                 trial.report(fold["dice"], fold["fold"])
     else:
         log.info("%s: %s, training %d fold(s) on worker %s", studies.trial_of(trial), name, len(search.folds),
                  studies.worker_name())
-        summary = train_configuration(config, search, pruning(trial, config) if search.prune else None)
+        summary = train_configuration(config, search, pruning(trial, config))
     row = result_row(config, summary)
     trial.set_user_attr(studies.RESULT, row)
     return row["cv_dice"]
@@ -238,16 +246,19 @@ def objective(trial: optuna.Trial, search: Search) -> float:
 
 def pruning(trial: optuna.Trial, config: TrainConfig) -> Callable[[int, dict[str, Any]], None]:
     """``after_fold`` for crossval.run_training: report the fold's Dice (Optuna step = fold) and
-    stop the configuration when the pruner says so (its row says ``pruned``)."""
+    stop the configuration when the pruner says so (its row says ``pruned``; without --prune,
+    Optuna's NopPruner never does). A trial the study gave up (late heartbeats) reports nothing
+    more: its run goes on to the end, which its retry reads."""
     def after_fold(fold: int, result: dict[str, Any]) -> None:
         if not result["scored"]:
             return
         dice = float(np.mean([r["dice"] for r in result["scored"]]))
-        trial.report(dice, fold)
+        try:
+            trial.report(dice, fold)
+        except optuna.exceptions.UpdateFinishedTrialError:  # given up by the study: finished for its retry
+            return
         if trial.should_prune():
-            row = {"name": Path(config.output_dir).name, "lora_rank": config.lora_rank,
-                   "lora_alpha": config.lora_alpha, "learning_rate": config.learning_rate, "folds": fold + 1,
-                   "run": config.output_dir, "state": "pruned", "lora_blocks": config.lora_blocks}
+            row = {**config_columns(config), "folds": fold + 1, "state": "pruned"}
             trial.set_user_attr(studies.RESULT, row)
             log.info("%s: pruned after fold %d (Dice %.4f, below the median of the finished configurations)",
                      row["name"], fold, dice)
@@ -268,14 +279,19 @@ def train_configuration(config: TrainConfig, search: Search,
                                      after_fold=after_fold)
 
 
+def config_columns(config: TrainConfig) -> dict[str, Any]:
+    """The columns of results.csv that name a configuration (finished or pruned)."""
+    return {"name": Path(config.output_dir).name, "lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha,
+            "learning_rate": config.learning_rate, "run": config.output_dir, "lora_blocks": config.lora_blocks}
+
+
 def result_row(config: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
     """A finished configuration's row of results.csv."""
     cv = summary["cv_estimate"]
-    return {"name": Path(config.output_dir).name, "lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha,
-            "learning_rate": config.learning_rate, "cv_dice": cv["dice"]["mean"], "cv_dice_std": cv["dice"]["std"],
+    return {**config_columns(config), "cv_dice": cv["dice"]["mean"], "cv_dice_std": cv["dice"]["std"],
             "cv_dice_ci_low": cv["dice"]["ci_low"], "cv_dice_ci_high": cv["dice"]["ci_high"],
             "cv_iou": cv["iou"]["mean"], "n_images": cv["n_images"], "folds": len(summary["folds"]),
-            "run": config.output_dir, "state": "complete", "lora_blocks": config.lora_blocks}
+            "state": "complete"}
 
 
 def write_outputs(root: Path, base: TrainConfig, space: studies.SearchSpace, study: optuna.Study,
@@ -303,7 +319,7 @@ def write_results(root: Path, base: TrainConfig, results: list[dict[str, Any]]) 
     best = results[0]
     runfiles.write_json(root / "best_config.json", {
         **best, "config": {**base.to_json(), "lora_rank": best["lora_rank"], "lora_alpha": best["lora_alpha"],
-                           "learning_rate": best["learning_rate"], "lora_blocks": best.get("lora_blocks", "all"),
+                           "learning_rate": best["learning_rate"], "lora_blocks": best["lora_blocks"],
                            "output_dir": str(root / best["name"])}})
     log.info("parameter search: %d configurations; best %s with cross-validated Dice %.4f +- %.4f",
              len(results), best["name"], best["cv_dice"], best["cv_dice_std"])

@@ -187,6 +187,10 @@ class DirectoryLock:
     into one output directory (on one machine or several, over a file system with POSIX locks:
     a local disk, NFS, Lustre, GPFS). The kernel drops it when its process dies.
 
+    It uses POSIX record locks (``fcntl.lockf``) rather than filelock's ``flock``: the workers
+    may run on several machines, and record locks are the ones NFS shares between clients (through
+    its lock manager, on every NFS version) and Lustre and GPFS support alike.
+
     Re-entrant within a process (a nested holder shares the outer one's lock: closing a second
     descriptor of the file would drop a POSIX lock); :meth:`release` is idempotent, so a holder
     may hand the lock back early and still leave a ``with`` block safely.
@@ -316,8 +320,9 @@ class OutputDir:
                         "--overwrite (only files this command writes are replaced; nothing was written)")
 
     def claim(self, overwrite: bool, resume: bool = False, protected: Iterable[Path] = (),
-              flag: str = "--output_dir") -> "OutputDir":
-        """Check, create, clear an earlier run's files (``overwrite``) and start recording."""
+              flag: str = "--output_dir", keep: Iterable[str] = ()) -> "OutputDir":
+        """Check, create, clear an earlier run's files (``overwrite``; the recorded names in
+        ``keep`` stay: a database the command clears itself, open while it claims) and start recording."""
         self.check(overwrite, resume, protected, flag)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -329,8 +334,8 @@ class OutputDir:
         with self.lock():
             files = self.recorded()
             if overwrite and not resume:
-                self._remove(files)
-                files = []
+                self._remove([f for f in files if f not in keep])
+                files = [f for f in files if f in keep]
                 others = self.user_files()
                 if others:
                     log.warning("--overwrite: %s also holds %s, which stay (files with this command's names are "

@@ -30,6 +30,7 @@ SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.csv"
 LOG_FILE = "train.log"
 FINAL_DIR = "final"  # the final fit on all training data (--final_fit)
+_ABSENT = object()  # differences(): a key that neither a record nor the defaults hold
 
 
 def fold_dir(run_dir: Path, fold: int) -> Path:
@@ -159,6 +160,38 @@ def trained_on(adapter: Path, samples: Sequence[Sample]) -> set[int] | None:
     return set(folds[fold][0]) if 0 <= fold < len(folds) else None
 
 
+def option_defaults(config: "TrainConfig") -> dict[str, Any]:
+    """Every option's default, as config.json writes it: what a record made before the option
+    existed means by leaving it out."""
+    return type(config)(data_dir="", output_dir="").to_json()
+
+
+def differences(recorded: dict[str, Any], current: dict[str, Any],
+                defaults: dict[str, Any] | None = None) -> list[str]:
+    """``key: old -> new`` for each option that ``current`` sets otherwise than ``recorded``, for
+    an error message; nested dicts are compared key by key (``key.sub: old -> new``).
+
+    A key that one side lacks counts as its value in ``defaults`` (nested like the records), so an
+    option added (or dropped) since the record changes nothing while it keeps its default; a key
+    that ``defaults`` does not hold either, or a whole nested dict one side lacks, is not compared.
+    """
+    defaults = defaults or {}
+    out = []
+    for key in [*recorded, *(k for k in current if k not in recorded)]:
+        fallback = defaults.get(key, _ABSENT)
+        if isinstance(fallback, dict):  # a section that one side lacks altogether is not compared
+            fallback = _ABSENT
+        old, new = recorded.get(key, fallback), current.get(key, fallback)
+        if old is _ABSENT or new is _ABSENT:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            nested = defaults.get(key)
+            out += [f"{key}.{line}" for line in differences(old, new, nested if isinstance(nested, dict) else None)]
+        elif old != new:
+            out.append(f"{key}: {old!r} -> {new!r}")
+    return out
+
+
 def claim_output_dir(config: "TrainConfig", resume: bool, overwrite: bool) -> runfiles.OutputDir:
     """The run directory (runfiles' one rule): an existing run needs ``--resume`` with the same
     options, or ``--overwrite``, which removes only the earlier run's files."""
@@ -167,11 +200,9 @@ def claim_output_dir(config: "TrainConfig", resume: bool, overwrite: bool) -> ru
     if resume:
         if not config_path.is_file():
             raise UserError(f"--resume: no run to resume in {out.path} (no config.json); start it without --resume")
-        saved = read_run_config(out.path)
-        current, defaults = config.to_json(), type(config)(data_dir="", output_dir="").to_json()
-        diff = [k for k in current if saved.get(k, defaults[k]) != current[k]]  # options newer than the run: defaults
+        diff = differences(read_run_config(out.path), config.to_json(), option_defaults(config))
         if diff:
-            shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in diff[:4])
+            shown = ", ".join(diff[:4])
             raise UserError(f"--resume: the options differ from the run in {out.path} ({shown}); resume with "
                             "the same options, or start a new --output_dir")
         return out.claim(overwrite=False, resume=True)

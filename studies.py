@@ -5,7 +5,7 @@ URL Optuna accepts for several machines). Every process started with the same co
 worker of that study. A worker takes the next piece of work while it holds the lock of the
 shared output directory (:class:`runfiles.DirectoryLock`), so two workers never start the same
 configuration: it first fails the trials of dead workers (Optuna's heartbeat: no heartbeat for
-``2 x --heartbeat`` seconds) and queues them again (Optuna's
+``2 x --heartbeat`` seconds) and queues each failed configuration again, once (Optuna's
 ``RetryHeartbeatStaleTrialCallback``, also for trials that stopped with an error), then
 either resumes a queued trial or asks the sampler for a new one while fewer than the budget
 (the grid's size, or ``--n_trials``) were started. A worker returns when every trial of the
@@ -17,6 +17,7 @@ fingerprint of the data); a worker whose command differs is refused before it wr
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,14 +27,15 @@ import socket
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.trial import Trial, TrialState
+from optuna.trial import FrozenTrial, Trial, TrialState
 
 from errors import UserError
 from runfiles import DirectoryLock
+from runs import differences
 from sample import Sample
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,19 @@ STUDY_DB = "study.db"
 IDENTITY = "samlora_search"  # the study's user attribute holding the search's identity
 SAMPLERS = ("grid", "tpe")
 SPACE_KEYS = ("lora_rank", "lora_alpha", "learning_rate")
+MAX_RETRIES = 1  # a failed configuration is tried again once: a second failure is its own
+
+
+@contextlib.contextmanager
+def experimental() -> Iterator[None]:
+    """Optuna's experimental APIs (the heartbeat and its retries) without their warnings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+with experimental():
+    RETRY = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)  # the storage's and retry_failed's
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,18 +131,11 @@ def data_fingerprint(samples: Sequence[Sample]) -> str:
     return digest.hexdigest()
 
 
-def differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for each key of ``recorded`` that ``current`` changes (one level of
-    nested dicts spelled out), for an error message."""
-    out = []
-    for key, old in recorded.items():
-        new = current.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            out += [f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                    if old.get(k) != new.get(k)]
-        elif old != new:
-            out.append(f"{key}: {old!r} -> {new!r}")
-    return out
+def identity_defaults(options: dict[str, Any]) -> dict[str, Any]:
+    """What an identity recorded before an option existed means by leaving it out (for
+    :func:`runs.differences`): ``options``, every training option's default, for its ``base``;
+    LoRA in every block for its ``space``."""
+    return {"base": options, "space": {"lora_blocks": list(SearchSpace.lora_blocks)}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,12 +158,10 @@ def shown(url: str) -> str:
 
 def quiet_optuna() -> None:
     """Optuna's errors go to our log; its per-trial lines are ours (a failed trial's error is
-    reported once, by main, without Optuna's traceback). Its experimental-API warnings (the
-    heartbeat) are silenced."""
+    reported once, by main, without Optuna's traceback)."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def open_storage(url: str, heartbeat: int) -> RDBStorage:
@@ -191,11 +197,9 @@ def _rdb_storage(url: str, heartbeat: int, engine_kwargs: dict[str, Any] | None)
 
     for attempt in range(CREATE_ATTEMPTS):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat's
+            with experimental():  # the heartbeat
                 return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
-                                  grace_period=2 * heartbeat,
-                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+                                  grace_period=2 * heartbeat, heartbeat_stale_trial_callback=RETRY)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError) as exc:
             race = not isinstance(exc, sqlalchemy.exc.OperationalError) or "already exists" in str(exc)
             if attempt + 1 == CREATE_ATTEMPTS or not race:  # a duplicate table, type or row: a race
@@ -213,12 +217,14 @@ def find_study(storage: RDBStorage, name: str) -> optuna.Study | None:
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def check_study(study: optuna.Study, identity: dict[str, Any], url: str, overwrite: bool) -> None:
-    """Refuse a study of another search (unless ``overwrite``), and an ``overwrite`` of a study
-    whose trials are running on live workers."""
+def check_study(study: optuna.Study, identity: dict[str, Any], defaults: dict[str, Any], url: str,
+                overwrite: bool) -> None:
+    """Refuse a study of another search (unless ``overwrite``; ``defaults``: see
+    :func:`identity_defaults`), and an ``overwrite`` of a study whose trials are running on live workers."""
     where = f"study {study.study_name!r} in {shown(url)}"
     if overwrite:
-        optuna.storages.fail_stale_trials(study)
+        with experimental():
+            optuna.storages.fail_stale_trials(study)
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if running:
             raise UserError(f"--overwrite: {len(running)} trial(s) of {where} are running on other workers; stop "
@@ -227,37 +233,41 @@ def check_study(study: optuna.Study, identity: dict[str, Any], url: str, overwri
     recorded = study.user_attrs.get(IDENTITY)
     if recorded is None:
         return
-    diff = differences(recorded, identity)
+    diff = differences(recorded, identity, defaults)
     if diff:
         raise UserError(f"{where} was made for another search ({'; '.join(diff[:3])}): use the same options "
                         "and data, another --study_name (configurations finished in this --output_dir are reused), "
                         "or --overwrite to start afresh")
 
 
-def precheck(url: str, name: str, identity: dict[str, Any], overwrite: bool, heartbeat: int) -> None:
-    """Before the output directory is claimed: the storage opens and its study (if any) fits."""
+def check_storage(storage: RDBStorage, url: str, name: str, identity: dict[str, Any], defaults: dict[str, Any],
+                  overwrite: bool) -> None:
+    """The study ``name`` in ``storage``, if there is one yet, fits (:func:`check_study`)."""
+    study = find_study(storage, name)
+    if study is not None:
+        check_study(study, identity, defaults, url, overwrite)
+
+
+def precheck(url: str, name: str, identity: dict[str, Any], defaults: dict[str, Any], overwrite: bool,
+             heartbeat: int) -> None:
+    """Before the output directory is created: the storage opens and its study (if any) fits."""
     storage = open_storage(url, heartbeat)
     try:
-        study = find_study(storage, name)
-        if study is not None:
-            check_study(study, identity, url, overwrite)
+        check_storage(storage, url, name, identity, defaults, overwrite)
     finally:
         storage.engine.dispose()
 
 
-def open_study(url: str, name: str, identity: dict[str, Any], space: SearchSpace, overwrite: bool,
-               heartbeat: int, pruner: optuna.pruners.BasePruner) -> optuna.Study:
+def open_study(storage: RDBStorage, url: str, name: str, identity: dict[str, Any], overwrite: bool,
+               pruner: optuna.pruners.BasePruner) -> optuna.Study:
     """The search's study, joined, created or (``overwrite``) made afresh; call it holding the
-    output directory's lock, so that workers starting together create it once."""
-    storage = open_storage(url, heartbeat)
-    existing = find_study(storage, name)
-    if existing is not None:
-        check_study(existing, identity, url, overwrite)
-        if overwrite:
-            optuna.delete_study(study_name=name, storage=storage)
-            log.warning("--overwrite: deleted the earlier study %r in %s", name, shown(url))
+    output directory's lock, after :func:`check_storage`, so that workers starting together create
+    it once. Its sampler is set by :func:`run_worker` before each trial."""
+    if overwrite and find_study(storage, name) is not None:
+        optuna.delete_study(study_name=name, storage=storage)
+        log.warning("--overwrite: deleted the earlier study %r in %s", name, shown(url))
     study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True,
-                                sampler=space.make_sampler(0), pruner=pruner)
+                                pruner=pruner)
     if IDENTITY not in study.user_attrs:
         study.set_user_attr(IDENTITY, identity)
     return study
@@ -284,7 +294,7 @@ class Progress:
     @classmethod
     def of(cls, study: optuna.Study, budget: int) -> "Progress":
         trials = study.get_trials(deepcopy=False)
-        return cls(started=len(trials), fresh=sum("failed_trial" not in t.system_attrs for t in trials),
+        return cls(started=len(trials), fresh=sum(not tries_before(t) for t in trials),
                     waiting=sum(t.state == TrialState.WAITING for t in trials),
                     running=sum(t.state == TrialState.RUNNING for t in trials), budget=budget)
 
@@ -297,32 +307,46 @@ class Progress:
         return not self.startable and self.running == 0
 
 
+def tries_before(trial: FrozenTrial) -> list[int]:
+    """The numbers of the earlier tries of the trial's configuration, the first one first
+    (Optuna's retry history; empty for a first try)."""
+    with experimental():
+        return RetryHeartbeatStaleTrialCallback.retry_history(trial)
+
+
+def retried(trials: Sequence[FrozenTrial], number: int) -> bool:
+    """Whether trial ``number`` was queued again (a later trial is its retry)."""
+    return any(tries_before(t)[-1:] == [number] for t in trials)
+
+
 def retry_failed(study: optuna.Study) -> None:
-    """Queue again, once, every failed trial that was not retried yet: a dead worker's (Optuna
-    fails those whose heartbeat stopped) or one that stopped with an error (an interrupt, a
-    crash). Called under the directory lock, so no trial is queued twice."""
-    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    optuna.storages.fail_stale_trials(study)  # the storage's callback queues stale trials as they are failed
+    """Queue again every failed trial that is a first try and was not retried yet: a dead
+    worker's (Optuna fails those whose heartbeat stopped, and the storage's :data:`RETRY` queues
+    them) or one that stopped with an error (an interrupt, a crash). A retry that fails too is
+    not tried again. Called under the directory lock, so no trial is queued twice."""
+    running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    with experimental():
+        optuna.storages.fail_stale_trials(study)
     trials = study.get_trials(deepcopy=False)
     for trial in trials:
-        if trial.number in running and trial.state == TrialState.FAIL:
-            log.warning("trial %d (%s): its worker stopped sending heartbeats; queued again", trial.number,
-                        trial.user_attrs.get("name", trial.params))
-    retry = RetryHeartbeatStaleTrialCallback()
-    retried = {n for t in trials for n in retry.retry_history(t)}
-    for trial in trials:
-        if trial.state == TrialState.FAIL and trial.number not in retried:
-            log.warning("trial %d (%s) stopped before it finished: queued again", trial.number,
-                        trial.user_attrs.get("name", trial.params))
-            retry(study, trial)
+        if trial.state != TrialState.FAIL:
+            continue
+        queue = len(tries_before(trial)) < MAX_RETRIES and not retried(trials, trial.number)
+        if queue:
+            RETRY(study, trial)
+        stale = trial.number in running
+        if queue or stale:
+            why = "its worker stopped sending heartbeats" if stale else "it stopped before it finished"
+            log.warning("trial %d (%s): %s; %s", trial.number, trial.user_attrs.get("name", trial.params), why,
+                        "queued again" if queue or retried(trials, trial.number) else
+                        f"not tried again (tried {MAX_RETRIES + 1} times)")
 
 
 def given_up(study: optuna.Study, number: int) -> bool:
     """Whether trial ``number`` was failed and queued again by another worker (its heartbeats
     came too late), rather than stopped by an error of its own."""
     trials = study.get_trials(deepcopy=False)
-    return trials[number].state == TrialState.FAIL and any(
-        number in t.system_attrs.get("retry_history", []) for t in trials)
+    return trials[number].state == TrialState.FAIL and retried(trials, number)
 
 
 def run_worker(study: optuna.Study, space: SearchSpace, lock: Callable[[], DirectoryLock],
@@ -419,6 +443,5 @@ def importances(study: optuna.Study, seed: int) -> dict[str, float] | None:
 
 def trial_of(trial: Trial) -> str:
     """``trial N`` (``, a retry of trial M``) for log lines."""
-    frozen = trial.study.get_trials(deepcopy=False)[trial.number]
-    first = frozen.system_attrs.get("failed_trial")
-    return f"trial {trial.number}" + (f" (a retry of trial {first})" if first is not None else "")
+    earlier = tries_before(trial.study.get_trials(deepcopy=False)[trial.number])
+    return f"trial {trial.number}" + (f" (a retry of trial {earlier[0]})" if earlier else "")

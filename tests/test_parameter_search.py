@@ -267,3 +267,52 @@ def test_a_worker_given_up_for_late_heartbeats_goes_on(em4: Path, tmp_path: Path
     assert main(argv) == 0
     assert sorted(collections.Counter(calls).values()) == [2, 2, 2, 2]  # nothing trained twice
     assert len((out / "results.csv").read_text().splitlines()) == 5
+
+
+def test_a_search_recorded_before_an_option_existed_still_joins(tmp_path: Path) -> None:
+    """search.json and the study's identity, written before a training option existed, lack it:
+    the option at its default joins the search, another value is refused, and so is another space."""
+    import copy
+
+    import parameter_search
+    import runfiles
+    import runs
+    import studies
+    from errors import UserError
+    from train_config import TrainConfig
+
+    out = runfiles.OutputDir(tmp_path / "search", "parameter_search", shared=True)
+    base = TrainConfig(data_dir="d", output_dir=str(out.path))
+    identity = parameter_search.search_identity(base, studies.SearchSpace("grid", (2,), (4.0,), (1e-3,)), "data")
+    defaults = studies.identity_defaults(runs.option_defaults(base))
+    older = copy.deepcopy(identity)
+    del older["base"]["max_objects"]  # a search made before --max_objects
+    out.claim(overwrite=False)
+    runfiles.write_json(out.path / parameter_search.SEARCH_FILE, older)
+    assert parameter_search.joins(out, identity, defaults, overwrite=False)
+    study = optuna.create_study()
+    study.set_user_attr(studies.IDENTITY, older)
+    studies.check_study(study, identity, defaults, "sqlite://", overwrite=False)
+    changed = {**identity, "base": {**identity["base"], "max_objects": 3}}
+    with pytest.raises(UserError, match="base.max_objects: 32 -> 3"):
+        parameter_search.joins(out, changed, defaults, overwrite=False)
+    with pytest.raises(UserError, match="base.max_objects: 32 -> 3"):
+        studies.check_study(study, changed, defaults, "sqlite://", overwrite=False)
+    blocks = {**identity, "space": {**identity["space"], "lora_blocks": ["all", "last3"]}}
+    with pytest.raises(UserError, match=r"space.lora_blocks: \['all'\] -> \['all', 'last3'\]"):
+        studies.check_study(study, blocks, defaults, "sqlite://", overwrite=False)
+
+
+@pytest.mark.slow
+def test_overwrite_replaces_the_study_in_its_database(em4: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """--overwrite of a finished search: the study is made afresh in the same study.db (opened once
+    under the lock, before the directory is cleared), and every configuration is trained again."""
+    calls: list[str] = []
+    monkeypatch.setattr(trainer, "run_fold", fake_run_fold(calls))
+    out = tmp_path / "search"
+    argv = ["parameter_search", "--data_dir", str(em4), "--output_dir", str(out), *FAST, *GRID]
+    assert main(argv) == 0 and main([*argv, "--overwrite"]) == 0
+    assert sorted(collections.Counter(calls).values()) == [4, 4, 4, 4]
+    assert [t.state for t in trials(out)] == [optuna.trial.TrialState.COMPLETE] * 4
+    assert len((out / "results.csv").read_text().splitlines()) == 5

@@ -185,3 +185,15 @@ def test_the_directory_lock_is_reentrant_and_released_early(tmp_path: Path) -> N
         outer.release()  # handed back early ...
         assert not runfiles.DirectoryLock._held
     assert not runfiles.DirectoryLock._held  # ... and leaving the block is harmless
+
+
+def test_overwrite_keeps_what_the_command_clears_itself(tmp_path: Path) -> None:
+    """``claim(overwrite=True, keep=...)``: a recorded database the command empties itself (the
+    search's study.db, open while the directory is claimed) stays, and stays recorded."""
+    out = runfiles.OutputDir(tmp_path / "search", "parameter_search", shared=True).claim(overwrite=False)
+    with out.active():
+        runfiles.write_text(out.path / "study.db", "a study")
+        runfiles.write_text(out.path / "results.csv", "x")
+    again = runfiles.OutputDir(out.path, "parameter_search", shared=True).claim(overwrite=True, keep=["study.db"])
+    assert (out.path / "study.db").is_file() and not (out.path / "results.csv").exists()
+    assert again.recorded() == ["study.db"]

@@ -83,3 +83,31 @@ def test_a_password_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UserError) as error:
         studies.open_storage("postgresql://me:hunter2@db:5432/x", heartbeat=5)
     assert "hunter2" not in str(error.value) and "postgresql://me:***@db:5432/x" in str(error.value)
+
+
+def test_a_failing_configuration_is_tried_twice_and_the_search_ends(tmp_path: Path) -> None:
+    """A configuration that fails every time (an error, or a worker that dies) is queued again
+    once: its retry's failure is final, and the worker started after it finds the search over."""
+    import optuna
+
+    from runfiles import DirectoryLock
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = studies.open_study(studies.open_storage(url, heartbeat=60), url, "s", {}, False,
+                               optuna.pruners.NopPruner())
+    space = studies.SearchSpace("grid", (2,), (4.0,), (1e-3,))
+
+    def fails(trial: optuna.Trial) -> float:
+        raise RuntimeError("always")
+
+    ended = False
+    for _ in range(4):  # each start of a worker: the trial's error stops it
+        try:
+            studies.run_worker(study, space, lambda: DirectoryLock(tmp_path), fails, heartbeat=60)
+            ended = True
+            break
+        except RuntimeError:
+            pass
+    trials = study.get_trials()
+    assert ended and [t.state for t in trials] == [optuna.trial.TrialState.FAIL] * 2
+    assert studies.tries_before(trials[1]) == [0]

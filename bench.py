@@ -346,7 +346,8 @@ def bench_late(model_types: list[str], samples: list[Sample], reps: int, report:
         spec, words = LATE_BLOCKS[model_type]
         setups = {blocks: Setup(make_config(model_type, image_size, "bf16", lora_rank=4, lora_alpha=4,
                                             lora_blocks=blocks), samples) for blocks in ("all", spec)}
-        t = interleaved_medians({blocks: setup.epoch for blocks, setup in setups.items()}, reps)
+        epochs = interleaved_medians({blocks: setup.epoch for blocks, setup in setups.items()}, reps)
+        t = {blocks: seconds / len(setups[blocks].dataset) for blocks, seconds in epochs.items()}  # per step
         report(f"{model_type} full-depth LoRA step, {image_size} px, bf16 (s)", t["all"])
         report(f"{model_type} late LoRA ({words}) cached step, {image_size} px, bf16 (s)", t[spec])
         report(f"{model_type} late LoRA ({words}) cached step / full-depth LoRA step, {image_size} px",

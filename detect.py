@@ -12,7 +12,8 @@ an image, a uint32 BigTIFF for a stack; ``<stem>_labels.zarr`` with the input's 
 ``<stem>_overlay.png``, and for the run one ``coco.json`` (RLE or polygons), the config and a
 log. Images larger than ``--tile_size`` are segmented in overlapping tiles, then merged. Volumes
 are read, segmented and written one section at a time, their objects linked into 3-D objects
-(``--no_link`` keeps per-section ones); ``--resume`` continues an interrupted run.
+(``--no_link`` keeps per-section ones, ``--link_merge`` joins the pieces of a split one); ``--resume``
+continues an interrupted run.
 
 The work is done one level down: detector.py (offline ultralytics, the YOLO dataset, box
 matching), inference.py (SAM, tiles), stacks.py (volumes section by section), labelfiles.py (the
@@ -48,7 +49,7 @@ from errors import UserError
 from inference import SegmentOptions, Segmenter
 from labelfiles import output_paths, segment_file, stack_output_paths
 from propagation import PropagationOptions
-from volumes import LinkOptions
+from volumes import LinkOptions, add_link_arguments
 
 log = logging.getLogger(__name__)
 
@@ -243,9 +244,20 @@ def check_inputs(args: argparse.Namespace) -> list[tuple[Path, tuple[int, int, i
     return checked
 
 
+def link_options(args: argparse.Namespace) -> LinkOptions | None:
+    """How a volume's sections are linked (None: ``--no_link``); refuses ``--link_merge`` where
+    nothing is linked."""
+    unlinked = "--no_link" if args.no_link else "--seed_labels" if args.seed_labels is not None else None
+    if args.link_merge and unlinked:
+        raise UserError(f"--link_merge joins pieces while linking sections, and {unlinked} links none: "
+                        "leave one of them out")
+    return None if args.no_link else LinkOptions(args.link_iou, args.link_gap, args.min_sections, args.link_merge)
+
+
 def predict_inputs(args: argparse.Namespace) -> tuple[list[tuple[Path, Any]], dict[int, np.ndarray] | None]:
     """The checked inputs (:func:`check_inputs`) and, with ``--seed_labels``, the annotated
     sections of the one volume they annotate (read and checked before anything is written)."""
+    link_options(args)  # refuses bad linking flags first
     files = check_inputs(args)
     if args.seed_labels is None:
         return files, None
@@ -316,7 +328,7 @@ def predict_files(args: argparse.Namespace, files: list[tuple[Path, Any]], seeds
                   fill: Any = None) -> int:
     """Segment every input (volumes section by section, or their annotated objects carried through
     them); write the outputs and coco.json; returns the object count."""
-    link = None if args.no_link else LinkOptions(args.link_iou, args.link_gap, args.min_sections)
+    link = link_options(args)
     work = out.path / stacks.WORK_FOLDER
     if any(shape is not None for _, shape in files):
         work.mkdir(exist_ok=True)
@@ -433,13 +445,7 @@ def _add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     volume.add_argument("--no_link", action="store_true",
                         help="keep per-section objects (numbered on through the stack) instead of linking them "
                              "into 3-D objects")
-    volume.add_argument("--link_iou", type=float, default=LinkOptions.iou,
-                        help="objects of nearby sections whose masks overlap with an IoU above this are one 3-D "
-                             "object (matched one to one)")
-    volume.add_argument("--link_gap", type=int, default=LinkOptions.gap,
-                        help="an object missing from up to this many sections keeps its id when it reappears")
-    volume.add_argument("--min_sections", type=int, default=LinkOptions.min_sections,
-                        help="drop 3-D objects found in fewer sections")
+    add_link_arguments(volume)
     volume.add_argument("--resume", action="store_true",
                         help="continue an interrupted run in --output_dir from its last finished section "
                              "(same options)")

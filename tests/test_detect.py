@@ -243,3 +243,61 @@ def test_predict_tiles_at_the_training_scale(main, shared_data: Path, tmp_path: 
     with caplog.at_level(logging.INFO):
         assert main([*base, "--output_dir", str(tmp_path / "b"), "--tile_size", "1024"]) == 0
     assert "--tile_size 1024 is 4.0x the 256 px patches" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# detect predict on a volume: --link_merge (the linker itself: test_volumes.py)
+# ---------------------------------------------------------------------------------------------
+AMG = ["--mode", "amg", "--points_per_side", "2", "--pred_iou_thresh", "0", "--stability_score_thresh", "0", *SMALL]
+
+
+@pytest.mark.slow
+def test_predict_link_merge_joins_the_pieces_of_split_objects(main, em_crop, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 real EM sections, a TEST DOUBLE in place of SAM returning each section's ground-truth 2-D
+    components: with --link_merge the labels are those components linked with merge (fewer
+    objects: a mitochondrion shown as two pieces stays one), without it the one-to-one linking;
+    COCO keeps one annotation per piece, under its 3-D object's label."""
+    import inference
+    from stacks import Scored
+    from volumes import link_slices
+
+    images, truth = em_crop[0][:4], em_crop[1][:4]
+    by_pixels = {image.tobytes(): labels for image, labels in zip(images, truth)}
+
+    def ground_truth(self, image: np.ndarray):
+        labels = by_pixels[np.ascontiguousarray(image[..., 0]).tobytes()]
+        return labels, [Scored(1.0, 1.0)] * int(labels.max())
+
+    monkeypatch.setattr(inference.Segmenter, "__call__", ground_truth)
+    stack = tmp_path / "s.tif"
+    tifffile.imwrite(stack, images, photometric="minisblack")
+    for name, extra in (("plain", []), ("merged", ["--link_merge"])):
+        assert main(["detect", "predict", "--input", str(stack), "--output_dir", str(tmp_path / name),
+                     "--no_overlay", *AMG, *extra]) == 0
+    plain, merged = (tifffile.imread(tmp_path / name / "s_labels.tif") for name in ("plain", "merged"))
+    np.testing.assert_array_equal(plain, link_slices(truth))
+    np.testing.assert_array_equal(merged, link_slices(truth, merge=True))
+    assert merged.max() < plain.max()
+    coco = json.loads((tmp_path / "merged" / "coco.json").read_text())
+    frames = {img["id"]: img["frame_index"] for img in coco["images"]}
+    union = np.zeros(merged.shape, bool)
+    for ann in coco["annotations"]:
+        mask = rle_decode(ann["segmentation"])
+        assert (merged[frames[ann["image_id"]]][mask] == ann["label"]).all()
+        union[frames[ann["image_id"]]] |= mask
+    np.testing.assert_array_equal(union, merged > 0)
+    assert len(coco["annotations"]) == sum(int(s.max()) for s in truth)  # one per piece
+
+
+@pytest.mark.parametrize("other", [["--no_link"], ["--seed_labels", "seeds.tif"]])
+def test_predict_link_merge_where_nothing_is_linked_is_refused(main, tmp_path: Path, other: list[str],
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    stack = tmp_path / "s.tif"
+    tifffile.imwrite(stack, np.zeros((2, 32, 32), np.uint8), photometric="minisblack")
+    argv = ["detect", "predict", "--input", str(stack), "--output_dir", str(tmp_path / "out"), "--link_merge",
+            *AMG, *other]
+    with caplog.at_level(logging.ERROR):
+        assert main(argv) == 2
+    assert f"--link_merge joins pieces while linking sections, and {other[0]} links none" in caplog.text
+    assert not (tmp_path / "out").exists()

@@ -23,7 +23,8 @@ inscribed ellipse), scored alike: a box-prompted score means little until it is 
 Masks become one instance map by instances.py's rule (overlaps to the higher predicted IoU); the
 metrics (metrics.py) leave ``Sample.ignore`` out; reports.py writes ``per_image.csv``,
 ``per_group.csv``, ``per_fold.csv``, ``summary.json``, ``config.json`` and the figures, and for
-consecutive sections of a volume ``per_volume.csv``: voxel Dice / IoU and 3-D instance scores.
+consecutive sections of a volume ``per_volume.csv``: voxel Dice / IoU and 3-D instance scores,
+beside the ground truth's own per-section objects linked alike (the ceiling the linking sets).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import logging
 import re
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -54,6 +55,7 @@ from errors import UserError
 from heldout import Selection, data_options, select_data
 from instances import box_baseline
 from prompts import EVAL_PROMPTS, box_prompts
+from volumes import LinkOptions, add_link_arguments
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                      help="YOLO confidence threshold for the proposals (low = high recall)")
     det.add_argument("--iou", type=float, default=0.7, help="YOLO NMS IoU threshold")
     det.add_argument("--max_det", type=int, default=1000, help="most YOLO boxes per image")
+    add_link_arguments(parser.add_argument_group(
+        "volumes (per_volume.csv): how per-section predictions, and the ground truth's per-section objects, "
+        "are linked into 3-D objects"))
     fig = parser.add_argument_group("figures")
     fig.add_argument("--visualize", action="store_true",
                      help="per image: image | ground truth | prediction of each model (contours)")
@@ -189,6 +194,8 @@ def parse_sources(args: argparse.Namespace) -> list[runs.ModelSource]:
         if name.startswith("baseline"):
             raise UserError(f"model name {name!r}: names starting with 'baseline' are reserved for "
                             "the trivial box / ellipse baselines")
+        if name == reports.GROUND_TRUTH_LINKED:
+            raise UserError(f"model name {name!r} is reserved for the row of the linked ground truth (per_volume.csv)")
         if name.startswith(YOLO_PREFIX):
             raise UserError(f"model name {name!r}: names starting with {YOLO_PREFIX!r} are reserved for "
                             "the detector-prompted rows of --prompt yolo")
@@ -392,7 +399,7 @@ def detection_summary(detector: Detector, selection: Selection) -> dict[str, Any
 
 def make_config(args: argparse.Namespace, sources: Sequence[runs.ModelSource], selection: Selection,
                 bases: adapters.BaseModels, options: Mapping[str, Any], run_dirs: Sequence[Path],
-                detector: Detector | None) -> reports.EvaluateConfig:
+                detector: Detector | None, link: LinkOptions) -> reports.EvaluateConfig:
     """The record of this evaluation (config.json)."""
     return reports.EvaluateConfig(
         data={k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()},
@@ -406,7 +413,7 @@ def make_config(args: argparse.Namespace, sources: Sequence[runs.ModelSource], s
               "stability_score_thresh": args.stability_score_thresh} if args.prompt == "auto" else None,
         detector=detector.record() if detector is not None else None, plot=args.plot,
         protocol=inference.PROTOCOLS[args.prompt],
-        compare=len(sources) > 1 or bool(args.compare))
+        compare=len(sources) > 1 or bool(args.compare), link=asdict(link))
 
 
 
@@ -460,6 +467,7 @@ def run(args: argparse.Namespace) -> int:
         direct = {s.path: adapters.read_adapter(s.path)[0] for s in sources if s.kind == "adapter"}
         adapters.resolve_model_options(args.model_type, args.image_size, direct, run_config)  # refuse a mismatch first
         options = data_options(args, run_dirs, run_config)
+        link = LinkOptions(args.link_iou, args.link_gap, args.min_sections, args.link_merge)
         out = runfiles.OutputDir(args.output_dir, "evaluate")
         protected = [options["data_dir"], *run_dirs]
         out.check(args.overwrite, protected=protected)
@@ -478,7 +486,7 @@ def run(args: argparse.Namespace) -> int:
         rows: list[dict[str, Any]] = []
         visuals: dict[int, dict[str, np.ndarray]] = defaultdict(dict)
         # 3-D scores of volume sections (not of --max_objects subsets: each section prompts other objects)
-        volumes = reports.VolumeScores(selection.samples, [] if args.max_objects else selection.indices)
+        volumes = reports.VolumeScores(selection.samples, [] if args.max_objects else selection.indices, link)
         for job in jobs:
             job_rows, job_visuals = score_job(args, job, bases, selection, keep, detector, len(sources), volumes)
             rows += job_rows
@@ -488,7 +496,7 @@ def run(args: argparse.Namespace) -> int:
         if not baselines:
             log.info("no box / ellipse baselines: they need box prompts (--prompt box)")
         rows += score_baselines(selection, baselines, volumes, detector)
-        config = make_config(args, sources, selection, bases, options, run_dirs, detector)
+        config = make_config(args, sources, selection, bases, options, run_dirs, detector, link)
         sets = row_sets(args.prompt, sources, baselines, detector)
         reports.write_evaluation(args.output_dir, reports.Evaluation(
             config, rows, sets, selection.samples, selection.indices, bool(selection.fold_of), visuals,

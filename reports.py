@@ -21,7 +21,7 @@ import figures
 import metrics
 import runfiles
 from sample import Sample
-from volumes import IN_PLANE_AND_FACE, link_slices
+from volumes import IN_PLANE_AND_FACE, LinkOptions, link_slices
 
 log = logging.getLogger(__name__)
 
@@ -237,19 +237,24 @@ def fold_summary(fold_table: Sequence[Mapping[str, Any]]) -> dict[str, dict[str,
 # --------------------------------------------------------------------------------------------
 # 3-D scores of volume sections
 # --------------------------------------------------------------------------------------------
+GROUND_TRUTH_LINKED = "ground_truth_linked"  # the per-section ground truth linked: what the linker allows
 VOLUME_PROTOCOL = ("per run of consecutive whole sections of a volume: ground-truth 3-D objects = connected "
                    "components of the ground-truth foreground (8-connected in a section, joined where sections "
                    "overlap); predicted 3-D objects = the per-section predictions linked by volumes.link_slices "
-                   "(defaults); dice / iou over the voxels; precision50 / recall50 / f1_50 at 3-D IoU > 0.5; "
-                   "ap50 / ap75 = COCO 101-point AP, predictions ranked by size (MitoEM)")
+                   "(config.json's link options); dice / iou over the voxels; precision50 / recall50 / f1_50 at "
+                   "3-D IoU > 0.5; ap50 / ap75 = COCO 101-point AP, predictions ranked by size (MitoEM); row "
+                   f"{GROUND_TRUTH_LINKED} = the ground truth's own per-section objects (a perfect 2-D "
+                   "segmentation) linked alike: the ceiling the linking sets on every model's 3-D scores")
 
 
 class VolumeScores:
     """Collects the per-section predictions of the selected volume sections (whole sections in runs
-    of two or more consecutive ones) and scores each run in 3-D (metrics.volume_metrics)."""
+    of two or more consecutive ones) and scores each run in 3-D (metrics.volume_metrics), the
+    per-section predictions and ground truth (the ceiling row) linked with ``link``."""
 
-    def __init__(self, samples: Sequence[Sample], indices: Sequence[int]) -> None:
+    def __init__(self, samples: Sequence[Sample], indices: Sequence[int], link: LinkOptions = LinkOptions()) -> None:
         self.samples = samples
+        self.link = link
         by_volume: dict[str, list[int]] = defaultdict(list)
         for i in indices:
             s = samples[i]
@@ -273,16 +278,20 @@ class VolumeScores:
             self.predictions[name][i] = pred
 
     def rows(self, names: Sequence[str]) -> list[dict[str, Any]]:
-        """One row per (row name, run of sections): its 3-D scores."""
+        """One row per (row name, run of sections): its 3-D scores; then the run's
+        :data:`GROUND_TRUTH_LINKED` row (its per-section ground-truth objects linked)."""
         out = []
         for volume, run in self.runs:
             truth = ndimage.label(np.stack([self.samples[i].labels > 0 for i in run]), IN_PLANE_AND_FACE,
                                   output=np.int32)[0]
-            for name in names:
-                preds = self.predictions.get(name, {})
-                if all(i in preds for i in run):
-                    scores = metrics.volume_metrics(truth, link_slices(np.stack([preds[i] for i in run])))
-                    out.append({"model": name, "volume": volume, "n_sections": len(run), **scores})
+            stacks = {name: [self.predictions.get(name, {}).get(i) for i in run] for name in names}
+            stacks[GROUND_TRUTH_LINKED] = [self.samples[i].labels for i in run]
+            for name, sections in stacks.items():
+                if all(section is not None for section in sections):
+                    linked = link_slices(np.stack(sections), self.link.iou, self.link.gap, self.link.min_sections,
+                                         self.link.merge)
+                    out.append({"model": name, "volume": volume, "n_sections": len(run),
+                                **metrics.volume_metrics(truth, linked)})
         return out
 
 
@@ -317,6 +326,7 @@ class EvaluateConfig:
     detector: dict[str, Any] | None = None
     plot: bool = False
     compare: bool = False
+    link: dict[str, Any] | None = None  # volumes.LinkOptions of the 3-D scores
 
 
 @dataclass

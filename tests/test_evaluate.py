@@ -300,8 +300,8 @@ def test_volume_scores_link_and_score_runs_of_sections(em_stack_dir) -> None:
         scores.add("model", i, pred)
     truth = ndimage.label(np.stack([samples[i].labels > 0 for i in (0, 1)]), IN_PLANE_AND_FACE)[0]
     expected = volume_metrics(truth, link_slices(np.stack([preds[0], preds[1]])))
-    assert scores.rows(["model", "absent"]) == [{"model": "model", "volume": "training.tif[0:2]", "n_sections": 2,
-                                                  **expected}]
+    assert scores.rows(["model", "absent"])[0] == {"model": "model", "volume": "training.tif[0:2]", "n_sections": 2,
+                                                   **expected}
     # Known without volume_metrics: the prediction is the truth's foreground rolled 3 px along x,
     # which keeps its voxel count, so Dice = |G & P| / |G| and IoU = |G & P| / (2 |G| - |G & P|).
     fg = np.stack([samples[i].labels > 0 for i in (0, 1)])
@@ -317,13 +317,40 @@ def test_volume_scores_link_and_score_runs_of_sections(em_stack_dir) -> None:
     assert row["n_gt"] == connected_components(graph, directed=False)[0] < n0 + n1
 
 
+def test_volume_scores_give_the_ceiling_of_the_linked_ground_truth(em_stack) -> None:
+    """A run's ground_truth_linked row (the real EM volume training.tif, 15 sections) scores the
+    ground truth's own per-section 2-D components, linked with the same options, against its 3-D
+    components: a perfect 2-D segmentation, whose 3-D scores the linking alone caps; with
+    --link_merge the cap rises."""
+    from scipy import ndimage
+
+    from metrics import volume_metrics
+    from reports import GROUND_TRUTH_LINKED, IN_PLANE_AND_FACE, VolumeScores
+    from volumes import LinkOptions, link_slices
+
+    run = [i for i, s in enumerate(em_stack) if s.volume == "training.tif"]
+    foreground = np.stack([em_stack[i].labels > 0 for i in run])
+    components = np.stack([ndimage.label(section, np.ones((3, 3)))[0] for section in foreground])
+    truth = ndimage.label(foreground, IN_PLANE_AND_FACE)[0]
+    rows = {}
+    for merge in (False, True):
+        rows[merge] = VolumeScores(em_stack, run, LinkOptions(merge=merge)).rows([])
+        expected = volume_metrics(truth, link_slices(components, merge=merge))
+        assert rows[merge] == [{"model": GROUND_TRUTH_LINKED, "volume": "training.tif", "n_sections": len(run),
+                                **expected}]
+    plain, merged = rows[False][0], rows[True][0]
+    assert plain["dice"] == 1.0 and plain["recall50"] == 1.0  # every voxel right, every object found ...
+    assert plain["n_pred"] > plain["n_gt"] and plain["ap75"] < 1.0  # ... yet objects split by the linking
+    assert plain["n_gt"] < merged["n_pred"] < plain["n_pred"] and merged["ap75"] > plain["ap75"]
+
+
 @pytest.mark.slow
 def test_evaluate_on_a_stack_reports_3d_scores(main, em_stack_dir, tmp_path):
     out = tmp_path / "eval"
     assert main(["evaluate", "--data_dir", str(em_stack_dir), "--split", "all", "--output_dir", str(out),
                  "--bootstrap", "10", *SMALL]) == 0
     rows = {r["model"]: r for r in csv.DictReader(open(out / "per_volume.csv"))}
-    assert set(rows) == {"base", *BASELINES}
+    assert set(rows) == {"base", *BASELINES, "ground_truth_linked"}
     assert {r["volume"] for r in rows.values()} == {"training.tif"} and rows["base"]["n_sections"] == "4"
     summary = json.loads((out / "summary.json").read_text())
     assert "per_volume.csv" in summary["files"] and "connected components" in summary["volume_protocol"]
@@ -331,3 +358,12 @@ def test_evaluate_on_a_stack_reports_3d_scores(main, em_stack_dir, tmp_path):
     for row in rows.values():
         assert 0.0 <= float(row["dice"]) <= 1.0 and 0.0 <= float(row["ap75"]) <= float(row["ap50"]) <= 1.0
     assert float(rows["baseline_box"]["recall50"]) > 0  # boxes of the true objects find some of them in 3-D
+    assert float(rows["ground_truth_linked"]["dice"]) == 1.0 and "ground_truth_linked" in summary["volume_protocol"]
+    assert json.loads((out / "config.json").read_text())["link"] == {"iou": 0.25, "gap": 1, "min_sections": 1,
+                                                                     "merge": False}
+
+
+def test_evaluate_refuses_the_name_of_the_ceiling_row(main, em_stack_dir, tmp_path):
+    assert main(["evaluate", "--data_dir", str(em_stack_dir), "--output_dir", str(tmp_path / "eval"),
+                 "--compare", "ground_truth_linked=base", *SMALL]) == 2
+    assert not (tmp_path / "eval").exists()

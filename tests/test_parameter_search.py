@@ -442,3 +442,14 @@ def test_nested_refuses_what_the_outer_scores_steer(em4: Path, tmp_path: Path, e
     assert main(argv) == 2
     assert any("--nested needs --sampler grid without --prune" in r.getMessage() for r in caplog.records)
     assert not (tmp_path / "s").exists()
+
+
+def test_nested_refuses_an_outer_fold_it_cannot_split(em3: Path, tmp_path: Path, caplog) -> None:
+    """Three consecutive sections in blocks of two, two folds: one outer fold trains on a single
+    block, which cannot be cross-validated inside: one line, exit 2, nothing written."""
+    argv = ["parameter_search", "--data_dir", str(em3), "--output_dir", str(tmp_path / "s"), *FAST,
+            "--slice_block", "2", "--fold_gap", "0", "--lora_ranks", "2", "--lora_alphas", "2",
+            "--learning_rates", "1e-3", "--nested"]
+    assert main(argv) == 2
+    assert any("--nested: the training part of outer fold" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "s").exists()

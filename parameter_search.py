@@ -245,10 +245,12 @@ def joins(out: runfiles.OutputDir, identity: dict[str, Any], defaults: dict[str,
     another search's directory unless ``overwrite``, and a directory of other files. Changes nothing."""
     path = out.path / SEARCH_FILE
     previous = runs.read_json(path, "a parameter search") if path.is_file() else None
-    # another space on the same data and options may share the directory (its study tells them
-    # apart): its finished configurations are read, not trained again
-    diff = [] if previous is None else \
-        runs.differences({k: v for k, v in previous.items() if k != "space"}, identity, defaults)
+    # another space, or the same one nested, on the same data and options may share the directory
+    # (its study tells them apart): its finished configurations are read, not trained again
+    def shared(record: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in record.items() if k not in ("space", "nested")}
+
+    diff = [] if previous is None else runs.differences(shared(previous), shared(identity), defaults)
     if diff and not overwrite:
         raise UserError(f"{out.path} holds a search with other options or data ({'; '.join(diff[:3])}): use the "
                         "same options, --overwrite, or a new --output_dir")

@@ -453,3 +453,20 @@ def test_nested_refuses_an_outer_fold_it_cannot_split(em3: Path, tmp_path: Path,
     assert main(argv) == 2
     assert any("--nested: the training part of outer fold" in r.getMessage() for r in caplog.records)
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_a_finished_search_gets_its_nested_estimate_later(em4: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same command with --nested and another --study_name in a finished search's directory
+    reads the outer runs and trains only the searches inside the folds."""
+    calls: list[tuple[str, str, list[int], list[int]]] = []
+    monkeypatch.setattr(trainer, "run_fold", noisy_run_fold(calls))
+    out = tmp_path / "search"
+    argv = ["parameter_search", "--data_dir", str(em4), "--output_dir", str(out), *FAST, *GRID]
+    assert main(argv) == 0
+    assert json.loads((out / "best_config.json").read_text())["estimate"]["kind"] == "none"
+    calls.clear()
+    assert main([*argv, "--nested", "--study_name", "nested"]) == 0
+    assert len(calls) == 4 * 2 * 2 and all("nested" in Path(c[1]).parts for c in calls)
+    assert json.loads((out / "best_config.json").read_text())["estimate"]["kind"] == "nested"

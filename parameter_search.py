@@ -3,7 +3,10 @@
 Every configuration trains on the same folds (one ``folds.json`` at the top) in its own
 sub-directory; ``results.csv`` ranks them by the cross-validated estimate (crossval.py: each
 fold's checkpoint chosen on an inner split, scored on the outer fold) and ``best_config.json``
-names the winner. The search is an Optuna study (studies.py) in ``--storage``: the same command
+names the winner. ``cv_dice`` is the selection score (the winner's is biased upwards: it was
+chosen on the folds that give it); ``best_config.json`` ``estimate`` gives the winner an unbiased
+figure from a fixed test split or, with ``--nested``, from the search repeated inside each outer
+fold (search_estimate.py). The search is an Optuna study (studies.py) in ``--storage``: the same command
 started again, on this machine or another one that sees the same output directory, adds a
 worker to it. ``--sampler grid`` trains every combination of the lists, ``--sampler tpe`` draws
 ``--n_trials`` configurations between the bounds; ``--prune`` stops a configuration after a
@@ -30,6 +33,7 @@ import folds as folds_lib
 import model as sam_model
 import runfiles
 import runs
+import search_estimate
 import studies
 from errors import UserError
 from sample import Sample
@@ -41,7 +45,7 @@ log = logging.getLogger(__name__)
 SEARCH_FILE = "search.json"
 GRID_KEYS = studies.SPACE_KEYS + ("lora_blocks",)  # the searched options: not part of the base identity
 COLUMNS = ["name", "lora_rank", "lora_alpha", "learning_rate", "cv_dice", "cv_dice_std", "cv_dice_ci_low",
-           "cv_dice_ci_high", "cv_iou", "n_images", "folds", "run", "lora_blocks", "state"]
+           "cv_dice_ci_high", "cv_iou", "n_images", "folds", "run", "lora_blocks", "augmentation", "ranked_by", "state"]
 LIST_FLAGS = ("--lora_ranks", "--lora_alphas", "--learning_rates")
 LIST_DEFAULTS = ("2,4,8,16", "2,4,8", "1e-4,3e-4,1e-3")  # a grid; with TPE, the ranges they span
 
@@ -84,6 +88,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "configurations at that fold (Optuna's MedianPruner, folds as steps)")
     search.add_argument("--prune_startup", type=int, default=5,
                         help="with --prune: configurations that finish before any is pruned")
+    search.add_argument("--nested", action="store_true",
+                        help="without a fixed test split: repeat the search inside each outer fold (every "
+                             "configuration cross-validated on the fold's training part) to give the chosen "
+                             "configuration an unbiased estimate (best_config.json estimate); trains about "
+                             "--num_folds times more; grid sampler, no --prune")
     search.add_argument("--storage", help="the study's database: any URL Optuna accepts, e.g. "
                                           "postgresql://user:password@host/db for workers on several machines; "
                                           "None: sqlite:///<output_dir>/study.db")
@@ -106,6 +115,9 @@ def search_space(args: argparse.Namespace) -> studies.SearchSpace:
         raise UserError(f"--prune_startup must be >= 0, got {args.prune_startup}")
     if args.heartbeat < 1:
         raise UserError(f"--heartbeat must be at least 1 second, got {args.heartbeat}")
+    if args.nested and (args.sampler != "grid" or args.prune):
+        raise UserError("--nested needs --sampler grid without --prune: TPE's draws and the pruner's stops are "
+                        "decided by the outer folds' scores, which the nested estimate must not see")
     lists = {}
     for key, flag, kind, default in zip(studies.SPACE_KEYS, LIST_FLAGS, (int, float, float), LIST_DEFAULTS):
         text = getattr(args, flag[2:])
@@ -138,6 +150,8 @@ class Search:
     num_workers: int
     cache_memory_gb: float
     embeddings: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # frozen encoder: one per image
+    inner_folds: list[list[folds_lib.Fold]] | None = None  # --nested: each outer fold's own folds
+    has_test: bool = False  # a fixed test split: the winner's estimate
 
 
 def run(args: argparse.Namespace) -> int:
@@ -152,12 +166,20 @@ def run(args: argparse.Namespace) -> int:
     url = args.storage or studies.default_storage(out.path)
     name = args.study_name or out.path.resolve().name
     samples = data.load_from_options(args)
-    identity = search_identity(base, space, studies.data_fingerprint(samples))
-    defaults = studies.identity_defaults(runs.option_defaults(base))  # options newer than a recorded search
+    has_test = bool(folds_lib.split_test(samples)[1])
+    nested = args.nested and not has_test
+    if args.nested and has_test:
+        log.info("--nested is not needed: the data has a fixed test split, which gives the chosen configuration "
+                 "its estimate")
+    identity = search_identity(base, space, studies.data_fingerprint(samples), nested)
+    defaults = {**studies.identity_defaults(runs.option_defaults(base)), "nested": False}  # newer than a record
     resume = joins(out, identity, defaults, args.overwrite)
     folds = crossval.plan_folds(base, samples, resume)  # impossible folds: refused before any write
-    check_cache_budget([configuration(base, base.lora_rank, base.lora_alpha, base.learning_rate, spec)
-                        for spec in space.lora_blocks], len(samples), args.cache_memory_gb, None)  # bad specs refused
+    inner = search_estimate.inner_folds(base, samples, folds) if nested else None  # refused before any write too
+    variants = [configuration(base, base.lora_rank, base.lora_alpha, base.learning_rate, spec)
+                for spec in space.lora_blocks]  # bad specs refused
+    check_cache_budget(variants, len(samples), args.cache_memory_gb, None)
+    warn_mixed_augmentation(variants)
     if has_study(args, out):  # before out.lock() creates the directory
         studies.precheck(url, name, identity, defaults, args.overwrite, args.heartbeat)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=args.prune_startup) if args.prune else \
@@ -175,20 +197,41 @@ def run(args: argparse.Namespace) -> int:
                                    args.overwrite, pruner)
         if (out.path / studies.STUDY_DB).is_file():
             out.add(out.path / studies.STUDY_DB)
-    search = Search(base, space, samples, folds, device, args.num_workers, args.cache_memory_gb)
+    search = Search(base, space, samples, folds, device, args.num_workers, args.cache_memory_gb,
+                    inner_folds=inner, has_test=has_test)
     with out.active("search.log"):
         log.info("worker %s joins study %r in %s (%s sampler, %d configurations)", studies.worker_name(), name,
                  studies.shown(url), space.sampler, space.budget)
         studies.run_worker(study, space, out.lock, lambda trial: objective(trial, search), args.heartbeat)
-        write_outputs(out.path, base, space, study, random_weights)
+        write_outputs(out, search, study, random_weights)
     return 0
 
 
-def search_identity(base: TrainConfig, space: studies.SearchSpace, fingerprint: str) -> dict[str, Any]:
+def search_identity(base: TrainConfig, space: studies.SearchSpace, fingerprint: str,
+                    nested: bool = False) -> dict[str, Any]:
     """What the search is (search.json, the study's identity): the training options it does not
-    search, its space and the data's fingerprint."""
+    search, its space, the data's fingerprint and whether it is repeated inside the folds."""
     return {"base": {k: v for k, v in base.to_json().items() if k not in GRID_KEYS + ("output_dir",)},
-            "space": space.record(), "data": fingerprint}
+            "space": space.record(), "data": fingerprint, "nested": nested}
+
+
+def augmentation(config: TrainConfig) -> str:
+    """What a configuration trains with (results.csv's ``augmentation``): a cached encoder start
+    (frozen encoder, late LoRA) sees only its fixed flip / rotation views, without intensity changes."""
+    if not config.augment:
+        return "none"
+    if config.cached:
+        return f"{config.augment_variants} fixed flip/rotation view(s), no intensity"
+    return "random flip/rotation (8 views) + intensity"
+
+
+def warn_mixed_augmentation(configs: Sequence[TrainConfig]) -> None:
+    """Say up front when the searched LoRA blocks train with different augmentation."""
+    kinds = {config.lora_blocks: augmentation(config) for config in configs}
+    if len(set(kinds.values())) > 1:
+        log.warning("the searched --lora_blocks train with different augmentation (%s): a cached encoder start "
+                    "gets fixed views only; a difference in cv_dice between them includes the augmentation "
+                    "(results.csv: augmentation)", "; ".join(f"{k}: {v}" for k, v in kinds.items()))
 
 
 def has_study(args: argparse.Namespace, out: runfiles.OutputDir) -> bool:
@@ -202,9 +245,12 @@ def joins(out: runfiles.OutputDir, identity: dict[str, Any], defaults: dict[str,
     another search's directory unless ``overwrite``, and a directory of other files. Changes nothing."""
     path = out.path / SEARCH_FILE
     previous = runs.read_json(path, "a parameter search") if path.is_file() else None
-    # another space on the same data and options may share the directory (its study tells them
-    # apart): its finished configurations are read, not trained again
-    diff = runs.differences({k: v for k, v in (previous or {}).items() if k != "space"}, identity, defaults)
+    # another space, or the same one nested, on the same data and options may share the directory
+    # (its study tells them apart): its finished configurations are read, not trained again
+    def shared(record: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in record.items() if k not in ("space", "nested")}
+
+    diff = [] if previous is None else runs.differences(shared(previous), shared(identity), defaults)
     if diff and not overwrite:
         raise UserError(f"{out.path} holds a search with other options or data ({'; '.join(diff[:3])}): use the "
                         "same options, --overwrite, or a new --output_dir")
@@ -240,8 +286,28 @@ def objective(trial: optuna.Trial, search: Search) -> float:
                  studies.worker_name())
         summary = train_configuration(config, search, pruning(trial, config))
     row = result_row(config, summary)
+    if search.inner_folds is not None:
+        row["nested"] = nested_scores(config, search)
     trial.set_user_attr(studies.RESULT, row)
     return row["cv_dice"]
+
+
+def nested_scores(config: TrainConfig, search: Search) -> list[float | None]:
+    """``--nested``: the configuration cross-validated inside each outer fold's training part
+    (finished ones read), its inner cross-validated Dice per outer fold (None: nothing scored)."""
+    scores = []
+    for k, inner in enumerate(search.inner_folds or []):
+        run = dataclasses.replace(config, output_dir=str(search_estimate.nested_dir(config, k)), final_fit=False)
+        path = Path(run.output_dir) / runs.SUMMARY_FILE
+        if path.is_file():
+            summary = runs.read_json(path, "a finished inner cross-validation")
+        else:
+            log.info("%s: the search inside outer fold %d (%d inner folds)", Path(config.output_dir).name, k,
+                     len(inner))
+            summary = train_configuration(run, search, None, inner)
+        cv = summary["cv_estimate"]
+        scores.append(float(cv["dice"]["mean"]) if cv["n_images"] else None)
+    return scores
 
 
 def pruning(trial: optuna.Trial, config: TrainConfig) -> Callable[[int, dict[str, Any]], None]:
@@ -266,15 +332,16 @@ def pruning(trial: optuna.Trial, config: TrainConfig) -> Callable[[int, dict[str
     return after_fold
 
 
-def train_configuration(config: TrainConfig, search: Search,
-                        after_fold: Callable[[int, dict[str, Any]], None] | None) -> dict[str, Any]:
-    """Train one configuration on the shared folds in its sub-directory (resuming a dead or
-    interrupted worker's folds); its summary."""
+def train_configuration(config: TrainConfig, search: Search, after_fold: Callable[[int, dict[str, Any]], None] | None,
+                        folds: Sequence[folds_lib.Fold] | None = None) -> dict[str, Any]:
+    """Train one configuration on the shared folds (or ``folds``) in its sub-directory (resuming
+    a dead or interrupted worker's folds); its summary."""
     resume = (Path(config.output_dir) / runs.CONFIG_FILE).is_file()
     # the search owns its sub-directories: one a worker claimed but never started is taken over
     out = runs.claim_output_dir(config, resume=resume, overwrite=not resume)
     with out.active():  # run_training writes the shared folds there: `evaluate --cv_run` works on it
-        return crossval.run_training(config, search.samples, search.device, search.num_workers, folds=search.folds,
+        return crossval.run_training(config, search.samples, search.device, search.num_workers,
+                                     folds=search.folds if folds is None else folds,
                                      cache_memory_gb=search.cache_memory_gb, embeddings=search.embeddings,
                                      after_fold=after_fold)
 
@@ -282,7 +349,8 @@ def train_configuration(config: TrainConfig, search: Search,
 def config_columns(config: TrainConfig) -> dict[str, Any]:
     """The columns of results.csv that name a configuration (finished or pruned)."""
     return {"name": Path(config.output_dir).name, "lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha,
-            "learning_rate": config.learning_rate, "run": config.output_dir, "lora_blocks": config.lora_blocks}
+            "learning_rate": config.learning_rate, "run": config.output_dir, "lora_blocks": config.lora_blocks,
+            "augmentation": augmentation(config)}
 
 
 def result_row(config: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
@@ -294,14 +362,17 @@ def result_row(config: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
             "state": "complete"}
 
 
-def write_outputs(root: Path, base: TrainConfig, space: studies.SearchSpace, study: optuna.Study,
-                  random_weights: bool) -> None:
-    """results.csv, best_config.json, history.png and importance.png from the study."""
+def write_outputs(out: runfiles.OutputDir, search: Search, study: optuna.Study, random_weights: bool) -> None:
+    """results.csv, best_config.json (with the winner's unbiased estimate), history.png and
+    importance.png from the study."""
+    root, base, space = out.path, search.base, search.space
     rows = studies.result_rows(study)
     if not rows or rows[0]["state"] != "complete":
         log.warning("parameter search: no configuration finished yet; nothing to rank")
         return
-    write_results(root, base, rows)
+    with out.lock():  # a final fit for the test split is trained once, whichever workers finish together
+        estimate = winner_estimate(rows, search)
+    write_results(root, base, rows, estimate)
     figures.save_search_history(root / "history.png", studies.history(study), "parameter search: cross-validated "
                                 "Dice per trial", random_weights)
     importance = studies.importances(study, base.seed)
@@ -313,19 +384,50 @@ def write_outputs(root: Path, base: TrainConfig, space: studies.SearchSpace, stu
                                 random_weights, fixed=space.fixed)
 
 
-def write_results(root: Path, base: TrainConfig, results: list[dict[str, Any]]) -> None:
+def winner_estimate(rows: Sequence[dict[str, Any]], search: Search) -> dict[str, Any]:
+    """The best row's unbiased estimate (search_estimate.py): its final model on the fixed test
+    split (trained now unless ``--final_fit`` made it), the nested estimate, or none."""
+    best = rows[0]
+    if search.has_test:
+        return search_estimate.test_split(final_fit_summary(best, search), best["run"])
+    if search.inner_folds is not None:
+        return search_estimate.nested(rows, len(search.folds), lambda run: runs.read_json(
+            Path(run) / runs.SUMMARY_FILE, "a finished training run"), seed=search.base.seed)
+    return search_estimate.none("the data has no fixed test split and the search ran without --nested")
+
+
+def final_fit_summary(best: dict[str, Any], search: Search) -> dict[str, Any]:
+    """The best configuration's summary with its final model's test score: read when it has one,
+    else its final fit trained now in its run (the folds are read from their done.json)."""
+    summary = runs.read_json(Path(best["run"]) / runs.SUMMARY_FILE, "a finished training run")
+    if "test" in summary:
+        return summary
+    config = dataclasses.replace(configuration(search.base, best["lora_rank"], best["lora_alpha"],
+                                               best["learning_rate"], best["lora_blocks"]), final_fit=True)
+    log.info("%s: retrained on all training data for the fixed test split (the chosen configuration's estimate)",
+             best["name"])
+    out = runfiles.OutputDir(config.output_dir, "train").claim(overwrite=False, resume=True)
+    with out.active():
+        return crossval.run_training(config, search.samples, search.device, search.num_workers, folds=search.folds,
+                                     cache_memory_gb=search.cache_memory_gb, embeddings=search.embeddings)
+
+
+def write_results(root: Path, base: TrainConfig, results: list[dict[str, Any]], estimate: dict[str, Any]) -> None:
     """results.csv (rows in the order given: best first) and best_config.json; logs the ranking."""
-    runfiles.write_csv(root / "results.csv", results, COLUMNS)
+    runfiles.write_csv(root / "results.csv", [{**r, "ranked_by": search_estimate.SELECTION} for r in results],
+                       COLUMNS)
     best = results[0]
     runfiles.write_json(root / "best_config.json", {
-        **best, "config": {**base.to_json(), "lora_rank": best["lora_rank"], "lora_alpha": best["lora_alpha"],
-                           "learning_rate": best["learning_rate"], "lora_blocks": best["lora_blocks"],
-                           "output_dir": str(root / best["name"])}})
-    log.info("parameter search: %d configurations; best %s with cross-validated Dice %.4f +- %.4f",
-             len(results), best["name"], best["cv_dice"], best["cv_dice_std"])
+        **best, "selection_score": search_estimate.SELECTION_NOTE, "estimate": estimate,
+        "config": {**base.to_json(), "lora_rank": best["lora_rank"], "lora_alpha": best["lora_alpha"],
+                   "learning_rate": best["learning_rate"], "lora_blocks": best["lora_blocks"],
+                   "output_dir": str(root / best["name"])}})
+    log.info("parameter search: %d configurations; best %s with cross-validated Dice %.4f +- %.4f (its selection "
+             "score)", len(results), best["name"], best["cv_dice"], best["cv_dice_std"])
     for r in results:
         if r["state"] == "complete":
             log.info("  %-28s Dice %.4f +- %.4f [%.4f, %.4f]", r["name"], r["cv_dice"], r["cv_dice_std"],
                      r["cv_dice_ci_low"], r["cv_dice_ci_high"])
         else:
             log.info("  %-28s pruned after %d fold(s)", r["name"], r["folds"])
+    search_estimate.log_estimate(best["name"], estimate)

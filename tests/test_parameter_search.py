@@ -318,3 +318,155 @@ def test_overwrite_replaces_the_study_in_its_database(em4: Path, tmp_path: Path,
     assert sorted(collections.Counter(calls).values()) == [4, 4, 4, 4]
     assert [t.state for t in trials(out)] == [optuna.trial.TrialState.COMPLETE] * 4
     assert len((out / "results.csv").read_text().splitlines()) == 5
+
+
+def noisy_run_fold(calls: list[tuple[str, str, list[int], list[int]]]) -> Any:
+    """trainer.run_fold without training: every image's Dice is a fixed pseudo-random number of
+    (configuration, image), so no configuration is truly better; each call is recorded as
+    (configuration, run directory, training + selection indices, scored indices)."""
+    import zlib
+
+    import runfiles
+    import runs
+
+    def run_fold(config, samples, fold, train_idx, select_idx, score_idx, **kwargs):
+        name = Path(config.output_dir).name if "nested" not in Path(config.output_dir).parts else \
+            Path(config.output_dir).parents[1].name
+        calls.append((name, config.output_dir, sorted([*train_idx, *select_idx]), list(score_idx)))
+        rows = [{"index": i, "key": samples[i].key, "iou": 0.0,
+                 "dice": 0.3 + 0.6 * (zlib.crc32(f"{name}/{samples[i].key}".encode()) % 1000) / 1000}
+                for i in score_idx]
+        result = {"fold": fold, "best_epoch": 0, "selection": "fake", "adapter": "none", "scored": rows}
+        runfiles.write_json((kwargs.get("fold_dir") or runs.fold_dir(Path(config.output_dir), fold)) / "done.json",
+                            result)  # as trainer.run_fold does: a finished fold is read, not trained again
+        return result
+    return run_fold
+
+
+@pytest.mark.slow
+def test_nested_search_gives_the_winner_an_unbiased_estimate(em4: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """--nested: each configuration is cross-validated again inside each outer fold's training
+    part (never on that fold's images); per outer fold the best inner score picks a configuration,
+    whose outer-fold images give best_config.json's estimate (kind nested). results.csv says that
+    cv_dice is the selection score."""
+    import runfiles
+
+    calls: list[tuple[str, str, list[int], list[int]]] = []
+    monkeypatch.setattr(trainer, "run_fold", noisy_run_fold(calls))
+    out = tmp_path / "search"
+    argv = ["parameter_search", "--data_dir", str(em4), "--output_dir", str(out), *FAST, *GRID, "--nested"]
+    assert main(argv) == 0
+    outer = json.loads((out / "folds.json").read_text())["folds"]
+    for name, run, trained_on, scored in calls:
+        if "nested" in Path(run).parts:  # the search inside outer fold k sees only that fold's training part
+            k = int(Path(run).name.split("_")[1])
+            assert set(trained_on) | set(scored) <= set(outer[k]["train"])
+    assert len(calls) == 4 * 2 + 4 * 2 * 2  # 4 configurations x (2 outer folds + 2 x 2 inner folds)
+    rows = runfiles.read_csv(out / "results.csv")
+    assert {r["ranked_by"] for r in rows} == {"cv_dice (selection score)"}
+    best = json.loads((out / "best_config.json").read_text())
+    estimate = best["estimate"]
+    assert estimate["kind"] == "nested" and "selection score" in best["selection_score"]
+    scored = []
+    for k, fold in enumerate(estimate["per_fold"]):
+        inner = {r["name"]: json.loads((out / r["name"] / "nested" / f"outer_{k}" / "summary.json").read_text())
+                 ["cv_estimate"]["dice"]["mean"] for r in rows}
+        assert fold["chosen"] == max(sorted(inner), key=lambda n: inner[n])  # the best inner score picks
+        chosen = json.loads((out / fold["chosen"] / "summary.json").read_text())["folds"][k]["scored"]
+        assert {s["index"] for s in chosen} == set(outer[k]["val"])
+        scored += [s["dice"] for s in chosen]
+    assert estimate["n_images"] == 4 and estimate["dice"]["mean"] == pytest.approx(sum(scored) / 4)
+    assert best["cv_dice"] >= max(float(r["cv_dice"]) for r in rows)  # the winner's score is the maximum
+    monkeypatch.setattr(trainer, "run_fold", lambda *a, **k: pytest.fail("re-trained finished work"))
+    assert main(argv) == 0  # a re-run reads every inner cross-validation
+
+
+@pytest.mark.slow
+def test_the_winner_is_scored_once_on_the_fixed_test_split(em_split: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a fixed test split the chosen configuration alone is retrained on all training data
+    (its final/) and scored once on the test images: best_config.json estimate, kind test_split.
+    The test images take no part in ranking (no configuration's folds score them)."""
+    calls: list[tuple[str, str, list[int], list[int]]] = []
+    monkeypatch.setattr(trainer, "run_fold", noisy_run_fold(calls))
+    out = tmp_path / "search"
+    argv = ["parameter_search", "--data_dir", str(em_split), "--output_dir", str(out), *FAST, *GRID,
+            "--slice_block", "1", "--fold_gap", "0"]  # two training sections: two folds
+    assert main(argv) == 0
+    test = json.loads((out / "folds.json").read_text())["test"]
+    best = json.loads((out / "best_config.json").read_text())
+    finals = [c for c in calls if Path(c[1]).name == "final" or c[3] == test]
+    assert len(calls) == 4 * 2 + 1 and len(finals) == 1 and finals[0][0] == best["name"]
+    assert all(not set(c[3]) & set(test) for c in calls if c not in finals)
+    estimate = best["estimate"]
+    assert estimate["kind"] == "test_split" and estimate["n_images"] == len(test) == 1
+    summary = json.loads((out / best["name"] / "summary.json").read_text())
+    assert estimate["dice"] == summary["test"]["dice"]
+    assert estimate["run"] == str(Path(best["run"]) / "final")
+    monkeypatch.setattr(trainer, "run_fold", lambda *a, **k: pytest.fail("re-trained finished work"))
+    assert main(argv) == 0  # the final fit is read
+
+
+@pytest.mark.slow
+def test_search_marks_the_augmentation_of_each_lora_blocks_setting(em4: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """--lora_blocks_grid all last2: late LoRA (a cached encoder start) trains on fixed views
+    without intensity changes, full-depth LoRA on random ones with them; the search says so up
+    front and results.csv's augmentation column names each; without a test split or --nested the
+    winner's estimate is none, with the reason."""
+    import runfiles
+
+    monkeypatch.setattr(trainer, "run_fold", noisy_run_fold([]))
+    out = tmp_path / "search"
+    argv = ["parameter_search", "--data_dir", str(em4), "--output_dir", str(out), *SMALL, "--max_objects", "2",
+            "--epochs", "1", "--num_folds", "2", "--lora_ranks", "2", "--lora_alphas", "2", "--learning_rates",
+            "1e-3", "--lora_blocks_grid", "all", "last2"]
+    with caplog.at_level("WARNING"):
+        assert main(argv) == 0
+    rows = {r["lora_blocks"]: r["augmentation"] for r in runfiles.read_csv(out / "results.csv")}
+    assert rows == {"all": "random flip/rotation (8 views) + intensity",
+                    "last2": "2 fixed flip/rotation view(s), no intensity"}
+    assert any("different augmentation" in r.getMessage() for r in caplog.records)
+    assert any("no unbiased estimate" in r.getMessage() for r in caplog.records)
+    estimate = json.loads((out / "best_config.json").read_text())["estimate"]
+    assert estimate["kind"] == "none" and "--nested" in estimate["reason"]
+
+
+@pytest.mark.parametrize("extra", [("--sampler", "tpe", "--n_trials", "2"), ("--prune",)])
+def test_nested_refuses_what_the_outer_scores_steer(em4: Path, tmp_path: Path, extra: tuple[str, ...],
+                                                    caplog) -> None:
+    """--nested with TPE or --prune (both decided by the outer folds' scores): one line, exit 2."""
+    argv = ["parameter_search", "--data_dir", str(em4), "--output_dir", str(tmp_path / "s"), *FAST,
+            "--lora_ranks", "2,4", "--lora_alphas", "2,4", "--learning_rates", "1e-4,1e-3", "--nested", *extra]
+    assert main(argv) == 2
+    assert any("--nested needs --sampler grid without --prune" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "s").exists()
+
+
+def test_nested_refuses_an_outer_fold_it_cannot_split(em3: Path, tmp_path: Path, caplog) -> None:
+    """Three consecutive sections in blocks of two, two folds: one outer fold trains on a single
+    block, which cannot be cross-validated inside: one line, exit 2, nothing written."""
+    argv = ["parameter_search", "--data_dir", str(em3), "--output_dir", str(tmp_path / "s"), *FAST,
+            "--slice_block", "2", "--fold_gap", "0", "--lora_ranks", "2", "--lora_alphas", "2",
+            "--learning_rates", "1e-3", "--nested"]
+    assert main(argv) == 2
+    assert any("--nested: the training part of outer fold" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_a_finished_search_gets_its_nested_estimate_later(em4: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same command with --nested and another --study_name in a finished search's directory
+    reads the outer runs and trains only the searches inside the folds."""
+    calls: list[tuple[str, str, list[int], list[int]]] = []
+    monkeypatch.setattr(trainer, "run_fold", noisy_run_fold(calls))
+    out = tmp_path / "search"
+    argv = ["parameter_search", "--data_dir", str(em4), "--output_dir", str(out), *FAST, *GRID]
+    assert main(argv) == 0
+    assert json.loads((out / "best_config.json").read_text())["estimate"]["kind"] == "none"
+    calls.clear()
+    assert main([*argv, "--nested", "--study_name", "nested"]) == 0
+    assert len(calls) == 4 * 2 * 2 and all("nested" in Path(c[1]).parts for c in calls)
+    assert json.loads((out / "best_config.json").read_text())["estimate"]["kind"] == "nested"

@@ -4,9 +4,11 @@ Each outer fold trains on its training groups less an inner validation split car
 (grouped like the folds, with the same gap around volume sections); the epoch (best checkpoint,
 early stopping) is chosen on that inner split alone. The chosen checkpoint is then scored once on
 the outer fold: the per-image Dice over all outer folds is the cross-validated estimate
-(``summary.json`` ``cv_estimate``: mean, standard deviation, bootstrap 95 % interval over images).
+(``summary.json`` ``cv_estimate``: mean, standard deviation, a bootstrap 95 % interval resampling
+whole fold groups, with its ``unit`` and ``n_groups``).
 ``--final_fit`` retrains on all training data for the median chosen epoch count (``final/best.pt``,
-the model ``--export_merged`` exports) and scores it once on a fixed test split when there is one.
+the model ``--export_merged`` exports, scored again as exported) and scores it once on a fixed test
+split when there is one.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import checkpoints
 import dataset as data
 import folds as folds_lib
 import lora
+import model as sam_model
 import reports
 import runfiles
 import runs
@@ -31,6 +34,7 @@ import trainer
 from errors import UserError
 from sample import Sample
 from train_config import TrainConfig
+from training_data import PromptDataset, make_loader
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +64,25 @@ def inner_split(config: TrainConfig, samples: Sequence[Sample], train_idx: Seque
         return list(train_idx), []
 
 
-def estimate(scored: Sequence[dict[str, Any]], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """Mean, standard deviation and bootstrap 95 % interval of per-image Dice and IoU."""
-    return {"n_images": len(scored),
-            **{key: reports.summarize([r[key] for r in scored], n_boot=n_boot, seed=seed) for key in ("dice", "iou")}}
+def estimate(scored: Sequence[dict[str, Any]], samples: Sequence[Sample], grouping: folds_lib.Grouping,
+             n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Mean, standard deviation and bootstrap 95 % interval of per-image Dice and IoU (rows with
+    the sample ``index``), resampling whole fold groups: the ``unit`` and ``n_groups`` recorded."""
+    groups = [grouping.group(samples[r["index"]]) for r in scored]
+    return {"n_images": len(scored), "unit": grouping.unit(), "n_groups": len(set(groups)),
+            **{key: reports.summarize([r[key] for r in scored], n_boot=n_boot, seed=seed, groups=groups)
+               for key in ("dice", "iou")}}
 
 
-def summarize(results: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
+def summarize(results: Sequence[dict[str, Any]], samples: Sequence[Sample], grouping: folds_lib.Grouping,
+              seed: int = 0) -> dict[str, Any]:
     """The run's summary: per fold, and the cross-validated estimate over all outer images."""
     scored = [r for result in results for r in result["scored"]]
     per_fold = [{"fold": r["fold"], "n_images": len(r["scored"]),
                  "dice": float(np.mean([s["dice"] for s in r["scored"]])) if r["scored"] else None,
                  "best_epoch": r["best_epoch"], "selection": r["selection"]} for r in results]
     return {"folds": list(results),
-            "cv_estimate": {**estimate(scored, seed=seed), "per_fold": per_fold,
+            "cv_estimate": {**estimate(scored, samples, grouping, seed=seed), "per_fold": per_fold,
                             "protocol": "each fold's checkpoint chosen on an inner split of its training "
                                         "groups, then scored once on the outer fold's images"}}
 
@@ -113,7 +122,7 @@ def run_training(config: TrainConfig, samples: Sequence[Sample], device: torch.d
             results.append(trainer.run_fold(config, samples, fold, fit, select, val_idx, **common))
         if after_fold is not None:
             after_fold(fold, results[-1])
-    summary = summarize(results, config.seed)
+    summary = summarize(results, samples, grouping(config), config.seed)
     if config.final_fit:
         summary.update(final_fit(config, samples, results, len(folds), common))
     summary["config"] = config.to_json()
@@ -139,7 +148,8 @@ def final_fit(config: TrainConfig, samples: Sequence[Sample], results: Sequence[
                                   fold_dir=final_dir, **common)
     record: dict[str, Any] = {"final": {"adapter": result["adapter"], "epochs": epochs, "train_size": len(trainval)}}
     if test:
-        record["test"] = {**estimate(result["scored"], seed=config.seed), "scored": result["scored"],
+        record["test"] = {**estimate(result["scored"], samples, grouping(config), seed=config.seed),
+                          "scored": result["scored"],
                           "protocol": "the final model scored once on the fixed test split"}
     return record
 
@@ -150,28 +160,78 @@ def log_summary(summary: dict[str, Any]) -> None:
     if cv["n_images"]:
         dice = cv["dice"]
         log.info("cross-validated Dice (checkpoints chosen on inner splits, scored on the outer folds): %.4f "
-                 "+- %.4f, 95 %% CI [%.4f, %.4f] over %d images", dice["mean"], dice["std"], dice["ci_low"],
-                 dice["ci_high"], cv["n_images"])
+                 "+- %.4f, 95 %% CI [%.4f, %.4f] over %d images in %d groups (resampled whole: %s)", dice["mean"],
+                 dice["std"], dice["ci_low"], dice["ci_high"], cv["n_images"], cv["n_groups"], cv["unit"])
     if "test" in summary:
         log.info("final model on the fixed test split: Dice %.4f (%d images)", summary["test"]["dice"]["mean"],
                  summary["test"]["n_images"])
 
 
-def export_merged(config: TrainConfig, adapter: Path, out_path: Path) -> Path:
-    """Write the base model with the adapter merged as a plain SAM / MobileSAM state dict.
+EXPORT_SIZE = 1024  # the input size segment_anything / mobile_sam build their models for
+
+
+def export_images(samples: Sequence[Sample]) -> tuple[list[int], str, bool]:
+    """``(indices, what they are, seen in training)``: the images the exported model is scored on.
+    The fixed test split when the data has one; else the final fit's training images (it keeps
+    no selection images: it trains for a fixed epoch count), marked as seen."""
+    trainval, test = folds_lib.split_test(samples)
+    if test:
+        return test, "the fixed test split", False
+    return trainval, "the final fit's training images (no fixed test split; seen in training)", True
+
+
+def score_model(sam: torch.nn.Module, config: TrainConfig, samples: Sequence[Sample], indices: Sequence[int],
+                device: torch.device) -> list[dict[str, Any]]:
+    """Per-image Dice and IoU of ``sam`` at ``config.image_size`` on ``samples[indices]``, scored as
+    the folds are (trainer.validation_rows); rows with the sample ``index`` and ``key``."""
+    ctx = trainer.Context(sam.to(device).eval(), config, device)
+    loader = make_loader(PromptDataset(samples, indices, config, 0, train=False), config.batch_size, None, 0)
+    return [{"index": r["index"], "key": samples[r["index"]].key, "dice": r["dice"], "iou": r["iou"]}
+            for r in trainer.validation_rows(ctx, loader)]
+
+
+def export_merged(config: TrainConfig, summary: dict[str, Any], samples: Sequence[Sample], out_path: Path,
+                  device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Write the final fit's adapter merged into the base model as a plain SAM / MobileSAM state
+    dict, after scoring that very model; the scores go to ``summary.json`` (``export``).
 
     The file loads unchanged with ``segment_anything`` / ``mobile_sam``'s own
-    ``sam_model_registry[model_type](checkpoint=PATH)`` (1024 px): the model is rebuilt at
-    1024 px from the base checkpoint (the frozen position embeddings are the base's), the
-    adapter loaded and merged.
+    ``sam_model_registry[model_type](checkpoint=PATH)``, which builds the model at 1024 px: so the
+    model is rebuilt at 1024 px from the base checkpoint (the frozen position embeddings are the
+    base's), the adapter loaded and merged. An adapter trained at another input size is another
+    model there, so the exported model is scored (:func:`export_images`) beside the final adapter
+    at its training size on the same images, and the change of size is a warning.
     """
     if out_path.exists():
         raise UserError(f"{out_path} exists: choose another --export_merged path (nothing was overwritten)")
+    adapter, device = Path(summary["final"]["adapter"]), torch.device(device)
     checkpoint = checkpoints.resolve_checkpoint(config.model_type, config.checkpoint, announce=False)
+    if config.image_size != EXPORT_SIZE:
+        log.warning("--export_merged: the adapter was trained at %d px input, the exported model runs at %d px (as "
+                    "segment_anything / mobile_sam build it): it is another model, scored below and in "
+                    "summary.json 'export'", config.image_size, EXPORT_SIZE)
     # Random base weights are rebuilt from the adapter's seed: the builders draw the same numbers
     # at every input size (size-dependent position tables are zero-initialised).
-    bases = adapters.BaseModels(config.model_type, checkpoint, 1024)
-    state = lora.merged_state_dict(adapters.load_finetuned(bases, adapter, config.seed, merge=False))
+    state = lora.merged_state_dict(adapters.load_finetuned(adapters.BaseModels(
+        config.model_type, checkpoint, EXPORT_SIZE), adapter, config.seed, merge=False))
+    exported = sam_model.build_model(config.model_type, None, EXPORT_SIZE)
+    exported.load_state_dict(state, strict=True)  # the file's tensors, as the official registry loads them
+    indices, images, seen = export_images(samples)
+    rows = score_model(exported, dataclasses.replace(config, image_size=EXPORT_SIZE), samples, indices, device)
+    final = adapters.load_finetuned(adapters.BaseModels(config.model_type, checkpoint, config.image_size), adapter,
+                                    config.seed)
+    final_scores = estimate(score_model(final, config, samples, indices, device), samples, grouping(config),
+                            seed=config.seed)
+    record = {"path": str(out_path), "image_size": EXPORT_SIZE, "trained_image_size": config.image_size,
+              "images": images, "seen_in_training": seen,
+              **estimate(rows, samples, grouping(config), seed=config.seed),
+              "final_adapter": {"image_size": config.image_size, "dice": final_scores["dice"],
+                                "iou": final_scores["iou"]}, "scored": rows}
+    log.info("exported model (%d px) on %s: Dice %.4f, 95 %% CI [%.4f, %.4f] over %d images; the final adapter at "
+             "its %d px: %.4f", EXPORT_SIZE, images, record["dice"]["mean"], record["dice"]["ci_low"],
+             record["dice"]["ci_high"], record["n_images"], config.image_size, final_scores["dice"]["mean"])
+    summary["export"] = record
+    runfiles.write_json(Path(config.output_dir) / runs.SUMMARY_FILE, summary)
     runfiles.torch_save(state, out_path, rerun="rerun the command")
     log.info("exported the merged model (%s, adapter %s) to %s", config.model_type, adapter, out_path)
-    return out_path
+    return record

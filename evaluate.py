@@ -8,7 +8,8 @@ prompts; adapters.py decides ``--model_type`` / ``--image_size`` and the base we
 Which images (``--split``): ``test`` (the data's fixed test split), ``val`` (a run's validation
 folds) or ``all``. The default never scores images a model trained on: ``val`` with a run; with
 adapters, the fixed test split when the data has one, else the images none of them trained on
-(their runs' folds.json say which); else ``test`` or ``all``. Images an adapter trained on are
+(their runs' folds.json say which: its fold's validation part, never its training, inner-selection
+or fold-gap sections); else ``test`` or ``all``. Images an adapter trained on are
 scored only with ``--include_training_images``, and those rows are marked (``seen_in_training``).
 With box or point prompts, images without objects are skipped (every model would score 1 there).
 
@@ -118,7 +119,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     ev.add_argument("--seed", type=int, default=0,
                     help="seed for --max_objects subsets, bootstrap intervals and random base weights")
     ev.add_argument("--bootstrap", type=int, default=2000,
-                    help="bootstrap resamples for the 95 %% intervals")
+                    help="bootstrap resamples for the 95 %% intervals (each resamples whole fold groups: source "
+                         "images, --group_by ids, blocks of --slice_block sections)")
     auto = parser.add_argument_group("automatic mask generator (--prompt auto)")
     auto.add_argument("--points_per_side", type=int, default=32, help="point grid side")
     auto.add_argument("--pred_iou_thresh", type=float, default=0.88,
@@ -258,7 +260,7 @@ def image_row(selection: Selection, i: int, name: str, kind: str, fold: int | No
         n_prompts = 0 if prompt == "auto" else len(prompts)
     row: dict[str, Any] = {
         "model": name, "kind": kind, "fold": fold, "image": sample.key, "path": str(sample.path),
-        "tag": sample.tag, "group": sample.group, "split": sample.split or "",
+        "tag": sample.tag, "group": selection.grouping.group(sample), "split": sample.split or "",
         "height": sample.labels.shape[0], "width": sample.labels.shape[1], "n_objects": sample.num_objects,
         "n_prompts": n_prompts, "seconds": seconds}
     row.update(reports.score_image(sample.labels, pred, prompts.ignore))
@@ -500,5 +502,6 @@ def run(args: argparse.Namespace) -> int:
         sets = row_sets(args.prompt, sources, baselines, detector)
         reports.write_evaluation(args.output_dir, reports.Evaluation(
             config, rows, sets, selection.samples, selection.indices, bool(selection.fold_of), visuals,
-            detection_summary(detector, selection) if detector else None, time.time() - started, volumes.rows(list(sets))))
+            detection_summary(detector, selection) if detector else None, time.time() - started, volumes.rows(list(sets)),
+            selection.grouping.unit()))
     return 0

@@ -75,6 +75,11 @@ class Grouping:
     def record(self) -> dict[str, Any]:
         return {"slice_block": self.slice_block, "fold_gap": self.gap, "group_by": self.group_by}
 
+    def unit(self) -> str:
+        """What one group is, in words: the unit a bootstrap resamples (``unit`` in summary.json)."""
+        images = f"--group_by {self.group_by!r} ids" if self.group_by else "source images (their patches together)"
+        return f"fold groups: {images}; volume sections in blocks of {self.slice_block}"
+
 
 def fold_group(sample: Sample, slice_block: int = 10) -> str:
     """The group a sample is split by with the default grouping (see :class:`Grouping`)."""

@@ -1,10 +1,11 @@
 """Which images an evaluation scores: the data of the run, the split, never silently an image a model trained on.
 
 Without ``--split``: a training run's validation folds (each image scored by the fold that held it
-out); with adapters, the data's fixed test split, else the images none of them was trained on
-(their runs' folds.json say which). Images an adapter trained on are scored only with
-``--include_training_images`` (rows marked ``seen_in_training``). Every model gets the same
-prompts (prompts.object_prompts).
+out); with adapters, the data's fixed test split, else the images none of them has seen: its fold's
+validation part only (their runs' folds.json say which). Training, inner-selection and fold-gap
+sections count as seen (runs.seen_by); they are scored only with ``--include_training_images``
+(rows marked ``seen_in_training``). Every model gets the same prompts (prompts.object_prompts), and
+``grouping`` names each row's fold group, the unit every interval resamples.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ class Selection:
     fold_of: dict[int, int]
     num_folds: int
     prompts: dict[int, Prompts]
-    seen: dict[Path, set[int] | None] = field(default_factory=dict)  # adapter -> images it trained on
+    seen: dict[Path, set[int] | None] = field(default_factory=dict)  # adapter -> images it has seen
+    grouping: folds_lib.Grouping = field(default_factory=folds_lib.Grouping)  # the bootstrap's unit
 
 
 def data_options(args: argparse.Namespace, run_dirs: Sequence[Path],
@@ -74,10 +76,11 @@ def select_data(args: argparse.Namespace, options: Mapping[str, Any], split: str
         raise UserError(f"{data_dir}: no labelled object in any of its {len(samples)} masks; evaluation "
                         "needs ground truth (check the mask files)")
     folds = runs.common_folds(samples, run_dirs)
-    seen = {s.path: runs.trained_on(s.path, samples) for s in sources if s.kind == "adapter"}
+    seen = {s.path: runs.seen_by(s.path, samples) for s in sources if s.kind == "adapter"}
     indices, fold_of, split = choose_images(samples, split, folds, data_dir, seen)
     check_seen(args, samples, indices, seen, split)
-    data.log_summary([samples[i] for i in indices], grouping=data.grouping_of(options))
+    grouping = data.grouping_of(options)
+    data.log_summary([samples[i] for i in indices], grouping=grouping)
     if args.prompt != "auto":
         kept = [i for i in indices if samples[i].num_objects > 0]
         if len(kept) < len(indices):
@@ -92,27 +95,30 @@ def select_data(args: argparse.Namespace, options: Mapping[str, Any], split: str
     prompts = {i: object_prompts(samples[i].labels, kind, samples[i].ignore,
                                  args.max_objects if args.prompt != "auto" else 0,
                                  np.random.default_rng([args.seed, i])) for i in indices}
-    return Selection(samples, split, indices, fold_of, len(folds or ()), prompts, seen)
+    return Selection(samples, split, indices, fold_of, len(folds or ()), prompts, seen, grouping)
 
 
 def choose_images(samples: Sequence[Sample], split: str | None, folds: Sequence[folds_lib.Fold] | None,
                   data_dir: Path, seen: Mapping[Path, set[int] | None]) -> tuple[list[int], dict[int, int], str]:
     """``(indices, fold of each for val, split name)``. Without ``--split``: a run's validation
-    folds; with adapters the fixed test split, else the images none of them trained on."""
+    folds; with adapters the fixed test split, else the images none of them has seen (the
+    validation part of each adapter's fold: training, selection and gap sections are seen)."""
     has_test = bool(folds_lib.split_test(samples)[1])
     if split is None and folds is None and seen and not has_test:
         if any(s is None for s in seen.values()):
             unknown = next(p for p, s in seen.items() if s is None)
-            raise UserError(f"cannot tell which images {unknown} was trained on (it is not in the run directory "
+            raise UserError(f"cannot tell which images {unknown} has seen (it is not in the run directory "
                             f"train wrote) and {data_dir} has no fixed test split: give the run's adapter in place, "
                             "--cv_run RUN, or --split all --include_training_images to score every image with "
                             "the rows marked")
         trained = set().union(*seen.values())
         held_out = [i for i in range(len(samples)) if i not in trained]
         if not held_out:
-            raise UserError(f"the adapters were trained on every image of {data_dir}: evaluate them on other data, "
+            raise UserError(f"the adapters have seen every image of {data_dir} (trained on it, chose epochs on it or "
+                            "left it out as a fold gap): evaluate them on other data, "
                             "or pass --split all --include_training_images (rows marked seen_in_training)")
-        log.info("images: the %d of %d that no adapter trained on (from their runs' folds.json)", len(held_out),
+        log.info("images: the %d of %d that no adapter has seen (its fold's validation part; training, inner "
+                 "selection and --fold_gap sections count as seen; from their runs' folds.json)", len(held_out),
                  len(samples))
         return held_out, {}, "held-out"
     if split is None:
@@ -129,9 +135,11 @@ def check_seen(args: argparse.Namespace, samples: Sequence[Sample], indices: Seq
             ([] if split in ("test", "held-out") else list(indices))
         if hits and not args.include_training_images:
             what = f"{len(hits)} of the {len(indices)} images" if trained is not None else "possibly all images"
-            raise UserError(f"--split {split}: {path} was trained on {what} (e.g. {samples[hits[0]].key}); leave "
+            raise UserError(f"--split {split}: {path} has seen {what} in training (e.g. {samples[hits[0]].key}: "
+                            "a training, inner-selection or fold-gap section); leave "
                             "--split out to score held-out images only, or pass --include_training_images to score "
                             "them with the rows marked seen_in_training")
         if hits:
-            log.warning("%s is scored on %d images it was trained on: those rows are marked seen_in_training",
+            log.warning("%s is scored on %d images it has seen in training (training, inner-selection or fold-gap "
+                        "sections): those rows are marked seen_in_training",
                         path, len(hits))

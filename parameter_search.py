@@ -392,7 +392,8 @@ def winner_estimate(rows: Sequence[dict[str, Any]], search: Search) -> dict[str,
         return search_estimate.test_split(final_fit_summary(best, search), best["run"])
     if search.inner_folds is not None:
         return search_estimate.nested(rows, len(search.folds), lambda run: runs.read_json(
-            Path(run) / runs.SUMMARY_FILE, "a finished training run"), seed=search.base.seed)
+            Path(run) / runs.SUMMARY_FILE, "a finished training run"), search.samples,
+                                      crossval.grouping(search.base), seed=search.base.seed)
     return search_estimate.none("the data has no fixed test split and the search ran without --nested")
 
 

@@ -1,8 +1,9 @@
 """The report of an evaluation: per-image rows, per-group and per-fold aggregates, its files and figures.
 
 Two kinds of aggregate, always named: ``per_image_mean`` (mean of per-image scores, with standard
-deviation and a 95 % percentile-bootstrap interval of the mean) and ``pooled`` (counts summed over
-all images first; AJI = summed intersections / summed unions). Metrics come from metrics.py.
+deviation and a 95 % percentile-bootstrap interval of the mean that resamples whole fold groups,
+:func:`summarize`) and ``pooled`` (counts summed over all images first; AJI = summed intersections /
+summed unions). Metrics come from metrics.py.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -38,23 +39,33 @@ ID_COLUMNS = ("model", "kind", "fold", "image", "path", "tag", "group", "split",
 
 
 def summarize(
-    values: Iterable[float], n_boot: int = 2000, confidence: float = 0.95, seed: int = 0
+    values: Iterable[float], n_boot: int = 2000, confidence: float = 0.95, seed: int = 0,
+    groups: Sequence[Hashable] | None = None,
 ) -> dict[str, float | int]:
     """Mean, standard deviation and a percentile-bootstrap confidence interval of the mean.
 
+    The bootstrap resamples whole ``groups`` (a cluster bootstrap): patches of one image or
+    neighbouring sections of one volume are nearly the same picture, and resampling them one by
+    one would treat them as independent and make the interval too narrow. Every interval and
+    verdict of the project comes from here, with the fold grouping (folds.Grouping) as groups.
+
     Args:
         values: per-image scores (finite numbers).
-        n_boot: bootstrap resamples (with replacement, same size as ``values``).
+        n_boot: bootstrap resamples (with replacement, as many groups as there are).
         confidence: interval coverage, e.g. 0.95 -> 2.5th and 97.5th percentiles.
         seed: seed of the resampling generator; equal inputs give equal intervals.
+        groups: the group of each value (same length); None: each value is its own group.
 
     Returns:
-        ``{"mean", "std", "ci_low", "ci_high", "n"}``. ``std`` is the sample standard
-        deviation (ddof=1). Conventions, never NaN: no values -> every float 0.0 and
-        ``n == 0`` (check ``n``); one value -> ``std == 0`` and the interval is that value.
+        ``{"mean", "std", "ci_low", "ci_high", "n", "n_groups"}``. ``std`` is the sample
+        standard deviation of the values (ddof=1); each resample's statistic is the mean of the
+        values of the groups drawn. Conventions, never NaN: no values -> every float 0.0 and
+        ``n == 0`` (check ``n``); one value or one group -> ``std`` of the values and the
+        interval is the mean.
 
     Raises:
-        ValueError: a value is NaN or infinite, or ``n_boot`` / ``confidence`` is invalid.
+        ValueError: a value is NaN or infinite, ``groups`` has another length, or ``n_boot`` /
+            ``confidence`` is invalid.
     """
     x = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=float)
     x = x.ravel()
@@ -65,27 +76,27 @@ def summarize(
     if not np.all(np.isfinite(x)):
         raise ValueError(f"values contain {np.count_nonzero(~np.isfinite(x))} NaN/inf entries")
     n = len(x)
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"groups must give one group per value: {len(groups)} groups for {n} values")
     if n == 0:
-        return {"mean": 0.0, "std": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 0}
-    mean = float(x.mean())
-    if n == 1:
-        return {"mean": mean, "std": 0.0, "ci_low": mean, "ci_high": mean, "n": 1}
+        return {"mean": 0.0, "std": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 0, "n_groups": 0}
+    if groups is None:  # each value its own group: the same draws as an ungrouped bootstrap
+        sums, counts = x, np.ones(n)
+    else:
+        _, member = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+        sums, counts = np.bincount(member, weights=x), np.bincount(member).astype(float)
+    k, mean = len(sums), float(x.mean())
+    std = float(x.std(ddof=1)) if n > 1 else 0.0
+    if k == 1:
+        return {"mean": mean, "std": std, "ci_low": mean, "ci_high": mean, "n": n, "n_groups": 1}
     rng = np.random.default_rng(seed)
-    # Resample in chunks so memory stays ~8M indices whatever n is.
-    chunk = max(1, (1 << 23) // n)
-    means = np.concatenate([
-        x[rng.integers(0, n, size=(min(chunk, n_boot - start), n))].mean(axis=1)
-        for start in range(0, n_boot, chunk)
-    ])
+    # Resample in chunks so memory stays ~8M indices whatever the number of groups.
+    chunk = max(1, (1 << 23) // k)
+    draws = [rng.integers(0, k, size=(min(chunk, n_boot - start), k)) for start in range(0, n_boot, chunk)]
+    means = np.concatenate([sums[d].sum(axis=1) / counts[d].sum(axis=1) for d in draws])
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(means, [alpha, 1.0 - alpha])
-    return {
-        "mean": mean,
-        "std": float(x.std(ddof=1)),
-        "ci_low": float(low),
-        "ci_high": float(high),
-        "n": n,
-    }
+    return {"mean": mean, "std": std, "ci_low": float(low), "ci_high": float(high), "n": n, "n_groups": k}
 
 
 def score_image(gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None = None) -> dict[str, float | int]:
@@ -106,10 +117,18 @@ def pooled_scores(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | int]:
     return pooled
 
 
+def row_groups(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The bootstrap unit of each per-image row: its fold group (``group``, folds.Grouping), else
+    the image itself."""
+    return [str(r.get("group") or r["image"]) for r in rows]
+
+
 def summarize_rows(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], n_boot: int,
                    seed: int) -> dict[str, dict[str, float | int]]:
-    """``{key: summarize(per-image values)}`` (mean, std, 95 % CI, n)."""
-    return {k: summarize([float(r[k]) for r in rows], n_boot=n_boot, seed=seed) for k in keys}
+    """``{key: summarize(per-image values)}`` (mean, std, 95 % CI resampling the rows' groups, n,
+    n_groups)."""
+    groups = row_groups(rows)
+    return {k: summarize([float(r[k]) for r in rows], n_boot=n_boot, seed=seed, groups=groups) for k in keys}
 
 
 def group_rows(rows: Sequence[Mapping[str, Any]], by: str, n_boot: int, seed: int,
@@ -129,7 +148,7 @@ def group_rows(rows: Sequence[Mapping[str, Any]], by: str, n_boot: int, seed: in
         for value in keys:
             members = buckets[(model_name, value)]
             row: dict[str, Any] = {"model": model_name, "kind": models[model_name], by: value,
-                                   "n_images": len(members),
+                                   "n_images": len(members), "n_groups": len(set(row_groups(members))),
                                    "n_seen_in_training": sum(m.get("seen_in_training") == "yes" for m in members)}
             summary = summarize_rows(members, GROUP_METRICS, n_boot, seed)
             pooled = pooled_scores(members)
@@ -186,8 +205,9 @@ class RowSet:
 
 
 def model_summaries(rows: Sequence[Mapping[str, Any]], sets: Mapping[str, RowSet], n_boot: int,
-                    seed: int) -> dict[str, dict[str, Any]]:
-    """Per row name: kind, source, prompts, number of images, ``per_image_mean`` and ``pooled``."""
+                    seed: int, unit: str = "image") -> dict[str, dict[str, Any]]:
+    """Per row name: kind, source, prompts, number of images, the bootstrap's ``unit`` and
+    ``n_groups``, ``per_image_mean`` and ``pooled``."""
     summaries = {}
     for name, info in sets.items():
         mine = [r for r in rows if r["model"] == name]
@@ -196,6 +216,8 @@ def model_summaries(rows: Sequence[Mapping[str, Any]], sets: Mapping[str, RowSet
             "source": info.source,
             "prompts": info.prompts,
             "n_images": len(mine),
+            "unit": unit,
+            "n_groups": len(set(row_groups(mine))),
             "n_seen_in_training": sum(r.get("seen_in_training") == "yes" for r in mine),
             "per_image_mean": summarize_rows(mine, SCORE_COLUMNS, n_boot, seed),
             "pooled": pooled_scores(mine),
@@ -204,10 +226,11 @@ def model_summaries(rows: Sequence[Mapping[str, Any]], sets: Mapping[str, RowSet
 
 
 def paired_comparisons(rows: Sequence[Mapping[str, Any]], sets: Mapping[str, RowSet], n_boot: int,
-                       seed: int) -> dict[str, dict[str, Any]]:
+                       seed: int, unit: str = "image") -> dict[str, dict[str, Any]]:
     """Every model against every base-model row on the same images: the per-image Dice difference
-    (mean, bootstrap 95 % interval) and the verdict it supports."""
+    (mean, bootstrap 95 % interval resampling the images' groups) and the verdict it supports."""
     dice = {(r["model"], r["image"]): float(r["dice"]) for r in rows}
+    group_of = dict(zip((r["image"] for r in rows), row_groups(rows)))
     bases = [n for n, s in sets.items() if s.kind == "model" and s.source == "base"]
     models = [n for n, s in sets.items() if s.kind == "model" and s.source != "base"]
     out: dict[str, dict[str, Any]] = {}
@@ -216,12 +239,15 @@ def paired_comparisons(rows: Sequence[Mapping[str, Any]], sets: Mapping[str, Row
             images = [img for (name, img) in dice if name == model and (base, img) in dice]
             if not images:
                 continue
-            diff = summarize([dice[(model, img)] - dice[(base, img)] for img in images], n_boot=n_boot, seed=seed)
+            diff = summarize([dice[(model, img)] - dice[(base, img)] for img in images], n_boot=n_boot, seed=seed,
+                             groups=[group_of[img] for img in images])
             verdict = ("better than" if diff["ci_low"] > 0 else "worse than" if diff["ci_high"] < 0
                        else "no clear difference from")
             out[f"{model} vs {base}"] = {"dice_difference": diff, "verdict": f"{model} is {verdict} {base}",
-                                         "method": "per-image Dice differences on the same images, "
-                                                   "95 % percentile bootstrap interval of their mean"}
+                                         "unit": unit, "n_groups": diff["n_groups"],
+                                         "method": "per-image Dice differences on the same images, 95 % "
+                                                   "percentile bootstrap interval of their mean, resampling "
+                                                   "whole groups (unit)"}
     return out
 
 
@@ -345,6 +371,7 @@ class Evaluation:
     detection: dict[str, Any] | None
     seconds: float
     volumes: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # VolumeScores.rows
+    unit: str = "image"  # what the bootstrap resamples: the rows' ``group`` (folds.Grouping.unit)
 
 
 def write_tables(out: Path, ev: Evaluation) -> tuple[dict[str, Any], list, list]:
@@ -363,7 +390,7 @@ def write_tables(out: Path, ev: Evaluation) -> tuple[dict[str, Any], list, list]
         runfiles.write_csv(out / "per_fold.csv", fold_table, list(fold_table[0]))
     if ev.volumes:
         runfiles.write_csv(out / "per_volume.csv", ev.volumes, list(ev.volumes[0]))
-    return model_summaries(ev.rows, ev.sets, n_boot, seed), group_table, fold_table
+    return model_summaries(ev.rows, ev.sets, n_boot, seed, ev.unit), group_table, fold_table
 
 
 def write_evaluation(out: Path, ev: Evaluation) -> None:
@@ -379,14 +406,17 @@ def write_evaluation(out: Path, ev: Evaluation) -> None:
         "checkpoint_sha256": config.checkpoint_sha256, "data_dir": config.data["data_dir"], "cv_run": config.cv_run,
         "aggregates": {
             "per_image_mean": "mean over images of per-image scores; std (ddof=1) and a 95 % percentile "
-                              f"bootstrap interval of the mean ({config.bootstrap} resamples, seed {config.seed})",
+                              f"bootstrap interval of the mean ({config.bootstrap} resamples of whole groups, "
+                              f"seed {config.seed}; unit: {ev.unit})",
             "pooled": "counts summed over all images, then one score (AJI: summed intersections / summed "
                       "unions; PQ, F1: summed TP, FP, FN)"},
         "overlaps": "a pixel covered by several predicted masks goes to the higher predicted IoU "
                     "(baselines: to the smaller shape)",
         "models": summaries,
         "per_fold": fold_summary(fold_table) if fold_table else None,
-        "paired": paired_comparisons(ev.rows, ev.sets, config.bootstrap, config.seed),
+        "bootstrap": {"unit": ev.unit, "n_groups": len(set(row_groups(ev.rows))), "resamples": config.bootstrap,
+                      "seed": config.seed},
+        "paired": paired_comparisons(ev.rows, ev.sets, config.bootstrap, config.seed, ev.unit),
         "prompt_protocol": config.protocol,
         "seen_in_training": {name: s["n_seen_in_training"] for name, s in summaries.items()},
         "detection": ev.detection,
@@ -411,8 +441,8 @@ def write_evaluation(out: Path, ev: Evaluation) -> None:
             log.warning("%s: %d of its rows are images it was trained on (seen_in_training = yes)", name, count)
     for comparison in summary["paired"].values():
         d = comparison["dice_difference"]
-        log.info("%s: per-image Dice difference %+.4f, 95 %% CI [%+.4f, %+.4f] over %d images", comparison["verdict"],
-                 d["mean"], d["ci_low"], d["ci_high"], d["n"])
+        log.info("%s: per-image Dice difference %+.4f, 95 %% CI [%+.4f, %+.4f] over %d images in %d groups "
+                 "(resampled whole)", comparison["verdict"], d["mean"], d["ci_low"], d["ci_high"], d["n"], d["n_groups"])
     if ev.detection is not None:
         det = ev.detection
         log.info("detector boxes at IoU > %.2f: precision %.3f, recall %.3f, F1 %.3f (%d TP, %d FP, %d FN; "

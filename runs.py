@@ -143,10 +143,12 @@ def adapter_run(adapter: Path) -> tuple[Path, int | None] | None:
     return None
 
 
-def trained_on(adapter: Path, samples: Sequence[Sample]) -> set[int] | None:
-    """Indices of ``samples`` the adapter was trained on (its fold's training pool; every
-    non-test sample for the final fit), or None when that cannot be known (no run next to it, or
-    the run's folds do not fit these samples)."""
+def seen_by(adapter: Path, samples: Sequence[Sample]) -> set[int] | None:
+    """Indices of ``samples`` the adapter may have learnt from: all but its fold's validation part
+    and the fixed test split. That is its training pool, the inner selection split carved from it,
+    and the ``--fold_gap`` sections beside the validation part (they border training sections on
+    their other side); for the final fit every non-test sample. None when that cannot be known (no
+    run next to it, or the run's folds do not fit these samples)."""
     found = adapter_run(adapter)
     if found is None:
         return None
@@ -155,9 +157,10 @@ def trained_on(adapter: Path, samples: Sequence[Sample]) -> set[int] | None:
         folds = load_folds(run_dir / FOLDS_FILE, samples)
     except UserError:
         return None
+    trainval = set(split_test(samples)[0])
     if fold is None:
-        return set(split_test(samples)[0])
-    return set(folds[fold][0]) if 0 <= fold < len(folds) else None
+        return trainval
+    return trainval - set(folds[fold][1]) if 0 <= fold < len(folds) else None
 
 
 def option_defaults(config: "TrainConfig") -> dict[str, Any]:

@@ -74,7 +74,7 @@ def test_split(summary: dict[str, Any], run: str) -> dict[str, Any]:
 
 
 def nested(rows: Sequence[dict[str, Any]], n_outer: int, read_summary: Callable[[str], dict[str, Any]],
-           seed: int = 0) -> dict[str, Any]:
+           samples: Sequence[Sample], grouping: folds_lib.Grouping, seed: int = 0) -> dict[str, Any]:
     """The nested estimate from the finished results rows (each with ``nested``: its inner
     cross-validated Dice per outer fold, None where nothing was scored). Per outer fold the row
     with the best inner Dice (ties by name) is picked; its run's scored images of that outer
@@ -95,7 +95,7 @@ def nested(rows: Sequence[dict[str, Any]], n_outer: int, read_summary: Callable[
                          "dice": float(np.mean([s["dice"] for s in fold["scored"]])) if fold["scored"] else None})
     if not scored:
         return none("the picks of the outer folds scored no image")
-    return {"kind": "nested", **crossval.estimate(scored, seed=seed), "per_fold": per_fold,
+    return {"kind": "nested", **crossval.estimate(scored, samples, grouping, seed=seed), "per_fold": per_fold,
             "protocol": "the search repeated inside each outer fold: every configuration cross-validated on the "
                         "fold's training part alone, the best one scored once on the outer fold"}
 

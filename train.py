@@ -71,6 +71,6 @@ def run(args: argparse.Namespace) -> int:
         summary = crossval.run_training(config, samples, device, args.num_workers, folds, args.embedding_cache,
                                         args.cache_memory_gb)
         if args.export_merged is not None and processes.rank == 0:
-            crossval.export_merged(config, Path(summary["final"]["adapter"]), args.export_merged)
+            crossval.export_merged(config, summary, samples, args.export_merged, device)
     return 0
 

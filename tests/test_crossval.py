@@ -68,3 +68,65 @@ def test_final_fit_is_scored_once_on_the_fixed_test_split(main, shared_data: Pat
     assert summary["cv_estimate"]["n_images"] == 4  # the test image never entered the folds
     rows = (out / "metrics.csv").read_text().splitlines()
     assert any(row.startswith("final,") for row in rows)
+
+
+def test_cv_estimate_resamples_source_images_of_patches(shared_data: Path) -> None:
+    """Outer-fold rows of real MoNuSeg patches (3 tiles, 48 patches of 256 px): the interval of
+    cv_estimate resamples the tiles (the fold grouping), and says so (unit, n_groups)."""
+    import crossval
+    import dataset
+    import folds as folds_lib
+    from reports import summarize
+
+    samples = dataset.load_dataset(shared_data / "nuclei_monuseg_train", patch_size=256)
+    grouping = folds_lib.Grouping()
+    keep = [i for i, s in enumerate(samples) if grouping.group(s) in sorted({grouping.group(s) for s in samples})[:3]]
+    fg = [float((samples[i].labels > 0).mean()) for i in keep]  # a real per-patch number: the nuclei's share
+    results = [{"fold": k, "best_epoch": 0, "selection": "inner validation split",
+                "scored": [{"index": i, "key": samples[i].key, "dice": d, "iou": d / (2 - d)}
+                           for i, d in zip(keep, fg) if i % 2 == k]} for k in range(2)]
+    cv = crossval.summarize(results, samples, grouping, seed=0)["cv_estimate"]
+    groups = [grouping.group(samples[r["index"]]) for result in results for r in result["scored"]]
+    values = [r["dice"] for result in results for r in result["scored"]]
+    assert cv["n_images"] == 48 and cv["n_groups"] == 3 and cv["unit"] == grouping.unit()
+    assert cv["dice"] == summarize(values, seed=0, groups=groups)
+    assert cv["dice"] != summarize(values, seed=0)  # not the patch-by-patch interval
+
+
+def test_export_images_are_the_test_split_else_seen_training_images(em_split: Path, em3: Path) -> None:
+    import crossval
+    import dataset
+
+    split = dataset.load_dataset(em_split)
+    indices, what, seen = crossval.export_images(split)
+    assert [split[i].key for i in indices] == ["test/images/02.png"] and not seen and "test split" in what
+    plain = dataset.load_dataset(em3)
+    indices, what, seen = crossval.export_images(plain)
+    assert indices == [0, 1, 2] and seen and "seen in training" in what
+
+
+@pytest.mark.slow
+def test_export_merged_is_scored_before_it_is_written(main, em_split: Path, tmp_path: Path, one_thread,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """An adapter trained at 256 px, exported (at SAM's 1024 px): a warning, and the exported model
+    itself scored on the fixed test split beside the final adapter (summary.json ``export``)."""
+    import model as sam_model
+
+    out, export = tmp_path / "run", tmp_path / "merged.pt"
+    assert main(["train", "--data_dir", str(em_split), "--output_dir", str(out), *TINY, "--cross_validation",
+                 "--num_folds", "2", "--slice_block", "1", "--fold_gap", "0", "--epochs", "1",
+                 "--export_merged", str(export)]) == 0
+    assert "trained at 256 px input, the exported model runs at 1024 px" in caplog.text
+    summary = json.loads((out / "summary.json").read_text())
+    record = summary["export"]
+    assert record["path"] == str(export) and export.is_file()
+    assert record["image_size"] == 1024 and record["trained_image_size"] == 256
+    assert record["images"] == "the fixed test split" and record["seen_in_training"] is False
+    assert record["n_images"] == 1 and [r["key"] for r in record["scored"]] == ["test/images/02.png"]
+    assert record["n_groups"] == 1 and record["unit"].startswith("fold groups")
+    assert 0.0 <= record["dice"]["mean"] <= 1.0 and record["dice"]["mean"] == record["scored"][0]["dice"]
+    # the final adapter at its own 256 px, on the same image, as the final fit's test score
+    assert record["final_adapter"]["dice"]["mean"] == pytest.approx(summary["test"]["dice"]["mean"], abs=0.02)
+    # the figures are those of the written file
+    sam = sam_model.build_model("vit_t", None, 1024)
+    sam.load_state_dict(torch.load(export, weights_only=True))

@@ -108,7 +108,7 @@ def test_box_prompts_end_to_end(main, nuclei_dir, tmp_path):
     assert list(summary["models"]) == ["base", "baseline_box", "baseline_ellipse"]
     base = summary["models"]["base"]
     dice = base["per_image_mean"]["dice"]
-    assert set(dice) == {"mean", "std", "ci_low", "ci_high", "n"} and dice["n"] == 2
+    assert set(dice) == {"mean", "std", "ci_low", "ci_high", "n", "n_groups"} and dice["n"] == 2
     assert dice["ci_low"] <= dice["mean"] <= dice["ci_high"]
     per_image = [float(r["dice"]) for r in rows if r["model"] == "base"]
     assert dice["mean"] == pytest.approx(np.mean(per_image), abs=1e-5)
@@ -124,6 +124,26 @@ def test_box_prompts_end_to_end(main, nuclei_dir, tmp_path):
     pngs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
     assert "comparison.png" in pngs and "plots/dice_by_tag.png" in pngs and "plots/dice_boxplot.png" in pngs
     assert len([p for p in pngs if p.startswith("visualizations/")]) == 2
+
+
+@pytest.mark.slow
+def test_intervals_of_patches_resample_their_source_images(main, nuclei_dir, tmp_path):
+    """Two real H&E crops cut into four 96 px patches each: per_image.csv names each patch's fold
+    group (its source image), and every interval of summary.json resamples those two groups."""
+    from reports import summarize
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--data_dir", str(nuclei_dir), *SMALL, "--output_dir", str(out), "--patch_size", "96",
+                 "--max_objects", "2", "--bootstrap", "500"]) == 0
+    rows = [r for r in read_csv(out / "per_image.csv") if r["model"] == "base"]
+    assert len(rows) == 8 and len({r["group"] for r in rows}) == 2
+    summary = json.loads((out / "summary.json").read_text())
+    base = summary["models"]["base"]
+    assert base["n_groups"] == 2 and base["unit"] == summary["bootstrap"]["unit"]
+    assert summary["bootstrap"]["unit"].startswith("fold groups: source images") and summary["bootstrap"]["n_groups"] == 2
+    expected = summarize([float(r["dice"]) for r in rows], n_boot=500, seed=0, groups=[r["group"] for r in rows])
+    assert base["per_image_mean"]["dice"] == pytest.approx(expected, abs=1e-6)
+    assert {g["n_groups"] for g in read_csv(out / "per_group.csv") if g["model"] == "base"} <= {"1", "2"}
 
 
 @pytest.mark.slow

@@ -56,3 +56,42 @@ def test_adapter_is_scored_on_its_held_out_images_by_default(main, run, tmp_path
     summary = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert summary["seen_in_training"]["lora"] == len(fold["train"])
     assert "images it was trained on" in (tmp_path / "c" / "evaluate.log").read_text()
+
+
+def test_held_out_default_is_the_folds_validation_part_not_its_gap(em_crops, tmp_path: Path, caplog) -> None:
+    """The 20 consecutive real EM sections, 5 folds, --slice_block 2: fold 1 holds out sections
+    4-7, and its --fold_gap sections 2, 3, 8, 9 (left out of its training, but bordering training
+    sections on their other side) count as seen: the default scores exactly 4-7, and with
+    --include_training_images every other section is marked seen_in_training."""
+    import argparse
+
+    import dataset
+    import folds as folds_lib
+    import heldout
+    import runs
+    from errors import UserError
+    from evaluate import Job, seen_mark
+
+    data = em_crops({f"{k:02d}": f"{k:02d}" for k in range(20)}, 128)  # named by section: one volume
+    samples = dataset.load_dataset(data, slice_block=2)
+    assert [s.slice_index for s in samples] == list(range(20))
+    grouping = folds_lib.Grouping(2)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    folds_lib.save_folds(run_dir, folds_lib.make_folds(samples, 5, seed=0, grouping=grouping), samples, seed=0,
+                         grouping=grouping)
+    fold = json.loads((run_dir / "folds.json").read_text())["folds"][1]
+    assert fold["val"] == [4, 5, 6, 7] and fold["gap"] == [2, 3, 8, 9]
+    adapter = run_dir / "fold_1" / "best.pt"  # where train writes it (runs.seen_by reads only folds.json)
+    seen = {adapter: runs.seen_by(adapter, samples)}
+    indices, fold_of, split = heldout.choose_images(samples, None, None, data, seen)
+    assert split == "held-out" and [samples[i].slice_index for i in indices] == [4, 5, 6, 7]
+    everything = list(range(20))
+    with pytest.raises(UserError, match="16 of the 20 images"):
+        heldout.check_seen(argparse.Namespace(include_training_images=False), samples, everything, seen, "all")
+    heldout.check_seen(argparse.Namespace(include_training_images=True), samples, everything, seen, "all")
+    selection = heldout.Selection(samples, "all", everything, {}, 0, {}, seen)
+    job = Job(runs.ModelSource("lora", "adapter", adapter), adapter, None)
+    marks = {samples[i].slice_index: seen_mark(selection, job, i) for i in everything}
+    assert [z for z, mark in marks.items() if mark == "no"] == [4, 5, 6, 7]
+    assert all(marks[z] == "yes" for z in (2, 3, 8, 9))

@@ -618,8 +618,8 @@ def test_summarize_values():
 
 
 def test_summarize_conventions_and_errors():
-    assert summarize([]) == {"mean": 0.0, "std": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 0}
-    assert summarize([0.4]) == {"mean": 0.4, "std": 0.0, "ci_low": 0.4, "ci_high": 0.4, "n": 1}
+    assert summarize([]) == {"mean": 0.0, "std": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 0, "n_groups": 0}
+    assert summarize([0.4]) == {"mean": 0.4, "std": 0.0, "ci_low": 0.4, "ci_high": 0.4, "n": 1, "n_groups": 1}
     same = summarize([0.7] * 5)
     assert same["ci_low"] == pytest.approx(0.7) and same["ci_high"] == pytest.approx(0.7)
     with pytest.raises(ValueError, match="NaN"):
@@ -628,6 +628,10 @@ def test_summarize_conventions_and_errors():
         summarize([0.1, 0.2], n_boot=0)
     with pytest.raises(ValueError, match="confidence"):
         summarize([0.1, 0.2], confidence=95)
+    with pytest.raises(ValueError, match="one group per value"):
+        summarize([0.1, 0.2], groups=["a"])
+    one = summarize([0.1, 0.3], groups=["a", "a"])  # one group: nothing to resample
+    assert one["n_groups"] == 1 and one["ci_low"] == one["ci_high"] == pytest.approx(0.2)
     big = summarize(np.random.default_rng(0).random(20000))  # chunked resampling
     assert big["ci_low"] < big["mean"] < big["ci_high"]
 

@@ -32,7 +32,7 @@ import model as sam_model
 import runfiles
 import runs
 from errors import UserError
-from losses import hard_dice, object_losses
+from losses import decoder_targets, hard_dice, object_losses
 from sample import Sample
 from train_config import TrainConfig
 from training_data import EmbeddingCache, Item, PromptDataset, make_cache, make_loader
@@ -74,7 +74,8 @@ def embed(ctx: Context, items: Sequence[Item]) -> torch.Tensor:
 def backward_step(ctx: Context, items: Sequence[Item]) -> tuple[float | None, float, bool]:
     """Forward and backward of a batch's loss: per image the mean over its objects of the loss
     summed over the prompting rounds (``--sub_iterations``), averaged over the images. Returns
-    ``(loss, mean first-round low-res Dice, finite)``, loss None when no image has objects.
+    ``(loss, mean first-round Dice at the loss's resolution, finite)``, loss None when no image
+    has objects.
 
     The embeddings are computed once and shared by every round (iterative.py). Each image's
     objects are decoded in chunks of one prompt kind (:func:`chunk_size`): the decoder's cost per
@@ -92,8 +93,8 @@ def backward_step(ctx: Context, items: Sequence[Item]) -> tuple[float | None, fl
     step = _StepLoss(ctx)
     for j, item in enumerate(with_objects):
         tensors = item.tensors.to(ctx.device)
-        targets = item.targets.to(ctx.device)
-        valid = item.valid.to(ctx.device) if item.valid is not None else None
+        targets = item.targets.to(ctx.device, torch.float32)
+        valid = item.valid.to(ctx.device, torch.float32) if item.valid is not None else None
         step.share = 1 / len(item.prompts) / len(with_objects)
         for rows, kind in item.groups(chunk_size(ctx)):
             iterative.decode_rounds(ctx.sam, leaf[j], iterative.with_kind(tensors.select(rows), kind), targets[rows],
@@ -116,10 +117,10 @@ class _StepLoss:
 
     def round(self, r: int, low_res: torch.Tensor, iou: torch.Tensor, targets: torch.Tensor,
               valid: torch.Tensor | None) -> torch.Tensor:
-        """Loss of one round's NxCx(S/4)x(S/4) logits against Nx1xhxw ``targets``; returns the N
-        outputs the next round uses."""
+        """Loss of one round's NxCx(S/4)x(S/4) logits against Nx1xhxw ``targets`` (input
+        resolution); returns the N outputs the next round uses."""
         cfg = self.ctx.config
-        logits = low_res[..., :targets.shape[-2], :targets.shape[-1]]
+        logits, targets, valid = loss_frame(cfg, low_res, targets, valid)
         losses, best = object_losses(cfg.loss, logits, iou, targets, valid, cfg.iou_loss_weight)
         loss = losses.sum() * self.share
         self.finite = self.finite and bool(torch.isfinite(loss.detach()))
@@ -130,6 +131,23 @@ class _StepLoss:
             scaler = self.ctx.scaler
             (scaler.scale(loss) if scaler is not None else loss).backward()
         return best
+
+
+def loss_frame(config: TrainConfig, low_res: torch.Tensor, targets: torch.Tensor,
+               valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(logits, targets, valid)`` as the loss and the IoU head's target compare them.
+
+    low_res: NxCx(S/4)x(S/4) logits; targets: Nx1xhxw at the input resolution; valid: 1x1xhxw or
+    None. ``--loss_resolution input`` (micro-sam's): the logits upsampled to the input frame and
+    cropped to ``hxw``, so a small object's target keeps its pixels. ``decoder`` (SAM's 1/4
+    grid): the targets area-averaged down to the logits' grid (losses.decoder_targets), cheaper,
+    but an object under ~2x2 input pixels has an empty target there.
+    """
+    if config.loss_resolution == "decoder":
+        targets = decoder_targets(targets)
+        valid = None if valid is None else decoder_targets(valid)
+        return low_res[..., :targets.shape[-2], :targets.shape[-1]], targets, valid
+    return sam_model.input_logits(low_res.float(), config.image_size, tuple(targets.shape[-2:])), targets, valid
 
 
 def chunk_size(ctx: Context) -> int:
@@ -171,7 +189,7 @@ def set_train_mode(sam: nn.Module) -> None:
 
 
 def train_one_epoch(ctx: Context, loader: torch.utils.data.DataLoader, epoch: int, fold: int) -> dict[str, float]:
-    """One pass over the training fold; returns mean loss, low-res Dice and the fp16 steps the
+    """One pass over the training fold; returns mean loss, first-round Dice and the fp16 steps the
     gradient scaler skipped. A NaN loss on any process stops every process with one message."""
     set_train_mode(ctx.sam)
     params = [p for p in ctx.sam.parameters() if p.requires_grad]
@@ -230,14 +248,29 @@ def optimizer_step(ctx: Context, params: Sequence[nn.Parameter]) -> int:
     return int(scaler.get_scale() < before)
 
 
+# Learned position tables held as bare parameters (SAM ViT's absolute and relative position
+# embeddings, TinyViT's attention biases): embeddings by kind, though not nn.Embedding modules.
+POSITION_TABLES = ("pos_embed", "rel_pos_h", "rel_pos_w", "attention_biases")
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalisation layer (torch's, or SAM's / TinyViT's LayerNorm2d)."""
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)) or \
+        type(module).__name__.endswith(("Norm", "Norm2d"))
+
+
 def param_groups(sam: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """The trainable parameters in two AdamW groups: weight decay on weight matrices (LoRA
-    factors, linear layers), none on biases, norms, tokens and embeddings."""
+    factors, linear and convolution weights, the decoder's attention included), none by kind on
+    biases and other vectors, norm layers and embeddings (``nn.Embedding`` such as SAM's tokens,
+    and the position tables), whatever their names say."""
     decay, plain = [], []
-    for name, p in sam.named_parameters():
-        if p.requires_grad:
-            exempt = p.ndim < 2 or any(word in name for word in ("norm", "token", "embed", "pe_layer", "pos"))
-            (plain if exempt else decay).append(p)
+    for module in sam.modules():
+        for leaf, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                exempt = p.ndim < 2 or isinstance(module, nn.Embedding) or is_norm_layer(module) or \
+                    leaf in POSITION_TABLES
+                (plain if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
@@ -419,7 +452,7 @@ def end_epoch(ctx: Context, state: dict[str, Any], row: dict[str, Any], fold_dir
         runfiles.torch_save({"trainable": adapters.trained_state(ctx.sam), "optimizer": ctx.optimizer.state_dict(),
                              "scheduler": ctx.scheduler.state_dict(), "state": state}, fold_dir / "last.pt")
         runs.write_metrics_csv(Path(ctx.config.output_dir))
-    log.info("fold %s epoch %d: loss %.4f, train Dice %.3f (low-res)%s (%.1f s)", fold, epoch, row["train_loss"], row["train_dice"],
+    log.info("fold %s epoch %d: loss %.4f, train Dice %.3f (first round)%s (%.1f s)", fold, epoch, row["train_loss"], row["train_dice"],
              f", selection Dice {row['val_dice']:.4f}, IoU {row['val_iou']:.4f}" + (" *" if improved else "")
              if "val_dice" in row else "", row["seconds"])
 

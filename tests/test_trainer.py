@@ -54,7 +54,10 @@ def test_fp16_with_the_gradient_scaler_updates_lora(one_thread) -> None:
     assert all(v.abs().max() > 0 for v in updates[-1].values())
 
 
-def test_weight_decay_spares_biases_norms_and_tokens() -> None:
+def test_weight_decay_exempts_by_kind_not_by_name() -> None:
+    """Decay on every weight matrix, the decoder's ``*_token_to_image`` / ``*_image_to_token``
+    attention and its LoRA factors included (the substring "token" once exempted 62 of them);
+    none on biases, norm layers and embeddings (SAM's tokens, the prompt embeddings)."""
     sam = _lora_model()
     decay, plain = trainer.param_groups(sam, 0.1)
     names = {id(p): n for n, p in sam.named_parameters()}
@@ -62,9 +65,20 @@ def test_weight_decay_spares_biases_norms_and_tokens() -> None:
     spared = {names[id(p)] for p in plain["params"]}
     assert decay["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert any(n.endswith("lora_A") for n in decayed) and any(n.endswith("lora_B") for n in decayed)
-    assert not any(n.endswith("bias") or "norm" in n or "token" in n for n in decayed)
-    assert any(n.endswith("bias") for n in spared) and any("token" in n for n in spared)
+    for attention in ("cross_attn_token_to_image", "cross_attn_image_to_token", "final_attn_token_to_image"):
+        assert any(attention in n and n.endswith("q_proj.weight") for n in decayed), attention
+    assert "mask_decoder.iou_token.weight" in spared and "mask_decoder.mask_tokens.weight" in spared
+    assert any("norm" in n and n.endswith("weight") for n in spared)
+    assert not any(n.endswith("bias") or "norm" in n for n in decayed)
+    assert "prompt_encoder.mask_downscaling.0.weight" in decayed  # a convolution (trained with the decoder)
+    assert "prompt_encoder.mask_downscaling.1.weight" in spared  # its LayerNorm2d
     assert len(decayed) + len(spared) == sum(p.requires_grad for p in sam.parameters())
+
+    decoder_lora = tiny_sam("vit", image_size=64)
+    lora.inject_lora(decoder_lora, 2, 2, "decoder")
+    lora.mark_only_lora_as_trainable(decoder_lora)
+    decay, plain = trainer.param_groups(decoder_lora, 0.1)
+    assert len(decay["params"]) == 2 * len(lora.lora_layers(decoder_lora)) and not plain["params"]
 
 
 def test_dropout_seeds_differ_between_processes_and_repeat_on_resume() -> None:

@@ -271,3 +271,38 @@ def test_cache_budget_counts_late_lora_block_inputs(caplog) -> None:
     stage = TrainConfig(data_dir="", output_dir="", model_type="vit_b", precision="bf16", lora_blocks="6-11")
     with pytest.raises(ValueError, match="the cache needs 2.3 GiB"):
         check_cache_budget([late, stage], 100, 2.0, None)
+
+
+def test_small_objects_keep_their_targets_and_the_loss_sees_them(cpm15) -> None:
+    """Real H&E tiles (nuclei_cpm15) at a 256 px input: nuclei that shrink below the decoder's
+    1/4 grid keep a non-empty target at the input resolution, where the loss and the IoU head's
+    target are computed. A mask that misses such a nucleus costs a full Dice loss and has IoU 0;
+    on the 1/4 grid (``--loss_resolution decoder``) its target is empty, so missing it looked
+    perfect (IoU 1)."""
+    import dataclasses
+
+    from losses import decoder_targets, mask_iou, object_losses
+    from training_data import PromptDataset
+
+    config = TrainConfig(data_dir="", output_dir="", image_size=256, max_objects=0, augment=False, box_jitter=0.0)
+    lost_share = []
+    for index in range(3):
+        targets = PromptDataset(cpm15, [index], config, 0, train=True)[0].targets.float()  # Nx1xhxw, h or w 256
+        assert max(targets.shape[-2:]) == 256 and targets.flatten(1).sum(1).min() > 0  # every nucleus has pixels
+        lost = decoder_targets(targets).flatten(1).sum(1) == 0
+        lost_share.append(float(lost.float().mean()))
+        if not lost.any():
+            continue
+        small = targets[lost]
+        miss = torch.full((len(small), 1, 64, 64), -20.0)  # predicts nothing: Dice loss >= 1 - 1/2 (smoothing 1)
+        for where, loss_bound, expected_iou in (("input", 0.5, 0.0), ("decoder", 0.01, 1.0)):
+            logits, frame_targets, _ = trainer.loss_frame(dataclasses.replace(config, loss_resolution=where), miss,
+                                                          small, None)
+            loss, _ = object_losses("dice_ce", logits, torch.ones(len(small), 1), frame_targets, iou_weight=0.0)
+            true_iou = mask_iou(logits, frame_targets)  # the IoU head's target
+            if where == "input":
+                assert logits.shape[-2:] == small.shape[-2:] and bool((loss > loss_bound).all())
+            else:
+                assert bool((loss < loss_bound).all())
+            assert torch.allclose(true_iou, torch.full_like(true_iou, expected_iou))
+    assert max(lost_share) > 0.05  # on the 1/4 grid many nuclei vanish

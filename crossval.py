@@ -28,6 +28,7 @@ import reports
 import runfiles
 import runs
 import trainer
+import training_data
 from errors import UserError
 from sample import Sample
 from train_config import TrainConfig
@@ -94,6 +95,9 @@ def run_training(config: TrainConfig, samples: Sequence[Sample], device: torch.d
     checkpoint = checkpoints.resolve_checkpoint(config.model_type, config.checkpoint, announce=False)
     folds = folds if folds is not None else plan_folds(config, samples, resume=True)
     data.log_summary(samples, folds, grouping(config))
+    lost = training_data.cached_augmentation(config)
+    if lost and dist_info.rank == 0:
+        log.warning(lost)
     if dist_info.rank == 0:
         if not (out / folds_lib.FOLDS_FILE).is_file():
             folds_lib.save_folds(out, folds, samples, seed=config.seed, grouping=grouping(config))

@@ -144,6 +144,18 @@ class PromptDataset(torch.utils.data.Dataset):
                     input_targets(prompts.masks, prepared.input_size), labels, valid)
 
 
+def cached_augmentation(config: TrainConfig) -> str | None:
+    """What a run with a cached encoder start (a frozen encoder, or late LoRA) loses of its
+    augmentation, in one line; None when nothing is cached or augmentation is off."""
+    if not (config.cached and config.augment):
+        return None
+    first = config.first_lora_block
+    why = "the encoder is frozen" if first is None else \
+        f"late LoRA (--lora_blocks {config.lora_blocks}) caches the input of block {first}"
+    return (f"{why}: its output is cached per image view, so training sees no intensity augmentation and only "
+            f"{config.augment_variants} of the 8 flips / rotations of each image (--augment_variants)")
+
+
 def collate(items: list[Item]) -> list[Item]:
     return items
 

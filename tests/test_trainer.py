@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 import pytest
@@ -99,9 +100,10 @@ def test_cpu_refuses_fp16_from_the_command_line() -> None:
 
 @pytest.mark.slow
 def test_frozen_encoder_with_augmentation_embeds_each_view_once(main, em_crops, tmp_path, monkeypatch,
-                                                                 one_thread) -> None:
+                                                                 one_thread, caplog) -> None:
     """Flips and rotations on, a frozen encoder, 3 epochs: each image is embedded once per view
-    (2 views), the embeddings live on the CPU, and epoch 3 runs on the cache alone."""
+    (2 views), the embeddings live on the CPU, and epoch 3 runs on the cache alone; the run says
+    at its start that it has no intensity augmentation and 2 of the 8 views."""
     from conftest import EM4, SMALL
 
     calls = count_encoder_calls(monkeypatch)
@@ -113,7 +115,10 @@ def test_frozen_encoder_with_augmentation_embeds_each_view_once(main, em_crops, 
     argv = ["train", "--data_dir", str(data), *SMALL, "--freeze_encoder", "--lora_targets", "decoder",
             "--lora_rank", "2", "--max_objects", "2", "--epochs", "3", "--augment_variants", "2",
             "--val_fraction", "0.25", "--output_dir", str(tmp_path / "run")]
-    assert main(argv) == 0
+    with caplog.at_level(logging.WARNING, logger="crossval"):
+        assert main(argv) == 0
+    said = [r.getMessage() for r in caplog.records if "no intensity augmentation" in r.getMessage()]
+    assert len(said) == 1 and "only 2 of the 8 flips / rotations" in said[0]  # said once, at the start
     assert sum(calls) <= 4 * 2 and set(kept) == {"cpu"}
     assert main([*argv[:-1], str(tmp_path / "small"), "--cache_memory_gb", "0.0001"]) == 2
     assert not (tmp_path / "small").exists()
@@ -306,3 +311,17 @@ def test_small_objects_keep_their_targets_and_the_loss_sees_them(cpm15) -> None:
                 assert bool((loss < loss_bound).all())
             assert torch.allclose(true_iou, torch.full_like(true_iou, expected_iou))
     assert max(lost_share) > 0.05  # on the 1/4 grid many nuclei vanish
+
+
+def test_cached_runs_say_what_augmentation_they_lose() -> None:
+    """A frozen encoder or late LoRA caches each image view: no intensity change and only
+    ``--augment_variants`` of the 8 flips / rotations; full-depth LoRA and --no_augment lose nothing."""
+    from training_data import cached_augmentation
+
+    base = dict(data_dir="", output_dir="", model_type="vit_t")
+    frozen = cached_augmentation(TrainConfig(**base, freeze_encoder=True, lora_targets="decoder", augment_variants=3))
+    late = cached_augmentation(TrainConfig(**base, lora_blocks="last2"))
+    assert "encoder is frozen" in frozen and "only 3 of the 8" in frozen and "no intensity" in frozen
+    assert "--lora_blocks last2" in late and "block 8" in late and "only 2 of the 8" in late
+    assert cached_augmentation(TrainConfig(**base)) is None
+    assert cached_augmentation(TrainConfig(**base, lora_blocks="last2", augment=False)) is None

@@ -221,8 +221,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                     help="validation share of the grouped hold-out split without --cross_validation, and of "
                          "the inner split carved from each fold's training groups to choose its epoch")
     cv.add_argument("--final_fit", action="store_true",
-                    help="after cross-validation, retrain on all training data for the median chosen epoch "
-                         "count (final/best.pt; scored once on a fixed test split when there is one)")
+                    help="after cross-validation, retrain on all training data for as many optimiser steps as a "
+                         "fold took to its chosen checkpoint (the median), on a fold's learning-rate schedule "
+                         "(final/best.pt; scored once on a fixed test split when there is one)")
     pr = parser.add_argument_group("prompts")
     pr.add_argument("--prompt", default=defaults.prompt,
                     help="box, point or mix (per object one of box / points / both, as micro-sam trains)")

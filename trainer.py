@@ -188,14 +188,18 @@ def set_train_mode(sam: nn.Module) -> None:
         layer.train()
 
 
-def train_one_epoch(ctx: Context, loader: torch.utils.data.DataLoader, epoch: int, fold: int) -> dict[str, float]:
-    """One pass over the training fold; returns mean loss, first-round Dice and the fp16 steps the
+def train_one_epoch(ctx: Context, loader: torch.utils.data.DataLoader, epoch: int, fold: int,
+                    limit: int | None = None) -> dict[str, float]:
+    """One pass over the training fold (its first ``limit`` batches when given: the last epoch of
+    a run that stops mid-epoch); returns mean loss, first-round Dice and the fp16 steps the
     gradient scaler skipped. A NaN loss on any process stops every process with one message."""
     set_train_mode(ctx.sam)
     params = [p for p in ctx.sam.parameters() if p.requires_grad]
     losses, dices, skipped = [], [], 0
     bar = tqdm(loader, desc=f"fold {fold} epoch {epoch}", leave=False, disable=ctx.rank != 0 or None)
-    for items in bar:
+    for step, items in enumerate(bar):
+        if limit is not None and step >= limit:
+            break
         ctx.optimizer.zero_grad(set_to_none=True)
         loss, dice, finite = backward_step(ctx, items)
         if loss is None and ctx.world == 1:  # no objects in this batch: nothing to learn from
@@ -353,6 +357,21 @@ def adapter_config(config: TrainConfig, sam: nn.Module, fold: int | None, epoch:
             "sub_iterations": rounds}
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """A run's optimiser steps when they are not ``--epochs`` whole epochs (the final fit): the
+    steps its warm-up and cosine schedule span, and the step it stops after."""
+
+    schedule: int
+    stop: int
+
+
+def epoch_steps(n_items: int, batch_size: int, world: int = 1) -> int:
+    """Optimiser steps (batches) in an epoch over ``n_items`` training items, each of ``world``
+    processes taking ceil(n / world) of them (make_loader pads the order to that)."""
+    return math.ceil(math.ceil(n_items / world) / batch_size)
+
+
 def make_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay to 0 over ``total_steps``."""
     warmup = int(total_steps * warmup_fraction)
@@ -379,7 +398,7 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_id
              select_idx: Sequence[int], score_idx: Sequence[int], checkpoint: Path | None, device: torch.device,
              num_workers: int = 0, rank: int = 0, world: int = 1, cache_dir: Path | None = None,
              embeddings: dict[str, torch.Tensor] | None = None, fold_dir: Path | None = None,
-             cache_bytes: float = float("inf")) -> dict[str, Any]:
+             cache_bytes: float = float("inf"), steps: StepPlan | None = None) -> dict[str, Any]:
     """Train one fold on ``train_idx`` (resuming from ``last.pt``), choose its checkpoint, score it.
 
     The epoch is chosen (best checkpoint, early stopping) by the Dice on ``select_idx``: an inner
@@ -387,14 +406,16 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_id
     the last epoch is kept. The chosen adapter (``best.pt``) is then scored once on ``score_idx``
     (the outer fold): those per-image rows are the fold's unbiased estimate. Writes ``best.pt``,
     ``last.pt`` and ``done.json`` in ``fold_dir`` (default ``fold_k``); returns the result.
-    ``embeddings`` is the run's shared frozen-encoder cache, reused by every fold.
+    ``embeddings`` is the run's shared frozen-encoder cache, reused by every fold. ``steps``:
+    the schedule's length and the step to stop after (default: ``config.epochs`` whole epochs).
     """
     fold_dir = fold_dir or runs.fold_dir(Path(config.output_dir), fold)
     sam = build_trainable_model(config, checkpoint, device)
     optimizer = torch.optim.AdamW(param_groups(sam, config.weight_decay), lr=config.learning_rate)
     train_set = PromptDataset(samples, train_idx, config, fold, train=True)
-    steps_per_epoch = math.ceil(math.ceil(len(train_set) / world) / config.batch_size)
-    scheduler = make_schedule(optimizer, steps_per_epoch * config.epochs, config.warmup_fraction)
+    per_epoch = epoch_steps(len(train_set), config.batch_size, world)
+    steps = steps or StepPlan(per_epoch * config.epochs, per_epoch * config.epochs)
+    scheduler = make_schedule(optimizer, steps.schedule, config.warmup_fraction)
     cache = make_cache(sam, config, cache_dir, embeddings, cache_bytes)
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
     ctx = Context(sam, config, device, cache, optimizer, scheduler, rank, world, scaler, sub_iterations(config, device))
@@ -402,7 +423,7 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_id
     log.info("fold %d: %d prompting round(s) per step (--sub_iterations)", fold, ctx.rounds)
     select_loader = make_loader(PromptDataset(samples, select_idx, config, fold, train=False), config.batch_size,
                                 None, num_workers, rank, world) if select_idx else None
-    for epoch in range(state["epoch"] + 1, config.epochs):
+    for epoch in range(state["epoch"] + 1, math.ceil(steps.stop / per_epoch)):
         if config.early_stopping and state["bad_epochs"] >= config.patience:
             log.info("fold %d: early stop, no improvement for %d epochs", fold, config.patience)
             break
@@ -410,7 +431,8 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_id
         seed_everything(config.seed, fold, epoch, rank)
         train_set.epoch = epoch
         shuffle = int(np.random.default_rng([config.seed, fold, epoch, 7]).integers(2**31))
-        row = train_one_epoch(ctx, make_loader(train_set, config.batch_size, shuffle, num_workers, rank, world), epoch, fold)
+        row = train_one_epoch(ctx, make_loader(train_set, config.batch_size, shuffle, num_workers, rank, world), epoch,
+                              fold, limit=steps.stop - epoch * per_epoch)
         row.update(validate(ctx, select_loader) if select_loader is not None else {})
         row.update(fold=fold if fold_dir.name != runs.FINAL_DIR else runs.FINAL_DIR, epoch=epoch,
                    lr=scheduler.get_last_lr()[0], seconds=round(time.perf_counter() - start, 2))

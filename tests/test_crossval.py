@@ -79,7 +79,8 @@ def test_final_fit_is_scored_once_on_the_fixed_test_split(main, shared_data: Pat
         assert per_epoch == 1
         chosen.append(per_epoch * (done["best_epoch"] + 1))
     final_steps = torch.load(out / "final" / "last.pt", weights_only=True)["scheduler"]["last_epoch"]
-    assert final_steps == round(float(np.median(chosen))) == summary["final"]["steps"]
+    assert final_steps == round(float(np.median(chosen)))  # the chosen epoch count took 4x as many
+    assert summary["final"]["steps"] == final_steps
     header = rows[0].split(",")
     lr = {(r[header.index("fold")], int(r[header.index("epoch")])): float(r[header.index("lr")])
           for r in (row.split(",") for row in rows[1:])}

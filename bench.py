@@ -10,6 +10,7 @@ Rows (targets in brackets):
 - peak RSS of one LoRA training step (vit_t, vit_b; 1024 and 512 px)
 - sub_iterations 8 step / sub_iterations 1 step, cached embedding                 [<= 8.5]
 - where the mask decoder spends its time, per number of prompts
+- step with loss at input resolution / at decoder resolution (vit_t; also frozen-encoder steps)
 - side by side with micro-sam's train_sam (--microsam_python): s per iteration    [<= 0.3x, 0.5x]
 - late LoRA (--lora_blocks; the first adapted block's input cached) step / full-depth LoRA step,
   vit_b last 3 blocks and vit_t last stage, 1024 px, bf16                          [<= 0.35, 0.5]
@@ -88,8 +89,8 @@ class Setup:
             else:
                 emb = self._embedding()
             low, iou = sam_model.decode(sam, emb[0], prompts)  # every prompt in one decoder call
-        h, w = item.targets.shape[-2:]
-        loss = losses.compute_loss("dice_ce", low[..., :h, :w], iou, item.targets)
+        logits, targets, _ = trainer.loss_frame(self.config, low, item.targets.float(), None)
+        loss = losses.compute_loss("dice_ce", logits, iou, targets)
         loss.backward()
         self.sam.zero_grad(set_to_none=True)
         return 0.0
@@ -354,6 +355,24 @@ def bench_late(model_types: list[str], samples: list[Sample], reps: int, report:
                t[spec] / t["all"], "[<= 0.35]" if model_type == "vit_b" else "[<= 0.5]")
 
 
+def bench_loss_resolution(model_type: str, samples: list[Sample], reps: int, report: Report,
+                          image_size: int = 1024) -> None:
+    """The cost of the loss at the input resolution (the logits upsampled, micro-sam's) against the
+    loss at the decoder's 1/4 grid (``--loss_resolution decoder``): seconds per step of real
+    training epochs (LoRA qkv rank 8, 4 box prompts, the device's rounds), measured interleaved;
+    and the same for a frozen encoder's cached steps, where the decoder and the loss are all that
+    runs."""
+    for frozen, words in ((False, ""), (True, "frozen-encoder ")):
+        extra = dict(freeze_encoder=True, lora_targets="decoder", augment=False) if frozen else {}
+        setups = {where: Setup(make_config(model_type, image_size, loss_resolution=where, **extra), samples)
+                  for where in ("input", "decoder")}
+        t = interleaved_medians({where: setup.epoch for where, setup in setups.items()}, reps)
+        if not frozen:
+            report(f"{model_type} {image_size}px LoRA step, loss at input resolution (s)", t["input"] / len(samples))
+            report(f"{model_type} {image_size}px LoRA step, loss at decoder resolution (s)", t["decoder"] / len(samples))
+        report(f"{words}step with loss at input resolution / at decoder resolution", t["input"] / t["decoder"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="vit_t only, fewer repetitions")
@@ -362,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--microsam_python", type=Path, default=None,
                         help="python of a separate micro-sam environment (bench_microsam_env.sh): adds micro-sam's "
                              "own training, measured in the same run, beside ours")
-    parser.add_argument("--only", choices=("all", "microsam", "late"), default="all",
-                        help="run only some rows: micro-sam's side by side, or late LoRA's")
+    parser.add_argument("--only", choices=("all", "microsam", "late", "loss"), default="all",
+                        help="run only some rows: micro-sam's side by side, late LoRA's, or the loss resolution's")
     args = parser.parse_args(argv)
     import bench_sidebyside  # it builds on this module's Setup
 
@@ -387,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_late(models, samples, reps, report)
         if not args.quick:
             bench_sidebyside.bench_microsam_late(args.data_dir, reps, report, args.microsam_python)
+    if args.only in ("all", "loss"):
+        bench_loss_resolution(models[0], samples, reps, report, 512 if args.quick else 1024)
     if args.only == "all":
         bench_rest(models, samples, reps, args.quick, report)
     if args.json:

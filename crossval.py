@@ -6,15 +6,15 @@ early stopping) is chosen on that inner split alone. The chosen checkpoint is th
 the outer fold: the per-image Dice over all outer folds is the cross-validated estimate
 (``summary.json`` ``cv_estimate``: mean, standard deviation, a bootstrap 95 % interval resampling
 whole fold groups, with its ``unit`` and ``n_groups``).
-``--final_fit`` retrains on all training data for the median chosen epoch count (``final/best.pt``,
-the model ``--export_merged`` exports, scored again as exported) and scores it once on a fixed test
-split when there is one.
+``--final_fit`` retrains on all training data for as many optimiser steps as a fold took to its
+chosen checkpoint, on a fold's schedule (``final/best.pt``, the model ``--export_merged`` exports,
+scored again as exported), and scores it once on a fixed test split when there is one.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -31,6 +31,7 @@ import reports
 import runfiles
 import runs
 import trainer
+import training_data
 from errors import UserError
 from sample import Sample
 from train_config import TrainConfig
@@ -103,6 +104,9 @@ def run_training(config: TrainConfig, samples: Sequence[Sample], device: torch.d
     checkpoint = checkpoints.resolve_checkpoint(config.model_type, config.checkpoint, announce=False)
     folds = folds if folds is not None else plan_folds(config, samples, resume=True)
     data.log_summary(samples, folds, grouping(config))
+    lost = training_data.cached_augmentation(config)
+    if lost and dist_info.rank == 0:
+        log.warning(lost)
     if dist_info.rank == 0:
         if not (out / folds_lib.FOLDS_FILE).is_file():
             folds_lib.save_folds(out, folds, samples, seed=config.seed, grouping=grouping(config))
@@ -132,21 +136,35 @@ def run_training(config: TrainConfig, samples: Sequence[Sample], device: torch.d
     return summary
 
 
+def final_steps(config: TrainConfig, results: Sequence[dict[str, Any]], world: int = 1) -> trainer.StepPlan:
+    """The final fit's optimiser steps: as many as a fold took to its chosen checkpoint (the median
+    over the folds), on a fold's schedule (warm-up and cosine over a fold's ``--epochs``). The
+    final fit has more images per epoch than a fold, so the chosen epoch count would take more
+    steps, on another schedule."""
+    per_epoch = [trainer.epoch_steps(r["train_size"], config.batch_size, world) for r in results]
+    chosen = round(float(np.median([(r["best_epoch"] + 1) * n for r, n in zip(results, per_epoch)])))
+    schedule = round(float(np.median(per_epoch))) * config.epochs
+    return trainer.StepPlan(schedule=max(schedule, chosen, 1), stop=max(chosen, 1))
+
+
 def final_fit(config: TrainConfig, samples: Sequence[Sample], results: Sequence[dict[str, Any]], seed_fold: int,
               common: dict[str, Any]) -> dict[str, Any]:
-    """Retrain on every training sample for the median chosen epoch count (``final/``); score it
-    once on the fixed test split when the data has one."""
-    epochs = int(np.median([r["best_epoch"] + 1 for r in results]))
+    """Retrain on every training sample for a fold's chosen number of optimiser steps
+    (:func:`final_steps`; ``final/``); score it once on the fixed test split when the data has one."""
     trainval, test = folds_lib.split_test(samples)
+    steps = final_steps(config, results, common["world"])
+    epochs = math.ceil(steps.stop / trainer.epoch_steps(len(trainval), config.batch_size, common["world"]))
     final_dir = Path(config.output_dir) / runs.FINAL_DIR
     done = final_dir / "done.json"
-    log.info("final fit: %d training samples, %d epochs (the median chosen epoch count)", len(trainval), epochs)
+    log.info("final fit: %d training samples, %d optimiser steps in %d epoch(s) (the median step of the folds' "
+             "chosen checkpoints, on a fold's %d-step schedule)", len(trainval), steps.stop, epochs, steps.schedule)
     if done.is_file():
         result = json.loads(done.read_text(encoding="utf-8"))
     else:
-        result = trainer.run_fold(dataclasses.replace(config, epochs=epochs), samples, seed_fold, trainval, [], test,
-                                  fold_dir=final_dir, **common)
-    record: dict[str, Any] = {"final": {"adapter": result["adapter"], "epochs": epochs, "train_size": len(trainval)}}
+        result = trainer.run_fold(config, samples, seed_fold, trainval, [], test, fold_dir=final_dir, steps=steps,
+                                  **common)
+    record: dict[str, Any] = {"final": {"adapter": result["adapter"], "epochs": epochs, "steps": steps.stop,
+                                        "schedule_steps": steps.schedule, "train_size": len(trainval)}}
     if test:
         record["test"] = {**estimate(result["scored"], samples, grouping(config), seed=config.seed),
                           "scored": result["scored"],

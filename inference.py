@@ -19,7 +19,6 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import model as sam_model
@@ -100,8 +99,7 @@ def full_size_masks(low_res: torch.Tensor, image_size: int, input_size: tuple[in
     """
     if tuple(input_size) != tuple(original_size):
         return (sam_model.postprocess_logits(low_res, image_size, input_size, original_size)[:, 0] > 0).cpu().numpy()
-    logits = F.interpolate(low_res, (image_size, image_size), mode="bilinear", align_corners=False)
-    return (logits[:, 0, :input_size[0], :input_size[1]] > 0).cpu().numpy()
+    return (sam_model.input_logits(low_res, image_size, input_size)[:, 0] > 0).cpu().numpy()
 
 
 @torch.no_grad()

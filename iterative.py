@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import model as sam_model
+from losses import decoder_targets
 from prompts import BOX, POINTS, correction_clicks
 
 # The decoder's masks are at 1/4 of the input frame: a low-res pixel's centre in input pixels.
@@ -35,13 +36,14 @@ def add_clicks(tensors: sam_model.PromptTensors, low_res: torch.Tensor, targets:
     """The next round's prompts: one correction click per object, and ``low_res`` as mask prompt.
 
     low_res: Nx1x(S/4)x(S/4) logits of the masks chosen this round (the decoder's whole frame);
-    targets: Nx1xhxw {0,1} (the valid part of the frame, h, w <= S/4); valid: 1x1xhxw or None.
-    The click is placed on the errors inside ``hxw``; points are in the input frame, as
-    ``PromptTensors`` holds them.
+    targets: Nx1xhxw {0,1} at the input resolution (the valid part of the frame, h, w <= S);
+    valid: 1x1xhxw or None. The click is placed on the errors on the decoder's grid (the targets
+    area-averaged down to it); points are in the input frame, as ``PromptTensors`` holds them.
     """
+    targets = decoder_targets(targets)
     h, w = targets.shape[-2:]
     pred = (low_res[:, 0, :h, :w] > 0).cpu().numpy()
-    keep = None if valid is None else valid[0, 0].cpu().numpy() > 0.5
+    keep = None if valid is None else decoder_targets(valid)[0, 0].cpu().numpy() > 0.5
     xy, labels = correction_clicks(pred, targets[:, 0].cpu().numpy() > 0.5, keep)
     device = low_res.device
     click = torch.from_numpy(xy * LOW_RES_SCALE + (LOW_RES_SCALE - 1) / 2).to(device)[:, None]
@@ -57,7 +59,7 @@ def decode_rounds(sam: nn.Module, embedding: torch.Tensor, tensors: sam_model.Pr
                   precision: str = "fp32") -> None:
     """Decode ``rounds`` rounds of prompts for N objects of one image.
 
-    embedding: 256x(S/16)x(S/16); targets: Nx1xhxw. After each round ``choose(round, low_res,
+    embedding: 256x(S/16)x(S/16); targets: Nx1xhxw at the input resolution. After each round ``choose(round, low_res,
     iou, targets, valid)`` (low_res NxCx(S/4)x(S/4) logits, iou NxC; C = 3 for a single click in
     round 0, else 1) does what the caller needs (a loss and its backward pass, or scores) and
     returns the N indices of the outputs the next round continues from.

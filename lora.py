@@ -373,8 +373,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def mark_only_lora_as_trainable(model: nn.Module, train_decoder: bool = False) -> tuple[int, int]:
-    """Freeze everything except ``lora_A`` / ``lora_B`` (and the whole ``mask_decoder`` when
-    ``train_decoder``); logs and returns ``(trainable, total)``."""
+    """Freeze everything except ``lora_A`` / ``lora_B`` (and, when ``train_decoder``, the whole
+    ``mask_decoder`` with the prompt encoder's ``mask_downscaling``, which embeds the mask prompt
+    every correction round feeds); logs and returns ``(trainable, total)``."""
     layers = lora_layers(model)
     if not layers and not train_decoder:
         raise UserError("the model has no LoRA layers (call inject_lora first), nothing to train")
@@ -384,6 +385,9 @@ def mark_only_lora_as_trainable(model: nn.Module, train_decoder: bool = False) -
         if not isinstance(decoder, nn.Module):
             raise UserError("train_decoder=True but the model has no mask_decoder")
         decoder.requires_grad_(True)
+        downscaling = getattr(getattr(model, "prompt_encoder", None), "mask_downscaling", None)
+        if isinstance(downscaling, nn.Module):
+            downscaling.requires_grad_(True)
     for layer in layers.values():
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)

@@ -1,10 +1,25 @@
-"""Training losses on low-resolution mask logits: Dice, BCE, focal, and the predicted-IoU error."""
+"""Training losses on mask logits: Dice, BCE, focal, and the predicted-IoU error.
+
+The trainer compares the decoder's logits upsampled to the input resolution with targets at that
+resolution (``--loss_resolution input``, as micro-sam); :func:`decoder_targets` gives the
+targets at the decoder's 1/4 grid for ``--loss_resolution decoder`` and the correction clicks.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 LOSSES = ("dice_ce", "focal_dice_iou")
+LOSS_RESOLUTIONS = ("input", "decoder")
+DECODER_SCALE = 4  # the mask decoder's logits are at 1/4 of the input frame
+
+
+def decoder_targets(targets: torch.Tensor) -> torch.Tensor:
+    """Nx1xhxw {0,1} masks at the input resolution -> Nx1x(h/4)x(w/4) float at the decoder's grid
+    (sides rounded up): a low-res pixel is foreground when at least half of the input pixels it
+    covers are (area average, then 0.5). Objects smaller than about 2x2 input pixels vanish."""
+    area = F.avg_pool2d(targets.float(), DECODER_SCALE, ceil_mode=True)
+    return (area >= 0.5).to(torch.float32)
 
 
 def _valid(targets: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:

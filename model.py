@@ -252,12 +252,18 @@ def scale_coords(coords: torch.Tensor, original_size: tuple[int, int], image_siz
     return coords.float() * scale
 
 
+def input_logits(low_res: torch.Tensor, image_size: int, input_size: tuple[int, int]) -> torch.Tensor:
+    """NxCx(S/4)x(S/4) logits -> NxCxhxw in the input frame: upsampled to SxS (bilinear, as SAM
+    post-processes), the padding cropped to the resized image's ``input_size`` (h, w)."""
+    logits = F.interpolate(low_res, (image_size, image_size), mode="bilinear", align_corners=False)
+    return logits[..., : input_size[0], : input_size[1]]
+
+
 def postprocess_logits(
     low_res: torch.Tensor, image_size: int, input_size: tuple[int, int], original_size: tuple[int, int]
 ) -> torch.Tensor:
     """NxCx(S/4)x(S/4) logits -> NxCxHxW at the original size (upsample, crop padding, resize)."""
-    logits = F.interpolate(low_res, (image_size, image_size), mode="bilinear", align_corners=False)
-    logits = logits[..., : input_size[0], : input_size[1]]
+    logits = input_logits(low_res, image_size, input_size)
     return F.interpolate(logits, original_size, mode="bilinear", align_corners=False)
 
 

@@ -17,7 +17,7 @@ import encoder_blocks
 import lora
 import model as sam_model
 from errors import UserError
-from losses import LOSSES
+from losses import LOSS_RESOLUTIONS, LOSSES
 from prompts import PROMPT_MODES
 
 _DATA = data.DataOptions()
@@ -69,6 +69,7 @@ class TrainConfig:
     augment: bool = True
     augment_variants: int = 2
     loss: str = "dice_ce"
+    loss_resolution: str = "input"
     iou_loss_weight: float = 1.0
     decoder_chunk: int = 0
     sub_iterations: int = 0
@@ -127,6 +128,8 @@ class TrainConfig:
             (self.lora_alpha > 0, f"--lora_alpha must be positive, got {self.lora_alpha}"),
             (0 <= self.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}"),
             (self.loss in LOSSES, f"unknown --loss {self.loss!r}: choose {' or '.join(LOSSES)}"),
+            (self.loss_resolution in LOSS_RESOLUTIONS,
+             f"unknown --loss_resolution {self.loss_resolution!r}: choose {' or '.join(LOSS_RESOLUTIONS)}"),
             (self.prompt in PROMPT_MODES, f"unknown --prompt {self.prompt!r}: choose {', '.join(PROMPT_MODES)}"),
             (not self.cross_validation or self.num_folds >= 2,
              f"--num_folds must be at least 2 for cross-validation, got {self.num_folds}"),
@@ -145,6 +148,9 @@ class TrainConfig:
         if len(blocks) < encoder_blocks.block_count(self.model_type) and not self.encoder_trained:
             raise UserError(f"--lora_blocks {self.lora_blocks} places encoder LoRA, but no encoder layer trains "
                             "(--freeze_encoder, --lora_rank 0 or decoder-only --lora_targets): leave it at all")
+        if self.train_decoder and self.lora_rank > 0 and "decoder" in lora.parse_targets(self.lora_targets):
+            raise UserError("--lora_targets decoder with --train_decoder trains the decoder's weights twice (LoRA on "
+                            "layers that train anyway): drop decoder from --lora_targets or drop --train_decoder")
         if self.lora_rank == 0 and not self.train_decoder:
             raise UserError("nothing to train: --lora_rank 0 needs --train_decoder")
         if self.freeze_encoder and self.lora_rank > 0 and \
@@ -198,6 +204,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--early_stopping", action="store_true", help="stop a fold when validation Dice stops improving")
     opt.add_argument("--patience", type=int, default=defaults.patience, help="epochs without improvement before stopping")
     opt.add_argument("--loss", default=defaults.loss, help="dice_ce (Dice + BCE) or focal_dice_iou (finestSAM's 20:1:1)")
+    opt.add_argument("--loss_resolution", choices=LOSS_RESOLUTIONS, default=defaults.loss_resolution,
+                     help="where the mask loss and the IoU head's target are computed: input = the decoder's logits "
+                          "upsampled to the input resolution (micro-sam's; small objects keep their targets), "
+                          "decoder = its 1/4 grid with targets area-averaged down (cheaper; small objects vanish)")
     opt.add_argument("--decoder_chunk", type=int, default=defaults.decoder_chunk,
                      help="prompts per mask-decoder call in training (gradients accumulated: the step is the same); "
                           "0 = the device's default (1 on a CPU, where fewer per call cost less each; 64 on a GPU)")
@@ -211,8 +221,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                     help="validation share of the grouped hold-out split without --cross_validation, and of "
                          "the inner split carved from each fold's training groups to choose its epoch")
     cv.add_argument("--final_fit", action="store_true",
-                    help="after cross-validation, retrain on all training data for the median chosen epoch "
-                         "count (final/best.pt; scored once on a fixed test split when there is one)")
+                    help="after cross-validation, retrain on all training data for as many optimiser steps as a "
+                         "fold took to its chosen checkpoint (the median), on a fold's learning-rate schedule "
+                         "(final/best.pt; scored once on a fixed test split when there is one)")
     pr = parser.add_argument_group("prompts")
     pr.add_argument("--prompt", default=defaults.prompt,
                     help="box, point or mix (per object one of box / points / both, as micro-sam trains)")

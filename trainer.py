@@ -32,7 +32,7 @@ import model as sam_model
 import runfiles
 import runs
 from errors import UserError
-from losses import hard_dice, object_losses
+from losses import decoder_targets, hard_dice, object_losses
 from sample import Sample
 from train_config import TrainConfig
 from training_data import EmbeddingCache, Item, PromptDataset, make_cache, make_loader
@@ -74,7 +74,8 @@ def embed(ctx: Context, items: Sequence[Item]) -> torch.Tensor:
 def backward_step(ctx: Context, items: Sequence[Item]) -> tuple[float | None, float, bool]:
     """Forward and backward of a batch's loss: per image the mean over its objects of the loss
     summed over the prompting rounds (``--sub_iterations``), averaged over the images. Returns
-    ``(loss, mean first-round low-res Dice, finite)``, loss None when no image has objects.
+    ``(loss, mean first-round Dice at the loss's resolution, finite)``, loss None when no image
+    has objects.
 
     The embeddings are computed once and shared by every round (iterative.py). Each image's
     objects are decoded in chunks of one prompt kind (:func:`chunk_size`): the decoder's cost per
@@ -92,8 +93,8 @@ def backward_step(ctx: Context, items: Sequence[Item]) -> tuple[float | None, fl
     step = _StepLoss(ctx)
     for j, item in enumerate(with_objects):
         tensors = item.tensors.to(ctx.device)
-        targets = item.targets.to(ctx.device)
-        valid = item.valid.to(ctx.device) if item.valid is not None else None
+        targets = item.targets.to(ctx.device, torch.float32)
+        valid = item.valid.to(ctx.device, torch.float32) if item.valid is not None else None
         step.share = 1 / len(item.prompts) / len(with_objects)
         for rows, kind in item.groups(chunk_size(ctx)):
             iterative.decode_rounds(ctx.sam, leaf[j], iterative.with_kind(tensors.select(rows), kind), targets[rows],
@@ -116,10 +117,10 @@ class _StepLoss:
 
     def round(self, r: int, low_res: torch.Tensor, iou: torch.Tensor, targets: torch.Tensor,
               valid: torch.Tensor | None) -> torch.Tensor:
-        """Loss of one round's NxCx(S/4)x(S/4) logits against Nx1xhxw ``targets``; returns the N
-        outputs the next round uses."""
+        """Loss of one round's NxCx(S/4)x(S/4) logits against Nx1xhxw ``targets`` (input
+        resolution); returns the N outputs the next round uses."""
         cfg = self.ctx.config
-        logits = low_res[..., :targets.shape[-2], :targets.shape[-1]]
+        logits, targets, valid = loss_frame(cfg, low_res, targets, valid)
         losses, best = object_losses(cfg.loss, logits, iou, targets, valid, cfg.iou_loss_weight)
         loss = losses.sum() * self.share
         self.finite = self.finite and bool(torch.isfinite(loss.detach()))
@@ -130,6 +131,23 @@ class _StepLoss:
             scaler = self.ctx.scaler
             (scaler.scale(loss) if scaler is not None else loss).backward()
         return best
+
+
+def loss_frame(config: TrainConfig, low_res: torch.Tensor, targets: torch.Tensor,
+               valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(logits, targets, valid)`` as the loss and the IoU head's target compare them.
+
+    low_res: NxCx(S/4)x(S/4) logits; targets: Nx1xhxw at the input resolution; valid: 1x1xhxw or
+    None. ``--loss_resolution input`` (micro-sam's): the logits upsampled to the input frame and
+    cropped to ``hxw``, so a small object's target keeps its pixels. ``decoder`` (SAM's 1/4
+    grid): the targets area-averaged down to the logits' grid (losses.decoder_targets), cheaper,
+    but an object under ~2x2 input pixels has an empty target there.
+    """
+    if config.loss_resolution == "decoder":
+        targets = decoder_targets(targets)
+        valid = None if valid is None else decoder_targets(valid)
+        return low_res[..., :targets.shape[-2], :targets.shape[-1]], targets, valid
+    return sam_model.input_logits(low_res.float(), config.image_size, tuple(targets.shape[-2:])), targets, valid
 
 
 def chunk_size(ctx: Context) -> int:
@@ -170,14 +188,18 @@ def set_train_mode(sam: nn.Module) -> None:
         layer.train()
 
 
-def train_one_epoch(ctx: Context, loader: torch.utils.data.DataLoader, epoch: int, fold: int) -> dict[str, float]:
-    """One pass over the training fold; returns mean loss, low-res Dice and the fp16 steps the
+def train_one_epoch(ctx: Context, loader: torch.utils.data.DataLoader, epoch: int, fold: int,
+                    limit: int | None = None) -> dict[str, float]:
+    """One pass over the training fold (its first ``limit`` batches when given: the last epoch of
+    a run that stops mid-epoch); returns mean loss, first-round Dice and the fp16 steps the
     gradient scaler skipped. A NaN loss on any process stops every process with one message."""
     set_train_mode(ctx.sam)
     params = [p for p in ctx.sam.parameters() if p.requires_grad]
     losses, dices, skipped = [], [], 0
     bar = tqdm(loader, desc=f"fold {fold} epoch {epoch}", leave=False, disable=ctx.rank != 0 or None)
-    for items in bar:
+    for step, items in enumerate(bar):
+        if limit is not None and step >= limit:
+            break
         ctx.optimizer.zero_grad(set_to_none=True)
         loss, dice, finite = backward_step(ctx, items)
         if loss is None and ctx.world == 1:  # no objects in this batch: nothing to learn from
@@ -230,14 +252,29 @@ def optimizer_step(ctx: Context, params: Sequence[nn.Parameter]) -> int:
     return int(scaler.get_scale() < before)
 
 
+# Learned position tables held as bare parameters (SAM ViT's absolute and relative position
+# embeddings, TinyViT's attention biases): embeddings by kind, though not nn.Embedding modules.
+POSITION_TABLES = ("pos_embed", "rel_pos_h", "rel_pos_w", "attention_biases")
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalisation layer (torch's, or SAM's / TinyViT's LayerNorm2d)."""
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)) or \
+        type(module).__name__.endswith(("Norm", "Norm2d"))
+
+
 def param_groups(sam: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """The trainable parameters in two AdamW groups: weight decay on weight matrices (LoRA
-    factors, linear layers), none on biases, norms, tokens and embeddings."""
+    factors, linear and convolution weights, the decoder's attention included), none by kind on
+    biases and other vectors, norm layers and embeddings (``nn.Embedding`` such as SAM's tokens,
+    and the position tables), whatever their names say."""
     decay, plain = [], []
-    for name, p in sam.named_parameters():
-        if p.requires_grad:
-            exempt = p.ndim < 2 or any(word in name for word in ("norm", "token", "embed", "pe_layer", "pos"))
-            (plain if exempt else decay).append(p)
+    for module in sam.modules():
+        for leaf, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                exempt = p.ndim < 2 or isinstance(module, nn.Embedding) or is_norm_layer(module) or \
+                    leaf in POSITION_TABLES
+                (plain if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
@@ -320,6 +357,21 @@ def adapter_config(config: TrainConfig, sam: nn.Module, fold: int | None, epoch:
             "sub_iterations": rounds}
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """A run's optimiser steps when they are not ``--epochs`` whole epochs (the final fit): the
+    steps its warm-up and cosine schedule span, and the step it stops after."""
+
+    schedule: int
+    stop: int
+
+
+def epoch_steps(n_items: int, batch_size: int, world: int = 1) -> int:
+    """Optimiser steps (batches) in an epoch over ``n_items`` training items, each of ``world``
+    processes taking ceil(n / world) of them (make_loader pads the order to that)."""
+    return math.ceil(math.ceil(n_items / world) / batch_size)
+
+
 def make_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay to 0 over ``total_steps``."""
     warmup = int(total_steps * warmup_fraction)
@@ -346,7 +398,7 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_id
              select_idx: Sequence[int], score_idx: Sequence[int], checkpoint: Path | None, device: torch.device,
              num_workers: int = 0, rank: int = 0, world: int = 1, cache_dir: Path | None = None,
              embeddings: dict[str, torch.Tensor] | None = None, fold_dir: Path | None = None,
-             cache_bytes: float = float("inf")) -> dict[str, Any]:
+             cache_bytes: float = float("inf"), steps: StepPlan | None = None) -> dict[str, Any]:
     """Train one fold on ``train_idx`` (resuming from ``last.pt``), choose its checkpoint, score it.
 
     The epoch is chosen (best checkpoint, early stopping) by the Dice on ``select_idx``: an inner
@@ -354,14 +406,16 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_id
     the last epoch is kept. The chosen adapter (``best.pt``) is then scored once on ``score_idx``
     (the outer fold): those per-image rows are the fold's unbiased estimate. Writes ``best.pt``,
     ``last.pt`` and ``done.json`` in ``fold_dir`` (default ``fold_k``); returns the result.
-    ``embeddings`` is the run's shared frozen-encoder cache, reused by every fold.
+    ``embeddings`` is the run's shared frozen-encoder cache, reused by every fold. ``steps``:
+    the schedule's length and the step to stop after (default: ``config.epochs`` whole epochs).
     """
     fold_dir = fold_dir or runs.fold_dir(Path(config.output_dir), fold)
     sam = build_trainable_model(config, checkpoint, device)
     optimizer = torch.optim.AdamW(param_groups(sam, config.weight_decay), lr=config.learning_rate)
     train_set = PromptDataset(samples, train_idx, config, fold, train=True)
-    steps_per_epoch = math.ceil(math.ceil(len(train_set) / world) / config.batch_size)
-    scheduler = make_schedule(optimizer, steps_per_epoch * config.epochs, config.warmup_fraction)
+    per_epoch = epoch_steps(len(train_set), config.batch_size, world)
+    steps = steps or StepPlan(per_epoch * config.epochs, per_epoch * config.epochs)
+    scheduler = make_schedule(optimizer, steps.schedule, config.warmup_fraction)
     cache = make_cache(sam, config, cache_dir, embeddings, cache_bytes)
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
     ctx = Context(sam, config, device, cache, optimizer, scheduler, rank, world, scaler, sub_iterations(config, device))
@@ -369,7 +423,7 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_id
     log.info("fold %d: %d prompting round(s) per step (--sub_iterations)", fold, ctx.rounds)
     select_loader = make_loader(PromptDataset(samples, select_idx, config, fold, train=False), config.batch_size,
                                 None, num_workers, rank, world) if select_idx else None
-    for epoch in range(state["epoch"] + 1, config.epochs):
+    for epoch in range(state["epoch"] + 1, math.ceil(steps.stop / per_epoch)):
         if config.early_stopping and state["bad_epochs"] >= config.patience:
             log.info("fold %d: early stop, no improvement for %d epochs", fold, config.patience)
             break
@@ -377,7 +431,8 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_id
         seed_everything(config.seed, fold, epoch, rank)
         train_set.epoch = epoch
         shuffle = int(np.random.default_rng([config.seed, fold, epoch, 7]).integers(2**31))
-        row = train_one_epoch(ctx, make_loader(train_set, config.batch_size, shuffle, num_workers, rank, world), epoch, fold)
+        row = train_one_epoch(ctx, make_loader(train_set, config.batch_size, shuffle, num_workers, rank, world), epoch,
+                              fold, limit=steps.stop - epoch * per_epoch)
         row.update(validate(ctx, select_loader) if select_loader is not None else {})
         row.update(fold=fold if fold_dir.name != runs.FINAL_DIR else runs.FINAL_DIR, epoch=epoch,
                    lr=scheduler.get_last_lr()[0], seconds=round(time.perf_counter() - start, 2))
@@ -419,7 +474,7 @@ def end_epoch(ctx: Context, state: dict[str, Any], row: dict[str, Any], fold_dir
         runfiles.torch_save({"trainable": adapters.trained_state(ctx.sam), "optimizer": ctx.optimizer.state_dict(),
                              "scheduler": ctx.scheduler.state_dict(), "state": state}, fold_dir / "last.pt")
         runs.write_metrics_csv(Path(ctx.config.output_dir))
-    log.info("fold %s epoch %d: loss %.4f, train Dice %.3f (low-res)%s (%.1f s)", fold, epoch, row["train_loss"], row["train_dice"],
+    log.info("fold %s epoch %d: loss %.4f, train Dice %.3f (first round)%s (%.1f s)", fold, epoch, row["train_loss"], row["train_dice"],
              f", selection Dice {row['val_dice']:.4f}, IoU {row['val_iou']:.4f}" + (" *" if improved else "")
              if "val_dice" in row else "", row["seconds"])
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -34,7 +33,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class Item:
     """One image ready for a step: tensor 3xSxS, its prompts (pixel frame, with the target masks
-    and ignored pixels) and the same prompts as the prompt encoder's tensors, low-res targets."""
+    and ignored pixels), the same prompts as the prompt encoder's tensors, and the target masks
+    at the input resolution."""
 
     index: int
     key: str  # content hash (embedding cache key)
@@ -43,9 +43,9 @@ class Item:
     original_size: tuple[int, int]
     prompts: Prompts
     tensors: sam_model.PromptTensors
-    targets: torch.Tensor  # Nx1xhxw float {0,1} at low resolution (valid region only)
+    targets: torch.Tensor  # Nx1xhxw bool at the input resolution (h, w = input_size: no padding)
     labels: np.ndarray  # HxW instance labels (after augmentation)
-    valid: torch.Tensor | None = None  # 1x1xhxw float: 0 where ignored (ambiguous regions), None = all
+    valid: torch.Tensor | None = None  # 1x1xhxw bool: False where ignored (ambiguous regions), None = all
 
     def groups(self, chunk: int) -> list[tuple[slice, int]]:
         """The objects' rows in decoder calls: runs of one prompt kind (bits prompts.BOX /
@@ -66,17 +66,25 @@ def content_key(image: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def low_res_targets(masks: np.ndarray, input_size: tuple[int, int]) -> torch.Tensor:
-    """NxHxW bool masks -> Nx1xhxw {0,1} float at the decoder's resolution (input size / 4).
+def input_targets(masks: np.ndarray, input_size: tuple[int, int], keep_small: bool = True) -> torch.Tensor:
+    """NxHxW bool masks -> Nx1xhxw bool at the input resolution (``input_size``: the image resized
+    as SAM resizes it, without the padding), what the loss compares the upsampled logits with.
 
-    Area resampling (cv2, per object) then a 0.5 threshold: a low-res pixel is foreground
-    when at least half of the pixels it covers are.
+    Each mask is resized as its image is (area average when shrinking, bilinear when enlarging)
+    and thresholded at 0.5. With ``keep_small`` an object that covers no output pixel by half keeps
+    the one it covers most: a prompted object never has an empty target.
     """
-    h, w = math.ceil(input_size[0] / 4), math.ceil(input_size[1] / 4)
-    out = np.zeros((masks.shape[0], 1, h, w), np.float32)
+    h, w = input_size
+    out = np.zeros((masks.shape[0], 1, h, w), bool)
     for i, mask in enumerate(masks):
-        area = cv2.resize(mask.astype(np.uint8) * 255, (w, h), interpolation=cv2.INTER_AREA)
-        out[i, 0] = area >= 128
+        if mask.shape == (h, w):
+            out[i, 0] = mask
+            continue
+        shrink = h * w < mask.shape[0] * mask.shape[1]
+        cover = cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        out[i, 0] = cover >= 0.5
+        if keep_small and not out[i, 0].any() and mask.any():
+            out[i, 0].flat[int(np.argmax(cover))] = True
     return torch.from_numpy(out)
 
 
@@ -131,9 +139,21 @@ class PromptDataset(torch.utils.data.Dataset):
                 points=prompts.points if prompts.use_points else None,
                 point_labels=prompts.point_labels if prompts.use_points else None)
         key = content_key(image) if cfg.cached else ""  # only the cache needs it
-        valid = None if ignore is None else low_res_targets(~ignore[None], prepared.input_size)
+        valid = None if ignore is None else input_targets(~ignore[None], prepared.input_size, keep_small=False)
         return Item(index, key, prepared.tensor, prepared.input_size, prepared.original_size, prompts, tensors,
-                    low_res_targets(prompts.masks, prepared.input_size), labels, valid)
+                    input_targets(prompts.masks, prepared.input_size), labels, valid)
+
+
+def cached_augmentation(config: TrainConfig) -> str | None:
+    """What a run with a cached encoder start (a frozen encoder, or late LoRA) loses of its
+    augmentation, in one line; None when nothing is cached or augmentation is off."""
+    if not (config.cached and config.augment):
+        return None
+    first = config.first_lora_block
+    why = "the encoder is frozen" if first is None else \
+        f"late LoRA (--lora_blocks {config.lora_blocks}) caches the input of block {first}"
+    return (f"{why}: its output is cached per image view, so training sees no intensity augmentation and only "
+            f"{config.augment_variants} of the 8 flips / rotations of each image (--augment_variants)")
 
 
 def collate(items: list[Item]) -> list[Item]:

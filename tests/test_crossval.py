@@ -69,6 +69,22 @@ def test_final_fit_is_scored_once_on_the_fixed_test_split(main, shared_data: Pat
     rows = (out / "metrics.csv").read_text().splitlines()
     assert any(row.startswith("final,") for row in rows)
 
+    # the final fit takes as many optimiser steps as a fold took to its chosen checkpoint (here one
+    # image per fold epoch, four per final epoch), on a fold's learning-rate schedule
+    chosen, lr_at = [], {}
+    for k in range(2):
+        done = json.loads((out / f"fold_{k}" / "done.json").read_text())
+        per_epoch = torch.load(out / f"fold_{k}" / "last.pt", weights_only=True)["scheduler"]["last_epoch"] // \
+            done["epochs_run"]
+        assert per_epoch == 1
+        chosen.append(per_epoch * (done["best_epoch"] + 1))
+    final_steps = torch.load(out / "final" / "last.pt", weights_only=True)["scheduler"]["last_epoch"]
+    assert final_steps == round(float(np.median(chosen)))  # the chosen epoch count took 4x as many
+    assert summary["final"]["steps"] == final_steps
+    header = rows[0].split(",")
+    lr = {(r[header.index("fold")], int(r[header.index("epoch")])): float(r[header.index("lr")])
+          for r in (row.split(",") for row in rows[1:])}
+    assert lr[("final", summary["final"]["epochs"] - 1)] == pytest.approx(lr[("0", final_steps - 1)])
 
 def test_cv_estimate_resamples_source_images_of_patches(shared_data: Path) -> None:
     """Outer-fold rows of real MoNuSeg patches (3 tiles, 48 patches of 256 px): the interval of

@@ -17,8 +17,8 @@ def test_single_click_is_one_positive_point_without_box_or_mask() -> None:
 
 
 def test_clicks_are_added_in_the_input_frame_with_the_mask_prompt() -> None:
-    targets = torch.zeros(1, 1, 8, 10)
-    targets[0, 0, 2:6, 2:8] = 1
+    targets = torch.zeros(1, 1, 32, 40)  # at the input resolution: 8x10 on the decoder's grid
+    targets[0, 0, 8:24, 8:32] = 1
     low_res = torch.full((1, 1, 16, 16), -5.0)
     low_res[0, 0, 2:6, 2:4] = 5.0  # only the left third is found: the click goes to the missed part
     start = PromptTensors(boxes=torch.tensor([[8.0, 8.0, 31.0, 23.0]]))
@@ -44,8 +44,8 @@ def test_rounds_decode_once_each_and_carry_clicks_and_masks(monkeypatch) -> None
     monkeypatch.setattr(iterative.sam_model, "decode", spy)
     with torch.no_grad():
         embedding = sam.image_encoder(torch.zeros(1, 3, 64, 64))[0]
-    targets = torch.zeros(2, 1, 16, 16)
-    targets[:, :, 4:12, 4:12] = 1
+    targets = torch.zeros(2, 1, 64, 64)  # at the input resolution
+    targets[:, :, 16:48, 16:48] = 1
     clicks = PromptTensors(points=torch.tensor([[[30.0, 30.0]], [[20.0, 20.0]]]), point_labels=torch.ones(2, 1))
     shapes = []
 

@@ -63,7 +63,8 @@ def test_training_from_random_init_reaches_dice_09_on_real_em(shared_data: Path,
 
 def _round_dice(sam, embedding, tensors, targets, valid, rounds: int, device) -> list[float]:
     """Mean Dice over N objects after each of ``rounds`` rounds (the first prompt, then each
-    correction click), at the decoder's resolution against Nx1xhxw ``targets``.
+    correction click), at the decoder's resolution against Nx1xhxw ``targets`` (input resolution,
+    area-averaged down to the decoder's grid).
 
     The outputs are chosen as the tool segments: by predicted IoU among a single click's three
     masks (losses.hard_dice: an empty target and prediction score 1).
@@ -72,15 +73,16 @@ def _round_dice(sam, embedding, tensors, targets, valid, rounds: int, device) ->
 
     import iterative
     import model as sam_model
-    from losses import hard_dice
+    from losses import decoder_targets, hard_dice
 
-    h, w = targets.shape[-2:]
+    low_targets = decoder_targets(targets)
+    h, w = low_targets.shape[-2:]
     dice: list[float] = []  # valid only matters for where clicks go; targets hold no ignored pixels
 
     def choose(r: int, low_res: torch.Tensor, iou: torch.Tensor, *_) -> torch.Tensor:
         best = iou.argmax(dim=1)
         chosen = sam_model.pick_outputs(low_res, best)[..., :h, :w]
-        dice.append(float(hard_dice(chosen.float(), targets).mean()))
+        dice.append(float(hard_dice(chosen.float(), low_targets).mean()))
         return best
 
     with torch.no_grad():
@@ -97,7 +99,7 @@ def _click_dice(run: Path, data: Path, rounds: int) -> list[float]:
     import model as sam_model
     from dataset import load_dataset
     from prompts import object_prompts
-    from training_data import low_res_targets
+    from training_data import input_targets
 
     adapter = run / "fold_0" / "best.pt"
     bases = adapters.bases_from_flags("vit_t", 256, "none", "cpu", {adapter: adapters.read_adapter(adapter)[0]})
@@ -111,7 +113,7 @@ def _click_dice(run: Path, data: Path, rounds: int) -> list[float]:
         masks = np.stack([sample.labels == i for i in prompts.object_ids])
         with torch.no_grad():
             embedding = sam_model.encode_images(sam, prepared.tensor[None])[0]
-        per_image.append(_round_dice(sam, embedding, tensors, low_res_targets(masks, prepared.input_size), None, rounds,
+        per_image.append(_round_dice(sam, embedding, tensors, input_targets(masks, prepared.input_size).float(), None, rounds,
                                     torch.device("cpu")))
     return list(np.mean(per_image, axis=0))
 

@@ -198,7 +198,7 @@ def test_optimizer_step_changes_only_trainable(tiny_vit, tiny_inputs, train_deco
     after = tiny_vit.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     lora_keys = set(lora_state_dict(tiny_vit))
-    allowed = lora_keys | ({k for k in before if k.startswith("mask_decoder.")}
+    allowed = lora_keys | ({k for k in before if k.startswith(("mask_decoder.", "prompt_encoder.mask_downscaling."))}
                            if train_decoder else set())
     assert changed <= allowed, sorted(changed - allowed)[:5]
     assert lora_keys <= changed  # every lora_A and lora_B moved
@@ -322,7 +322,8 @@ def test_trainable_count_formula(request, model_type, rank, caplog):
     assert total == total_before + trainable
     assert (trainable, total) == count_parameters(model)
     assert "%" in caplog.text and f"{trainable:,}" in caplog.text
-    decoder_params = sum(p.numel() for p in model.mask_decoder.parameters())
+    decoder_params = sum(p.numel() for p in model.mask_decoder.parameters()) + \
+        sum(p.numel() for p in model.prompt_encoder.mask_downscaling.parameters())
     with_decoder, _ = mark_only_lora_as_trainable(model, train_decoder=True)
     assert with_decoder == trainable + decoder_params
     logging.getLogger("lora").info(
@@ -336,7 +337,19 @@ def test_mark_only_lora_without_lora_is_an_error(tiny_vit):
     with pytest.raises(ValueError, match="inject_lora"):
         mark_only_lora_as_trainable(tiny_vit)
     trainable, _ = mark_only_lora_as_trainable(tiny_vit, train_decoder=True)  # decoder only
-    assert trainable == sum(p.numel() for p in tiny_vit.mask_decoder.parameters())
+    assert trainable == sum(p.numel() for p in tiny_vit.mask_decoder.parameters()) + \
+        sum(p.numel() for p in tiny_vit.prompt_encoder.mask_downscaling.parameters())
+
+
+def test_train_decoder_also_trains_the_mask_prompt_embedding(tiny_vit):
+    """Every correction round feeds the previous mask as a prompt: the prompt encoder's
+    ``mask_downscaling`` that embeds it trains with the decoder; the rest of the prompt encoder
+    and the image encoder stay frozen."""
+    mark_only_lora_as_trainable(tiny_vit, train_decoder=True)
+    trainable = {n for n, p in tiny_vit.named_parameters() if p.requires_grad}
+    downscaling = {n for n, _ in tiny_vit.named_parameters() if n.startswith("prompt_encoder.mask_downscaling.")}
+    assert downscaling and downscaling <= trainable
+    assert all(n.startswith(("mask_decoder.", "prompt_encoder.mask_downscaling.")) for n in trainable)
 
 
 # ---------------------------------------------------------------------------- state dicts

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,10 @@ def test_fp16_with_the_gradient_scaler_updates_lora(one_thread) -> None:
     assert all(v.abs().max() > 0 for v in updates[-1].values())
 
 
-def test_weight_decay_spares_biases_norms_and_tokens() -> None:
+def test_weight_decay_exempts_by_kind_not_by_name() -> None:
+    """Decay on every weight matrix, the decoder's ``*_token_to_image`` / ``*_image_to_token``
+    attention and its LoRA factors included (the substring "token" once exempted 62 of them);
+    none on biases, norm layers and embeddings (SAM's tokens, the prompt embeddings)."""
     sam = _lora_model()
     decay, plain = trainer.param_groups(sam, 0.1)
     names = {id(p): n for n, p in sam.named_parameters()}
@@ -62,9 +66,20 @@ def test_weight_decay_spares_biases_norms_and_tokens() -> None:
     spared = {names[id(p)] for p in plain["params"]}
     assert decay["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert any(n.endswith("lora_A") for n in decayed) and any(n.endswith("lora_B") for n in decayed)
-    assert not any(n.endswith("bias") or "norm" in n or "token" in n for n in decayed)
-    assert any(n.endswith("bias") for n in spared) and any("token" in n for n in spared)
+    for attention in ("cross_attn_token_to_image", "cross_attn_image_to_token", "final_attn_token_to_image"):
+        assert any(attention in n and n.endswith("q_proj.weight") for n in decayed), attention
+    assert "mask_decoder.iou_token.weight" in spared and "mask_decoder.mask_tokens.weight" in spared
+    assert any("norm" in n and n.endswith("weight") for n in spared)
+    assert not any(n.endswith("bias") or "norm" in n for n in decayed)
+    assert "prompt_encoder.mask_downscaling.0.weight" in decayed  # a convolution (trained with the decoder)
+    assert "prompt_encoder.mask_downscaling.1.weight" in spared  # its LayerNorm2d
     assert len(decayed) + len(spared) == sum(p.requires_grad for p in sam.parameters())
+
+    decoder_lora = tiny_sam("vit", image_size=64)
+    lora.inject_lora(decoder_lora, 2, 2, "decoder")
+    lora.mark_only_lora_as_trainable(decoder_lora)
+    decay, plain = trainer.param_groups(decoder_lora, 0.1)
+    assert len(decay["params"]) == 2 * len(lora.lora_layers(decoder_lora)) and not plain["params"]
 
 
 def test_dropout_seeds_differ_between_processes_and_repeat_on_resume() -> None:
@@ -85,9 +100,10 @@ def test_cpu_refuses_fp16_from_the_command_line() -> None:
 
 @pytest.mark.slow
 def test_frozen_encoder_with_augmentation_embeds_each_view_once(main, em_crops, tmp_path, monkeypatch,
-                                                                 one_thread) -> None:
+                                                                 one_thread, caplog) -> None:
     """Flips and rotations on, a frozen encoder, 3 epochs: each image is embedded once per view
-    (2 views), the embeddings live on the CPU, and epoch 3 runs on the cache alone."""
+    (2 views), the embeddings live on the CPU, and epoch 3 runs on the cache alone; the run says
+    at its start that it has no intensity augmentation and 2 of the 8 views."""
     from conftest import EM4, SMALL
 
     calls = count_encoder_calls(monkeypatch)
@@ -99,7 +115,10 @@ def test_frozen_encoder_with_augmentation_embeds_each_view_once(main, em_crops, 
     argv = ["train", "--data_dir", str(data), *SMALL, "--freeze_encoder", "--lora_targets", "decoder",
             "--lora_rank", "2", "--max_objects", "2", "--epochs", "3", "--augment_variants", "2",
             "--val_fraction", "0.25", "--output_dir", str(tmp_path / "run")]
-    assert main(argv) == 0
+    with caplog.at_level(logging.WARNING, logger="crossval"):
+        assert main(argv) == 0
+    said = [r.getMessage() for r in caplog.records if "no intensity augmentation" in r.getMessage()]
+    assert len(said) == 1 and "only 2 of the 8 flips / rotations" in said[0]  # said once, at the start
     assert sum(calls) <= 4 * 2 and set(kept) == {"cpu"}
     assert main([*argv[:-1], str(tmp_path / "small"), "--cache_memory_gb", "0.0001"]) == 2
     assert not (tmp_path / "small").exists()
@@ -257,3 +276,52 @@ def test_cache_budget_counts_late_lora_block_inputs(caplog) -> None:
     stage = TrainConfig(data_dir="", output_dir="", model_type="vit_b", precision="bf16", lora_blocks="6-11")
     with pytest.raises(ValueError, match="the cache needs 2.3 GiB"):
         check_cache_budget([late, stage], 100, 2.0, None)
+
+
+def test_small_objects_keep_their_targets_and_the_loss_sees_them(cpm15) -> None:
+    """Real H&E tiles (nuclei_cpm15) at a 256 px input: nuclei that shrink below the decoder's
+    1/4 grid keep a non-empty target at the input resolution, where the loss and the IoU head's
+    target are computed. A mask that misses such a nucleus costs a full Dice loss and has IoU 0;
+    on the 1/4 grid (``--loss_resolution decoder``) its target is empty, so missing it looked
+    perfect (IoU 1)."""
+    import dataclasses
+
+    from losses import decoder_targets, mask_iou, object_losses
+    from training_data import PromptDataset
+
+    config = TrainConfig(data_dir="", output_dir="", image_size=256, max_objects=0, augment=False, box_jitter=0.0)
+    lost_share = []
+    for index in range(3):
+        targets = PromptDataset(cpm15, [index], config, 0, train=True)[0].targets.float()  # Nx1xhxw, h or w 256
+        assert max(targets.shape[-2:]) == 256 and targets.flatten(1).sum(1).min() > 0  # every nucleus has pixels
+        lost = decoder_targets(targets).flatten(1).sum(1) == 0
+        lost_share.append(float(lost.float().mean()))
+        if not lost.any():
+            continue
+        small = targets[lost]
+        miss = torch.full((len(small), 1, 64, 64), -20.0)  # predicts nothing: Dice loss >= 1 - 1/2 (smoothing 1)
+        for where, loss_bound, expected_iou in (("input", 0.5, 0.0), ("decoder", 0.01, 1.0)):
+            logits, frame_targets, _ = trainer.loss_frame(dataclasses.replace(config, loss_resolution=where), miss,
+                                                          small, None)
+            loss, _ = object_losses("dice_ce", logits, torch.ones(len(small), 1), frame_targets, iou_weight=0.0)
+            true_iou = mask_iou(logits, frame_targets)  # the IoU head's target
+            if where == "input":
+                assert logits.shape[-2:] == small.shape[-2:] and bool((loss > loss_bound).all())
+            else:
+                assert bool((loss < loss_bound).all())
+            assert torch.allclose(true_iou, torch.full_like(true_iou, expected_iou))
+    assert max(lost_share) > 0.05  # on the 1/4 grid many nuclei vanish
+
+
+def test_cached_runs_say_what_augmentation_they_lose() -> None:
+    """A frozen encoder or late LoRA caches each image view: no intensity change and only
+    ``--augment_variants`` of the 8 flips / rotations; full-depth LoRA and --no_augment lose nothing."""
+    from training_data import cached_augmentation
+
+    base = dict(data_dir="", output_dir="", model_type="vit_t")
+    frozen = cached_augmentation(TrainConfig(**base, freeze_encoder=True, lora_targets="decoder", augment_variants=3))
+    late = cached_augmentation(TrainConfig(**base, lora_blocks="last2"))
+    assert "encoder is frozen" in frozen and "only 3 of the 8" in frozen and "no intensity" in frozen
+    assert "--lora_blocks last2" in late and "block 8" in late and "only 2 of the 8" in late
+    assert cached_augmentation(TrainConfig(**base)) is None
+    assert cached_augmentation(TrainConfig(**base, lora_blocks="last2", augment=False)) is None

@@ -73,7 +73,8 @@ def embed(ctx: Context, items: Sequence[Item]) -> torch.Tensor:
 
 def backward_step(ctx: Context, items: Sequence[Item]) -> tuple[float | None, float, bool]:
     """Forward and backward of a batch's loss: per image the mean over its objects of the loss
-    summed over the prompting rounds (``--sub_iterations``), averaged over the images. Returns
+    averaged over the prompting rounds (``--sub_iterations``; as micro-sam, so ``--grad_clip``
+    and ``train_loss`` mean the same at any round count), averaged over the images. Returns
     ``(loss, mean first-round low-res Dice, finite)``, loss None when no image has objects.
 
     The embeddings are computed once and shared by every round (iterative.py). Each image's
@@ -94,10 +95,13 @@ def backward_step(ctx: Context, items: Sequence[Item]) -> tuple[float | None, fl
         tensors = item.tensors.to(ctx.device)
         targets = item.targets.to(ctx.device)
         valid = item.valid.to(ctx.device) if item.valid is not None else None
-        step.share = 1 / len(item.prompts) / len(with_objects)
+        step.share = 1 / len(item.prompts) / len(with_objects) / ctx.rounds
+        clicks = iterative.make_clicks(item.prompts.masks, item.prompts.ignore, item.input_size, ctx.rounds,
+                                       ctx.device) if ctx.rounds > 1 else None
         for rows, kind in item.groups(chunk_size(ctx)):
             iterative.decode_rounds(ctx.sam, leaf[j], iterative.with_kind(tensors.select(rows), kind), targets[rows],
-                                    valid, ctx.rounds, step.round, ctx.device, ctx.config.precision)
+                                    valid, ctx.rounds, step.round, ctx.device, ctx.config.precision,
+                                    clicks.select(rows) if clicks is not None else None)
         step.dices.append(step.image_dice / len(item.prompts))
         step.image_dice = 0.0
     if step.finite and leaf.grad is not None and embeddings.requires_grad:
@@ -107,17 +111,17 @@ def backward_step(ctx: Context, items: Sequence[Item]) -> tuple[float | None, fl
 
 class _StepLoss:
     """The loss of one step, round by round (the ``choose`` of iterative.decode_rounds): each
-    round's share is back-propagated at once; the first round's Dice is kept."""
+    round's share (``share``: the image's objects' weight over the rounds) is back-propagated at
+    once; the first round's Dice is kept."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx, self.total, self.finite = ctx, 0.0, True
         self.dices: list[float] = []
-        self.image_dice, self.share = 0.0, 1.0  # this image's first-round Dice; its objects' weight
+        self.image_dice, self.share = 0.0, 1.0  # this image's first-round Dice; its objects' weight per round
 
     def round(self, r: int, low_res: torch.Tensor, iou: torch.Tensor, targets: torch.Tensor,
-              valid: torch.Tensor | None) -> torch.Tensor:
-        """Loss of one round's NxCx(S/4)x(S/4) logits against Nx1xhxw ``targets``; returns the N
-        outputs the next round uses."""
+              valid: torch.Tensor | None) -> None:
+        """Loss of one round's NxCx(S/4)x(S/4) logits against Nx1xhxw ``targets``, back-propagated."""
         cfg = self.ctx.config
         logits = low_res[..., :targets.shape[-2], :targets.shape[-1]]
         losses, best = object_losses(cfg.loss, logits, iou, targets, valid, cfg.iou_loss_weight)
@@ -129,7 +133,6 @@ class _StepLoss:
         if self.finite:
             scaler = self.ctx.scaler
             (scaler.scale(loss) if scaler is not None else loss).backward()
-        return best
 
 
 def chunk_size(ctx: Context) -> int:
@@ -245,8 +248,10 @@ def param_groups(sam: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 def validation_rows(ctx: Context, loader: torch.utils.data.DataLoader) -> list[dict[str, Any]]:
     """Per-image semantic scores (with the sample ``index``) at the original image size.
 
-    Box prompts without jitter (points when training used points); images without objects are
-    skipped, as in ``evaluate``, and segmented as evaluate segments them (inference.py). Under
+    Prompted as ``evaluate`` prompts by default (prompts.selection_prompts: one exact box per
+    object, or one click at its deepest pixel when training used ``--prompt point``, answered
+    with the best of SAM's three masks by predicted IoU); images without objects are skipped, as
+    in ``evaluate``, and segmented as evaluate segments them (inference.py). Under
     torchrun every process scores its share and all get every row.
     """
     ctx.sam.eval()

@@ -217,8 +217,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     pr.add_argument("--prompt", default=defaults.prompt,
                     help="box, point or mix (per object one of box / points / both, as micro-sam trains)")
     pr.add_argument("--sub_iterations", type=int, default=defaults.sub_iterations,
-                    help="prompting rounds per step: after the first, each adds a correction click at the largest "
-                         "error and feeds the previous mask back, as SAM and micro-sam train (the embedding is "
+                    help="prompting rounds per step: after the first, each adds a random positive and negative "
+                         "correction click in the errors and feeds the previous mask back half of the time, as "
+                         "micro-sam trains; the round losses are averaged (the embedding is "
                          "computed once); 0 = by device: 8 on a GPU, 2 on a CPU where the decoder costs as much "
                          "as the encoder")
     pr.add_argument("--num_points", type=int, default=defaults.num_points, help="the most negative points per object: "

@@ -85,8 +85,8 @@ def test_clicks_of_chunks_are_the_clicks_of_the_whole_image() -> None:
     clicks = _clicks(truth, rounds=4)
     low_res = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     whole = iterative.add_clicks(PromptTensors(boxes=torch.zeros(3, 4)), low_res, clicks, 2)
-    parts = [iterative.add_clicks(PromptTensors(boxes=torch.zeros(1, 4)), low_res[i:i + 1], clicks.select(slice(i, i + 1)), 2)
-             for i in range(3)]
+    parts = [iterative.add_clicks(PromptTensors(boxes=torch.zeros(1, 4)), low_res[i:i + 1],
+                                  clicks.select(slice(i, i + 1)), 2) for i in range(3)]
     torch.testing.assert_close(whole.points, torch.cat([p.points for p in parts]))
 
 

@@ -47,7 +47,8 @@ def test_point_prompts_are_one_positive_and_zero_to_k_negatives_with_the_single_
         assert (p.point_labels == 1).sum(axis=1).tolist() == [1] * len(p)
         negatives = int((p.point_labels[0] == 0).sum())
         assert 0 <= negatives <= 1
-        tensors = sam_model.PromptTensors(points=torch.from_numpy(p.points), point_labels=torch.from_numpy(p.point_labels))
+        tensors = sam_model.PromptTensors(points=torch.from_numpy(p.points),
+                                          point_labels=torch.from_numpy(p.point_labels))
         assert tensors.single_click() == (negatives == 0)
         single += tensors.single_click()
     assert 4 <= single <= 16  # about half of the images at k = 1

@@ -306,12 +306,14 @@ class PromptTensors:
         return PromptTensors(move(self.boxes), move(self.points), move(self.point_labels), move(self.masks))
 
     def single_click(self) -> bool:
-        """Whether every object is prompted by one positive point and no box or mask (negative
-        points may come with it): SAM's ambiguous case, answered with three masks. The one rule
-        of training (iterative.py) and inference (inference.py)."""
+        """Whether every object is prompted by one positive point and nothing else (no box, mask
+        or negative point; padding ``-1`` aside): SAM's ambiguous case, answered with three
+        masks, as SAM and micro-sam train it. The one rule of training (iterative.py) and
+        inference (inference.py)."""
         if self.boxes is not None or self.masks is not None or self.point_labels is None:
             return False
-        return bool(((self.point_labels == 1).sum(dim=1) == 1).all())
+        labels = self.point_labels
+        return bool(((labels == 1).sum(dim=1) == 1).all() and not (labels == 0).any())
 
 
 @dataclass

@@ -7,7 +7,8 @@ not boxes (instances.py); only YOLO's files and outputs use pixel edges, convert
 
 Evaluation prompts are deterministic (:func:`object_prompts`: the exact box, or the object pixel
 farthest from its border); training prompts are sampled (:func:`sample_prompts`: jittered boxes,
-positive points inside and negative points near the object).
+one positive point inside and 0..k negative points near the object, as micro-sam trains). Epoch
+selection prompts as evaluate does (:func:`selection_prompts`).
 """
 from __future__ import annotations
 
@@ -159,8 +160,8 @@ def _jittered_box(slices: tuple[slice, slice], shape: tuple[int, int], jitter: f
 def _check_sampling(prompt: str, num_points: int, box_jitter: float) -> None:
     if prompt not in PROMPT_MODES:
         raise ValueError(f"prompt must be one of {PROMPT_MODES}, got {prompt!r}")
-    if num_points < 0 or (prompt == "point" and num_points == 0):
-        raise ValueError(f"num_points must be >= 1 for point prompts, got {num_points}")
+    if num_points < 0:
+        raise ValueError(f"num_points (the most negative points) must be >= 0, got {num_points}")
     if not 0.0 <= box_jitter < 0.5:
         raise ValueError(f"box_jitter must be in [0, 0.5), got {box_jitter}")
 
@@ -175,8 +176,10 @@ def sample_prompts(labels: np.ndarray, rng: np.random.Generator, prompt: str = "
         rng: a seeded ``numpy.random.Generator``.
         prompt: "box", "point" or "mix" (per object one of box / points / box + points, as
             micro-sam trains; the kinds are in ``Prompts.kinds``).
-        num_points: k positive points inside the object and k negative points outside it
-            (near the object when possible, never in ``ignore``): K = 2k points per object.
+        num_points: k: each object's points are one positive point inside it and n negative
+            points outside it (near the object when possible, never in ``ignore``), n drawn
+            uniformly from 0..k once per image: K = 1 + n points per object. n = 0 is the single
+            click users give, answered with SAM's three masks (``PromptTensors.single_click``).
         box_jitter: each box side moves by up to this fraction of the box width / height.
         max_objects: keep a random subset of at most this many objects (None or 0 = all).
         ignore: ``HxW`` bool of ambiguous pixels.
@@ -185,27 +188,40 @@ def sample_prompts(labels: np.ndarray, rng: np.random.Generator, prompt: str = "
     slices, ids = _objects(labels)
     if max_objects and ids.size > max_objects:
         ids = np.sort(rng.choice(ids, size=max_objects, replace=False)).astype(np.int32)
-    k, n = num_points, ids.size
+    n = ids.size
     kinds = rng.integers(1, 4, size=n).astype(np.uint8) if prompt == "mix" else None
+    negatives = int(rng.integers(0, num_points + 1))
     boxes = np.zeros((n, 4), np.float32)
-    points = np.zeros((n, 2 * k, 2), np.float32)
-    point_labels = np.zeros((n, 2 * k), np.int32)
-    point_labels[:, :k] = 1
+    points = np.zeros((n, 1 + negatives, 2), np.float32)
+    point_labels = np.zeros((n, 1 + negatives), np.int32)
+    point_labels[:, :1] = 1
     masks = np.zeros((n, *labels.shape), bool)
     for row, obj in enumerate(ids):
         ys, xs = slices[obj - 1]
         local = labels[ys, xs] == obj
         masks[row, ys, xs] = local
         boxes[row] = _jittered_box(slices[obj - 1], labels.shape, box_jitter, rng)
-        if k:
-            inside = np.flatnonzero(local)
-            pick = rng.choice(inside, size=k, replace=inside.size < k)
-            points[row, :k, 0] = xs.start + pick % local.shape[1]
-            points[row, :k, 1] = ys.start + pick // local.shape[1]
+        pick = int(rng.choice(np.flatnonzero(local)))
+        points[row, 0] = (xs.start + pick % local.shape[1], ys.start + pick // local.shape[1])
+        if negatives:
             bounds = (ys.start, ys.stop - 1, xs.start, xs.stop - 1)
-            points[row, k:], point_labels[row, k:] = _negative_points(labels, obj, bounds, k, rng, ignore)
+            points[row, 1:], point_labels[row, 1:] = _negative_points(labels, obj, bounds, negatives, rng, ignore)
     return Prompts(ids, boxes, points, point_labels, use_boxes=prompt != "point", use_points=prompt != "box",
                    masks=masks, ignore=ignore, kinds=kinds)
+
+
+def evaluation_kind(prompt: str) -> str:
+    """The prompt ``evaluate`` gives by default to a model trained with ``--prompt`` ``prompt``:
+    one click per object for "point", else one box ("box", "mix")."""
+    return "point" if prompt == "point" else "box"
+
+
+def selection_prompts(labels: np.ndarray, prompt: str, ignore: np.ndarray | None = None) -> Prompts:
+    """The prompts epoch selection scores with: :func:`object_prompts` of :func:`evaluation_kind`
+    (what ``evaluate`` gives), with the objects' ``NxHxW`` target masks."""
+    prompts = object_prompts(labels, evaluation_kind(prompt), ignore)
+    prompts.masks = np.asarray(labels)[None] == prompts.object_ids[:, None, None]
+    return prompts
 
 
 def _negative_points(labels: np.ndarray, obj: int, bounds: tuple[int, int, int, int], k: int,
@@ -226,33 +242,3 @@ def _negative_points(labels: np.ndarray, obj: int, bounds: tuple[int, int, int, 
             xy = np.stack([window[1].start + pick % w, window[0].start + pick // w], axis=1)
             return xy.astype(np.float32), np.zeros(k, np.int32)
     return np.zeros((k, 2), np.float32), np.full(k, -1, np.int32)  # the object fills the image
-
-
-def correction_clicks(pred: np.ndarray, target: np.ndarray,
-                      valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The click a user would give next to correct each of N masks.
-
-    ``pred``, ``target``: NxHxW bool; ``valid``: HxW bool of the pixels that count, or None.
-    Returns (Nx2 float32 ``(x, y)`` pixel, N int32 label): the deepest pixel
-    (:func:`interior_point`) of the largest connected error region, labelled 1 (positive) in a
-    missed part and 0 (negative) in a false positive; ties go to the missed part. A mask with no
-    error gets label -1, a padding point the prompt encoder ignores.
-    """
-    xy = np.zeros((len(pred), 2), np.float32)
-    labels = np.full(len(pred), -1, np.int32)
-    for i, (p, t) in enumerate(zip(pred, target)):
-        best = (0, None, -1)
-        for label, error in ((1, t & ~p), (0, p & ~t)):
-            if valid is not None:
-                error = error & valid
-            regions, count = ndimage.label(error)
-            if count:
-                sizes = np.bincount(regions.ravel())[1:]
-                if sizes.max() > best[0]:
-                    best = (int(sizes.max()), regions == int(np.argmax(sizes)) + 1, label)
-        if best[1] is not None:
-            window = ndimage.find_objects(best[1].astype(np.int32))[0]
-            y, x = interior_point(best[1][window])
-            xy[i] = (window[1].start + x, window[0].start + y)
-            labels[i] = best[2]
-    return xy, labels

@@ -135,7 +135,7 @@ class TrainConfig:
              f"--num_folds must be at least 2 for cross-validation, got {self.num_folds}"),
             (0 < self.val_fraction < 1, f"--val_fraction must be between 0 and 1, got {self.val_fraction}"),
             (0 <= self.warmup_fraction < 1, f"--warmup_fraction must be in [0, 1), got {self.warmup_fraction}"),
-            (self.num_points >= 1, f"--num_points must be at least 1, got {self.num_points}"),
+            (self.num_points >= 0, f"--num_points must be at least 0, got {self.num_points}"),
             (0 <= self.box_jitter < 0.5, f"--box_jitter must be in [0, 0.5), got {self.box_jitter}"),
             (1 <= self.augment_variants <= 8, f"--augment_variants must be in 1..8, got {self.augment_variants}"),
         ]
@@ -228,11 +228,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     pr.add_argument("--prompt", default=defaults.prompt,
                     help="box, point or mix (per object one of box / points / both, as micro-sam trains)")
     pr.add_argument("--sub_iterations", type=int, default=defaults.sub_iterations,
-                    help="prompting rounds per step: after the first, each adds a correction click at the largest "
-                         "error and feeds the previous mask back, as SAM and micro-sam train (the embedding is "
+                    help="prompting rounds per step: after the first, each adds a random positive and negative "
+                         "correction click in the errors and feeds the previous mask back half of the time, as "
+                         "micro-sam trains; the round losses are averaged (the embedding is "
                          "computed once); 0 = by device: 8 on a GPU, 2 on a CPU where the decoder costs as much "
                          "as the encoder")
-    pr.add_argument("--num_points", type=int, default=defaults.num_points, help="positive (and as many negative) points per object")
+    pr.add_argument("--num_points", type=int, default=defaults.num_points, help="the most negative points per object: "
+                    "point prompts are one positive point and 0..k negative ones (drawn per image; none: the single "
+                    "click, SAM's multimask case), as micro-sam trains")
     pr.add_argument("--box_jitter", type=float, default=defaults.box_jitter, help="box side noise as a fraction of its size")
     pr.add_argument("--max_objects", type=int, default=defaults.max_objects,
                     help="at most this many objects per image get prompts in one training step (0 = all)")

@@ -73,9 +73,9 @@ def embed(ctx: Context, items: Sequence[Item]) -> torch.Tensor:
 
 def backward_step(ctx: Context, items: Sequence[Item]) -> tuple[float | None, float, bool]:
     """Forward and backward of a batch's loss: per image the mean over its objects of the loss
-    summed over the prompting rounds (``--sub_iterations``), averaged over the images. Returns
-    ``(loss, mean first-round Dice at the loss's resolution, finite)``, loss None when no image
-    has objects.
+    averaged over the prompting rounds (``--sub_iterations``; as micro-sam, so ``--grad_clip``
+    and ``train_loss`` mean the same at any round count), averaged over the images. Returns
+    ``(loss, mean first-round Dice at the loss's resolution, finite)``, loss None when no image has objects.
 
     The embeddings are computed once and shared by every round (iterative.py). Each image's
     objects are decoded in chunks of one prompt kind (:func:`chunk_size`): the decoder's cost per
@@ -95,10 +95,13 @@ def backward_step(ctx: Context, items: Sequence[Item]) -> tuple[float | None, fl
         tensors = item.tensors.to(ctx.device)
         targets = item.targets.to(ctx.device, torch.float32)
         valid = item.valid.to(ctx.device, torch.float32) if item.valid is not None else None
-        step.share = 1 / len(item.prompts) / len(with_objects)
+        step.share = 1 / len(item.prompts) / len(with_objects) / ctx.rounds
+        clicks = iterative.make_clicks(item.prompts.masks, item.prompts.ignore, item.input_size, ctx.rounds,
+                                       ctx.device) if ctx.rounds > 1 else None
         for rows, kind in item.groups(chunk_size(ctx)):
             iterative.decode_rounds(ctx.sam, leaf[j], iterative.with_kind(tensors.select(rows), kind), targets[rows],
-                                    valid, ctx.rounds, step.round, ctx.device, ctx.config.precision)
+                                    valid, ctx.rounds, step.round, ctx.device, ctx.config.precision,
+                                    clicks.select(rows) if clicks is not None else None)
         step.dices.append(step.image_dice / len(item.prompts))
         step.image_dice = 0.0
     if step.finite and leaf.grad is not None and embeddings.requires_grad:
@@ -108,17 +111,18 @@ def backward_step(ctx: Context, items: Sequence[Item]) -> tuple[float | None, fl
 
 class _StepLoss:
     """The loss of one step, round by round (the ``choose`` of iterative.decode_rounds): each
-    round's share is back-propagated at once; the first round's Dice is kept."""
+    round's share (``share``: the image's objects' weight over the rounds) is back-propagated at
+    once; the first round's Dice is kept."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx, self.total, self.finite = ctx, 0.0, True
         self.dices: list[float] = []
-        self.image_dice, self.share = 0.0, 1.0  # this image's first-round Dice; its objects' weight
+        self.image_dice, self.share = 0.0, 1.0  # this image's first-round Dice; its objects' weight per round
 
     def round(self, r: int, low_res: torch.Tensor, iou: torch.Tensor, targets: torch.Tensor,
-              valid: torch.Tensor | None) -> torch.Tensor:
+              valid: torch.Tensor | None) -> None:
         """Loss of one round's NxCx(S/4)x(S/4) logits against Nx1xhxw ``targets`` (input
-        resolution); returns the N outputs the next round uses."""
+        resolution), back-propagated."""
         cfg = self.ctx.config
         logits, targets, valid = loss_frame(cfg, low_res, targets, valid)
         losses, best = object_losses(cfg.loss, logits, iou, targets, valid, cfg.iou_loss_weight)
@@ -130,7 +134,6 @@ class _StepLoss:
         if self.finite:
             scaler = self.ctx.scaler
             (scaler.scale(loss) if scaler is not None else loss).backward()
-        return best
 
 
 def loss_frame(config: TrainConfig, low_res: torch.Tensor, targets: torch.Tensor,
@@ -282,8 +285,10 @@ def param_groups(sam: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 def validation_rows(ctx: Context, loader: torch.utils.data.DataLoader) -> list[dict[str, Any]]:
     """Per-image semantic scores (with the sample ``index``) at the original image size.
 
-    Box prompts without jitter (points when training used points); images without objects are
-    skipped, as in ``evaluate``, and segmented as evaluate segments them (inference.py). Under
+    Prompted as ``evaluate`` prompts by default (prompts.selection_prompts: one exact box per
+    object, or one click at its deepest pixel when training used ``--prompt point``, answered
+    with the best of SAM's three masks by predicted IoU); images without objects are skipped, as
+    in ``evaluate``, and segmented as evaluate segments them (inference.py). Under
     torchrun every process scores its share and all get every row.
     """
     ctx.sam.eval()

@@ -23,7 +23,7 @@ import model as sam_model
 import runfiles
 from dataset import DIHEDRAL, augment
 from errors import UserError
-from prompts import Prompts, sample_prompts
+from prompts import Prompts, sample_prompts, selection_prompts
 from sample import Sample
 from train_config import TrainConfig
 
@@ -95,6 +95,8 @@ class PromptDataset(torch.utils.data.Dataset):
     not depend on worker count or on interruptions. With a cached encoder start (a frozen encoder
     or late LoRA, ``config.cached``; ``intensity=False``) there is no intensity change and each
     image has a fixed set of flip / rotation views (:meth:`variant`), so it is cached per view.
+    Training items take sampled prompts (prompts.sample_prompts); the others (epoch selection,
+    fold scores) take the prompts ``evaluate`` gives by default (prompts.selection_prompts).
     """
 
     def __init__(self, samples: Sequence[Sample], indices: Sequence[int], config: TrainConfig,
@@ -124,10 +126,11 @@ class PromptDataset(torch.utils.data.Dataset):
             amount = 0.1 if (cfg.augment and self.intensity) else 0.0
             image, labels, ignore = augment(image, labels, rng, ignore, enabled=cfg.augment, brightness=amount,
                                             contrast=amount, geometry=None if self.intensity else self.variant(index))
-        prompts = sample_prompts(
-            labels, rng, prompt=cfg.prompt if self.train else ("point" if cfg.prompt == "point" else "box"),
-            num_points=cfg.num_points, box_jitter=cfg.box_jitter if self.train else 0.0,
-            max_objects=cfg.max_objects if self.train else 0, ignore=ignore)
+        if self.train:
+            prompts = sample_prompts(labels, rng, prompt=cfg.prompt, num_points=cfg.num_points,
+                                     box_jitter=cfg.box_jitter, max_objects=cfg.max_objects, ignore=ignore)
+        else:  # epoch selection and fold scores prompt as evaluate does
+            prompts = selection_prompts(labels, cfg.prompt, ignore)
         if prompts.kinds is not None:  # --prompt mix: one kind per decoder call
             prompts = prompts.take(np.argsort(prompts.kinds, kind="stable"))
         prepared = sam_model.prepare_image(image, cfg.image_size)

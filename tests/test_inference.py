@@ -74,14 +74,13 @@ def test_segmenter_tiles_and_merges(em_section_19, tiny_sam_256: torch.nn.Module
 
 def test_training_point_prompts_are_decoded_as_round_one_trains_them(em_section_19, tiny_sam_256: torch.nn.Module,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """--prompt point samples one positive and one negative point per object: training's first
-    round takes the best of three masks for it (iterative.py), so validation must too."""
+    """--prompt point samples one positive and 0..k negative points per object: a single click
+    (no negative) takes the best of three masks in training's first round (iterative.py), so
+    inference does too; with a negative point it takes the single mask, in both."""
     import model
     from prompts import sample_prompts
 
     image, gt = em_section_19
-    prompts = sample_prompts(gt, np.random.default_rng(0), "point", num_points=1, max_objects=3)
-    assert prompts.point_labels.tolist() == [[1, 0]] * 3
     asked, decode = [], model.decode
 
     def spy(*args, multimask_output: bool = False, **kwargs):
@@ -90,6 +89,14 @@ def test_training_point_prompts_are_decoded_as_round_one_trains_them(em_section_
 
     monkeypatch.setattr(inference.sam_model, "decode", spy)
     embedding = inference.encode_image(tiny_sam_256, image)
-    inference.decode_instances(tiny_sam_256, embedding, prompts, image.shape[:2])
-    tensors = model.make_prompts(image.shape[:2], 256, points=prompts.points, point_labels=prompts.point_labels)
-    assert asked == [True] and tensors.single_click()
+    cases = {}
+    for seed in range(10):
+        prompts = sample_prompts(gt, np.random.default_rng(seed), "point", num_points=1, max_objects=3)
+        cases.setdefault(prompts.point_labels.shape[1], prompts)
+    assert cases[1].point_labels.tolist() == [[1]] * 3 and cases[2].point_labels.tolist() == [[1, 0]] * 3
+    for width, single in ((1, True), (2, False)):
+        asked.clear()
+        inference.decode_instances(tiny_sam_256, embedding, cases[width], image.shape[:2])
+        tensors = model.make_prompts(image.shape[:2], 256, points=cases[width].points,
+                                     point_labels=cases[width].point_labels)
+        assert asked == [single] and tensors.single_click() == single

@@ -61,10 +61,10 @@ def test_training_from_random_init_reaches_dice_09_on_real_em(shared_data: Path,
     assert trained > ellipse  # it learned more than the trivial shape in the box
 
 
-def _round_dice(sam, embedding, tensors, targets, valid, rounds: int, device) -> list[float]:
+def _round_dice(sam, embedding, tensors, targets, clicks, rounds: int, device) -> list[float]:
     """Mean Dice over N objects after each of ``rounds`` rounds (the first prompt, then each
-    correction click), at the decoder's resolution against Nx1xhxw ``targets`` (input resolution,
-    area-averaged down to the decoder's grid).
+    correction round's positive and negative click, placed by ``clicks``), at the decoder's
+    resolution against Nx1xhxw ``targets`` (input resolution, area-averaged down to the decoder's grid).
 
     The outputs are chosen as the tool segments: by predicted IoU among a single click's three
     masks (losses.hard_dice: an empty target and prediction score 1).
@@ -77,25 +77,25 @@ def _round_dice(sam, embedding, tensors, targets, valid, rounds: int, device) ->
 
     low_targets = decoder_targets(targets)
     h, w = low_targets.shape[-2:]
-    dice: list[float] = []  # valid only matters for where clicks go; targets hold no ignored pixels
+    dice: list[float] = []  # targets hold no ignored pixels
 
-    def choose(r: int, low_res: torch.Tensor, iou: torch.Tensor, *_) -> torch.Tensor:
-        best = iou.argmax(dim=1)
-        chosen = sam_model.pick_outputs(low_res, best)[..., :h, :w]
+    def choose(r: int, low_res: torch.Tensor, iou: torch.Tensor, *_) -> None:
+        chosen = sam_model.pick_outputs(low_res, iou.argmax(dim=1))[..., :h, :w]
         dice.append(float(hard_dice(chosen.float(), low_targets).mean()))
-        return best
 
     with torch.no_grad():
-        iterative.decode_rounds(sam, embedding, tensors, targets, valid, rounds, choose, device)
+        iterative.decode_rounds(sam, embedding, tensors, targets, None, rounds, choose, device, clicks=clicks)
     return dice
 
 
 def _click_dice(run: Path, data: Path, rounds: int) -> list[float]:
     """Dice (decoder resolution, mean over objects and images) after the first click and after
-    each correction click, for the adapter of ``run`` on the images of ``data``."""
+    each correction round, for the adapter of ``run`` on the images of ``data``: the clicks drawn
+    with a fixed seed, the previous mask always fed back (as a user's tool would)."""
     import torch
 
     import adapters
+    import iterative
     import model as sam_model
     from dataset import load_dataset
     from prompts import object_prompts
@@ -113,8 +113,10 @@ def _click_dice(run: Path, data: Path, rounds: int) -> list[float]:
         masks = np.stack([sample.labels == i for i in prompts.object_ids])
         with torch.no_grad():
             embedding = sam_model.encode_images(sam, prepared.tensor[None])[0]
-        per_image.append(_round_dice(sam, embedding, tensors, input_targets(masks, prepared.input_size).float(), None, rounds,
-                                    torch.device("cpu")))
+        clicks = iterative.make_clicks(masks, None, prepared.input_size, rounds, torch.device("cpu"), mask_prob=1.0,
+                                       generator=torch.Generator().manual_seed(0))
+        targets = input_targets(masks, prepared.input_size).float()
+        per_image.append(_round_dice(sam, embedding, tensors, targets, clicks, rounds, torch.device("cpu")))
     return list(np.mean(per_image, axis=0))
 
 
@@ -138,6 +140,7 @@ def test_correction_clicks_are_learned_only_with_sub_iterations(em_crops, tmp_pa
         dice = _click_dice(run, train_only, 2)
         gains[rounds] = dice[1] - dice[0]
         print(f"trained with {rounds} round(s): Dice after the click {dice[0]:.3f}, after a correction click {dice[1]:.3f}")
-    # measured here: 3 rounds 0.344 -> 0.403 after a correction click; 1 round 0.204 -> 0.080
+    # measured with the earlier recipe (deterministic click, mask always fed, summed losses): 3 rounds
+    # 0.344 -> 0.403 after a correction click; 1 round 0.204 -> 0.080. Not yet re-measured with micro-sam's.
     assert gains[3] > 0.03
     assert gains[1] < 0.01

@@ -5,26 +5,66 @@ import numpy as np
 
 import pytest
 
-from prompts import BOX, POINTS, correction_clicks, interior_point, label_boxes, object_prompts, sample_prompts
+from prompts import BOX, POINTS, interior_point, label_boxes, object_prompts, sample_prompts, selection_prompts
 
 
 def test_boxes_enclose_masks_and_points_fall_inside_and_outside(cpm15):
     labels = cpm15[0].labels
-    prompts = sample_prompts(labels, np.random.default_rng(0), "point", num_points=3, box_jitter=0.0)
     n = labels.max()
-    assert len(prompts) == n
-    assert prompts.boxes.shape == (n, 4) and prompts.boxes.dtype == np.float32
-    assert prompts.points.shape == (n, 6, 2) and prompts.point_labels.shape == (n, 6)
-    assert prompts.masks.shape == (n,) + labels.shape and prompts.masks.dtype == bool
-    assert prompts.use_points and not prompts.use_boxes
-    for box, pts, pl, mask, obj in zip(prompts.boxes, prompts.points, prompts.point_labels,
-                                       prompts.masks, prompts.object_ids, strict=True):
-        assert np.array_equal(mask, labels == obj)
-        ys, xs = np.nonzero(mask)
-        assert box.tolist() == [xs.min(), ys.min(), xs.max(), ys.max()]
-        assert pl.tolist() == [1, 1, 1, 0, 0, 0]
-        inside = mask[pts[:, 1].astype(int), pts[:, 0].astype(int)]
-        assert inside.tolist() == [True, True, True, False, False, False]
+    widths = set()
+    for seed in range(12):
+        prompts = sample_prompts(labels, np.random.default_rng(seed), "point", num_points=3, box_jitter=0.0)
+        assert len(prompts) == n
+        assert prompts.boxes.shape == (n, 4) and prompts.boxes.dtype == np.float32
+        k = prompts.points.shape[1]
+        widths.add(k)
+        assert prompts.points.shape == (n, k, 2) and prompts.point_labels.shape == (n, k)
+        assert prompts.masks.shape == (n,) + labels.shape and prompts.masks.dtype == bool
+        assert prompts.use_points and not prompts.use_boxes
+        for box, pts, pl, mask, obj in zip(prompts.boxes, prompts.points, prompts.point_labels,
+                                           prompts.masks, prompts.object_ids, strict=True):
+            assert np.array_equal(mask, labels == obj)
+            ys, xs = np.nonzero(mask)
+            assert box.tolist() == [xs.min(), ys.min(), xs.max(), ys.max()]
+            assert pl.tolist() == [1] + [0] * (k - 1)
+            inside = mask[pts[:, 1].astype(int), pts[:, 0].astype(int)]
+            assert inside.tolist() == [True] + [False] * (k - 1)
+    assert widths == {1, 2, 3, 4}  # one positive and 0..3 negatives, drawn per image
+
+
+def test_point_prompts_are_one_positive_and_zero_to_k_negatives_with_the_single_click_among_them(cpm15):
+    """Item 7: training samples the single click users give (one positive, no negative: SAM's
+    multimask case) besides one positive with up to k negatives, as micro-sam; before, every
+    prompt had k positives and k negatives, so the single click was never trained."""
+    import torch
+
+    import model as sam_model
+
+    labels = cpm15[0].labels
+    single = 0
+    for seed in range(20):
+        p = sample_prompts(labels, np.random.default_rng(seed), "point", num_points=1)
+        assert (p.point_labels == 1).sum(axis=1).tolist() == [1] * len(p)
+        negatives = int((p.point_labels[0] == 0).sum())
+        assert 0 <= negatives <= 1
+        tensors = sam_model.PromptTensors(points=torch.from_numpy(p.points),
+                                          point_labels=torch.from_numpy(p.point_labels))
+        assert tensors.single_click() == (negatives == 0)
+        single += tensors.single_click()
+    assert 4 <= single <= 16  # about half of the images at k = 1
+
+
+def test_selection_prompts_are_evaluates_prompts_with_masks(cpm15):
+    """Item 7: epoch selection prompts as evaluate does: the exact box (box, mix) or one click at
+    the deepest pixel (point), the same prompts as object_prompts, with the target masks."""
+    labels = cpm15[0].labels
+    for prompt, kind in (("point", "point"), ("box", "box"), ("mix", "box")):
+        chosen, evaluated = selection_prompts(labels, prompt), object_prompts(labels, kind)
+        assert (chosen.use_boxes, chosen.use_points) == (evaluated.use_boxes, evaluated.use_points)
+        np.testing.assert_array_equal(chosen.points, evaluated.points)
+        np.testing.assert_array_equal(chosen.point_labels, evaluated.point_labels)
+        np.testing.assert_array_equal(chosen.boxes, evaluated.boxes)
+        np.testing.assert_array_equal(chosen.masks, labels[None] == chosen.object_ids[:, None, None])
 
 
 def test_box_jitter_is_bounded(cpm15):
@@ -44,8 +84,8 @@ def test_box_jitter_is_bounded(cpm15):
 def test_prompts_without_objects_cap_and_mix(cpm15):
     empty = sample_prompts(np.zeros((50, 70), np.int32), np.random.default_rng(0), "mix", num_points=2)
     assert len(empty) == 0
-    assert empty.boxes.shape == (0, 4) and empty.points.shape == (0, 4, 2)
-    assert empty.point_labels.shape == (0, 4) and empty.masks.shape == (0, 50, 70)
+    assert empty.boxes.shape == (0, 4) and empty.points.shape[0] == 0 and empty.points.shape[2] == 2
+    assert empty.point_labels.shape == (0, empty.points.shape[1]) and empty.masks.shape == (0, 50, 70)
     labels = cpm15[2].labels
     capped = sample_prompts(labels, np.random.default_rng(0), max_objects=5)
     assert len(capped) == 5 and len(set(capped.object_ids.tolist())) == 5
@@ -55,8 +95,9 @@ def test_prompts_without_objects_cap_and_mix(cpm15):
     order = np.argsort(mixed.object_kinds(), kind="stable")
     taken = mixed.take(order)
     assert np.array_equal(taken.object_ids, mixed.object_ids[order]) and np.array_equal(taken.masks, mixed.masks[order])
-    full = sample_prompts(np.ones((8, 8), np.int32), np.random.default_rng(0), "point")
-    assert full.point_labels.tolist() == [[1, -1]]  # nowhere to put a negative point
+    full = [sample_prompts(np.ones((8, 8), np.int32), np.random.default_rng(seed), "point").point_labels.tolist()
+            for seed in range(8)]
+    assert [[1, -1]] in full and [[1]] in full  # nowhere to put a negative point
 
 
 def test_negative_points_avoid_ignored_pixels():
@@ -65,8 +106,8 @@ def test_negative_points_avoid_ignored_pixels():
     ignore = np.ones((40, 40), bool)
     ignore[:, :5] = False
     p = sample_prompts(labels, np.random.default_rng(0), "point", num_points=20, ignore=ignore)
-    negatives = p.points[0, 20:]
-    assert np.all(negatives[:, 0] < 5)
+    negatives = p.points[0, 1:]
+    assert len(negatives) and np.all(negatives[:, 0] < 5)
 
 
 def test_object_prompts_boxes_points_and_subset():
@@ -110,25 +151,3 @@ def test_label_boxes_have_inclusive_corners():
     ids, boxes = label_boxes(labels)
     assert ids.tolist() == [1, 3]
     np.testing.assert_array_equal(boxes, [[5, 2, 8, 3], [19, 9, 19, 9]])
-
-
-def test_correction_clicks_go_to_the_deepest_pixel_of_the_largest_error():
-    target = np.zeros((3, 30, 40), bool)
-    pred = np.zeros((3, 30, 40), bool)
-    target[0, 5:25, 5:35] = True
-    pred[0, 5:25, 5:20] = True  # missed its right half (20x15), no false positive
-    target[1, 10:20, 10:20] = True
-    pred[1, 10:20, 10:20] = True
-    pred[1, 0:4, 30:40] = True  # a 4x10 false positive ...
-    pred[1, 25:26, 0:3] = True  # ... and a smaller one
-    target[2, 2:8, 2:8] = True
-    pred[2] = target[2]  # no error at all
-    xy, labels = correction_clicks(pred, target)
-    assert labels.tolist() == [1, 0, -1]
-    assert target[0, int(xy[0, 1]), int(xy[0, 0])] and not pred[0, int(xy[0, 1]), int(xy[0, 0])]
-    assert xy[0, 0] >= 20 and 12 <= xy[0, 1] <= 17  # deep inside the missed half
-    assert 30 <= xy[1, 0] < 40 and 0 <= xy[1, 1] < 4  # in the larger false positive
-    valid = np.ones((30, 40), bool)
-    valid[0:4, 30:40] = False  # ignored pixels give no clicks
-    xy, labels = correction_clicks(pred[1:2], target[1:2], valid)
-    assert labels.tolist() == [0] and xy[0, 1] == 25

@@ -17,7 +17,8 @@ weights, nothing downloaded), which loads our ``decoder_state`` strictly, and al
 UNETR's whole state dict (encoder + ours) with ``strict=True``; it runs micro-sam's
 ``DecoderAdapter`` on the same embedding as micro-sam's ``InstanceSegmentationWithDecoder`` does
 (the adapter as built, i.e. in training mode: BatchNorm normalises with the image's own
-statistics) and, for our running-statistics variant, after ``eval()``; and prints the largest absolute differences as JSON.
+statistics) and, for our running-statistics variant, after ``eval()``; and prints the largest
+absolute differences as JSON.
 """
 from __future__ import annotations
 

@@ -96,7 +96,8 @@ def compare_watershed(labels: list[np.ndarray], seed: int) -> dict:
         differing.append(1.0 - agreeing / lab.size)
         msas.append(float(elf_msa(ours, theirs)))
         gt_msa.append((float(elf_msa(ours, lab)), float(elf_msa(theirs, lab))))
-    return {"share_of_pixels_differing_max": max(differing), "share_of_pixels_differing_mean": float(np.mean(differing)),
+    return {"share_of_pixels_differing_max": max(differing),
+            "share_of_pixels_differing_mean": float(np.mean(differing)),
             "msa_ours_vs_theirs_min": min(msas), "msa_vs_gt_ours_theirs_mean": np.mean(gt_msa, axis=0).tolist()}
 
 

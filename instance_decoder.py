@@ -26,6 +26,9 @@ bench_microsam_decoder.py in micro-sam's environment):
   ``deconv4``'s output, ``decoder_head`` (conv pair 128->64) and ``out_conv`` (1x1, 64->3) follow.
 * A conv pair is torch_em's ``ConvBlock2d``: InstanceNorm (no parameters), 3x3 conv, ReLU,
   InstanceNorm, 3x3 conv, ReLU.
+* micro-sam runs the decoder as ``get_decoder`` returns it, in training mode, so its BatchNorm
+  layers use the statistics of the image at hand, not the running averages; our eval mode does
+  the same per image by default (bench_microsam_decoder.py: identical maps either way).
 
 Sizes: the maps come out at 16x the embedding (the padded SxS input). :meth:`InstanceDecoder.
 postprocess` brings them to the image as micro-sam's ``UNETR.postprocess_masks`` does (and as
@@ -147,8 +150,9 @@ class _UpPath(nn.Module):
 
     def __init__(self, widths: list[int], transposed: bool) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(_ConvPair(w_in, w_out) for w_in, w_out in zip(widths[:-1], widths[1:]))
-        self.samplers = nn.ModuleList(_upsampler(w_in, w_out, transposed) for w_in, w_out in zip(widths[:-1], widths[1:]))
+        pairs = list(zip(widths[:-1], widths[1:]))
+        self.blocks = nn.ModuleList(_ConvPair(w_in, w_out) for w_in, w_out in pairs)
+        self.samplers = nn.ModuleList(_upsampler(w_in, w_out, transposed) for w_in, w_out in pairs)
 
     def forward(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         """Bx512xhxw and the chain outputs (2x, 4x, 8x) -> Bx64x8hx8w."""
@@ -167,11 +171,14 @@ class InstanceDecoder(nn.Module):
             ``initial_features * 2**i``).
         image_size: side S of the padded square input whose embedding is decoded, used by
             :meth:`postprocess` (1024 in micro-sam).
-        transposed: 2x2 transposed convs instead of bilinear + 1x1 conv for upsampling (some of
-            micro-sam's published decoders; see :func:`uses_transposed_convs`).
+        transposed: 2x2 transposed convs instead of bilinear + 1x1 conv for upsampling (torch_em's
+            ``use_conv_transpose=True``, which micro-sam's loader recognises; see
+            :func:`uses_transposed_convs`).
 
     Registration order follows torch_em's UNETR, so ``state_dict()`` lists the keys in the order
-    micro-sam's ``decoder_state`` has them.
+    micro-sam's ``decoder_state`` has them. In eval mode the BatchNorm layers normalise each image
+    by its own statistics, as micro-sam's inference does (:class:`_BatchNorm`,
+    :meth:`set_per_image_statistics`).
     """
 
     def __init__(self, embed_dim: int = EMBED_DIM, initial_features: int = INITIAL_FEATURES,

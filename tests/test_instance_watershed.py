@@ -46,7 +46,8 @@ def test_noisy_maps_score_above_trivial_baselines(real_labels) -> None:
     labels = instance_targets.prepare_labels(real_labels["em0"])
     targets = instance_targets.instance_targets(labels)
     rng = np.random.default_rng(0)
-    maps = np.clip(np.stack([ndimage.gaussian_filter(t, 2.0) for t in targets]) + rng.normal(0, 0.05, targets.shape), 0, 1)
+    blurred = np.stack([ndimage.gaussian_filter(t, 2.0) for t in targets])
+    maps = np.clip(blurred + rng.normal(0, 0.05, targets.shape), 0, 1)
     msa = metrics.mean_segmentation_accuracy(labels, maps_to_instances(maps))
     baselines = [metrics.mean_segmentation_accuracy(labels, (labels > 0).astype(np.int32)),
                  metrics.mean_segmentation_accuracy(labels, np.zeros_like(labels))]

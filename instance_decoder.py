@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import model
+
 log = logging.getLogger(__name__)
 
 #: The output channels, in order.
@@ -222,8 +224,6 @@ class InstanceDecoder(nn.Module):
         ``input_size``: (h, w) of the resized image inside the padded square; ``original_size``:
         (H, W) of the image. Bilinear interpolation keeps the values in [0, 1].
         """
-        import model  # the one home of SAM's resize-crop-resize
-
         return model.postprocess_logits(maps, self.image_size, input_size, original_size)
 
     def predict(self, embeddings: torch.Tensor, input_size: tuple[int, int],

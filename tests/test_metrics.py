@@ -668,3 +668,74 @@ def test_bool_and_wide_integer_inputs():
     assert instance_metrics(gt, gt.astype(np.uint64) * (2**63))["aji"] == 1.0
     assert semantic_metrics(gt, gt.astype(np.int8))["dice"] == 1.0
     assert metrics.instance_metrics(gt, np.zeros((5, 5), np.uint32))["n_pred"] == 0
+
+
+# --------------------------------------------------------------------------- micro-sam's mSA
+
+
+def ref_segmentation_accuracies(gt: np.ndarray, pred: np.ndarray) -> list[float]:
+    """micro-sam's (elf's) definition, slowly: at each t in np.arange(0.5, 1.0, 0.05), TP = the
+    largest number of one-to-one pairs with IoU >= t (an assignment maximising the count of such
+    pairs over the full IoU matrix); SA = TP / (TP + FP + FN), 0 without TP."""
+    g_ids = [v for v in np.unique(gt) if v != 0]
+    p_ids = [v for v in np.unique(pred) if v != 0]
+    iou = np.zeros((len(g_ids), len(p_ids)))
+    for i, g in enumerate(g_ids):
+        for j, p in enumerate(p_ids):
+            a, b = gt == g, pred == p
+            iou[i, j] = np.count_nonzero(a & b) / np.count_nonzero(a | b)
+    out = []
+    for t in np.arange(0.5, 1.0, 0.05):
+        tp = 0
+        if iou.size:
+            rows, cols = linear_sum_assignment(-(iou >= t).astype(float))
+            tp = int(np.count_nonzero(iou[rows, cols] >= t))
+        fp, fn = len(p_ids) - tp, len(g_ids) - tp
+        out.append(tp / (tp + fp + fn) if tp > 0 else 0.0)
+    return out
+
+
+def test_msa_matches_the_definition_on_real_labels(shared_data):
+    for name, gt in real_crops(shared_data).items():
+        for kind, pred in perturbations(gt, seed=5).items():
+            expected = ref_segmentation_accuracies(gt, pred)
+            got = metrics.segmentation_accuracies(gt, pred)
+            assert got.tolist() == pytest.approx(expected, abs=1e-12), (name, kind)
+            assert metrics.mean_segmentation_accuracy(gt, pred) == pytest.approx(np.mean(expected), abs=1e-12)
+    assert metrics.mean_segmentation_accuracy(gt, gt) == 1.0
+
+
+def test_msa_thresholds_are_micro_sams_floats():
+    """elf compares IoU >= np.arange(0.5, 1.0, 0.05) as floats: 0.6000000000000001, not 0.6, so an
+    IoU of exactly 3/5 does not count at the third threshold (the strict integer thresholds of
+    instance_metrics are another convention)."""
+    assert metrics.MSA_THRESHOLDS == tuple(np.arange(0.5, 1.0, 0.05))
+    assert len(metrics.MSA_THRESHOLDS) == 10 and metrics.MSA_THRESHOLDS[2] > 0.6
+    gt = np.zeros((1, 5), np.int32)
+    gt[0, :5] = 1
+    pred = np.zeros((1, 5), np.int32)
+    pred[0, :3] = 1  # IoU exactly 3/5
+    assert metrics.segmentation_accuracies(gt, pred).tolist() == [1.0, 1.0] + [0.0] * 8
+
+
+def test_msa_exact_halves_count_once():
+    """A gt object split into two halves: both halves have IoU exactly 0.5 with it, one pair counts
+    at t = 0.5 (TP 1, FP 1, FN 0: 1/2); nothing at higher thresholds."""
+    gt = np.ones((2, 4), np.int32)
+    pred = np.array([[1, 1, 2, 2], [1, 1, 2, 2]], np.int32)
+    assert metrics.segmentation_accuracies(gt, pred).tolist() == [0.5] + [0.0] * 9
+    assert metrics.mean_segmentation_accuracy(gt, pred) == pytest.approx(0.05)
+
+
+def test_msa_empty_cases_follow_elf():
+    """elf scores 0 whenever nothing matches, also when both images are empty (unlike the other
+    scores of metrics.py, which call that perfect)."""
+    empty = np.zeros((6, 6), np.int32)
+    one = empty.copy()
+    one[1:4, 1:4] = 3
+    assert metrics.mean_segmentation_accuracy(empty, empty) == 0.0
+    assert metrics.mean_segmentation_accuracy(one, empty) == 0.0
+    assert metrics.mean_segmentation_accuracy(empty, one) == 0.0
+    assert metrics.mean_segmentation_accuracy(one, one) == 1.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        metrics.mean_segmentation_accuracy(one, one[:3])

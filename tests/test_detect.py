@@ -30,10 +30,10 @@ from model import build_model
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stack3(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """3 real slices of the EM test volume, cropped to 640x640 (tiled by 512 px tiles)."""
+    """3 real slices of the EM test volume, 512x512 (tiled by 384 px tiles)."""
     volume = tifffile.imread(shared_data / "em_vnc_stack" / "testing.tif")
     path = tmp_path_factory.mktemp("stack") / "stack3.tif"
-    tifffile.imwrite(path, volume[:3, :640, :640], photometric="minisblack")
+    tifffile.imwrite(path, volume[:3, :512, :512], photometric="minisblack")
     return path
 
 
@@ -116,14 +116,14 @@ def test_predict_image(best_pt: Path, main, shared_data: Path, tmp_path: Path,
     with caplog.at_level(logging.INFO):
         assert main(argv) == 0
     labels = tifffile.imread(out / "19_labels.tif")
-    assert labels.shape == (1024, 1024) and labels.dtype == np.uint16
+    assert labels.shape == (512, 512) and labels.dtype == np.uint16
     coco = json.loads((out / "coco.json").read_text())
     assert [img["file_name"] for img in coco["images"]] == ["19.png"]
     check_coco(coco, labels)
     if labels.max() == 0:  # a 2-epoch detector may find nothing even at conf 0.001
         assert "no objects found" in caplog.text
     overlay = cv2.imread(str(out / "19_overlay.png"))
-    assert overlay.shape == (1024, 1024, 3)
+    assert overlay.shape == (512, 512, 3)
     assert "19.png" in (out / "detect_predict.log").read_text()
     config = json.loads((out / "detect_predict_config.json").read_text())
     assert config["options"]["imgsz"] == 256  # the detector's training size
@@ -139,14 +139,14 @@ def test_predict_image(best_pt: Path, main, shared_data: Path, tmp_path: Path,
 def test_predict_stack_slice_by_slice(best_pt: Path, main, stack3: Path, tmp_path: Path,
                                       no_network: list) -> None:
     out = tmp_path / "pred"
-    argv = ["detect", "predict", "--input", str(stack3), "--output_dir", str(out), "--tile_size", "512",
+    argv = ["detect", "predict", "--input", str(stack3), "--output_dir", str(out), "--tile_size", "384",
             "--tile_overlap", "64", "--yolo_model", str(best_pt),
             "--conf", "0.01", "--no_overlay", "--no_link", *SMALL]  # linking: test_stacks.py
     assert main(argv) == 0
     labels = tifffile.imread(out / "stack3_labels.tif")
-    assert labels.shape == (3, 640, 640) and labels.dtype == np.uint32  # a stack's ids are known only at its end
+    assert labels.shape == (3, 512, 512) and labels.dtype == np.uint32  # a stack's ids are known only at its end
     with tifffile.TiffFile(out / "stack3_labels.tif") as tif:
-        assert tif.series[0].shape == (3, 640, 640)
+        assert tif.series[0].shape == (3, 512, 512)
     coco = json.loads((out / "coco.json").read_text())
     assert [img["frame_index"] for img in coco["images"]] == [0, 1, 2]
     check_coco(coco, labels)
@@ -167,7 +167,7 @@ def test_predict_no_objects_gives_empty_map_and_warning(best_pt: Path, main, sta
         assert main(argv) == 0
     assert "no objects found in stack3.tif" in caplog.text
     labels = tifffile.imread(out / "stack3_labels.tif")
-    assert labels.shape == (3, 640, 640) and labels.max() == 0
+    assert labels.shape == (3, 512, 512) and labels.max() == 0
     assert json.loads((out / "coco.json").read_text())["annotations"] == []
 
 

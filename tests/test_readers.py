@@ -239,3 +239,19 @@ def test_bad_stack_slice_count(shared_data, tmp_path):
     tifffile.imwrite(tmp_path / "extra.tif", volume, photometric="minisblack")
     with pytest.raises(UserError, match=r"extra\.tif has no matching label volume"):
         load_dataset(tmp_path, "stack")
+
+
+def test_em_test_stack_does_not_border_the_training_stack(em_stack, em_volume):
+    """The EPFL-layout test data (conftest.write_em_stacks) is one volume split in two stacks:
+    each stack section is found among the 20 consecutive sections, and at least one section lies
+    between the last training and the first testing section (a test section next to a training
+    one is nearly the same image: a leak)."""
+    images = em_volume[0]
+    where = {}
+    for s in em_stack:
+        hits = [z for z in range(len(images)) if np.array_equal(s.image[..., 1], images[z])]
+        assert len(hits) == 1, s
+        where.setdefault(s.tag, []).append(hits[0])
+    train, test = sorted(where["training"]), sorted(where["testing"])
+    assert train == list(range(train[0], train[-1] + 1)) and test == list(range(test[0], test[-1] + 1))
+    assert test[0] - train[-1] >= 2 or train[0] - test[-1] >= 2, (train, test)

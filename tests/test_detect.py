@@ -59,8 +59,8 @@ def test_train_offline_on_real_em_data(detector_run: dict) -> None:
     assert not (run / "yolo_dataset" / "masks").exists()
     train_images = sorted((run / "yolo_dataset" / "images" / "train").glob("*.png"))
     val_images = sorted((run / "yolo_dataset" / "images" / "val").glob("*.png"))
-    assert (len(train_images), len(val_images)) == (48, 16)  # 3 + 1 images of 16 patches each
-    assert len(list((run / "yolo_dataset" / "labels" / "val").glob("*.txt"))) == 16
+    assert (len(train_images), len(val_images)) == (12, 4)  # 3 + 1 images of 4 patches each
+    assert len(list((run / "yolo_dataset" / "labels" / "val").glob("*.txt"))) == 4
     assert (run / "yolo" / "weights" / "best.pt").is_file()
     assert (detector_run["config"] / "Arial.ttf").is_file()  # the local font, not a download
     for name in ("folds.json", "detect_train.log", "detect_train_config.json"):
@@ -77,7 +77,7 @@ def test_train_split_has_no_leakage_and_labels_match(detector_run: dict, em_whol
     index = json.loads((detector_run["run"] / "yolo_dataset" / "samples.json").read_text())
     groups = {split: {v["group"] for k, v in index.items() if k.startswith(split)} for split in ("train", "val")}
     assert groups["train"] and groups["val"] and not groups["train"] & groups["val"]
-    assert len(groups["val"]) == 1  # one whole section: its 16 patches never sit in training
+    assert len(groups["val"]) == 1  # one whole section: its 4 patches never sit in training
     # one patch's label file against boxes computed here from the raw mask
     name, entry = next((k, v) for k, v in index.items() if v["objects"] > 0)
     source, _, where = entry["key"].partition("@")

@@ -70,8 +70,8 @@ def write_em_stacks(em_vnc: Path, out: Path) -> Path:
 @pytest.fixture(scope="session")
 def test_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The repository's real microscopy samples (tests/data, see its README: crops of published
-    data made by others) in one read-only session folder: each folder of tests/data linked, plus
-    ``em_vnc_stack/`` built from ``em_vnc``'s PNGs (:func:`write_em_stacks`)."""
+    data made by others) in one session folder that no test changes: each folder of tests/data
+    linked, plus ``em_vnc_stack/`` built from ``em_vnc``'s PNGs (:func:`write_em_stacks`)."""
     if not (TEST_DATA / "em_vnc" / "images").is_dir():
         pytest.fail(f"test data not found at {TEST_DATA}")
     root = tmp_path_factory.mktemp("test_data")

@@ -47,7 +47,7 @@ from train_config import TrainConfig
 from training_data import PromptDataset, make_cache, make_loader
 
 log = logging.getLogger("bench")
-DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "data" / "em_vnc"
+DEFAULT_DATA = Path(__file__).resolve().parent / "tests" / "data" / "em_vnc"
 
 
 def make_config(model_type: str, image_size: int, precision: str = "fp32", **changes) -> TrainConfig:

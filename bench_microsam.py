@@ -60,7 +60,7 @@ import torch_em
 from micro_sam.training import default_sam_loader, sam_trainer, train_sam
 
 log = logging.getLogger("bench_microsam")
-DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "data" / "em_vnc"
+DEFAULT_DATA = Path(__file__).resolve().parent / "tests" / "data" / "em_vnc"
 
 
 @dataclass

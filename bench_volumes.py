@@ -9,8 +9,9 @@ Rows (targets in brackets):
 - SAM per section without oneDNN (thread-count-invariant, as detect predict computes a volume's
   sections) / with oneDNN: what the same labels on any number of workers cost
 
-The volumes are the 20 real EM sections of ../shared/data/em_vnc_stack (1024x1024), repeated to
-make the deeper ones; SAM is MobileSAM (vit_t, random weights) at 1024 px with the automatic mask
+The volumes are the 20 real EM sections of tests/data/em_vnc (512x512 crops; ``--sections`` reads
+another folder of numbered ``images/NN.png`` + ``masks/NN.png``, e.g. the full 1024 px sections),
+repeated to make the deeper ones; SAM is MobileSAM (vit_t, random weights) at 1024 px with the automatic mask
 generator on a 2x2 point grid, so each section costs one encoder pass and a few decoder calls.
 ``detect predict`` runs as a user runs it, in a fresh process, whose peak RSS (VmHWM) it prints.
 """
@@ -23,22 +24,25 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import tifffile
 from scipy import ndimage
 
 REPO = Path(__file__).resolve().parent
-DEFAULT_STACK = REPO.parent / "shared" / "data" / "em_vnc_stack"
+DEFAULT_SECTIONS = REPO / "tests" / "data" / "em_vnc"
 # Runs `main.py ARGS` in this process, then prints its peak resident memory (kB).
 CHILD = ("import sys; sys.argv = ['main.py', *sys.argv[1:]]; import main; code = main.main(sys.argv[1:]); "
          "import bench_timing; print('PEAK_MIB', bench_timing.peak_rss_mib()); sys.exit(code)")
 Row = tuple[str, float, str]
 
 
-def real_volume(stack_dir: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The 20 EM sections (top-left ``size`` px) and their 2-D mitochondria components."""
-    images = np.concatenate([tifffile.imread(stack_dir / f"{n}.tif") for n in ("training", "testing")])
-    masks = np.concatenate([tifffile.imread(stack_dir / f"{n}_groundtruth.tif") for n in ("training", "testing")])
+def real_volume(sections: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The numbered EM sections of ``sections`` (images/NN.png, masks/NN.png; top-left ``size`` px,
+    ZxHxW uint8) and their 2-D mitochondria components (int32)."""
+    paths = sorted((sections / "images").glob("*.png"))
+    images = np.stack([cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in paths])
+    masks = np.stack([cv2.imread(str(sections / "masks" / p.name), cv2.IMREAD_GRAYSCALE) for p in paths])
     labels = np.stack([ndimage.label(m > 0, structure=np.ones((3, 3)))[0] for m in masks[:, :size, :size]])
     return images[:, :size, :size].copy(), labels.astype(np.int32)
 
@@ -125,11 +129,11 @@ def bench_dask(images: np.ndarray, work: Path, image_size: int, depth: int) -> l
             (f"2 dask workers wrote the labels of 1 process (1 = yes; {n} sections)", float(same), "[= 1]")]
 
 
-def rows(quick: bool = False, stack_dir: Path = DEFAULT_STACK, tiny: bool = False) -> list[Row]:
+def rows(quick: bool = False, sections: Path = DEFAULT_SECTIONS, tiny: bool = False) -> list[Row]:
     """Every row, measured in this order; ``tiny`` only checks that the code runs (small crops and
     depths: its figures mean nothing)."""
     size, image_size, small, big = (128, 256, 2, 4) if tiny else (1024, 1024, 16, 64)
-    images, labels = real_volume(stack_dir, size)
+    images, labels = real_volume(sections, size)
     out = bench_linking(images, labels, image_size, 1 if tiny else 5)
     with tempfile.TemporaryDirectory() as tmp:
         out += bench_streaming(images, Path(tmp), image_size, small, big)
@@ -141,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer sections for the dask row")
     parser.add_argument("--tiny", action="store_true", help="check that the code runs (figures mean nothing)")
+    parser.add_argument("--sections", type=Path, default=DEFAULT_SECTIONS,
+                        help="folder of numbered EM sections: images/NN.png + masks/NN.png")
     args = parser.parse_args(argv)
-    for name, value, target in rows(args.quick, tiny=args.tiny):
+    for name, value, target in rows(args.quick, args.sections, tiny=args.tiny):
         print(f"{name:<100} {value:9.4f} {target}", flush=True)
     return 0
 

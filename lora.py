@@ -14,7 +14,7 @@ encoder targets, ``mask_decoder`` for ``decoder``), matching the parent module's
 child attribute name, and replaced through the parent with ``setattr``; ``blocks`` (``--lora_blocks``,
 encoder_blocks.py) keeps the encoder targets to some numbered encoder blocks.
 
-``qkv`` layouts differ (see ../shared/STYLE.md): SAM ViT's fused qkv output is ``[q | k | v]``
+``qkv`` layouts differ: SAM ViT's fused qkv output is ``[q | k | v]``
 blocks of ``dim`` each, MobileSAM's TinyViT lays it out per head, ``[q_h | k_h | v_h]`` for each
 head h (``view(B, N, heads, -1).split([key_dim, key_dim, d])``). The ``qkv`` target adapts the
 whole output and is layout-free; the ``qv`` target adapts only the q and v outputs through a

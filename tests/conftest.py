@@ -1,7 +1,9 @@
 """Shared fixtures and helpers: the real sample data and crops of it, one tiny-SAM builder, the
 repository root on sys.path.
 
-* Data: ``../shared/data`` loaded once (``cpm15``, ``em_folders``, ``em_stack``) and cropped
+* Data: the repository's own real samples, ``tests/data`` (its README gives provenance and
+  licences), seen through ``test_data`` (alias ``shared_data``) with the EPFL-layout TIFF stacks
+  built from its PNGs; loaded once (``cpm15``, ``em_folders``, ``em_stack``) and cropped
   once per session (``em_crops`` and its thin variants ``em4``, ``em6``, ``em3``, ``em_split``,
   ``em_whole4``; ``em_section_19``; ``em_volume``, ``em_crop``: the 20 EM sections as arrays). Session data is shared: a test that changes files copies
   them first.
@@ -36,7 +38,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-SHARED_DATA = REPO.parent / "shared" / "data"
+TEST_DATA = REPO / "tests" / "data"
+# The EM stacks built at test time (write_em_stacks): sections 00-14 train, 16-19 test; section 15
+# is left out, so no test section borders a training section of the same volume.
+EM_STACK_PARTS = {"training": range(0, 15), "testing": range(16, 20)}
 
 # Command-line settings of the command tests: the real MobileSAM with random weights at 256 px
 # (built through the CLI, as a user's run builds it), on the CPU.
@@ -46,12 +51,40 @@ TINY_TRAIN = ["--checkpoint", "none", "--model_type", "vit_t", "--image_size", "
               "--lora_rank", "4", "--lora_alpha", "4"]
 
 
+def write_em_stacks(em_vnc: Path, out: Path) -> Path:
+    """``out`` in the EPFL/Lucchi layout (``training.tif``, ``training_groundtruth.tif``,
+    ``testing.tif``, ``testing_groundtruth.tif``: ZxHxW uint8 multi-page TIFFs, masks 0/255) built
+    from the numbered section PNGs of ``em_vnc/images`` and ``em_vnc/masks``, split as
+    :data:`EM_STACK_PARTS` (one section left out between training and testing)."""
+    import cv2
+    import tifffile
+
+    out.mkdir(parents=True, exist_ok=True)
+    for part, sections in EM_STACK_PARTS.items():
+        for sub, suffix in (("images", ""), ("masks", "_groundtruth")):
+            volume = np.stack([cv2.imread(str(em_vnc / sub / f"{z:02d}.png"), cv2.IMREAD_GRAYSCALE) for z in sections])
+            tifffile.imwrite(out / f"{part}{suffix}.tif", volume, photometric="minisblack", compression="zlib")
+    return out
+
+
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """``../shared/data``: real microscopy samples made by others (see its README)."""
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"real sample data not found at {SHARED_DATA}")
-    return SHARED_DATA
+def test_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The repository's real microscopy samples (tests/data, see its README: crops of published
+    data made by others) in one session folder that no test changes: each folder of tests/data
+    linked, plus ``em_vnc_stack/`` built from ``em_vnc``'s PNGs (:func:`write_em_stacks`)."""
+    if not (TEST_DATA / "em_vnc" / "images").is_dir():
+        pytest.fail(f"test data not found at {TEST_DATA}")
+    root = tmp_path_factory.mktemp("test_data")
+    for folder in sorted(p for p in TEST_DATA.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+        (root / folder.name).symlink_to(folder, target_is_directory=True)
+    write_em_stacks(TEST_DATA / "em_vnc", root / "em_vnc_stack")
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_data(test_data: Path) -> Path:
+    """Alias of ``test_data`` (the name earlier tests use)."""
+    return test_data
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +174,7 @@ def em_folders(shared_data):
 
 @pytest.fixture(scope="session")
 def em_stack(shared_data):
-    """EPFL-style TIFF volumes: 15 training and 5 testing slices."""
+    """EPFL-style TIFF volumes (built by ``test_data``): 15 training and 4 testing slices."""
     from dataset import load_dataset
 
     return load_dataset(shared_data / "em_vnc_stack")
@@ -161,8 +194,8 @@ def pair_dir(shared_data, tmp_path):
 
 def crop_em_sections(shared_data: Path, out: Path, sections: Mapping[str, str], size: int = 256) -> Path:
     """``out/images`` + ``out/masks``: for each ``name: section`` of the real EM data
-    (../shared/data/em_vnc), the ``size`` px window (on a 128 px grid) holding the most
-    mitochondria pixels, saved as ``name.png`` (``size`` 1024: the whole section)."""
+    (``shared_data / "em_vnc"``: 512x512 sections), the ``size`` px window (on a 128 px grid)
+    holding the most mitochondria pixels, saved as ``name.png`` (``size`` 512: the whole section)."""
     import cv2
 
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -178,6 +211,7 @@ def crop_em_sections(shared_data: Path, out: Path, sections: Mapping[str, str], 
     return out
 
 
+EM_SECTION_SIZE = 512  # tests/data/em_vnc: rows 512-1023, columns 320-831 of the 1024 px sections
 EM4 = {"a": "00", "b": "05", "c": "10", "d": "15"}  # four sections far apart: four groups
 EM6 = dict(zip("abcdef", ("00", "03", "06", "09", "12", "15")))
 EM3 = {"00": "00", "01": "01", "02": "02"}  # consecutive sections, numbered as in em_vnc
@@ -229,13 +263,13 @@ def em_split(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 @pytest.fixture(scope="session")
 def em_whole4(em_crops) -> Path:
-    """Real EM sections 00, 05, 10, 15 whole (1024x1024), named 00..15, with their masks."""
-    return em_crops({s: s for s in EM4.values()}, 1024)
+    """Real EM sections 00, 05, 10, 15 whole (512x512), named 00..15, with their masks."""
+    return em_crops({s: s for s in EM4.values()}, EM_SECTION_SIZE)
 
 
 @pytest.fixture(scope="session")
 def em_section_19(shared_data: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Real EM section 19 (1024x1024): the RGB image and its mitochondria as 8-connected
+    """Real EM section 19 (512x512): the RGB image and its mitochondria as 8-connected
     instance labels (int32)."""
     import cv2
 
@@ -249,13 +283,13 @@ def em_section_19(shared_data: Path) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="session")
 def em_volume(shared_data) -> tuple[np.ndarray, np.ndarray]:
-    """The 20 consecutive real EM sections of ../shared/data/em_vnc_stack as arrays: the images
-    (20x1024x1024 uint8) and the mitochondria masks (bool). Read only."""
-    import tifffile
+    """The 20 consecutive real EM sections of ``shared_data / "em_vnc"`` as arrays: the images
+    (20x512x512 uint8) and the mitochondria masks (bool). Read only."""
+    import cv2
 
-    folder = shared_data / "em_vnc_stack"
-    images = np.concatenate([tifffile.imread(folder / f"{n}.tif") for n in ("training", "testing")])
-    masks = np.concatenate([tifffile.imread(folder / f"{n}_groundtruth.tif") for n in ("training", "testing")]) > 0
+    folder = shared_data / "em_vnc"
+    images = np.stack([cv2.imread(str(folder / "images" / f"{z:02d}.png"), cv2.IMREAD_GRAYSCALE) for z in range(20)])
+    masks = np.stack([cv2.imread(str(folder / "masks" / f"{z:02d}.png"), cv2.IMREAD_GRAYSCALE) for z in range(20)]) > 0
     images.flags.writeable = masks.flags.writeable = False
     return images, masks
 
@@ -267,7 +301,7 @@ def em_crop(em_volume) -> tuple[np.ndarray, np.ndarray]:
     from scipy import ndimage
 
     images, masks = em_volume
-    window = (slice(None), slice(640, 896), slice(448, 704))
+    window = (slice(None), slice(128, 384), slice(128, 384))  # rows 640-895, columns 448-703 of the full section
     labels = np.stack([ndimage.label(m, structure=np.ones((3, 3)))[0] for m in masks[window]])
     return images[window].copy(), labels.astype(np.int32)
 

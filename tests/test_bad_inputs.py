@@ -1,7 +1,7 @@
 """Every bad input answered: the user-facing contract of all subcommands, as one table.
 
 Each case builds the user's files under ``tmp_path/user`` (tiny copies of the real data in
-../shared/data, checkpoints, earlier outputs), runs ``main([...])`` and checks:
+tests/data, checkpoints, earlier outputs), runs ``main([...])`` and checks:
 
 * the exit code: 2 for bad input (argparse usage errors included), 130 for an interrupt;
 * exactly one error line, on one line, saying what is wrong (the expected words);

@@ -30,10 +30,10 @@ from model import build_model
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stack3(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """3 real slices of the EM test volume, cropped to 640x640 (tiled by 512 px tiles)."""
+    """3 real slices of the EM test volume, 512x512 (tiled by 384 px tiles)."""
     volume = tifffile.imread(shared_data / "em_vnc_stack" / "testing.tif")
     path = tmp_path_factory.mktemp("stack") / "stack3.tif"
-    tifffile.imwrite(path, volume[:3, :640, :640], photometric="minisblack")
+    tifffile.imwrite(path, volume[:3, :512, :512], photometric="minisblack")
     return path
 
 
@@ -59,8 +59,8 @@ def test_train_offline_on_real_em_data(detector_run: dict) -> None:
     assert not (run / "yolo_dataset" / "masks").exists()
     train_images = sorted((run / "yolo_dataset" / "images" / "train").glob("*.png"))
     val_images = sorted((run / "yolo_dataset" / "images" / "val").glob("*.png"))
-    assert (len(train_images), len(val_images)) == (48, 16)  # 3 + 1 images of 16 patches each
-    assert len(list((run / "yolo_dataset" / "labels" / "val").glob("*.txt"))) == 16
+    assert (len(train_images), len(val_images)) == (12, 4)  # 3 + 1 images of 4 patches each
+    assert len(list((run / "yolo_dataset" / "labels" / "val").glob("*.txt"))) == 4
     assert (run / "yolo" / "weights" / "best.pt").is_file()
     assert (detector_run["config"] / "Arial.ttf").is_file()  # the local font, not a download
     for name in ("folds.json", "detect_train.log", "detect_train_config.json"):
@@ -77,7 +77,7 @@ def test_train_split_has_no_leakage_and_labels_match(detector_run: dict, em_whol
     index = json.loads((detector_run["run"] / "yolo_dataset" / "samples.json").read_text())
     groups = {split: {v["group"] for k, v in index.items() if k.startswith(split)} for split in ("train", "val")}
     assert groups["train"] and groups["val"] and not groups["train"] & groups["val"]
-    assert len(groups["val"]) == 1  # one whole section: its 16 patches never sit in training
+    assert len(groups["val"]) == 1  # one whole section: its 4 patches never sit in training
     # one patch's label file against boxes computed here from the raw mask
     name, entry = next((k, v) for k, v in index.items() if v["objects"] > 0)
     source, _, where = entry["key"].partition("@")
@@ -116,14 +116,14 @@ def test_predict_image(best_pt: Path, main, shared_data: Path, tmp_path: Path,
     with caplog.at_level(logging.INFO):
         assert main(argv) == 0
     labels = tifffile.imread(out / "19_labels.tif")
-    assert labels.shape == (1024, 1024) and labels.dtype == np.uint16
+    assert labels.shape == (512, 512) and labels.dtype == np.uint16
     coco = json.loads((out / "coco.json").read_text())
     assert [img["file_name"] for img in coco["images"]] == ["19.png"]
     check_coco(coco, labels)
     if labels.max() == 0:  # a 2-epoch detector may find nothing even at conf 0.001
         assert "no objects found" in caplog.text
     overlay = cv2.imread(str(out / "19_overlay.png"))
-    assert overlay.shape == (1024, 1024, 3)
+    assert overlay.shape == (512, 512, 3)
     assert "19.png" in (out / "detect_predict.log").read_text()
     config = json.loads((out / "detect_predict_config.json").read_text())
     assert config["options"]["imgsz"] == 256  # the detector's training size
@@ -139,14 +139,14 @@ def test_predict_image(best_pt: Path, main, shared_data: Path, tmp_path: Path,
 def test_predict_stack_slice_by_slice(best_pt: Path, main, stack3: Path, tmp_path: Path,
                                       no_network: list) -> None:
     out = tmp_path / "pred"
-    argv = ["detect", "predict", "--input", str(stack3), "--output_dir", str(out), "--tile_size", "512",
+    argv = ["detect", "predict", "--input", str(stack3), "--output_dir", str(out), "--tile_size", "384",
             "--tile_overlap", "64", "--yolo_model", str(best_pt),
             "--conf", "0.01", "--no_overlay", "--no_link", *SMALL]  # linking: test_stacks.py
     assert main(argv) == 0
     labels = tifffile.imread(out / "stack3_labels.tif")
-    assert labels.shape == (3, 640, 640) and labels.dtype == np.uint32  # a stack's ids are known only at its end
+    assert labels.shape == (3, 512, 512) and labels.dtype == np.uint32  # a stack's ids are known only at its end
     with tifffile.TiffFile(out / "stack3_labels.tif") as tif:
-        assert tif.series[0].shape == (3, 640, 640)
+        assert tif.series[0].shape == (3, 512, 512)
     coco = json.loads((out / "coco.json").read_text())
     assert [img["frame_index"] for img in coco["images"]] == [0, 1, 2]
     check_coco(coco, labels)
@@ -167,7 +167,7 @@ def test_predict_no_objects_gives_empty_map_and_warning(best_pt: Path, main, sta
         assert main(argv) == 0
     assert "no objects found in stack3.tif" in caplog.text
     labels = tifffile.imread(out / "stack3_labels.tif")
-    assert labels.shape == (3, 640, 640) and labels.max() == 0
+    assert labels.shape == (3, 512, 512) and labels.max() == 0
     assert json.loads((out / "coco.json").read_text())["annotations"] == []
 
 

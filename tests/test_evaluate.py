@@ -1,7 +1,7 @@
 """evaluate.py: box, point, automatic and detector prompts, models against honest baselines, runs
 scored fold by fold: the command end to end (its bad inputs: test_bad_inputs.py).
 
-The command runs through ``main([...])`` on small crops of the real data in ../shared/data
+The command runs through ``main([...])`` on small crops of the real data in tests/data
 with a randomly initialised MobileSAM at 256 px (``--checkpoint none --image_size 256``).
 Expected values are computed here from their definitions (analytic ellipse areas, cv2
 rasterisation, the folds the test itself writes), not taken from the code under test.
@@ -296,7 +296,7 @@ def em_stack_dir(shared_data, tmp_path_factory) -> Path:
     root.mkdir()
     folder = shared_data / "em_vnc_stack"
     for name in ("training", "training_groundtruth"):
-        tifffile.imwrite(root / f"{name}.tif", tifffile.imread(folder / f"{name}.tif")[3:7, 640:832, 448:640],
+        tifffile.imwrite(root / f"{name}.tif", tifffile.imread(folder / f"{name}.tif")[3:7, 128:320, 128:320],
                          photometric="minisblack")
     return root
 

@@ -24,14 +24,14 @@ def _assert_no_leak(samples, folds, slice_block=10):
 
 def test_patch_folds_never_split_an_image(shared_data):
     samples = load_dataset(shared_data / "em_vnc", "folders", patch_size=256)
-    assert len(samples) == 20 * 16
+    assert len(samples) == 20 * 4  # 512 px sections: 4 patches each
     folds = make_folds(samples, 5, seed=1)
     covered = _assert_no_leak(samples, folds)
     assert sorted(covered) == list(range(len(samples)))  # every patch validated exactly once
     for train, val in folds:
         val_sources = {samples[i].source for i in val}
         assert all(samples[i].source not in val_sources for i in train)
-        assert len(val) == 4 * 16  # balanced: 4 whole images per fold
+        assert len(val) == 4 * 4  # balanced: 4 whole images per fold
     assert make_folds(samples, 5, seed=1) == folds
     assert make_folds(samples, 5, seed=2) != folds
 
@@ -67,7 +67,7 @@ def test_more_folds_than_groups(cpm15):
 def test_holdout_is_grouped(em_folders):
     patches = [p for s in em_folders for p in make_patches(s, 512)]
     train, val = make_holdout(patches, 0.2, seed=3)
-    assert len(val) == 4 * 4 and len(train) == 16 * 4
+    assert len(val) == 4 and len(train) == 16  # one 512 px patch per section
     assert not {patches[i].group for i in train} & {patches[i].group for i in val}
 
 

@@ -3,7 +3,7 @@
 The reference implementation below loops over object pairs in plain Python, straight from the
 definitions (Kumar et al. 2017 for AJI, HoVer-Net's ``get_fast_aji_plus`` for AJI+, Kirillov
 et al. 2019 for PQ), and is compared with the vectorised code on crops of the real label
-images in ``../shared/data`` perturbed in the ways real predictions go wrong.
+images in ``tests/data`` perturbed in the ways real predictions go wrong.
 """
 from __future__ import annotations
 

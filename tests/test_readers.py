@@ -37,7 +37,7 @@ def test_nuinsseg_layout_cpm15(shared_data, cpm15, caplog):
         assert s.group == s.source == f"{s.tag}/tissue images/{s.path.name}"
         assert s.split is None and s.ignore is None and s.slice_index is None
         total += s.num_objects
-    assert total == 2905  # the data README's count
+    assert total == 867  # tests/data/README.md's count
     assert len({s.group for s in cpm15}) == 15
     with caplog.at_level(logging.INFO):
         assert readers.detect_format(root) == "nuinsseg"
@@ -76,7 +76,7 @@ def test_folders_monuseg_uint16_instances(shared_data):
     assert len(samples) == 13
     for s in samples:
         assert_sample_types(s)
-        assert s.image.shape == (1000, 1000, 3)
+        assert s.image.shape == (288, 288, 3)
         raw = tifffile.imread(root / "masks" / f"{s.path.stem}.tif")
         assert raw.dtype == np.uint16
         assert s.num_objects == n_instances(raw)
@@ -110,8 +110,8 @@ def test_em_vnc_auto_reads_numbered_slices_as_one_volume(shared_data, caplog):
 
 def test_em_stack_epfl_layout(shared_data, em_stack):
     root = shared_data / "em_vnc_stack"
-    assert len(em_stack) == 20
-    for name, split, n in (("training", "train", 15), ("testing", "test", 5)):
+    assert len(em_stack) == 19  # sections 00-14 and 16-19: section 15 left out between them (no leak)
+    for name, split, n in (("training", "train", 15), ("testing", "test", 4)):
         volume = tifffile.imread(root / f"{name}.tif")
         truth = tifffile.imread(root / f"{name}_groundtruth.tif")
         part = [s for s in em_stack if s.tag == name]
@@ -123,8 +123,8 @@ def test_em_stack_epfl_layout(shared_data, em_stack):
             assert np.array_equal(s.image[..., 1], volume[z])
             assert s.num_objects == n_components(truth[z])
             assert np.array_equal(s.labels > 0, truth[z] > 0)
-    assert [s.tag for s in em_stack] == ["testing"] * 5 + ["training"] * 15  # sorted file names
-    assert split_test(em_stack) == (list(range(5, 20)), list(range(5)))
+    assert [s.tag for s in em_stack] == ["testing"] * 4 + ["training"] * 15  # sorted file names
+    assert split_test(em_stack) == (list(range(4, 19)), list(range(4)))
 
 
 def test_stack_volumes_in_image_and_mask_folders(shared_data, tmp_path):
@@ -137,7 +137,7 @@ def test_stack_volumes_in_image_and_mask_folders(shared_data, tmp_path):
     samples = load_dataset(tmp_path, slice_block=2)
     assert [(s.slice_index, s.group) for s in samples] == [
         (0, "images/vnc.tif:block0"), (1, "images/vnc.tif:block0"), (2, "images/vnc.tif:block1"),
-        (3, "images/vnc.tif:block1"), (4, "images/vnc.tif:block2")]
+        (3, "images/vnc.tif:block1")]
     for z, s in enumerate(samples):
         assert s.num_objects == n_components(truth[z]) and s.image.shape == (200, 300, 3)
     with pytest.raises(UserError, match="holds a stack"):
@@ -159,7 +159,7 @@ def test_nifti_volumes_along_axis(shared_data, tmp_path):
     nib.save(nib.Nifti1Image(np.moveaxis(truth, 0, 2).astype(np.float32) / 255, affine),
              tmp_path / "labels" / "brain01.nii.gz")  # float, integral: accepted for NIfTI
     samples = load_dataset(tmp_path)
-    assert len(samples) == 5
+    assert len(samples) == len(volume) == 4  # the test stack's 4 sections
     for z, s in enumerate(samples):
         assert_sample_types(s)
         assert s.image.shape == (128, 96, 3) and s.slice_index == z
@@ -168,7 +168,7 @@ def test_nifti_volumes_along_axis(shared_data, tmp_path):
         order = np.argsort(volume[z].ravel(), kind="stable")
         assert np.all(np.diff(s.image[..., 0].ravel()[order].astype(int)) >= 0)
     sideways = load_dataset(tmp_path, "nifti", nifti_axis=0)
-    assert len(sideways) == 128 and sideways[0].image.shape == (96, 5, 3)
+    assert len(sideways) == 128 and sideways[0].image.shape == (96, 4, 3)
 
 
 def test_nifti_suffix_pairs_and_bad_float_labels(tmp_path):
@@ -232,10 +232,26 @@ def test_bad_stack_slice_count(shared_data, tmp_path):
     volume = tifffile.imread(shared_data / "em_vnc_stack" / "testing.tif")[:, :64, :64]
     truth = tifffile.imread(shared_data / "em_vnc_stack" / "testing_groundtruth.tif")[:, :64, :64]
     tifffile.imwrite(tmp_path / "training.tif", volume, photometric="minisblack")
-    tifffile.imwrite(tmp_path / "training_groundtruth.tif", truth[:4], photometric="minisblack")
-    with pytest.raises(UserError, match=r"training\.tif has 5 slices.*training_groundtruth\.tif have 4"):
+    tifffile.imwrite(tmp_path / "training_groundtruth.tif", truth[:3], photometric="minisblack")
+    with pytest.raises(UserError, match=r"training\.tif has 4 slices.*training_groundtruth\.tif have 3"):
         load_dataset(tmp_path)
     tifffile.imwrite(tmp_path / "training_groundtruth.tif", truth, photometric="minisblack")
     tifffile.imwrite(tmp_path / "extra.tif", volume, photometric="minisblack")
     with pytest.raises(UserError, match=r"extra\.tif has no matching label volume"):
         load_dataset(tmp_path, "stack")
+
+
+def test_em_test_stack_does_not_border_the_training_stack(em_stack, em_volume):
+    """The EPFL-layout test data (conftest.write_em_stacks) is one volume split in two stacks:
+    each stack section is found among the 20 consecutive sections, and at least one section lies
+    between the last training and the first testing section (a test section next to a training
+    one is nearly the same image: a leak)."""
+    images = em_volume[0]
+    where = {}
+    for s in em_stack:
+        hits = [z for z in range(len(images)) if np.array_equal(s.image[..., 1], images[z])]
+        assert len(hits) == 1, s
+        where.setdefault(s.tag, []).append(hits[0])
+    train, test = sorted(where["training"]), sorted(where["testing"])
+    assert train == list(range(train[0], train[-1] + 1)) and test == list(range(test[0], test[-1] + 1))
+    assert test[0] - train[-1] >= 2 or train[0] - test[-1] >= 2, (train, test)

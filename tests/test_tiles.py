@@ -39,7 +39,7 @@ def tile_crops(gt: np.ndarray, windows: list) -> tuple[list[Instance], list[int]
 def test_tile_merge_rebuilds_objects_cut_by_tiles(em_section_19) -> None:
     """Ground-truth objects cut into tiles, merged back: the label map equals the ground truth."""
     _, gt = em_section_19
-    windows = tile_windows(*gt.shape, 384, 64)
+    windows = tile_windows(*gt.shape, 192, 32)  # 3x3 tiles over the 512 px section
     assert len(windows) == 9
     instances, tiles = tile_crops(gt, windows)
     assert len(instances) > gt.max()  # some objects were cut

@@ -1,7 +1,7 @@
 """metrics.volume_metrics and metrics.adapted_rand_error against slow references written from
 their definitions (explicit masks per object, COCO's greedy matching and interpolated precision
 as defined, every pair of voxels enumerated), on crops of the real EM ground truth
-(../shared/data/em_vnc_stack) and their perturbations."""
+(tests/data/em_vnc, 20 sections) and their perturbations."""
 from __future__ import annotations
 
 import numpy as np
@@ -58,7 +58,7 @@ def ref_adapted_rand_error(gt: np.ndarray, pred: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def em_objects(em_volume) -> np.ndarray:
-    """The 3-D connected components of the real mitochondria masks (conftest.py), 20x1024x1024 int32."""
+    """The 3-D connected components of the real mitochondria masks (conftest.py), 20x512x512 int32."""
     return ndimage.label(em_volume[1], output=np.int32)[0]
 
 

@@ -2,7 +2,7 @@
 
 ``link_slices`` is checked against a slow reference written from the definition (explicit masks,
 every one-to-one assignment tried) on random stacks, and on the real EM volume
-(../shared/data/em_vnc_stack, 20 consecutive sections) against the 3-D connected components of
+(tests/data/em_vnc, 20 consecutive sections) against the 3-D connected components of
 its ground truth, scored with the adapted Rand error (metrics.py, checked in
 test_volume_metrics.py); ``merge`` (``--link_merge``) on both, and on small hand-made stacks.
 """
@@ -227,17 +227,20 @@ def test_ground_truth_objects_are_linked_into_their_3d_components(em_truth) -> N
     objects, _ = em_truth
     linked = link_slices(shuffled_ids(objects))
     assert adapted_rand_error(objects, linked) < 0.05
-    # 48 objects; a few split where two sections of a mitochondrion overlap by IoU <= 0.25 (50 nm sections)
+    # 20 objects in tests/data's window (48 in the full sections); a few split where two sections of a mitochondrion overlap by IoU <= 0.25 (50 nm sections)
     assert objects.max() <= linked.max() <= objects.max() + 6
 
 
 def test_branching_objects_stay_split_without_false_merges(em_truth) -> None:
     """The 2-D components of each section: a mitochondrion seen as two pieces in some sections is
     one 3-D component but, matched one to one, stays two objects. Two objects are never merged
-    (Rand precision 1: the error is splits only)."""
+    (Rand precision 1: the error is splits only). The bound is calibrated on tests/data's 512 px
+    window (0.165 there; 0.108 on the full 1024 px sections). No gap here: one mitochondrion of the
+    window leaves it in section 15 and comes back, so the window's 3-D components count it twice,
+    and bridging that gap (right: test_a_missed_section_is_bridged_by_the_gap) would read as a merge."""
     objects, per_section = em_truth
-    linked = link_slices(per_section)
-    assert adapted_rand_error(objects, linked) < 0.12
+    linked = link_slices(per_section, gap=0)
+    assert adapted_rand_error(objects, linked) < 0.2
     for value in np.unique(linked[linked > 0]):
         assert len(np.unique(objects[linked == value])) == 1
 

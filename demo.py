@@ -26,18 +26,17 @@ import numpy as np
 from torch import nn
 from tqdm import tqdm
 
-import adapters
-import dataset as data
-import figures
-import inference
-import metrics
-import model as sam_model
-import runfiles
-from errors import UserError
-from instances import box_baseline
-from prompts import object_prompts
-from readers import detect_format
-from sample import Sample
+from samlora.core import figures, runfiles
+from samlora.core.errors import UserError
+from samlora.data import dataset as data
+from samlora.data.instances import box_baseline
+from samlora.data.prompts import object_prompts
+from samlora.data.readers import detect_format
+from samlora.data.sample import Sample
+from samlora.inference import segmenter
+from samlora.metrics import scores as metrics
+from samlora.models import adapters
+from samlora.models import sam as sam_model
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
                  bases.model_type, bases.image_size,
                  "RANDOM (--checkpoint none)" if bases.random_weights else bases.checkpoint,
                  f", adapter {args.model_path}" if args.model_path else "")
-        rows, predictions = predict_all(models, samples, args.batch_prompts or inference.default_chunk(bases.device),
+        rows, predictions = predict_all(models, samples, args.batch_prompts or segmenter.default_chunk(bases.device),
                                         args.precision,
                                         progress=not getattr(args, "quiet", False))
         write_outputs(out.path, samples, predictions, rows, config)
@@ -218,7 +217,7 @@ def predict_all(models: dict[str, nn.Module], samples: Sequence[Sample], chunk: 
     for name, sam in models.items():
         for i in tqdm(range(len(samples)), desc=f"demo {name}", unit="image", leave=False,
                       disable=None if progress else True):
-            predictions[i][name] = inference.segment(sam, samples[i].image, prompts[i], chunk, precision)
+            predictions[i][name] = segmenter.segment(sam, samples[i].image, prompts[i], chunk, precision)
     rows = []
     for i, sample in enumerate(samples):
         predictions[i][BASELINE] = box_baseline(prompts[i].boxes, sample.labels.shape, "box", prompts[i].object_ids)

@@ -30,26 +30,33 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
-import adapters
-import cluster
-import dataset as data
-import folds as folds_lib
-import images
-import inference
-import model as sam_model
-import propagation
-import runfiles
-import runs
-import stacks
-import volume_io
-from coco import CocoWriter
-from detector import (BoxCounts, DetectorOptions, build_yolo, export_yolo_dataset, load_detector, load_yolo,
-                      parse_yolo_args, validate_detector, yolo_device)
-from errors import UserError
-from inference import SegmentOptions, Segmenter
-from labelfiles import output_paths, segment_file, stack_output_paths
-from propagation import PropagationOptions
-from volumes import LinkOptions, add_link_arguments
+from samlora.core import runfiles
+from samlora.core.errors import UserError
+from samlora.data import dataset as data
+from samlora.data import folds as folds_lib
+from samlora.data import images, volume_io
+from samlora.data.coco import CocoWriter
+from samlora.inference import cluster, propagation
+from samlora.inference import sections as stacks
+from samlora.inference import segmenter as inference
+from samlora.inference.label_files import output_paths, segment_file, stack_output_paths
+from samlora.inference.linking import LinkOptions, add_link_arguments
+from samlora.inference.propagation import PropagationOptions
+from samlora.inference.segmenter import Segmenter, SegmentOptions
+from samlora.inference.yolo import (
+    BoxCounts,
+    DetectorOptions,
+    build_yolo,
+    export_yolo_dataset,
+    load_detector,
+    load_yolo,
+    parse_yolo_args,
+    validate_detector,
+    yolo_device,
+)
+from samlora.models import adapters
+from samlora.models import sam as sam_model
+from samlora.training import runs
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from checkpoints import (
+from samlora.core.errors import UserError
+from samlora.models.checkpoints import (
     CHECKPOINTS,
     CHUNK_SIZE,
     MODEL_TYPES,
@@ -27,7 +28,6 @@ from checkpoints import (
     get_spec,
     verify_file,
 )
-from errors import UserError
 
 log = logging.getLogger(__name__)
 

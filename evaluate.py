@@ -43,20 +43,20 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-import adapters
-import dataset as data
-import folds as folds_lib
-import inference
-import model as sam_model
-import reports
-import runfiles
-import runs
-from detector import BoxCounts, Detector, DetectorOptions, load_detector
-from errors import UserError
-from heldout import Selection, data_options, select_data
-from instances import box_baseline
-from prompts import EVAL_PROMPTS, box_prompts
-from volumes import LinkOptions, add_link_arguments
+from samlora.core import runfiles
+from samlora.core.errors import UserError
+from samlora.data import dataset as data
+from samlora.data import folds as folds_lib
+from samlora.data.instances import box_baseline
+from samlora.data.prompts import EVAL_PROMPTS, box_prompts
+from samlora.evaluation import reports
+from samlora.evaluation.heldout import Selection, data_options, select_data
+from samlora.inference import segmenter
+from samlora.inference.linking import LinkOptions, add_link_arguments
+from samlora.inference.yolo import BoxCounts, Detector, DetectorOptions, load_detector
+from samlora.models import adapters
+from samlora.models import sam as sam_model
+from samlora.training import runs
 
 log = logging.getLogger(__name__)
 
@@ -300,8 +300,8 @@ def score_job(args: argparse.Namespace, job: Job, bases: adapters.BaseModels, se
     rows: list[dict[str, Any]] = []
     visuals: dict[int, dict[str, np.ndarray]] = defaultdict(dict)
     sam = adapters.load_finetuned(job.bases or bases, job.adapter, args.seed)
-    chunk = args.batch_prompts or inference.default_chunk(bases.device)
-    generator = inference.automatic_generator(sam, args.points_per_side, args.batch_prompts or 64, args.pred_iou_thresh,
+    chunk = args.batch_prompts or segmenter.default_chunk(bases.device)
+    generator = segmenter.automatic_generator(sam, args.points_per_side, args.batch_prompts or 64, args.pred_iou_thresh,
                                               args.stability_score_thresh) if args.prompt == "auto" else None
     prompt = "box" if detector is not None else args.prompt
     label = job.source.name + (f" fold {job.fold}" if job.fold is not None else "")
@@ -312,15 +312,15 @@ def score_job(args: argparse.Namespace, job: Job, bases: adapters.BaseModels, se
         for name, boxes_from in named:
             tick, n_prompts, extra = time.perf_counter() - encode_seconds, None, {}  # each row counts the encoder
             if generator is not None:
-                found = inference.automatic_instances(generator, image, args.precision)
-                pred = inference.paint_instances(found, image.shape[:2])[0]
+                found = segmenter.automatic_instances(generator, image, args.precision)
+                pred = segmenter.paint_instances(found, image.shape[:2])[0]
             elif boxes_from is None:
-                pred = inference.segment(sam, image, selection.prompts[i], chunk, args.precision,
+                pred = segmenter.segment(sam, image, selection.prompts[i], chunk, args.precision,
                                          embedding=embedding)
             else:
                 boxes, confidences, detect_seconds = boxes_from.boxes_of(i, image)
                 tick -= detect_seconds
-                pred = inference.segment(sam, image, box_prompts(boxes), chunk, args.precision,
+                pred = segmenter.segment(sam, image, box_prompts(boxes), chunk, args.precision,
                                          keep_ids=False, confidences=confidences, embedding=embedding)
                 n_prompts, extra = len(boxes), detection_columns(boxes_from, i, selection.samples[i].labels)
             row = image_row(selection, i, name, "model", job.fold, pred, time.perf_counter() - tick,
@@ -339,8 +339,8 @@ def shared_embedding(sam: nn.Module, image: np.ndarray, precision: str,
     if not shared:
         return None, 0.0
     tick = time.perf_counter()
-    with sam_model.autocast(inference.sam_device(sam), precision):
-        embedding = inference.encode_image(sam, image)
+    with sam_model.autocast(segmenter.sam_device(sam), precision):
+        embedding = segmenter.encode_image(sam, image)
     return embedding, time.perf_counter() - tick
 
 
@@ -414,7 +414,7 @@ def make_config(args: argparse.Namespace, sources: Sequence[runs.ModelSource], s
         auto={"points_per_side": args.points_per_side, "pred_iou_thresh": args.pred_iou_thresh,
               "stability_score_thresh": args.stability_score_thresh} if args.prompt == "auto" else None,
         detector=detector.record() if detector is not None else None, plot=args.plot,
-        protocol=inference.PROTOCOLS[args.prompt],
+        protocol=segmenter.PROTOCOLS[args.prompt],
         compare=len(sources) > 1 or bool(args.compare), link=asdict(link))
 
 

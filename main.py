@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Sequence
 
-from errors import EXIT_INTERNAL, EXIT_USAGE, UserError
+from samlora.core.errors import EXIT_INTERNAL, EXIT_USAGE, UserError
 
 # Subcommand modules, in the order `--help` lists them.
 COMMAND_MODULES = ("download_weights", "train", "parameter_search", "evaluate", "detect", "demo")

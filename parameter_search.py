@@ -25,20 +25,16 @@ import numpy as np
 import optuna
 import torch
 
-import checkpoints
-import crossval
-import dataset as data
-import figures
-import folds as folds_lib
-import model as sam_model
-import runfiles
-import runs
-import search_estimate
-import studies
-from errors import UserError
-from sample import Sample
-from train_config import TrainConfig, add_train_arguments
-from training_data import check_cache_budget
+from samlora.core import figures, runfiles
+from samlora.core.errors import UserError
+from samlora.data import dataset as data
+from samlora.data import folds as folds_lib
+from samlora.data.sample import Sample
+from samlora.models import checkpoints
+from samlora.models import sam as sam_model
+from samlora.training import crossval, runs, search_estimate, studies
+from samlora.training.config import TrainConfig, add_train_arguments
+from samlora.training.items import check_cache_budget
 
 log = logging.getLogger(__name__)
 

@@ -11,16 +11,14 @@ import argparse
 import logging
 from pathlib import Path
 
-import checkpoints
-import crossval
-import dataset as data
-import model as sam_model
-import runfiles
-import runs
-import trainer
-from errors import UserError
-from train_config import TrainConfig, add_train_arguments
-from training_data import check_cache_budget
+from samlora.core import runfiles
+from samlora.core.errors import UserError
+from samlora.data import dataset as data
+from samlora.models import checkpoints
+from samlora.models import sam as sam_model
+from samlora.training import crossval, runs, trainer
+from samlora.training.config import TrainConfig, add_train_arguments
+from samlora.training.items import check_cache_budget
 
 log = logging.getLogger(__name__)
 

@@ -39,6 +39,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 TEST_DATA = REPO / "tests" / "data"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite's settings (here, not in a root ini file: the root holds only the design card's files)."""
+    config.addinivalue_line("markers", "slow: tests that train, run whole commands on real data or take over ~3 s; "
+                                       "`-m \"not slow\"` is the quick loop, CI runs them too")
+    for rule in ("ignore::FutureWarning:timm", "ignore::UserWarning:timm", "ignore:Overwriting tiny_vit:UserWarning"):
+        config.addinivalue_line("filterwarnings", rule)
 # The EM stacks built at test time (write_em_stacks): sections 00-14 train, 16-19 test; section 15
 # is left out, so no test section borders a training section of the same volume.
 EM_STACK_PARTS = {"training": range(0, 15), "testing": range(16, 20)}
@@ -159,7 +167,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch):
 @pytest.fixture(scope="session")
 def cpm15(shared_data):
     """NuInsSeg-style H&E nuclei: 15 tiles from two organs."""
-    from dataset import load_dataset
+    from samlora.data.dataset import load_dataset
 
     return load_dataset(shared_data / "nuclei_cpm15")
 
@@ -167,7 +175,7 @@ def cpm15(shared_data):
 @pytest.fixture(scope="session")
 def em_folders(shared_data):
     """20 EM slices read as unrelated images (``--data_format folders``)."""
-    from dataset import load_dataset
+    from samlora.data.dataset import load_dataset
 
     return load_dataset(shared_data / "em_vnc", "folders")
 
@@ -175,7 +183,7 @@ def em_folders(shared_data):
 @pytest.fixture(scope="session")
 def em_stack(shared_data):
     """EPFL-style TIFF volumes (built by ``test_data``): 15 training and 4 testing slices."""
-    from dataset import load_dataset
+    from samlora.data.dataset import load_dataset
 
     return load_dataset(shared_data / "em_vnc_stack")
 
@@ -312,7 +320,7 @@ def em_crop(em_volume) -> tuple[np.ndarray, np.ndarray]:
 def tiny_decoder(embed_dim: int):
     """SAM's prompt encoder and mask decoder shrunk: 1 two-way block, MLP 64, 2 heads (16 and,
     in the halved cross attention, 8 channels each at width 32), IoU head 32."""
-    import model
+    from samlora.models import sam as model
 
     return model.DecoderSizes(embed_dim=embed_dim, depth=1, mlp_dim=64, num_heads=2, iou_head_hidden_dim=32)
 
@@ -328,7 +336,7 @@ def tiny_sam(kind: str = "vit", image_size: int = 256, seed: int = 0, depth: int
     the seeded init, so that outputs depend on every layer (SAM inits position embeddings at 0).
     ``model_type`` and ``checkpoint_sha256`` are set as ``model.build_model`` sets them.
     """
-    import model
+    from samlora.models import sam as model
 
     torch.manual_seed(seed)
     if kind == "vit":
@@ -391,7 +399,7 @@ def tiny_forward(sam: nn.Module, images: torch.Tensor, boxes: torch.Tensor) -> t
 
 def perturb_lora(model: nn.Module, seed: int = 3, scale: float = 0.05) -> None:
     """Give every lora_B a non-zero value, as training would."""
-    import lora
+    from samlora.models import lora
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -422,7 +430,7 @@ def untrained_yolo(tmp_path_factory: pytest.TempPathFactory, yolo_config_dir: Pa
     """An untrained YOLOv8n (from ultralytics' yolov8n.yaml, nothing downloaded) saved as a .pt
     that says it was trained at 128 px. Its confidences are tiny (~1e-4), so the tests use a
     --conf below them to get boxes."""
-    import detector
+    from samlora.inference import yolo as detector
 
     torch.manual_seed(0)
     yolo = detector.import_ultralytics().YOLO("yolov8n.yaml", task="detect")
@@ -491,7 +499,7 @@ def best_pt(detector_run: dict) -> Path:
 
 def count_encoder_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Patch ``model.encode_images`` to record the images of every encoder pass; returns the record."""
-    import model
+    from samlora.models import sam as model
 
     calls: list[int] = []
     original = model.encode_images

@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from sample import Sample
+from samlora.data.sample import Sample
 
 
 def read_rgb(path: Path) -> np.ndarray:

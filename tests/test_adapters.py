@@ -7,11 +7,11 @@ import logging
 
 import pytest
 import torch
-
-import lora
-from adapters import load_adapter, save_adapter
 from conftest import perturb_lora, tiny_forward
-from lora import inject_lora, lora_state_dict, mark_only_lora_as_trainable, merge_lora
+
+from samlora.models import lora
+from samlora.models.adapters import load_adapter, save_adapter
+from samlora.models.lora import inject_lora, lora_state_dict, mark_only_lora_as_trainable, merge_lora
 
 
 def _config(**extra) -> dict:

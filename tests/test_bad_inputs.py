@@ -33,10 +33,10 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import SMALL, tiny_sam
 
 import main as main_module
-import trainer
-from conftest import SMALL, tiny_sam
+from samlora.training import trainer
 
 FAST_TRAIN = [*SMALL, "--freeze_encoder", "--lora_targets", "decoder", "--lora_rank", "2", "--lora_alpha", "2",
               "--max_objects", "2", "--no_augment", "--val_fraction", "0.25"]
@@ -120,7 +120,7 @@ def download_offline(env: Env) -> list[str]:
 
 
 def download_present_but_corrupt(env: Env) -> list[str]:
-    from checkpoints import CHECKPOINTS
+    from samlora.models.checkpoints import CHECKPOINTS
 
     env.file(f"weights/{CHECKPOINTS['vit_t'].filename}", HTML)
     block_network(env)
@@ -190,7 +190,7 @@ def existing_run(env: Env) -> Path:
 
 
 def adapter_for_vit_b(env: Env) -> Path:
-    import adapters
+    from samlora.models import adapters
 
     path = env.user / "vit_b_adapter.pt"
     torch.save({"format": adapters.ADAPTER_FORMAT, "version": adapters.ADAPTER_VERSION,
@@ -317,7 +317,7 @@ def study_of_another_search(recorded: dict) -> Callable[[Env], list[str]]:
     def build(env: Env) -> list[str]:
         import optuna
 
-        import studies
+        from samlora.training import studies
 
         url = f"sqlite:///{env.user / 'studies.db'}"
         optuna.create_study(storage=url, study_name="em").set_user_attr(studies.IDENTITY, recorded)
@@ -330,7 +330,7 @@ def study_with_a_live_worker(env: Env) -> list[str]:
     job array's every task was started with --overwrite."""
     import optuna
 
-    import studies
+    from samlora.training import studies
 
     url = f"sqlite:///{env.user / 'studies.db'}"
     storage = studies.open_storage(url, heartbeat=60)
@@ -487,7 +487,7 @@ def interrupted_without_resume(env: Env) -> list[str]:
 
 
 def unreachable_scheduler(env: Env) -> list[str]:
-    import cluster
+    from samlora.inference import cluster
 
     env.monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", "1s")
     env.leaves_nothing()

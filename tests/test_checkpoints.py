@@ -11,12 +11,12 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 import torch
-
-import checkpoints
-from checkpoints import CHECKPOINTS, CheckpointSpec, ChecksumError, default_checkpoint_path, verify_file
 from conftest import tiny_sam
-from errors import UserError
-from model import build_model
+
+from samlora.core.errors import UserError
+from samlora.models import checkpoints
+from samlora.models.checkpoints import CHECKPOINTS, CheckpointSpec, ChecksumError, default_checkpoint_path, verify_file
+from samlora.models.sam import build_model
 
 PAYLOAD = os.urandom(300 * 1024)
 PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-
-import cluster
 from conftest import SMALL
-from errors import UserError
 from test_stacks import TruthSegmenter, run_volume, write_tiff
+
+from samlora.core.errors import UserError
+from samlora.inference import cluster
 
 
 class TruthSpec:
@@ -55,7 +55,7 @@ def never(image: np.ndarray):
 
 
 def test_two_workers_give_the_single_process_result(client, em_crop, tmp_path: Path, monkeypatch) -> None:
-    import volume_io
+    from samlora.data import volume_io
 
     images, truth = em_crop
     stack = write_tiff(tmp_path / "stack.tif", images[:9])

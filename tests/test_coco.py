@@ -11,12 +11,12 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
-
-from coco import polygons, rle_decode, rle_encode
 from data_checks import assert_same_partition, assert_sample_types, n_instances, read_rgb
-from dataset import load_dataset
-from errors import UserError
-from folds import make_holdout, split_test
+
+from samlora.core.errors import UserError
+from samlora.data.coco import polygons, rle_decode, rle_encode
+from samlora.data.dataset import load_dataset
+from samlora.data.folds import make_holdout, split_test
 
 
 def coco_rle_string(counts: list[int]) -> str:

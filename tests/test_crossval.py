@@ -9,7 +9,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
 from conftest import crop_em_sections
 
 TINY = ["--checkpoint", "none", "--model_type", "vit_t", "--image_size", "256", "--max_objects", "4",
@@ -71,7 +70,7 @@ def test_final_fit_is_scored_once_on_the_fixed_test_split(main, shared_data: Pat
 
     # the final fit takes as many optimiser steps as a fold took to its chosen checkpoint (here one
     # image per fold epoch, four per final epoch), on a fold's learning-rate schedule
-    chosen, lr_at = [], {}
+    chosen = []
     for k in range(2):
         done = json.loads((out / f"fold_{k}" / "done.json").read_text())
         per_epoch = torch.load(out / f"fold_{k}" / "last.pt", weights_only=True)["scheduler"]["last_epoch"] // \
@@ -89,10 +88,10 @@ def test_final_fit_is_scored_once_on_the_fixed_test_split(main, shared_data: Pat
 def test_cv_estimate_resamples_source_images_of_patches(shared_data: Path) -> None:
     """Outer-fold rows of real MoNuSeg patches (3 tiles, 48 patches of 256 px): the interval of
     cv_estimate resamples the tiles (the fold grouping), and says so (unit, n_groups)."""
-    import crossval
-    import dataset
-    import folds as folds_lib
-    from reports import summarize
+    from samlora.data import dataset
+    from samlora.data import folds as folds_lib
+    from samlora.metrics.bootstrap import summarize
+    from samlora.training import crossval
 
     samples = dataset.load_dataset(shared_data / "nuclei_monuseg_train", patch_size=256)
     grouping = folds_lib.Grouping()
@@ -110,8 +109,8 @@ def test_cv_estimate_resamples_source_images_of_patches(shared_data: Path) -> No
 
 
 def test_export_images_are_the_test_split_else_seen_training_images(em_split: Path, em3: Path) -> None:
-    import crossval
-    import dataset
+    from samlora.data import dataset
+    from samlora.training import crossval
 
     split = dataset.load_dataset(em_split)
     indices, what, seen = crossval.export_images(split)
@@ -126,7 +125,7 @@ def test_export_merged_is_scored_before_it_is_written(main, em_split: Path, tmp_
                                                       caplog: pytest.LogCaptureFixture) -> None:
     """An adapter trained at 256 px, exported (at SAM's 1024 px): a warning, and the exported model
     itself scored on the fixed test split beside the final adapter (summary.json ``export``)."""
-    import model as sam_model
+    from samlora.models import sam as sam_model
 
     out, export = tmp_path / "run", tmp_path / "merged.pt"
     assert main(["train", "--data_dir", str(em_split), "--output_dir", str(out), *TINY, "--cross_validation",

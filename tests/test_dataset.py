@@ -7,13 +7,19 @@ import logging
 import numpy as np
 import pytest
 import tifffile
-
 from data_checks import assert_same_partition
-from dataset import (add_data_arguments, augment, load_dataset, load_from_options, make_patches,
-                     summarize_dataset)
-from errors import UserError
-from folds import make_folds
-from sample import Sample
+
+from samlora.core.errors import UserError
+from samlora.data.dataset import (
+    add_data_arguments,
+    augment,
+    load_dataset,
+    load_from_options,
+    make_patches,
+    summarize_dataset,
+)
+from samlora.data.folds import make_folds
+from samlora.data.sample import Sample
 
 
 # ---------------------------------------------------------------------------------------------

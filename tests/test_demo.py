@@ -14,12 +14,11 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
+from conftest import tiny_sam
 
 import demo
-import figures
-import adapters
-import lora
-from conftest import tiny_sam
+from samlora.core import figures
+from samlora.models import adapters, lora
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-
-from coco import rle_decode
 from conftest import SMALL
-from model import build_model
+
+from samlora.data.coco import rle_decode
+from samlora.models.sam import build_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,8 +195,8 @@ def test_predict_with_lora_adapter(main, em_section_19, tmp_path: Path,
 
     The real vit_t at 256 px: without mark_only_lora_as_trainable every parameter is trainable, so
     the adapter file carries the whole model besides the LoRA tensors and must fit the CLI's."""
-    from adapters import save_adapter
-    from lora import inject_lora
+    from samlora.models.adapters import save_adapter
+    from samlora.models.lora import inject_lora
 
     sam = build_model("vit_t", None, 256)
     inject_lora(sam, 4, 4, "qkv")
@@ -224,8 +224,8 @@ def test_predict_tiles_at_the_training_scale(main, shared_data: Path, tmp_path: 
                                              caplog: pytest.LogCaptureFixture) -> None:
     """An adapter trained on 256 px patches: a 512 px image is segmented in 256 px tiles (objects
     at the training scale); a tile size far from it is warned about."""
-    from adapters import save_adapter
-    from lora import inject_lora
+    from samlora.models.adapters import save_adapter
+    from samlora.models.lora import inject_lora
 
     sam = build_model("vit_t", None, 256)
     inject_lora(sam, 2, 2, "qkv")
@@ -258,9 +258,9 @@ def test_predict_link_merge_joins_the_pieces_of_split_objects(main, em_crop, tmp
     components: with --link_merge the labels are those components linked with merge (fewer
     objects: a mitochondrion shown as two pieces stays one), without it the one-to-one linking;
     COCO keeps one annotation per piece, under its 3-D object's label."""
-    import inference
-    from stacks import Scored
-    from volumes import link_slices
+    from samlora.inference import segmenter
+    from samlora.inference.linking import link_slices
+    from samlora.inference.sections import Scored
 
     images, truth = em_crop[0][:4], em_crop[1][:4]
     by_pixels = {image.tobytes(): labels for image, labels in zip(images, truth)}
@@ -269,7 +269,7 @@ def test_predict_link_merge_joins_the_pieces_of_split_objects(main, em_crop, tmp
         labels = by_pixels[np.ascontiguousarray(image[..., 0]).tobytes()]
         return labels, [Scored(1.0, 1.0)] * int(labels.max())
 
-    monkeypatch.setattr(inference.Segmenter, "__call__", ground_truth)
+    monkeypatch.setattr(segmenter.Segmenter, "__call__", ground_truth)
     stack = tmp_path / "s.tif"
     tifffile.imwrite(stack, images, photometric="minisblack")
     for name, extra in (("plain", []), ("merged", ["--link_merge"])):

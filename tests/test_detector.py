@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detector import box_iou, load_yolo, match_boxes, yolo_boxes, yolo_label_lines
+from samlora.inference.yolo import box_iou, load_yolo, match_boxes, yolo_boxes, yolo_label_lines
 
 
 def test_yolo_label_lines() -> None:

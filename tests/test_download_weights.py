@@ -14,10 +14,10 @@ from typing import Iterator
 
 import pytest
 
-from checkpoints import CHECKPOINTS, CheckpointSpec, sha256_file
 from download_weights import download
-from errors import UserError
 from main import main
+from samlora.core.errors import UserError
+from samlora.models.checkpoints import CHECKPOINTS, CheckpointSpec, sha256_file
 
 PAYLOAD = os.urandom(300 * 1024)
 PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import encoder_blocks
-import model as sam_model
 from conftest import tiny_sam
-from encoder_blocks import block_names, parse_blocks, run_from_block, run_to_block
+
+from samlora.models import encoder_blocks
+from samlora.models import sam as sam_model
+from samlora.models.encoder_blocks import block_names, parse_blocks, run_from_block, run_to_block
 
 
 @pytest.mark.parametrize("spec, count, expected", [

@@ -18,17 +18,14 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-
-import dataset
-import folds as folds_lib
-import adapters
-import lora
-from detector import Detector, DetectorOptions
-from evaluate import BASELINES, row_sets
 from conftest import SMALL, tiny_sam
-from runs import ModelSource
 
-
+from evaluate import BASELINES, row_sets
+from samlora.data import dataset
+from samlora.data import folds as folds_lib
+from samlora.inference.yolo import Detector, DetectorOptions
+from samlora.models import adapters, lora
+from samlora.training.runs import ModelSource
 
 # --------------------------------------------------------------------------------------------
 # fixtures: small crops of the real data (em3, em_split, untrained_yolo, main: conftest.py), adapters
@@ -130,7 +127,7 @@ def test_box_prompts_end_to_end(main, nuclei_dir, tmp_path):
 def test_intervals_of_patches_resample_their_source_images(main, nuclei_dir, tmp_path):
     """Two real H&E crops cut into four 96 px patches each: per_image.csv names each patch's fold
     group (its source image), and every interval of summary.json resamples those two groups."""
-    from reports import summarize
+    from samlora.metrics.bootstrap import summarize
 
     out = tmp_path / "eval"
     assert main(["evaluate", "--data_dir", str(nuclei_dir), *SMALL, "--output_dir", str(out), "--patch_size", "96",
@@ -308,9 +305,9 @@ def test_volume_scores_link_and_score_runs_of_sections(em_stack_dir) -> None:
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    from metrics import volume_metrics
-    from reports import IN_PLANE_AND_FACE, VolumeScores
-    from volumes import link_slices
+    from samlora.evaluation.reports import IN_PLANE_AND_FACE, VolumeScores
+    from samlora.inference.linking import link_slices
+    from samlora.metrics.scores import volume_metrics
 
     samples = dataset.load_dataset(em_stack_dir)
     scores = VolumeScores(samples, [0, 1, 3])  # sections 0, 1 and 3: one run of two, section 3 alone
@@ -344,9 +341,9 @@ def test_volume_scores_give_the_ceiling_of_the_linked_ground_truth(em_stack) -> 
     --link_merge the cap rises."""
     from scipy import ndimage
 
-    from metrics import volume_metrics
-    from reports import GROUND_TRUTH_LINKED, IN_PLANE_AND_FACE, VolumeScores
-    from volumes import LinkOptions, link_slices
+    from samlora.evaluation.reports import GROUND_TRUTH_LINKED, IN_PLANE_AND_FACE, VolumeScores
+    from samlora.inference.linking import LinkOptions, link_slices
+    from samlora.metrics.scores import volume_metrics
 
     run = [i for i, s in enumerate(em_stack) if s.volume == "training.tif"]
     foreground = np.stack([em_stack[i].labels > 0 for i in run])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-import figures
+from samlora.core import figures
 
 
 def test_draw_instances_colours_each_contour(tmp_path):

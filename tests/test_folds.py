@@ -5,10 +5,18 @@ import json
 
 import pytest
 
-from dataset import load_dataset, make_patches
-from errors import UserError
-from folds import (Grouping, fold_group, load_folds, make_folds, make_holdout, plan_folds,
-                   save_folds, split_test)
+from samlora.core.errors import UserError
+from samlora.data.dataset import load_dataset, make_patches
+from samlora.data.folds import (
+    Grouping,
+    fold_group,
+    load_folds,
+    make_folds,
+    make_holdout,
+    plan_folds,
+    save_folds,
+    split_test,
+)
 
 
 def _assert_no_leak(samples, folds, slice_block=10):

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import crop_em_sections
 
 SMALL = ["--checkpoint", "none", "--device", "cpu"]
@@ -65,12 +64,12 @@ def test_held_out_default_is_the_folds_validation_part_not_its_gap(em_crops, tmp
     --include_training_images every other section is marked seen_in_training."""
     import argparse
 
-    import dataset
-    import folds as folds_lib
-    import heldout
-    import runs
-    from errors import UserError
     from evaluate import Job, seen_mark
+    from samlora.core.errors import UserError
+    from samlora.data import dataset
+    from samlora.data import folds as folds_lib
+    from samlora.evaluation import heldout
+    from samlora.training import runs
 
     data = em_crops({f"{k:02d}": f"{k:02d}" for k in range(20)}, 128)  # named by section: one volume
     samples = dataset.load_dataset(data, slice_block=2)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
-
 from data_checks import assert_same_partition, assert_sample_types, n_instances
-from dataset import load_dataset
-from errors import UserError
+
+from samlora.core.errors import UserError
+from samlora.data.dataset import load_dataset
 
 
 def test_dsb_16bit_image_and_nonconsecutive_labels(shared_data):
@@ -113,7 +113,7 @@ def test_mask_type_auto_reads_antialiased_and_resized_masks_as_binary(shared_dat
 
 
 def test_mask_type_auto_keeps_instance_labels_and_flags_close_calls(cpm15, caplog):
-    from images import mask_kind
+    from samlora.data.images import mask_kind
 
     assert {s.mask_kind for s in cpm15} == {"instance"}
     ramp = np.zeros((10, 10), np.uint16)

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-import inference
-from inference import Segmenter, SegmentOptions
-from instances import Instance, instance_from_mask
-from metrics import instance_metrics
-from prompts import box_prompts, label_boxes
-from tiles import tile_windows
+from samlora.data.instances import Instance, instance_from_mask
+from samlora.data.prompts import box_prompts, label_boxes
+from samlora.inference import segmenter as inference
+from samlora.inference.segmenter import Segmenter, SegmentOptions
+from samlora.inference.tiles import tile_windows
+from samlora.metrics.scores import instance_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,7 +32,7 @@ def test_segment_with_ground_truth_boxes(em_section_19, tiny_sam_256: torch.nn.M
 def test_decode_boxes_gives_the_masks_of_predict(tiny_sam_256: torch.nn.Module, shape: tuple) -> None:
     """decode_instances post-processes the decoder's logits itself (skipping an identity resize):
     masks and scores must be those of predict, whatever the image's size."""
-    from inference import predict
+    from samlora.inference.segmenter import predict
 
     image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
     boxes = np.array([[10, 10, 100, 120], [50, 20, 150, 90], [0, 0, shape[1], shape[0]]], np.float32)
@@ -77,11 +77,11 @@ def test_training_point_prompts_are_decoded_as_round_one_trains_them(em_section_
     """--prompt point samples one positive and 0..k negative points per object: a single click
     (no negative) takes the best of three masks in training's first round (iterative.py), so
     inference does too; with a negative point it takes the single mask, in both."""
-    import model
-    from prompts import sample_prompts
+    from samlora.data.prompts import sample_prompts
+    from samlora.models import sam
 
     image, gt = em_section_19
-    asked, decode = [], model.decode
+    asked, decode = [], sam.decode
 
     def spy(*args, multimask_output: bool = False, **kwargs):
         asked.append(multimask_output)
@@ -97,6 +97,6 @@ def test_training_point_prompts_are_decoded_as_round_one_trains_them(em_section_
     for width, single in ((1, True), (2, False)):
         asked.clear()
         inference.decode_instances(tiny_sam_256, embedding, cases[width], image.shape[:2])
-        tensors = model.make_prompts(image.shape[:2], 256, points=cases[width].points,
+        tensors = sam.make_prompts(image.shape[:2], 256, points=cases[width].points,
                                      point_labels=cases[width].point_labels)
         assert asked == [single] and tensors.single_click() == single

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import instance_decoder
-import model
-from instance_decoder import InstanceDecoder
+from samlora.models import instance_decoder
+from samlora.models import sam as model
+from samlora.models.instance_decoder import InstanceDecoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny passes, a busy machine
 

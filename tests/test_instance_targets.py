@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tifffile
 
-import instance_targets
-from instance_targets import instance_targets as targets_of
+from samlora.training import instance_targets
+from samlora.training.instance_targets import instance_targets as targets_of
 
 
 def reference_targets(labels: np.ndarray, min_size: int) -> np.ndarray:

@@ -7,9 +7,9 @@ import cv2
 import numpy as np
 import pytest
 
-from instances import Instance, box_baseline, ellipse_mask, instance_from_mask, paint_instances
-from prompts import object_prompts
-from reports import score_image
+from samlora.data.instances import Instance, box_baseline, ellipse_mask, instance_from_mask, paint_instances
+from samlora.data.prompts import object_prompts
+from samlora.evaluation.reports import score_image
 
 # Dice and IoU of a filled box against the ellipse inscribed in it (areas pi/4 : 1).
 BOX_VS_ELLIPSE_DICE = 2 * (math.pi / 4) / (1 + math.pi / 4)

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import torch
-
-import iterative
 from conftest import tiny_sam
-from model import PromptTensors
+
+from samlora.models.sam import PromptTensors
+from samlora.training import rounds as iterative
 
 
 def test_single_click_is_one_positive_point_without_box_mask_or_negative_point() -> None:

@@ -71,9 +71,9 @@ def _round_dice(sam, embedding, tensors, targets, clicks, rounds: int, device) -
     """
     import torch
 
-    import iterative
-    import model as sam_model
-    from losses import decoder_targets, hard_dice
+    from samlora.models import sam as sam_model
+    from samlora.training import rounds as iterative
+    from samlora.training.losses import decoder_targets, hard_dice
 
     low_targets = decoder_targets(targets)
     h, w = low_targets.shape[-2:]
@@ -94,12 +94,12 @@ def _click_dice(run: Path, data: Path, rounds: int) -> list[float]:
     with a fixed seed, the previous mask always fed back (as a user's tool would)."""
     import torch
 
-    import adapters
-    import iterative
-    import model as sam_model
-    from dataset import load_dataset
-    from prompts import object_prompts
-    from training_data import input_targets
+    from samlora.data.dataset import load_dataset
+    from samlora.data.prompts import object_prompts
+    from samlora.models import adapters
+    from samlora.models import sam as sam_model
+    from samlora.training import rounds as iterative
+    from samlora.training.items import input_targets
 
     adapter = run / "fold_0" / "best.pt"
     bases = adapters.bases_from_flags("vit_t", 256, "none", "cpu", {adapter: adapters.read_adapter(adapter)[0]})

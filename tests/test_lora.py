@@ -13,10 +13,10 @@ import logging
 import pytest
 import torch
 import torch.nn as nn
-
-import lora
 from conftest import perturb_lora, tiny_forward
-from lora import (
+
+from samlora.models import lora
+from samlora.models.lora import (
     TARGETS,
     LoRALinear,
     count_parameters,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import losses
+from samlora.training import losses
 
 
 @pytest.mark.parametrize("kind", losses.LOSSES)

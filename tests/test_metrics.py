@@ -17,12 +17,12 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_score
 
-import metrics
-import overlaps
-from reports import summarize
-from metrics import (
-    IOU_THRESHOLD_PERCENTS,
+from samlora.metrics import overlaps
+from samlora.metrics import scores as metrics
+from samlora.metrics.bootstrap import summarize
+from samlora.metrics.scores import (
     INSTANCE_COUNT_KEYS,
+    IOU_THRESHOLD_PERCENTS,
     instance_metrics,
     instance_score_keys,
     pooled_instance_metrics,

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-
 from conftest import tiny_sam
-from errors import UserError
-from inference import predict
-from model import (
+
+from samlora.core.errors import UserError
+from samlora.inference.segmenter import predict
+from samlora.models.sam import (
     build_model,
     encode_images,
     import_mobile_sam_modeling,

@@ -17,11 +17,10 @@ from typing import Any
 import optuna
 import pytest
 import torch
-
-import studies
-import trainer
 from conftest import REPO, SMALL, TINY_TRAIN
+
 from main import main
+from samlora.training import studies, trainer
 
 # The cheapest real training: random-weight MobileSAM at 256 px on 128 px crops, frozen encoder
 # (each image embedded once per worker), LoRA on the decoder only, 2 prompts, 2 folds, 1 epoch.
@@ -37,8 +36,8 @@ import os, sys, time
 sys.path.insert(0, os.environ["REPO"])
 import torch
 torch.set_num_threads(1)
-import studies
-import trainer
+from samlora.training import studies
+from samlora.training import trainer
 original = trainer.run_fold
 def run_fold(config, samples, fold, *args, **kwargs):
     if os.environ.get("BLOCK_IN_FOLD"):
@@ -277,11 +276,10 @@ def test_a_search_recorded_before_an_option_existed_still_joins(tmp_path: Path) 
     import copy
 
     import parameter_search
-    import runfiles
-    import runs
-    import studies
-    from errors import UserError
-    from train_config import TrainConfig
+    from samlora.core import runfiles
+    from samlora.core.errors import UserError
+    from samlora.training import runs, studies
+    from samlora.training.config import TrainConfig
 
     out = runfiles.OutputDir(tmp_path / "search", "parameter_search", shared=True)
     base = TrainConfig(data_dir="d", output_dir=str(out.path))
@@ -326,8 +324,8 @@ def noisy_run_fold(calls: list[tuple[str, str, list[int], list[int]]]) -> Any:
     (configuration, run directory, training + selection indices, scored indices)."""
     import zlib
 
-    import runfiles
-    import runs
+    from samlora.core import runfiles
+    from samlora.training import runs
 
     def run_fold(config, samples, fold, train_idx, select_idx, score_idx, **kwargs):
         name = Path(config.output_dir).name if "nested" not in Path(config.output_dir).parts else \
@@ -350,7 +348,7 @@ def test_nested_search_gives_the_winner_an_unbiased_estimate(em4: Path, tmp_path
     part (never on that fold's images); per outer fold the best inner score picks a configuration,
     whose outer-fold images give best_config.json's estimate (kind nested). results.csv says that
     cv_dice is the selection score."""
-    import runfiles
+    from samlora.core import runfiles
 
     calls: list[tuple[str, str, list[int], list[int]]] = []
     monkeypatch.setattr(trainer, "run_fold", noisy_run_fold(calls))
@@ -415,7 +413,7 @@ def test_search_marks_the_augmentation_of_each_lora_blocks_setting(em4: Path, tm
     without intensity changes, full-depth LoRA on random ones with them; the search says so up
     front and results.csv's augmentation column names each; without a test split or --nested the
     winner's estimate is none, with the reason."""
-    import runfiles
+    from samlora.core import runfiles
 
     monkeypatch.setattr(trainer, "run_fold", noisy_run_fold([]))
     out = tmp_path / "search"

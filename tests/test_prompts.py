@@ -2,10 +2,17 @@
 from __future__ import annotations
 
 import numpy as np
-
 import pytest
 
-from prompts import BOX, POINTS, interior_point, label_boxes, object_prompts, sample_prompts, selection_prompts
+from samlora.data.prompts import (
+    BOX,
+    POINTS,
+    interior_point,
+    label_boxes,
+    object_prompts,
+    sample_prompts,
+    selection_prompts,
+)
 
 
 def test_boxes_enclose_masks_and_points_fall_inside_and_outside(cpm15):
@@ -38,7 +45,7 @@ def test_point_prompts_are_one_positive_and_zero_to_k_negatives_with_the_single_
     prompt had k positives and k negatives, so the single click was never trained."""
     import torch
 
-    import model as sam_model
+    from samlora.models import sam as sam_model
 
     labels = cpm15[0].labels
     single = 0

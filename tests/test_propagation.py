@@ -15,16 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from conftest import SMALL
 from scipy import ndimage
 
-import runfiles
-from conftest import SMALL
-from instances import Instance, instance_from_mask
-from propagation import PropagationOptions, carry_prompts, propagate
-from prompts import Prompts
-from stacks import SectionStore
-from volume_io import open_volume
-from volumes import IN_PLANE_AND_FACE
+from samlora.core import runfiles
+from samlora.data.instances import Instance, instance_from_mask
+from samlora.data.prompts import Prompts
+from samlora.data.volume_io import open_volume
+from samlora.inference.linking import IN_PLANE_AND_FACE
+from samlora.inference.propagation import PropagationOptions, carry_prompts, propagate
+from samlora.inference.sections import SectionStore
+
 
 @pytest.fixture(scope="module")
 def em_stack_file(em_crop, tmp_path_factory) -> tuple[Path, np.ndarray]:
@@ -171,7 +172,7 @@ def test_seed_files_are_read_section_by_section(em_stack_file, tmp_path: Path) -
     image the section it is said to annotate."""
     import zarr
 
-    from volume_io import read_seeds
+    from samlora.data.volume_io import read_seeds
 
     _, objects = em_stack_file
     stack = np.zeros_like(objects, dtype=np.uint16)
@@ -217,7 +218,7 @@ def test_seed_labels_with_random_weights(main, em_stack_file, tmp_path: Path) ->
 def test_detected_objects_join_the_seeds(em_stack_file) -> None:
     """add_detected: in an annotated section, the objects a detector finds (here: a TEST DOUBLE
     returning every true object of the section) that no annotation covers become new seeds."""
-    from propagation import add_detected
+    from samlora.inference.propagation import add_detected
 
     path, objects = em_stack_file
     present = [int(v) for v in np.unique(objects[10]) if v]

@@ -14,12 +14,12 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
-
-import readers
 from data_checks import assert_same_partition, assert_sample_types, n_components, n_instances, read_rgb
-from dataset import load_dataset
-from errors import UserError
-from folds import split_test
+
+from samlora.core.errors import UserError
+from samlora.data import readers
+from samlora.data.dataset import load_dataset
+from samlora.data.folds import split_test
 
 
 def test_nuinsseg_layout_cpm15(shared_data, cpm15, caplog):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import metrics
-from reports import pooled_scores, score_image
+from samlora.evaluation.reports import pooled_scores, score_image
+from samlora.metrics import scores as metrics
 
 
 def test_pooled_scores_sum_counts_and_names_semantic_columns():
@@ -31,9 +31,9 @@ def monuseg_patches(shared_data):
     """MoNuSeg's 13 real H&E tiles cut into 256 px patches (208 patches, 13 source images), and
     per patch the Dice of the two trivial box baselines (filled box, inscribed ellipse): real
     per-patch scores whose patches of one tile are alike."""
-    import dataset
-    from instances import box_baseline
-    from prompts import object_prompts
+    from samlora.data import dataset
+    from samlora.data.instances import box_baseline
+    from samlora.data.prompts import object_prompts
 
     samples = dataset.load_dataset(shared_data / "nuclei_monuseg_train", patch_size=256)
     scores: dict[str, list[float]] = {"box": [], "ellipse": []}
@@ -48,8 +48,8 @@ def monuseg_patches(shared_data):
 def test_bootstrap_over_patches_resamples_their_images(monuseg_patches):
     """Patches of one tile are not independent: resampling the 13 tiles gives an interval more
     than twice as wide as resampling the 208 patches, and says what it resampled."""
-    import folds as folds_lib
-    from reports import RowSet, paired_comparisons, summarize
+    from samlora.data import folds as folds_lib
+    from samlora.evaluation.reports import RowSet, paired_comparisons, summarize
 
     samples, scores = monuseg_patches
     grouping = folds_lib.Grouping()

@@ -8,10 +8,10 @@ import stat
 from pathlib import Path
 
 import pytest
-
-import runfiles
 from conftest import EM4, SMALL
-from errors import UserError
+
+from samlora.core import runfiles
+from samlora.core.errors import UserError
 
 
 @pytest.fixture
@@ -163,7 +163,7 @@ def test_a_shared_output_dir_keeps_every_workers_record(tmp_path: Path) -> None:
     from conftest import REPO
 
     out = runfiles.OutputDir(tmp_path / "search", "parameter_search", shared=True).claim(overwrite=False)
-    worker = ("import sys; sys.path.insert(0, sys.argv[1]); import runfiles\n"
+    worker = ("import sys; sys.path.insert(0, sys.argv[1]); from samlora.core import runfiles\n"
               "out = runfiles.OutputDir(sys.argv[2], 'parameter_search', shared=True).claim(False, resume=True)\n"
               "with out.active():\n"
               "    for i in range(40):\n"

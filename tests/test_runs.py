@@ -1,8 +1,8 @@
 """runs.py: what differs between a recorded run's (or search's) options and the current ones."""
 from __future__ import annotations
 
-import runs
-from train_config import TrainConfig
+from samlora.training import runs
+from samlora.training.config import TrainConfig
 
 
 def test_differences_fill_options_newer_than_the_record_with_their_defaults() -> None:

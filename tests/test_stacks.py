@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-
-import runfiles
-import stacks
-from coco import CocoWriter, rle_decode
 from conftest import SMALL
-from labelfiles import stack_output_paths, write_label_stack
-from stacks import Scored
-from volume_io import open_volume
-from volumes import LinkOptions, link_slices
+
+from samlora.core import runfiles
+from samlora.data.coco import CocoWriter, rle_decode
+from samlora.data.volume_io import open_volume
+from samlora.inference import sections as stacks
+from samlora.inference.label_files import stack_output_paths, write_label_stack
+from samlora.inference.linking import LinkOptions, link_slices
+from samlora.inference.sections import Scored
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def test_ome_zarr_input(em_crop, tmp_path: Path) -> None:
 def test_the_intensity_scale_is_computed_only_when_asked(em_crop, tmp_path: Path, monkeypatch) -> None:
     """A 16-bit stack: volume_shape reads its header alone; open_volume computes the scale once by
     default and uses a given one (a dask worker's, from the client) as it is."""
-    import volume_io
+    from samlora.data import volume_io
 
     calls = []
     real = volume_io.volume_limits
@@ -205,9 +205,9 @@ def test_a_section_does_not_depend_on_the_thread_count(kind: str, em_crop, tmp_p
     stacks.section_result: oneDNN, which sums in a thread-dependent order, is off there and back
     on after."""
     import torch
-
-    import model
     from conftest import tiny_sam
+
+    from samlora.models import sam as model
 
     sam, threads, embeddings = tiny_sam(kind, image_size=256), torch.get_num_threads(), {}
 
@@ -293,12 +293,12 @@ def test_detect_predict_resumes_after_ctrl_c(main, em_crop, tmp_path: Path, monk
                                              caplog: pytest.LogCaptureFixture) -> None:
     """Ctrl-C in the third section: exit 130 and the hint; a rerun without --resume is refused;
     --resume segments only the sections left and writes what an uninterrupted run writes."""
-    import inference
+    from samlora.inference import segmenter
 
     images, _ = em_crop
     stack = write_tiff(tmp_path / "s.tif", images[:4])
     argv = ["detect", "predict", "--input", str(stack), "--output_dir", str(tmp_path / "out"), "--no_overlay", *AMG]
-    real, calls = inference.Segmenter.__call__, []
+    real, calls = segmenter.Segmenter.__call__, []
 
     def interrupted(self, image):
         calls.append(1)
@@ -306,7 +306,7 @@ def test_detect_predict_resumes_after_ctrl_c(main, em_crop, tmp_path: Path, monk
             raise KeyboardInterrupt
         return real(self, image)
 
-    monkeypatch.setattr(inference.Segmenter, "__call__", interrupted)
+    monkeypatch.setattr(segmenter.Segmenter, "__call__", interrupted)
     with caplog.at_level(logging.ERROR):
         assert main(argv) == 130
     assert "rerun the same command with --resume" in caplog.text
@@ -314,7 +314,7 @@ def test_detect_predict_resumes_after_ctrl_c(main, em_crop, tmp_path: Path, monk
     calls.clear()
     assert main([*argv, "--resume"]) == 0
     assert len(calls) == 2  # sections 2 and 3
-    monkeypatch.setattr(inference.Segmenter, "__call__", real)
+    monkeypatch.setattr(segmenter.Segmenter, "__call__", real)
     assert main([*argv[:5], str(tmp_path / "clean"), *argv[6:]]) == 0
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "s_labels.tif"),
                                   tifffile.imread(tmp_path / "clean" / "s_labels.tif"))

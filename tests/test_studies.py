@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import studies
-from errors import UserError
-from sample import Sample
+from samlora.core.errors import UserError
+from samlora.data.sample import Sample
+from samlora.training import studies
 
 
 def test_grid_and_tpe_spaces() -> None:
@@ -90,7 +90,7 @@ def test_a_failing_configuration_is_tried_twice_and_the_search_ends(tmp_path: Pa
     once: its retry's failure is final, and the worker started after it finds the search over."""
     import optuna
 
-    from runfiles import DirectoryLock
+    from samlora.core.runfiles import DirectoryLock
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     study = studies.open_study(studies.open_storage(url, heartbeat=60), url, "s", {}, False,

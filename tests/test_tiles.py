@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from instances import Instance, paint_instances
-from metrics import instance_metrics
-from tiles import merge_tiles, tile_starts, tile_windows
+from samlora.data.instances import Instance, paint_instances
+from samlora.inference.tiles import merge_tiles, tile_starts, tile_windows
+from samlora.metrics.scores import instance_metrics
 
 
 @pytest.mark.parametrize("length,tile,overlap", [(1024, 1024, 128), (1100, 1024, 128), (2000, 512, 64),

@@ -14,11 +14,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
-import adapters
-import trainer
 from conftest import TINY_TRAIN, count_encoder_calls
+
 from main import main
+from samlora.models import adapters
+from samlora.training import trainer
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # every test here trains (em6: six 256 px crops of real EM sections, conftest.py)
@@ -30,7 +30,7 @@ def run_train(data_dir: Path, out: Path, *extra: str) -> int:
 
 def test_cross_validation_writes_every_file(em6: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With late LoRA: the frozen blocks run once per image view for the whole run (all folds)."""
-    import encoder_blocks
+    from samlora.models import encoder_blocks
 
     frozen_passes: list[int] = []
     original = encoder_blocks.run_to_block
@@ -119,9 +119,9 @@ def test_export_merged_loads_in_the_official_registry(em6: Path, tmp_path: Path)
     registry loads it and segments as our unmerged model with the adapter does."""
     import mobile_sam
 
-    import lora
-    from inference import predict
-    from model import build_model, import_mobile_sam_modeling
+    from samlora.inference.segmenter import predict
+    from samlora.models import lora
+    from samlora.models.sam import build_model, import_mobile_sam_modeling
 
     out, export = tmp_path / "run", tmp_path / "merged.pt"
     assert run_train(em6, out, "--epochs", "1", "--learning_rate", "1e-2", "--lora_blocks", "last2",

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import lora
-import model as sam_model
-import trainer
 from conftest import count_encoder_calls, tiny_sam
-from train_config import TrainConfig
+
+from samlora.models import lora
+from samlora.models import sam as sam_model
+from samlora.training import trainer
+from samlora.training.config import TrainConfig
 
 
 def _lora_model() -> torch.nn.Module:
@@ -133,8 +133,9 @@ def test_chunked_decoding_gives_the_gradients_of_the_whole_step(em_crops, one_th
     import dataclasses
 
     from conftest import EM4
-    from dataset import load_dataset
-    from training_data import PromptDataset
+
+    from samlora.data.dataset import load_dataset
+    from samlora.training.items import PromptDataset
 
     torch.manual_seed(0)
     sam = tiny_sam("vit", image_size=64)
@@ -184,8 +185,9 @@ def test_the_step_loss_is_the_mean_over_rounds(em_crops, one_thread, monkeypatch
     micro-sam divides by its sub-iterations), so --grad_clip and train_loss mean the same at 8
     and 2 rounds; summed, it was the round count."""
     from conftest import EM4
-    from dataset import load_dataset
-    from training_data import PromptDataset
+
+    from samlora.data.dataset import load_dataset
+    from samlora.training.items import PromptDataset
 
     def ones(kind, logits, iou, targets, valid=None, weight=1.0):
         return logits.float().flatten(1).mean(1) * 0 + 1, torch.zeros(len(logits), dtype=torch.long)
@@ -203,7 +205,7 @@ def test_cached_embeddings_are_stored_one_by_one(tmp_path) -> None:
     it was computed in."""
     from types import SimpleNamespace
 
-    from training_data import EmbeddingCache
+    from samlora.training.items import EmbeddingCache
 
     sam = tiny_sam("vit", image_size=64)
     cache = EmbeddingCache(sam, "fp32", tmp_path)
@@ -226,9 +228,10 @@ def test_cached_late_lora_step_equals_the_uncached_step(em_crops, one_thread, ki
     import dataclasses
 
     from conftest import EM4
-    from dataset import load_dataset
-    from encoder_blocks import block_names
-    from training_data import PromptDataset, make_cache
+
+    from samlora.data.dataset import load_dataset
+    from samlora.models.encoder_blocks import block_names
+    from samlora.training.items import PromptDataset, make_cache
 
     config = TrainConfig(data_dir="", output_dir="", model_type="vit_b" if kind == "vit" else "vit_t",
                          image_size=64 if kind == "vit" else 256, lora_rank=2, lora_alpha=2, lora_targets="qkv,mlp",
@@ -285,7 +288,7 @@ def test_cache_budget_counts_late_lora_block_inputs(caplog) -> None:
     a start are counted once, other starts add up."""
     import logging
 
-    from training_data import cached_bytes, check_cache_budget
+    from samlora.training.items import cached_bytes, check_cache_budget
 
     late = TrainConfig(data_dir="", output_dir="", model_type="vit_b", precision="bf16", lora_blocks="last3")
     assert late.first_lora_block == 9 and cached_bytes(late) == 6_291_456
@@ -309,8 +312,8 @@ def test_small_objects_keep_their_targets_and_the_loss_sees_them(cpm15) -> None:
     perfect (IoU 1)."""
     import dataclasses
 
-    from losses import decoder_targets, mask_iou, object_losses
-    from training_data import PromptDataset
+    from samlora.training.items import PromptDataset
+    from samlora.training.losses import decoder_targets, mask_iou, object_losses
 
     config = TrainConfig(data_dir="", output_dir="", image_size=256, max_objects=0, augment=False, box_jitter=0.0)
     lost_share = []
@@ -339,7 +342,7 @@ def test_small_objects_keep_their_targets_and_the_loss_sees_them(cpm15) -> None:
 def test_cached_runs_say_what_augmentation_they_lose() -> None:
     """A frozen encoder or late LoRA caches each image view: no intensity change and only
     ``--augment_variants`` of the 8 flips / rotations; full-depth LoRA and --no_augment lose nothing."""
-    from training_data import cached_augmentation
+    from samlora.training.items import cached_augmentation
 
     base = dict(data_dir="", output_dir="", model_type="vit_t")
     frozen = cached_augmentation(TrainConfig(**base, freeze_encoder=True, lora_targets="decoder", augment_variants=3))
@@ -357,11 +360,11 @@ def test_epoch_selection_prompts_as_evaluate_does(em_crops, prompt: str) -> None
     click, SAM's multimask case), the exact box otherwise; before, point-trained runs were
     selected with random positive and negative points, another protocol than evaluate's."""
     import numpy as np
-
     from conftest import EM4
-    from dataset import load_dataset
-    from prompts import object_prompts
-    from training_data import PromptDataset
+
+    from samlora.data.dataset import load_dataset
+    from samlora.data.prompts import object_prompts
+    from samlora.training.items import PromptDataset
 
     config = TrainConfig(data_dir="", output_dir="", image_size=64, augment=False, prompt=prompt, num_points=2)
     samples = load_dataset(em_crops(EM4, 128))

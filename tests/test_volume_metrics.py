@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-import overlaps
-from metrics import VOLUME_SCORE_KEYS, adapted_rand_error, volume_metrics
-
+from samlora.metrics import overlaps
+from samlora.metrics.scores import VOLUME_SCORE_KEYS, adapted_rand_error, volume_metrics
 
 
 # --------------------------------------------------------------------------------------------

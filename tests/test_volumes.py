@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from errors import UserError
-from metrics import adapted_rand_error
-from volumes import IN_PLANE_AND_FACE, LinkOptions, SliceLinker, iter_linked, link_slices
+from samlora.core.errors import UserError
+from samlora.inference.linking import IN_PLANE_AND_FACE, LinkOptions, SliceLinker, iter_linked, link_slices
+from samlora.metrics.scores import adapted_rand_error
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Layer 1: samples, image and label files, dataset layouts, COCO, folds, prompts, volume files."""

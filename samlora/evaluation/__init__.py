@@ -1,0 +1,1 @@
+"""Layer 6: which images an evaluation scores, and its reports."""

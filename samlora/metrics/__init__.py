@@ -1,0 +1,1 @@
+"""Layer 2: overlap tables, matching and segmentation scores."""

@@ -1,0 +1,1 @@
+"""Layer 5: the training configuration, items, losses, prompting rounds, trainer, cross-validation, runs, studies."""

@@ -1,0 +1,526 @@
+"""The training engine shared by ``train`` and ``parameter_search``: steps, epochs, folds, resume.
+
+Composed from small parts: training_data.py's items and embedding cache, losses.py,
+:func:`backward_step`, :func:`train_one_epoch`, :func:`validate` (through segmenter.py, as
+evaluate segments) and :func:`run_fold`; the k-fold loop is crossval.py's. Every epoch ends with an atomic
+resume checkpoint; the randomness of an epoch is derived from ``(seed, fold, epoch)``, so
+``--resume`` after an interruption ends with the same result as an uninterrupted run. The run
+directory's layout is runs.py's.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from samlora.core import runfiles
+from samlora.core.errors import UserError
+from samlora.data.sample import Sample
+from samlora.inference import segmenter
+from samlora.metrics import scores as metrics
+from samlora.models import adapters, encoder_blocks, lora
+from samlora.models import sam as sam_model
+from samlora.training import rounds as iterative
+from samlora.training import runs
+from samlora.training.config import TrainConfig
+from samlora.training.items import EmbeddingCache, Item, PromptDataset, make_cache, make_loader
+from samlora.training.losses import decoder_targets, hard_dice, object_losses
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Steps, epochs, validation
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Context:
+    """What one fold's steps need: the model, device, optimiser, cache and process group."""
+
+    sam: nn.Module
+    config: TrainConfig
+    device: torch.device
+    cache: EmbeddingCache | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    rank: int = 0
+    world: int = 1
+    scaler: torch.amp.GradScaler | None = None  # fp16: gradients scaled so that they do not flush to zero
+    rounds: int = 1  # prompting rounds per step (--sub_iterations)
+
+
+def embed(ctx: Context, items: Sequence[Item]) -> torch.Tensor:
+    """Bx256x(S/16)x(S/16) embeddings of the items' images: the cache's for a frozen encoder; for
+    late LoRA the adapted blocks and the neck run on the cached input of the first adapted block
+    (gradients flow into them only); else the whole encoder. Call under the context's autocast."""
+    if ctx.cache is None:
+        return sam_model.encode_images(ctx.sam, torch.stack([it.image for it in items]).to(ctx.device))
+    cached = ctx.cache.get(items, ctx.device)
+    if ctx.cache.block is None:
+        return cached
+    return encoder_blocks.run_from_block(ctx.sam.image_encoder, cached, ctx.cache.block)
+
+
+def backward_step(ctx: Context, items: Sequence[Item]) -> tuple[float | None, float, bool]:
+    """Forward and backward of a batch's loss: per image the mean over its objects of the loss
+    averaged over the prompting rounds (``--sub_iterations``; as micro-sam, so ``--grad_clip``
+    and ``train_loss`` mean the same at any round count), averaged over the images. Returns
+    ``(loss, mean first-round Dice at the loss's resolution, finite)``, loss None when no image has objects.
+
+    The embeddings are computed once and shared by every round (iterative.py). Each image's
+    objects are decoded in chunks of one prompt kind (:func:`chunk_size`): the decoder's cost per
+    prompt grows with the prompts that share a call. Every chunk's and round's share of the loss
+    is back-propagated into a detached copy of the embeddings, which then back-propagates once
+    through the encoder, so the gradients equal those of one unchunked step. Nothing is
+    back-propagated once a loss is not finite (the caller stops the run).
+    """
+    with_objects = [it for it in items if len(it.prompts)]
+    if not with_objects:
+        return None, float("nan"), True
+    with sam_model.autocast(ctx.device, ctx.config.precision):
+        embeddings = embed(ctx, with_objects)
+    leaf = embeddings.detach().requires_grad_(embeddings.requires_grad)
+    step = _StepLoss(ctx)
+    for j, item in enumerate(with_objects):
+        tensors = item.tensors.to(ctx.device)
+        targets = item.targets.to(ctx.device, torch.float32)
+        valid = item.valid.to(ctx.device, torch.float32) if item.valid is not None else None
+        step.share = 1 / len(item.prompts) / len(with_objects) / ctx.rounds
+        clicks = iterative.make_clicks(item.prompts.masks, item.prompts.ignore, item.input_size, ctx.rounds,
+                                       ctx.device) if ctx.rounds > 1 else None
+        for rows, kind in item.groups(chunk_size(ctx)):
+            iterative.decode_rounds(ctx.sam, leaf[j], iterative.with_kind(tensors.select(rows), kind), targets[rows],
+                                    valid, ctx.rounds, step.round, ctx.device, ctx.config.precision,
+                                    clicks.select(rows) if clicks is not None else None)
+        step.dices.append(step.image_dice / len(item.prompts))
+        step.image_dice = 0.0
+    if step.finite and leaf.grad is not None and embeddings.requires_grad:
+        embeddings.backward(leaf.grad)
+    return step.total, float(np.mean(step.dices)), step.finite
+
+
+class _StepLoss:
+    """The loss of one step, round by round (the ``choose`` of iterative.decode_rounds): each
+    round's share (``share``: the image's objects' weight over the rounds) is back-propagated at
+    once; the first round's Dice is kept."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx, self.total, self.finite = ctx, 0.0, True
+        self.dices: list[float] = []
+        self.image_dice, self.share = 0.0, 1.0  # this image's first-round Dice; its objects' weight per round
+
+    def round(self, r: int, low_res: torch.Tensor, iou: torch.Tensor, targets: torch.Tensor,
+              valid: torch.Tensor | None) -> None:
+        """Loss of one round's NxCx(S/4)x(S/4) logits against Nx1xhxw ``targets`` (input
+        resolution), back-propagated."""
+        cfg = self.ctx.config
+        logits, targets, valid = loss_frame(cfg, low_res, targets, valid)
+        losses, best = object_losses(cfg.loss, logits, iou, targets, valid, cfg.iou_loss_weight)
+        loss = losses.sum() * self.share
+        self.finite = self.finite and bool(torch.isfinite(loss.detach()))
+        self.total += float(loss.detach())
+        if r == 0:
+            self.image_dice += float(hard_dice(sam_model.pick_outputs(logits, best), targets).sum())
+        if self.finite:
+            scaler = self.ctx.scaler
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def loss_frame(config: TrainConfig, low_res: torch.Tensor, targets: torch.Tensor,
+               valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(logits, targets, valid)`` as the loss and the IoU head's target compare them.
+
+    low_res: NxCx(S/4)x(S/4) logits; targets: Nx1xhxw at the input resolution; valid: 1x1xhxw or
+    None. ``--loss_resolution input`` (micro-sam's): the logits upsampled to the input frame and
+    cropped to ``hxw``, so a small object's target keeps its pixels. ``decoder`` (SAM's 1/4
+    grid): the targets area-averaged down to the logits' grid (losses.decoder_targets), cheaper,
+    but an object under ~2x2 input pixels has an empty target there.
+    """
+    if config.loss_resolution == "decoder":
+        targets = decoder_targets(targets)
+        valid = None if valid is None else decoder_targets(valid)
+        return low_res[..., :targets.shape[-2], :targets.shape[-1]], targets, valid
+    return sam_model.input_logits(low_res.float(), config.image_size, tuple(targets.shape[-2:])), targets, valid
+
+
+def chunk_size(ctx: Context) -> int:
+    """Prompts per decoder call in training: ``--decoder_chunk``, else the device's default."""
+    return ctx.config.decoder_chunk or segmenter.default_chunk(ctx.device)
+
+
+def sub_iterations(config: TrainConfig, device: torch.device) -> int:
+    """Prompting rounds per step: ``--sub_iterations``, else the device's default: 8 on a GPU (as
+    micro-sam; there the decoder is cheap next to the encoder) and 2 on a CPU (one correction
+    round, where the decoder costs as much as the encoder)."""
+    return config.sub_iterations or (8 if device.type == "cuda" else 2)
+
+
+def all_reduce_gradients(params: Sequence[nn.Parameter], world: int) -> None:
+    """Average gradients over the processes of a torchrun job (the DDP reduction)."""
+    if world <= 1:
+        return
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad /= world
+
+
+def set_train_mode(sam: nn.Module) -> None:
+    """Training mode for the LoRA layers (their dropout) only.
+
+    The frozen base stays in eval mode: TinyViT's BatchNorm would otherwise normalise with batch
+    statistics and overwrite its running statistics, which no adapter file stores, so the
+    trained model and the one evaluated later would differ. SAM's decoder has no dropout or
+    normalisation whose behaviour depends on the mode, so training it is unaffected.
+    """
+    sam.eval()
+    for layer in lora.lora_layers(sam).values():
+        layer.train()
+
+
+def train_one_epoch(ctx: Context, loader: torch.utils.data.DataLoader, epoch: int, fold: int,
+                    limit: int | None = None) -> dict[str, float]:
+    """One pass over the training fold (its first ``limit`` batches when given: the last epoch of
+    a run that stops mid-epoch); returns mean loss, first-round Dice and the fp16 steps the
+    gradient scaler skipped. A NaN loss on any process stops every process with one message."""
+    set_train_mode(ctx.sam)
+    params = [p for p in ctx.sam.parameters() if p.requires_grad]
+    losses, dices, skipped = [], [], 0
+    bar = tqdm(loader, desc=f"fold {fold} epoch {epoch}", leave=False, disable=ctx.rank != 0 or None)
+    for step, items in enumerate(bar):
+        if limit is not None and step >= limit:
+            break
+        ctx.optimizer.zero_grad(set_to_none=True)
+        loss, dice, finite = backward_step(ctx, items)
+        if loss is None and ctx.world == 1:  # no objects in this batch: nothing to learn from
+            ctx.scheduler.step()
+            continue
+        if not all_finite(finite, ctx.world):
+            raise UserError(f"the loss became {loss if not finite else 'NaN on another process'} in fold {fold}, "
+                            f"epoch {epoch}: training stopped and the last good checkpoint kept; lower "
+                            "--learning_rate or use --precision fp32")
+        skipped += optimizer_step(ctx, params)  # no objects on this rank: zero gradients join the reduction
+        ctx.scheduler.step()
+        if loss is not None:
+            losses.append(loss)
+            dices.append(dice)
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+    if skipped:
+        log.warning("fold %s epoch %d: the fp16 gradient scaler skipped %d step(s) with inf/NaN gradients",
+                    fold, epoch, skipped)
+    return {"train_loss": float(np.mean(losses)) if losses else 0.0,
+            "train_dice": float(np.mean(dices)) if dices else 0.0, "skipped_steps": skipped}
+
+
+def all_finite(finite: bool, world: int) -> bool:
+    """Whether the loss was finite on every process (under torchrun all must stop together, or
+    the others would wait for ever in the gradient reduction)."""
+    flag = torch.tensor([1.0 if finite else 0.0])
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def optimizer_step(ctx: Context, params: Sequence[nn.Parameter]) -> int:
+    """Gradient reduction, clipping and the optimiser step after :func:`backward_step`; returns 1
+    when the fp16 gradient scaler skipped the step (inf/NaN gradients), else 0. The scaler unscales
+    the gradients before they are clipped, so ``--grad_clip`` means the same in every precision."""
+    scaler = ctx.scaler
+    all_reduce_gradients(params, ctx.world)
+    if scaler is not None:
+        scaler.unscale_(ctx.optimizer)
+    if ctx.config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, ctx.config.grad_clip)
+    if scaler is None:
+        ctx.optimizer.step()
+        return 0
+    before = scaler.get_scale()
+    scaler.step(ctx.optimizer)
+    scaler.update()
+    return int(scaler.get_scale() < before)
+
+
+# Learned position tables held as bare parameters (SAM ViT's absolute and relative position
+# embeddings, TinyViT's attention biases): embeddings by kind, though not nn.Embedding modules.
+POSITION_TABLES = ("pos_embed", "rel_pos_h", "rel_pos_w", "attention_biases")
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalisation layer (torch's, or SAM's / TinyViT's LayerNorm2d)."""
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)) or \
+        type(module).__name__.endswith(("Norm", "Norm2d"))
+
+
+def param_groups(sam: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The trainable parameters in two AdamW groups: weight decay on weight matrices (LoRA
+    factors, linear and convolution weights, the decoder's attention included), none by kind on
+    biases and other vectors, norm layers and embeddings (``nn.Embedding`` such as SAM's tokens,
+    and the position tables), whatever their names say."""
+    decay, plain = [], []
+    for module in sam.modules():
+        for leaf, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                exempt = p.ndim < 2 or isinstance(module, nn.Embedding) or is_norm_layer(module) or \
+                    leaf in POSITION_TABLES
+                (plain if exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def validation_rows(ctx: Context, loader: torch.utils.data.DataLoader) -> list[dict[str, Any]]:
+    """Per-image semantic scores (with the sample ``index``) at the original image size.
+
+    Prompted as ``evaluate`` prompts by default (prompts.selection_prompts: one exact box per
+    object, or one click at its deepest pixel when training used ``--prompt point``, answered
+    with the best of SAM's three masks by predicted IoU); images without objects are skipped, as
+    in ``evaluate``, and segmented as evaluate segments them (segmenter.py). Under
+    torchrun every process scores its share and all get every row.
+    """
+    ctx.sam.eval()
+    rows = []
+    for items in loader:
+        items = [it for it in items if len(it.prompts)]  # nothing to prompt: every model scores 1
+        if not items:
+            continue
+        with sam_model.autocast(ctx.device, ctx.config.precision):
+            embeddings = embed(ctx, items)
+            for j, item in enumerate(items):
+                found = segmenter.decode_instances(ctx.sam, embeddings[j:j + 1], item.prompts, item.original_size,
+                                                   chunk=chunk_size(ctx))
+                pred = segmenter.paint_instances(found, item.original_size)[0]
+                scores = metrics.semantic_metrics(item.labels, pred, ignore=item.prompts.ignore)
+                rows.append({"index": item.index, **scores})
+    if ctx.world > 1:
+        import torch.distributed as dist
+
+        gathered: list[list[dict]] = [[] for _ in range(ctx.world)]
+        dist.all_gather_object(gathered, rows)
+        rows = [r for part in gathered for r in part]
+    return sorted(rows, key=lambda r: r["index"])
+
+
+def validate(ctx: Context, loader: torch.utils.data.DataLoader) -> dict[str, float]:
+    """Mean per-image Dice and IoU and the pooled Dice of :func:`validation_rows`."""
+    rows = validation_rows(ctx, loader)
+    if not rows:
+        return {"val_dice": 0.0, "val_iou": 0.0, "val_pooled_dice": 0.0}
+    pooled = metrics.pooled_semantic_metrics(rows)
+    return {"val_dice": float(np.mean([r["dice"] for r in rows])),
+            "val_iou": float(np.mean([r["iou"] for r in rows])),
+            "val_pooled_dice": float(pooled["dice"])}
+
+
+# --------------------------------------------------------------------------------------------
+# Model set-up, checkpoints
+# --------------------------------------------------------------------------------------------
+def build_trainable_model(config: TrainConfig, checkpoint: Path | None, device: torch.device) -> nn.Module:
+    """The base model with LoRA injected and only the chosen parameters trainable.
+
+    Random base weights (no checkpoint) come from ``torch.manual_seed(config.seed)`` alone, so
+    every fold and :func:`export_merged` rebuild the very same base model.
+    """
+    torch.manual_seed(config.seed)
+    sam = sam_model.build_model(config.model_type, checkpoint, config.image_size)
+    sam.random_weights = checkpoint is None
+    if config.lora_rank > 0:
+        targets = lora.parse_targets(config.lora_targets)
+        if config.freeze_encoder:
+            targets = tuple(t for t in targets if lora.TARGETS[t].scope != "image_encoder")
+        lora.inject_lora(sam, config.lora_rank, config.lora_alpha, targets, config.lora_dropout,
+                         config.lora_block_indices if config.encoder_trained else None)
+    lora.mark_only_lora_as_trainable(sam, train_decoder=config.train_decoder)
+    return sam.to(device)
+
+
+def adapter_config(config: TrainConfig, sam: nn.Module, fold: int | None, epoch: int,
+                   val: dict[str, float], rounds: int) -> dict[str, Any]:
+    """What an adapter file records about its training: model type, input size and the training
+    patch size (the scale objects were seen at), targets, the encoder blocks with LoRA
+    (``--lora_blocks`` resolved; None without encoder LoRA), base weights, fold (None: the final
+    fit on all training data), epoch, its selection score, seed, prompt and prompting rounds."""
+    targets = [layer.target for layer in lora.lora_layers(sam).values()] if config.lora_rank > 0 else []
+    return {"model_type": config.model_type, "image_size": config.image_size, "patch_size": config.patch_size,
+            "base_checkpoint_sha256": sam.checkpoint_sha256, "targets": sorted(set(targets)) or None,
+            "blocks": list(config.lora_block_indices) if config.encoder_trained else None,
+            "train_decoder": config.train_decoder, "fold": fold, "epoch": epoch,
+            "selection_dice": val.get("val_dice"), "seed": config.seed, "prompt": config.prompt,
+            "sub_iterations": rounds}
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """A run's optimiser steps when they are not ``--epochs`` whole epochs (the final fit): the
+    steps its warm-up and cosine schedule span, and the step it stops after."""
+
+    schedule: int
+    stop: int
+
+
+def epoch_steps(n_items: int, batch_size: int, world: int = 1) -> int:
+    """Optimiser steps (batches) in an epoch over ``n_items`` training items, each of ``world``
+    processes taking ceil(n / world) of them (make_loader pads the order to that)."""
+    return math.ceil(math.ceil(n_items / world) / batch_size)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to 0 over ``total_steps``."""
+    warmup = int(total_steps * warmup_fraction)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def seed_everything(seed: int, fold: int, epoch: int, rank: int = 0) -> None:
+    """Seed torch (dropout) from (seed, fold, epoch) and the process's rank, so torchrun processes
+    draw different dropout masks: resumable without stored RNG state."""
+    torch.manual_seed(int(np.random.default_rng([seed, fold, epoch] + ([rank] if rank else [])).integers(2**31)))
+
+
+# --------------------------------------------------------------------------------------------
+# One fold, all folds
+# --------------------------------------------------------------------------------------------
+def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_idx: Sequence[int],
+             select_idx: Sequence[int], score_idx: Sequence[int], checkpoint: Path | None, device: torch.device,
+             num_workers: int = 0, rank: int = 0, world: int = 1, cache_dir: Path | None = None,
+             embeddings: dict[str, torch.Tensor] | None = None, fold_dir: Path | None = None,
+             cache_bytes: float = float("inf"), steps: StepPlan | None = None) -> dict[str, Any]:
+    """Train one fold on ``train_idx`` (resuming from ``last.pt``), choose its checkpoint, score it.
+
+    The epoch is chosen (best checkpoint, early stopping) by the Dice on ``select_idx``: an inner
+    validation split of the training groups, never the images the fold is scored on; without one
+    the last epoch is kept. The chosen adapter (``best.pt``) is then scored once on ``score_idx``
+    (the outer fold): those per-image rows are the fold's unbiased estimate. Writes ``best.pt``,
+    ``last.pt`` and ``done.json`` in ``fold_dir`` (default ``fold_k``); returns the result.
+    ``embeddings`` is the run's shared frozen-encoder cache, reused by every fold. ``steps``:
+    the schedule's length and the step to stop after (default: ``config.epochs`` whole epochs).
+    """
+    fold_dir = fold_dir or runs.fold_dir(Path(config.output_dir), fold)
+    sam = build_trainable_model(config, checkpoint, device)
+    optimizer = torch.optim.AdamW(param_groups(sam, config.weight_decay), lr=config.learning_rate)
+    train_set = PromptDataset(samples, train_idx, config, fold, train=True)
+    per_epoch = epoch_steps(len(train_set), config.batch_size, world)
+    steps = steps or StepPlan(per_epoch * config.epochs, per_epoch * config.epochs)
+    scheduler = make_schedule(optimizer, steps.schedule, config.warmup_fraction)
+    cache = make_cache(sam, config, cache_dir, embeddings, cache_bytes)
+    scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
+    ctx = Context(sam, config, device, cache, optimizer, scheduler, rank, world, scaler, sub_iterations(config, device))
+    state = resume_fold(fold_dir / "last.pt", sam, optimizer, scheduler, fold)
+    log.info("fold %d: %d prompting round(s) per step (--sub_iterations)", fold, ctx.rounds)
+    select_loader = make_loader(PromptDataset(samples, select_idx, config, fold, train=False), config.batch_size,
+                                None, num_workers, rank, world) if select_idx else None
+    for epoch in range(state["epoch"] + 1, math.ceil(steps.stop / per_epoch)):
+        if config.early_stopping and state["bad_epochs"] >= config.patience:
+            log.info("fold %d: early stop, no improvement for %d epochs", fold, config.patience)
+            break
+        start = time.perf_counter()
+        seed_everything(config.seed, fold, epoch, rank)
+        train_set.epoch = epoch
+        shuffle = int(np.random.default_rng([config.seed, fold, epoch, 7]).integers(2**31))
+        row = train_one_epoch(ctx, make_loader(train_set, config.batch_size, shuffle, num_workers, rank, world), epoch,
+                              fold, limit=steps.stop - epoch * per_epoch)
+        row.update(validate(ctx, select_loader) if select_loader is not None else {})
+        row.update(fold=fold if fold_dir.name != runs.FINAL_DIR else runs.FINAL_DIR, epoch=epoch,
+                   lr=scheduler.get_last_lr()[0], seconds=round(time.perf_counter() - start, 2))
+        end_epoch(ctx, state, row, fold_dir)
+    if cache is not None:
+        log.info("fold %d: %s cache %d hits, %d passes through the frozen part", fold,
+                 "embedding" if cache.block is None else f"block {cache.block} input", cache.hits, cache.misses)
+    Distributed(rank, world).barrier()  # rank 0 writes best.pt; every process reads it back
+    sam.load_state_dict(adapters.read_adapter(fold_dir / "best.pt")[1], strict=False)  # the chosen epoch
+    scored = validation_rows(ctx, make_loader(PromptDataset(samples, score_idx, config, fold, train=False),
+                                              config.batch_size, None, num_workers, rank, world)) if score_idx else []
+    result = {"fold": fold, "best_epoch": state["best_epoch"], "epochs_run": state["epoch"] + 1,
+              "selection": "inner validation split" if select_idx else "last epoch (no inner split)",
+              "selection_dice": state["best_dice"] if select_idx else None, "adapter": str(fold_dir / "best.pt"),
+              "train_size": len(train_idx), "selection_size": len(select_idx), "scored_size": len(scored),
+              "scored": [{"index": r["index"], "key": samples[r["index"]].key, "dice": r["dice"], "iou": r["iou"]}
+                         for r in scored]}
+    if rank == 0:
+        runfiles.write_json(fold_dir / "done.json", result)
+    return result
+
+
+def end_epoch(ctx: Context, state: dict[str, Any], row: dict[str, Any], fold_dir: Path) -> None:
+    """Book-keeping after an epoch: the chosen checkpoint (``best.pt``: the best selection Dice,
+    or every epoch without a selection split), the resume state, metrics.csv and the log line."""
+    fold, epoch = row["fold"], row["epoch"]
+    improved = "val_dice" not in row or row["val_dice"] > state["best_dice"]
+    state["history"].append(row)
+    state["epoch"] = epoch
+    if improved:
+        state.update(best_dice=row.get("val_dice", -1.0), best_epoch=epoch, bad_epochs=0)
+    else:
+        state["bad_epochs"] += 1
+    if ctx.rank == 0:
+        if improved:
+            adapters.save_adapter(fold_dir / "best.pt", ctx.sam,
+                                  adapter_config(ctx.config, ctx.sam, None if fold == runs.FINAL_DIR else fold,
+                                                 epoch, row, ctx.rounds))
+        runfiles.torch_save({"trainable": adapters.trained_state(ctx.sam), "optimizer": ctx.optimizer.state_dict(),
+                             "scheduler": ctx.scheduler.state_dict(), "state": state}, fold_dir / "last.pt")
+        runs.write_metrics_csv(Path(ctx.config.output_dir))
+    log.info("fold %s epoch %d: loss %.4f, train Dice %.3f (first round)%s (%.1f s)", fold, epoch, row["train_loss"], row["train_dice"],
+             f", selection Dice {row['val_dice']:.4f}, IoU {row['val_iou']:.4f}" + (" *" if improved else "")
+             if "val_dice" in row else "", row["seconds"])
+
+
+def resume_fold(last: Path, sam: nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, fold: int) -> dict[str, Any]:
+    """The fold's training state: loaded from its resume checkpoint ``last`` (into the model,
+    optimiser and schedule) when there is one, else a fresh state."""
+    if not last.is_file():
+        return {"epoch": -1, "best_dice": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    sam.load_state_dict(saved["trainable"], strict=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    state = saved["state"]
+    log.info("fold %d: resuming after epoch %d (best val Dice %.4f at epoch %d)", fold,
+             state["epoch"], state["best_dice"], state["best_epoch"])
+    return state
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def setup(cls, device: torch.device) -> "Distributed":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return cls(dist.get_rank(), world)
+
+    def barrier(self) -> None:
+        """Wait for every process (no-op without torchrun)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()

@@ -1,5 +1,5 @@
 """Speed and memory figures, measured in one run and printed as ratios against the model's own
-compute (the limit a training loop can reach). Not a test: run ``python bench.py [--quick]``.
+compute (the limit a training loop can reach). Not a test: run ``python -m benchmarks.bench [--quick]``.
 
 Rows (targets in brackets):
 - LoRA training step / bare encoder+decoder forward+backward on the same input   [<= 1.15]
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data_dir", type=Path, default=DEFAULT_DATA, help="real images to train on")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--microsam_python", type=Path, default=None,
-                        help="python of a separate micro-sam environment (bench_microsam_env.sh): adds micro-sam's "
+                        help="python of a separate micro-sam environment (benchmarks/microsam_env.sh): adds micro-sam's "
                              "own training, measured in the same run, beside ours")
     parser.add_argument("--only", choices=("all", "microsam", "late", "loss"), default="all",
                         help="run only some rows: micro-sam's side by side, late LoRA's, or the loss resolution's")

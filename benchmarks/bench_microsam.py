@@ -1,10 +1,10 @@
 """Seconds per training iteration of micro-sam's own ``train_sam``, for the side-by-side row of
 bench.py (issue 12). Not part of our package and not importable from it: run it with the separate
-micro-sam environment that ``bench_microsam_env.sh`` builds (micro-sam is no dependency of ours)::
+micro-sam environment that ``benchmarks/microsam_env.sh`` builds (micro-sam is no dependency of ours)::
 
-    /work/microsam_env/bin/python bench_microsam.py --n_sub_iteration 1
-    /work/microsam_env/bin/python bench_microsam.py --n_sub_iteration 8
-    /work/microsam_env/bin/python bench_microsam.py --n_sub_iteration 1 --model_type vit_b --lora_rank 4
+    MICROSAM_ENV/bin/python benchmarks/bench_microsam.py --n_sub_iteration 1
+    MICROSAM_ENV/bin/python benchmarks/bench_microsam.py --n_sub_iteration 8
+    MICROSAM_ENV/bin/python benchmarks/bench_microsam.py --n_sub_iteration 1 --model_type vit_b --lora_rank 4
 
 The last runs micro-sam's LoRA (issue 13's row): ``train_sam(..., peft_kwargs={"rank": 4})`` on
 vit_b, which wraps every encoder block's attention with micro-sam's ``LoRASurgery`` (q and v) and

@@ -1,10 +1,10 @@
 """Checks that our AIS decoder (instance_decoder.py) is micro-sam's, in micro-sam's own code.
 
-Two steps in two environments (micro-sam is no dependency of ours; ``bench_microsam_env.sh``
+Two steps in two environments (micro-sam is no dependency of ours; ``benchmarks/microsam_env.sh``
 builds its environment)::
 
-    python bench_microsam_decoder.py export decoder_check.pt          # our environment
-    /work/microsam_env/bin/python bench_microsam_decoder.py check decoder_check.pt
+    python benchmarks/bench_microsam_decoder.py export decoder_check.pt          # our environment
+    MICROSAM_ENV/bin/python benchmarks/bench_microsam_decoder.py check decoder_check.pt
 
 ``export`` builds our :class:`instance_decoder.InstanceDecoder` with random weights (and random
 BatchNorm running statistics, so that every tensor matters), runs it on a random 1x256x64x64

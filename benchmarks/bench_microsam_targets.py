@@ -1,9 +1,9 @@
 """Our AIS targets, watershed and mSA against torch_em's / elf's, on real labels, in micro-sam's env.
 
-Run with the separate micro-sam environment (``bench_microsam_env.sh``; micro-sam, torch_em and
+Run with the separate micro-sam environment (``benchmarks/microsam_env.sh``; micro-sam, torch_em and
 elf are no dependencies of ours)::
 
-    /work/microsam_env/bin/python bench_microsam_targets.py --data_dir tests/data
+    MICROSAM_ENV/bin/python benchmarks/bench_microsam_targets.py --data_dir tests/data
 
 On the real labels (EM mitochondria sections ``em_vnc/masks/*.png`` as 8-connected components,
 the H&E nuclei label images ``nuclei_cpm15/*/label masks/*.tif``) it prints as JSON, per data set:

@@ -3,15 +3,15 @@
 # side-by-side benchmark of issue 12). micro-sam is NOT a dependency of this project: it lives only
 # in this environment. Usage:
 #
-#   bash bench_microsam_env.sh [ENV_DIR]        # default: ../microsam_env beside the repository
-#   ENV_DIR/bin/python bench_microsam.py --n_sub_iteration 1
+#   bash benchmarks/microsam_env.sh [ENV_DIR]   # default: microsam_env beside the repository
+#   ENV_DIR/bin/python benchmarks/bench_microsam.py --n_sub_iteration 1
 #
 # From the package registry only; about 7 GiB on disk (torch is the CUDA build, as in
 # requirements.txt; micro-sam also pulls napari and PyQt6). The torch/torchvision pins match
 # requirements.txt so both benchmarks run the same torch.
 set -euo pipefail
 cd "$(dirname "$0")"
-ENV_DIR="${1:-../microsam_env}"
+ENV_DIR="${1:-../../microsam_env}"  # beside the repository
 
 python3 -m venv "$ENV_DIR"
 PY="$ENV_DIR/bin/python"

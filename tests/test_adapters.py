@@ -38,8 +38,8 @@ def test_save_load_adapter_reproduces_outputs(tmp_path, tiny_vit, tiny_vit_base,
     keys = set(payload["state_dict"])
     assert set(lora_state_dict(tiny_vit)) <= keys
     assert {k for k in keys if not k.endswith(("lora_A", "lora_B"))} == {
-        k for k, p in tiny_vit.named_parameters() if k.startswith("mask_decoder.")
-        and not k.endswith(("lora_A", "lora_B"))}
+        k for k, p in tiny_vit.named_parameters()
+        if k.startswith(("mask_decoder.", "prompt_encoder.mask_downscaling.")) and not k.endswith(("lora_A", "lora_B"))}
 
     fresh = copy.deepcopy(tiny_vit_base)  # no LoRA yet: injected from the adapter's config
     config = load_adapter(path, fresh)

@@ -86,7 +86,7 @@ def test_final_fit_is_scored_once_on_the_fixed_test_split(main, shared_data: Pat
     assert lr[("final", summary["final"]["epochs"] - 1)] == pytest.approx(lr[("0", final_steps - 1)])
 
 def test_cv_estimate_resamples_source_images_of_patches(shared_data: Path) -> None:
-    """Outer-fold rows of real MoNuSeg patches (3 tiles, 48 patches of 256 px): the interval of
+    """Outer-fold rows of real MoNuSeg patches (3 tiles, 12 patches of 256 px): the interval of
     cv_estimate resamples the tiles (the fold grouping), and says so (unit, n_groups)."""
     from samlora.data import dataset
     from samlora.data import folds as folds_lib
@@ -103,7 +103,7 @@ def test_cv_estimate_resamples_source_images_of_patches(shared_data: Path) -> No
     cv = crossval.summarize(results, samples, grouping, seed=0)["cv_estimate"]
     groups = [grouping.group(samples[r["index"]]) for result in results for r in result["scored"]]
     values = [r["dice"] for result in results for r in result["scored"]]
-    assert cv["n_images"] == 48 and cv["n_groups"] == 3 and cv["unit"] == grouping.unit()
+    assert cv["n_images"] == 12 and cv["n_groups"] == 3 and cv["unit"] == grouping.unit()
     assert cv["dice"] == summarize(values, seed=0, groups=groups)
     assert cv["dice"] != summarize(values, seed=0)  # not the patch-by-patch interval
 

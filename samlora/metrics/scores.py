@@ -102,7 +102,7 @@ def instance_score_keys() -> tuple[str, ...]:
 # --------------------------------------------------------------------------- validation
 
 
-def _check_label_map(arr: np.ndarray, name: str) -> np.ndarray:
+def check_label_map(arr: np.ndarray, name: str) -> np.ndarray:
     """Return ``arr`` as an HxW non-negative integer array, or raise ``ValueError``."""
     arr = np.asarray(arr)
     if arr.ndim != 2:
@@ -123,8 +123,8 @@ def _check_inputs(
     gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Validate ``gt`` / ``pred`` / ``ignore``; return them with ``ignore`` as bool or None."""
-    gt = _check_label_map(gt, "gt")
-    pred = _check_label_map(pred, "pred")
+    gt = check_label_map(gt, "gt")
+    pred = check_label_map(pred, "pred")
     if gt.shape != pred.shape:
         raise ValueError(f"gt and pred shapes differ: gt {gt.shape} vs pred {pred.shape}")
     if ignore is not None:
@@ -253,7 +253,7 @@ def to_instances(mask: np.ndarray, connectivity: int = 8) -> np.ndarray:
     Raises:
         ValueError: not 2-D, float dtype, negative values, or a bad ``connectivity``.
     """
-    mask = _check_label_map(mask, "mask")
+    mask = check_label_map(mask, "mask")
     if connectivity not in (4, 8):
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
     structure = ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
@@ -470,7 +470,7 @@ def _volume_counts(gt: np.ndarray, pred: np.ndarray) -> PairCounts:
         raise ValueError(f"gt and pred must be ZxHxW volumes of one shape, got {shape_gt} and {shape_pred}")
     counts = PairCounts()
     for z in range(shape_gt[0]):
-        counts.add(_check_label_map(np.asarray(gt[z]), "gt"), _check_label_map(np.asarray(pred[z]), "pred"))
+        counts.add(check_label_map(np.asarray(gt[z]), "gt"), check_label_map(np.asarray(pred[z]), "pred"))
     return counts
 
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from samlora.metrics.scores import check_label_map
+
 #: The three target channels, in the order of the decoder's output (instance_decoder.MAP_NAMES).
 TARGET_NAMES: tuple[str, ...] = ("foreground", "center_distance", "boundary_distance")
 EPS = 1e-7  # torch_em's PerObjectDistanceTransform.eps
@@ -38,26 +40,13 @@ _EIGHT = np.ones((3, 3), dtype=bool)
 _CROSS = ndimage.generate_binary_structure(2, 1)
 
 
-def _check_labels(labels: np.ndarray) -> np.ndarray:
-    labels = np.asarray(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"labels must be a 2-D HxW label image, got shape {labels.shape}")
-    if labels.dtype == bool:
-        return labels.astype(np.int64)
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must have an integer or bool dtype, got {labels.dtype}")
-    if labels.size and labels.min() < 0:
-        raise ValueError(f"labels must be >= 0, got a minimum of {labels.min()}")
-    return labels
-
-
 def prepare_labels(labels: np.ndarray, min_size: int = 0) -> np.ndarray:
     """HxW labels -> HxW int64: one object per 8-connected piece of one value, objects of fewer
     than ``min_size`` pixels removed, numbered 1..n in row-major order of first appearance.
 
     Two touching objects of different values stay two objects; a value in two pieces becomes two.
     """
-    labels = _check_labels(labels)
+    labels = check_label_map(labels, "labels").astype(np.int64)
     out = np.zeros(labels.shape, dtype=np.int64)
     n = 0
     for value, box in enumerate(ndimage.find_objects(labels), start=1):

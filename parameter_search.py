@@ -65,7 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "rank them by the cross-validated Dice. Start the same command again (here or on another "
                     "machine that sees the same --output_dir) to add a worker to the search.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_train_arguments(parser)
+    add_train_arguments(parser, searched=True)  # rank, alpha, rate: the lists below; always cross-validated
     grid = parser.add_argument_group("search space")
     for flag, default, what, extra in zip(LIST_FLAGS, LIST_DEFAULTS, ("LoRA ranks", "LoRA alphas", "learning rates"),
                                           ("", "", ", drawn on a log scale")):

@@ -7,6 +7,7 @@ import collections
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,8 @@ from samlora.training import studies, trainer
 FAST = [*SMALL, "--freeze_encoder", "--lora_targets", "decoder", "--max_objects", "2", "--no_augment",
         "--val_fraction", "0.25", "--epochs", "1", "--num_folds", "2"]
 GRID = ["--lora_ranks", "2,4", "--lora_alphas", "2", "--learning_rates", "1e-3,3e-3"]  # 4 configurations
+# TINY_TRAIN without its --lora_rank / --lora_alpha: a search sets them from its lists
+TINY_SEARCH = TINY_TRAIN[:TINY_TRAIN.index("--lora_rank")]
 
 # A worker process: main.py with one intra-op thread, every finished training of a fold logged
 # to $TRAINED_LOG ("configuration fold"), and with $BLOCK_IN_FOLD set, its first fold blocks
@@ -89,6 +92,22 @@ def each_trained_once(cwd: Path) -> None:
     assert trained(cwd) == {(name, str(fold)): 1 for name in names for fold in (0, 1)}
     done = [t for t in trials(cwd / "search") if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.user_attrs["name"] for t in done) == sorted(names)
+
+
+def test_help_offers_no_flag_that_a_trial_overrides() -> None:
+    """Every trial sets rank, alpha and learning rate from the lists and cross-validates: the
+    single-value flags of train would be ignored, so the search does not offer them."""
+    from samlora.training.config import SEARCHED_OPTIONS
+
+    done = subprocess.run([sys.executable, str(REPO / "main.py"), "parameter_search", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    flags = set(re.findall(r"^  (--\w+)", done.stdout, re.MULTILINE))  # the options, not the help texts
+    overridden = {f"--{name}" for name in (*studies.SPACE_KEYS, *SEARCHED_OPTIONS)}
+    assert overridden == {"--lora_rank", "--lora_alpha", "--learning_rate", "--cross_validation"}
+    assert not flags & overridden, sorted(flags & overridden)
+    assert {"--lora_ranks", "--lora_alphas", "--learning_rates", "--num_folds", "--lora_dropout"} <= flags
+    assert main(["parameter_search", "--lora_rank", "4"]) == 2  # refused by argparse, not ignored
 
 
 @pytest.mark.slow
@@ -194,7 +213,7 @@ def test_pruning_stops_configurations_below_the_median(em4: Path, tmp_path: Path
 @pytest.mark.slow
 def test_parameter_search_ranks_and_skips(em6: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "search"
-    argv = ["parameter_search", "--data_dir", str(em6), "--output_dir", str(out), *TINY_TRAIN,
+    argv = ["parameter_search", "--data_dir", str(em6), "--output_dir", str(out), *TINY_SEARCH,
             "--lora_ranks", "2", "--lora_alphas", "4", "--learning_rates", "1e-3", "--num_folds", "2",
             "--epochs", "1", "--lora_blocks_grid", "all", "last2"]  # blocks searched like rank (vit_t: last stage)
     assert main(argv) == 0

@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         out.claim(args.overwrite, resume=resume, keep=[studies.STUDY_DB])  # open_study replaces the study in it
         runfiles.write_json(out.path / SEARCH_FILE, identity)
         if not (out.path / folds_lib.FOLDS_FILE).is_file():
-            folds_lib.save_folds(out.path, folds, samples, seed=base.seed, grouping=crossval.grouping(base))
+            folds_lib.save_folds(out.path, folds, samples, seed=base.seed, grouping=folds_lib.grouping_of(base))
         study = studies.open_study(storage or studies.open_storage(url, args.heartbeat), url, name, identity,
                                    args.overwrite, pruner)
         if (out.path / studies.STUDY_DB).is_file():
@@ -389,7 +389,7 @@ def winner_estimate(rows: Sequence[dict[str, Any]], search: Search) -> dict[str,
     if search.inner_folds is not None:
         return search_estimate.nested(rows, len(search.folds), lambda run: runs.read_json(
             Path(run) / runs.SUMMARY_FILE, "a finished training run"), search.samples,
-                                      crossval.grouping(search.base), seed=search.base.seed)
+                                      folds_lib.grouping_of(search.base), seed=search.base.seed)
     return search_estimate.none("the data has no fixed test split and the search ran without --nested")
 
 

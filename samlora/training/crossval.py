@@ -37,16 +37,11 @@ from samlora.training.items import PromptDataset, make_loader
 log = logging.getLogger(__name__)
 
 
-def grouping(config: TrainConfig) -> folds_lib.Grouping:
-    """The run's :class:`folds.Grouping`."""
-    return folds_lib.Grouping(config.slice_block, config.fold_gap, config.group_by)
-
-
 def plan_folds(config: TrainConfig, samples: Sequence[Sample], resume: bool) -> list[folds_lib.Fold]:
     """The run's outer folds, written nowhere yet (same on every process): read from its
     folds.json when resuming, else made afresh. Called before the output directory is claimed."""
     return folds_lib.plan_folds(config.output_dir, samples, config.num_splits, config.seed, config.val_fraction,
-                                grouping(config), reuse=resume)[0]
+                                folds_lib.grouping_of(config), reuse=resume)[0]
 
 
 def inner_split(config: TrainConfig, samples: Sequence[Sample], train_idx: Sequence[int],
@@ -56,7 +51,7 @@ def inner_split(config: TrainConfig, samples: Sequence[Sample], train_idx: Seque
     all of it trains and the last epoch is kept (logged)."""
     try:
         return folds_lib.make_holdout(samples, config.val_fraction, seed=config.seed + 1000 + fold,
-                                      grouping=grouping(config), pool=train_idx)
+                                      grouping=folds_lib.grouping_of(config), pool=train_idx)
     except UserError as exc:
         log.warning("fold %d: no inner validation split (%s): the last epoch is kept", fold, exc)
         return list(train_idx), []
@@ -100,13 +95,13 @@ def run_training(config: TrainConfig, samples: Sequence[Sample], device: torch.d
         device = torch.device("cuda", torch.cuda.current_device())
     checkpoint = checkpoints.resolve_checkpoint(config.model_type, config.checkpoint, announce=False)
     folds = folds if folds is not None else plan_folds(config, samples, resume=True)
-    data.log_summary(samples, folds, grouping(config))
+    data.log_summary(samples, folds, folds_lib.grouping_of(config))
     lost = items.cached_augmentation(config)
     if lost and dist_info.rank == 0:
         log.warning(lost)
     if dist_info.rank == 0:
         if not (out / folds_lib.FOLDS_FILE).is_file():
-            folds_lib.save_folds(out, folds, samples, seed=config.seed, grouping=grouping(config))
+            folds_lib.save_folds(out, folds, samples, seed=config.seed, grouping=folds_lib.grouping_of(config))
         runfiles.write_json(out / runs.CONFIG_FILE, config.to_json())
     embeddings = {} if embeddings is None else embeddings  # frozen encoder: each image embedded once
     common = dict(checkpoint=checkpoint, device=device, num_workers=num_workers, rank=dist_info.rank,
@@ -123,7 +118,7 @@ def run_training(config: TrainConfig, samples: Sequence[Sample], device: torch.d
             results.append(trainer.run_fold(config, samples, fold, fit, select, val_idx, **common))
         if after_fold is not None:
             after_fold(fold, results[-1])
-    summary = summarize(results, samples, grouping(config), config.seed)
+    summary = summarize(results, samples, folds_lib.grouping_of(config), config.seed)
     if config.final_fit:
         summary.update(final_fit(config, samples, results, len(folds), common))
     summary["config"] = config.to_json()
@@ -163,7 +158,7 @@ def final_fit(config: TrainConfig, samples: Sequence[Sample], results: Sequence[
     record: dict[str, Any] = {"final": {"adapter": result["adapter"], "epochs": epochs, "steps": steps.stop,
                                         "schedule_steps": steps.schedule, "train_size": len(trainval)}}
     if test:
-        record["test"] = {**estimate(result["scored"], samples, grouping(config), seed=config.seed),
+        record["test"] = {**estimate(result["scored"], samples, folds_lib.grouping_of(config), seed=config.seed),
                           "scored": result["scored"],
                           "protocol": "the final model scored once on the fixed test split"}
     return record
@@ -235,11 +230,11 @@ def export_merged(config: TrainConfig, summary: dict[str, Any], samples: Sequenc
     rows = score_model(exported, dataclasses.replace(config, image_size=EXPORT_SIZE), samples, indices, device)
     final = adapters.load_finetuned(adapters.BaseModels(config.model_type, checkpoint, config.image_size), adapter,
                                     config.seed)
-    final_scores = estimate(score_model(final, config, samples, indices, device), samples, grouping(config),
-                            seed=config.seed)
+    final_scores = estimate(score_model(final, config, samples, indices, device), samples,
+                            folds_lib.grouping_of(config), seed=config.seed)
     record = {"path": str(out_path), "image_size": EXPORT_SIZE, "trained_image_size": config.image_size,
               "images": images, "seen_in_training": seen,
-              **estimate(rows, samples, grouping(config), seed=config.seed),
+              **estimate(rows, samples, folds_lib.grouping_of(config), seed=config.seed),
               "final_adapter": {"image_size": config.image_size, "dice": final_scores["dice"],
                                 "iou": final_scores["iou"]}, "scored": rows}
     log.info("exported model (%d px) on %s: Dice %.4f, 95 %% CI [%.4f, %.4f] over %d images; the final adapter at "

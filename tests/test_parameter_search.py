@@ -23,6 +23,12 @@ from conftest import REPO, SMALL, TINY_TRAIN
 from main import main
 from samlora.training import studies, trainer
 
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file (all values as strings)."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 # The cheapest real training: random-weight MobileSAM at 256 px on 128 px crops, frozen encoder
 # (each image embedded once per worker), LoRA on the decoder only, 2 prompts, 2 folds, 1 epoch.
 FAST = [*SMALL, "--freeze_encoder", "--lora_targets", "decoder", "--max_objects", "2", "--no_augment",
@@ -367,7 +373,6 @@ def test_nested_search_gives_the_winner_an_unbiased_estimate(em4: Path, tmp_path
     part (never on that fold's images); per outer fold the best inner score picks a configuration,
     whose outer-fold images give best_config.json's estimate (kind nested). results.csv says that
     cv_dice is the selection score."""
-    from samlora.core import runfiles
 
     calls: list[tuple[str, str, list[int], list[int]]] = []
     monkeypatch.setattr(trainer, "run_fold", noisy_run_fold(calls))
@@ -380,7 +385,7 @@ def test_nested_search_gives_the_winner_an_unbiased_estimate(em4: Path, tmp_path
             k = int(Path(run).name.split("_")[1])
             assert set(trained_on) | set(scored) <= set(outer[k]["train"])
     assert len(calls) == 4 * 2 + 4 * 2 * 2  # 4 configurations x (2 outer folds + 2 x 2 inner folds)
-    rows = runfiles.read_csv(out / "results.csv")
+    rows = read_csv(out / "results.csv")
     assert {r["ranked_by"] for r in rows} == {"cv_dice (selection score)"}
     best = json.loads((out / "best_config.json").read_text())
     estimate = best["estimate"]
@@ -432,7 +437,6 @@ def test_search_marks_the_augmentation_of_each_lora_blocks_setting(em4: Path, tm
     without intensity changes, full-depth LoRA on random ones with them; the search says so up
     front and results.csv's augmentation column names each; without a test split or --nested the
     winner's estimate is none, with the reason."""
-    from samlora.core import runfiles
 
     monkeypatch.setattr(trainer, "run_fold", noisy_run_fold([]))
     out = tmp_path / "search"
@@ -441,7 +445,7 @@ def test_search_marks_the_augmentation_of_each_lora_blocks_setting(em4: Path, tm
             "1e-3", "--lora_blocks_grid", "all", "last2"]
     with caplog.at_level("WARNING"):
         assert main(argv) == 0
-    rows = {r["lora_blocks"]: r["augmentation"] for r in runfiles.read_csv(out / "results.csv")}
+    rows = {r["lora_blocks"]: r["augmentation"] for r in read_csv(out / "results.csv")}
     assert rows == {"all": "random flip/rotation (8 views) + intensity",
                     "last2": "2 fixed flip/rotation view(s), no intensity"}
     assert any("different augmentation" in r.getMessage() for r in caplog.records)

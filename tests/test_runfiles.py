@@ -14,6 +14,12 @@ from samlora.core import runfiles
 from samlora.core.errors import UserError
 
 
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file (all values as strings)."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 @pytest.fixture
 def umask_022():
     previous = os.umask(0o022)
@@ -46,7 +52,7 @@ def test_csv_round_trips_commas_quotes_and_floats(tmp_path: Path) -> None:
     rows = [{"path": "/data/em, day 2/a.png", "note": 'said "hi"', "dice": 0.1 + 0.2, "fold": None},
             {"path": "b.png", "note": "line\nbreak", "dice": 1.0, "fold": 3}]
     path = runfiles.write_csv(tmp_path / "t.csv", rows, ["path", "note", "dice", "fold"])
-    back = runfiles.read_csv(path)
+    back = read_csv(path)
     assert [r["path"] for r in back] == [r["path"] for r in rows]
     assert [r["note"] for r in back] == [r["note"] for r in rows]
     assert float(back[0]["dice"]) == 0.1 + 0.2 and back[0]["fold"] == "" and back[1]["fold"] == "3"
@@ -197,3 +203,23 @@ def test_overwrite_keeps_what_the_command_clears_itself(tmp_path: Path) -> None:
     again = runfiles.OutputDir(out.path, "parameter_search", shared=True).claim(overwrite=True, keep=["study.db"])
     assert (out.path / "study.db").is_file() and not (out.path / "results.csv").exists()
     assert again.recorded() == ["study.db"]
+
+
+def test_run_files_are_read_back_through_one_guarded_reader(tmp_path: Path) -> None:
+    """read_json: the object a command wrote; a missing, corrupt or non-object file is one
+    UserError line naming what the file should be."""
+    path = runfiles.write_json(tmp_path / "run" / "summary.json", {"dice": 0.5, "data_dir": tmp_path})
+    assert runfiles.read_json(path, "a finished training run") == {"dice": 0.5, "data_dir": str(tmp_path)}
+    with pytest.raises(UserError, match="does not exist: is .* a finished training run"):
+        runfiles.read_json(tmp_path / "run" / "missing.json", "a finished training run")
+    path.write_text("{half")
+    with pytest.raises(UserError, match="cannot read .*summary.json"):
+        runfiles.read_json(path, "a finished training run")
+    path.write_text("[1, 2]")
+    with pytest.raises(UserError, match="does not hold a JSON object"):
+        runfiles.read_json(path, "a finished training run")
+
+
+def test_plain_record_writes_paths_as_strings(tmp_path: Path) -> None:
+    record = runfiles.plain_record({"data_dir": tmp_path / "em", "seed": 3, "model": None, "name": "a"})
+    assert record == {"data_dir": str(tmp_path / "em"), "seed": 3, "model": None, "name": "a"}

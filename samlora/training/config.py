@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from samlora.core import runfiles
 from samlora.core.errors import UserError
 from samlora.data import dataset as data
 from samlora.data.prompts import PROMPT_MODES
@@ -77,7 +78,7 @@ class TrainConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in names}
+        values = {k: v for k, v in runfiles.plain_record(vars(args)).items() if k in names}
         config = cls(**values)
         config.validate()
         return config

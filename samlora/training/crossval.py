@@ -13,7 +13,6 @@ scored again as exported), and scores it once on a fixed test split when there i
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from pathlib import Path
@@ -111,7 +110,7 @@ def run_training(config: TrainConfig, samples: Sequence[Sample], device: torch.d
     for fold, (train_idx, val_idx) in enumerate(folds):
         done = runs.fold_dir(out, fold) / "done.json"
         if done.is_file():
-            results.append(json.loads(done.read_text(encoding="utf-8")))
+            results.append(runfiles.read_json(done, "a finished fold"))
             log.info("fold %d: already finished", fold)
         else:
             fit, select = inner_split(config, samples, train_idx, fold)
@@ -151,7 +150,7 @@ def final_fit(config: TrainConfig, samples: Sequence[Sample], results: Sequence[
     log.info("final fit: %d training samples, %d optimiser steps in %d epoch(s) (the median step of the folds' "
              "chosen checkpoints, on a fold's %d-step schedule)", len(trainval), steps.stop, epochs, steps.schedule)
     if done.is_file():
-        result = json.loads(done.read_text(encoding="utf-8"))
+        result = runfiles.read_json(done, "a finished final fit")
     else:
         result = trainer.run_fold(config, samples, seed_fold, trainval, [], test, fold_dir=final_dir, steps=steps,
                                   **common)

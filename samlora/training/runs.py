@@ -6,7 +6,6 @@ the best validation epoch), ``fold_k/last.pt`` (resume state) and ``fold_k/done.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,22 +42,9 @@ def is_run(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / FOLDS_FILE).is_file()
 
 
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from ``path``; a missing or unreadable file is a UserError naming ``what``."""
-    if not path.is_file():
-        raise UserError(f"{path} does not exist: is {path.parent} {what}?")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(record, dict):
-        raise UserError(f"{path} does not hold a JSON object; is {path.parent} {what}?")
-    return record
-
-
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     """A training run's ``config.json`` (flat ``TrainConfig`` fields)."""
-    return read_json(Path(run_dir) / CONFIG_FILE, "a run directory written by train")
+    return runfiles.read_json(Path(run_dir) / CONFIG_FILE, "a run directory written by train")
 
 
 def fold_histories(run_dir: Path) -> list[dict[str, Any]]:

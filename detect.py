@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 
 DATASET_DIR, YOLO_RUN = "yolo_dataset", "yolo"  # inside --output_dir of detect train
 REPORT_CONFS = (0.05, 0.1, 0.25, 0.5)  # validation precision / recall are also shown at these
+# The flags that change what a section's segmentation is (an interrupted run resumes only with the same).
+SEGMENTATION_FLAGS = ("mode", "model_path", "checkpoint", "seed", "yolo_model", "precision", "device")
 
 
 def args_record(args: argparse.Namespace) -> dict[str, Any]:
@@ -357,10 +359,6 @@ def predict_files(args: argparse.Namespace, files: list[tuple[Path, Any]], seeds
     coco.write(out.path / "coco.json", f"detect predict --mode {args.mode} on {args.input}")
     out.discard(work)
     return total
-
-
-# The flags that change what a section's segmentation is (an interrupted run resumes only with the same).
-SEGMENTATION_FLAGS = ("mode", "model_path", "checkpoint", "seed", "yolo_model", "precision", "device")
 
 
 # --------------------------------------------------------------------------------------------

@@ -303,7 +303,7 @@ def test_a_search_recorded_before_an_option_existed_still_joins(tmp_path: Path) 
     import parameter_search
     from samlora.core import runfiles
     from samlora.core.errors import UserError
-    from samlora.training import runs, studies
+    from samlora.training import runs
     from samlora.training.config import TrainConfig
 
     out = runfiles.OutputDir(tmp_path / "search", "parameter_search", shared=True)

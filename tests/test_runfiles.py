@@ -132,8 +132,6 @@ def test_refused_commands_claim_no_output_directory(main, em_crops, shared_data:
                                                     one_thread) -> None:
     """Options that are refused only once the data is read (impossible folds, a bad --fold, an
     unreadable input) write nothing, so the corrected command runs into the same directory."""
-    from conftest import SMALL
-
     data = em_crops(EM4, 128)
     out = tmp_path / "out"
     options = ["--data_dir", str(data), *SMALL, "--freeze_encoder", "--lora_targets", "decoder", "--lora_rank", "2",
@@ -151,8 +149,6 @@ def test_refused_commands_claim_no_output_directory(main, em_crops, shared_data:
 
 
 def test_an_input_folder_is_never_an_output_folder(main, em_crops, tmp_path: Path) -> None:
-    from conftest import SMALL
-
     data = Path(shutil.copytree(em_crops(EM4, 128), tmp_path / "em"))
     argv = ["detect", "predict", "--mode", "amg", "--input", str(data / "images"), *SMALL, "--overwrite"]
     assert main([*argv, "--output_dir", str(data / "images")]) == 2

@@ -31,7 +31,6 @@ from samlora.models import adapters, checkpoints, lora
 from samlora.models import sam as sam_model
 from samlora.training import items, runs, trainer
 from samlora.training.config import TrainConfig
-from samlora.training.items import PromptDataset, make_loader
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +193,8 @@ def score_model(sam: torch.nn.Module, config: TrainConfig, samples: Sequence[Sam
     """Per-image Dice and IoU of ``sam`` at ``config.image_size`` on ``samples[indices]``, scored as
     the folds are (trainer.validation_rows); rows with the sample ``index`` and ``key``."""
     ctx = trainer.Context(sam.to(device).eval(), config, device)
-    loader = make_loader(PromptDataset(samples, indices, config, 0, train=False), config.batch_size, None, 0)
+    dataset = items.PromptDataset(samples, indices, config, 0, train=False)
+    loader = items.make_loader(dataset, config.batch_size, None, 0)
     return [{"index": r["index"], "key": samples[r["index"]].key, "dice": r["dice"], "iou": r["iou"]}
             for r in trainer.validation_rows(ctx, loader)]
 

@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("--nested is not needed: the data has a fixed test split, which gives the chosen configuration "
                  "its estimate")
     identity = search_identity(base, space, studies.data_fingerprint(samples), nested)
-    defaults = {**studies.identity_defaults(runs.option_defaults(base)), "nested": False}  # newer than a record
+    defaults = {**studies.identity_defaults(runs.option_defaults(base)), "nested": False}  # an option a record lacks
     resume = joins(out, identity, defaults, args.overwrite)
     folds = crossval.plan_folds(base, samples, resume)  # impossible folds: refused before any write
     inner = search_estimate.inner_folds(base, samples, folds) if nested else None  # refused before any write too

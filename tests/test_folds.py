@@ -168,10 +168,14 @@ def test_one_way_to_a_grouping_from_options(tmp_path):
 
 
 def test_folds_recorded_without_a_gap_still_load(tmp_path, em_stack):
-    """A folds.json without ``fold_gap`` was made with no gap: it loads as such."""
+    """folds.json carries its schema; one without ``fold_gap`` (schema 1) was made with no gap:
+    it loads as such."""
+    from samlora.data import folds as folds_lib
+
     folds = make_folds(em_stack, 3, grouping=Grouping(5, fold_gap=0))
     path = save_folds(tmp_path, folds, em_stack, grouping=Grouping(5, fold_gap=0))
     record = json.loads(path.read_text())
-    del record["fold_gap"]
+    assert record["schema"] == folds_lib.FOLDS_SCHEMA and "version" not in record
+    del record["fold_gap"], record["schema"]
     path.write_text(json.dumps(record))
     assert load_folds(path, em_stack) == folds

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import stat
@@ -70,6 +71,7 @@ def test_output_dir_rule(tmp_path: Path) -> None:
         again.check(overwrite=False)
     again.claim(overwrite=True)  # removes what the earlier run recorded, and only that
     assert sorted(p.name for p in out.path.iterdir()) == [runfiles.MANIFEST, "mine.txt"]
+    assert json.loads((out.path / runfiles.MANIFEST).read_text())["schema"] == runfiles.MANIFEST_SCHEMA
     with pytest.raises(UserError, match="holds the outputs of `evaluate`"):
         runfiles.OutputDir(out.path, "demo").check(overwrite=True)
     foreign = tmp_path / "foreign"

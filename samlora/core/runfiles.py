@@ -40,7 +40,9 @@ from samlora.core.errors import UserError, write_error
 
 log = logging.getLogger(__name__)
 
+SCHEMA = "schema"  # the key of a record's layout version (readers also take records without one)
 MANIFEST = ".samlora_outputs.json"
+MANIFEST_SCHEMA = 1
 LOCK_FILE = ".samlora_outputs.lock"
 _ACTIVE: list["OutputDir"] = []  # directories claimed by the running command(s), outermost first
 
@@ -417,7 +419,7 @@ class OutputDir:
             self._write_manifest()
 
     def _write_manifest(self) -> None:
-        record = {"command": self.command, "files": self._files,
+        record = {SCHEMA: MANIFEST_SCHEMA, "command": self.command, "files": self._files,
                   "note": "files written by this command; --overwrite removes these and only these"}
         text = json.dumps(record, indent=1) + "\n"
         atomic_write(self.manifest_path, lambda fh: fh.write(text), binary=False)

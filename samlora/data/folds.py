@@ -26,6 +26,7 @@ from samlora.data.sample import Sample
 log = logging.getLogger(__name__)
 
 FOLDS_FILE = "folds.json"
+FOLDS_SCHEMA = 2  # the record of save_folds; schema 1 holds no fold_gap (no gap)
 Fold = tuple[list[int], list[int]]
 
 
@@ -249,7 +250,7 @@ def save_folds(path: str | os.PathLike, folds: Sequence[Fold], samples: Sequence
         path = path / FOLDS_FILE
     trainval, test = split_test(samples)
     record = {
-        "format": "samlora-folds", "version": 2, "seed": seed, **grouping.record(),
+        "format": "samlora-folds", runfiles.SCHEMA: FOLDS_SCHEMA, "seed": seed, **grouping.record(),
         "guarantee": "no group on both sides of a split; no training slice within fold_gap sections of a "
                      "validation slice of its volume",
         "samples": [{"key": s.key, "group": grouping.group(s), "split": s.split} for s in samples],
@@ -265,8 +266,8 @@ def save_folds(path: str | os.PathLike, folds: Sequence[Fold], samples: Sequence
 
 
 def _grouping_of(record: dict[str, Any]) -> Grouping:
-    """The grouping a folds.json record was made with (``slice_block`` required; a record without
-    ``fold_gap`` leaves no gap)."""
+    """The grouping a folds.json record was made with (``slice_block`` required; schema 1 holds no
+    ``fold_gap``: no gap)."""
     return grouping_of({"fold_gap": 0, **record, "slice_block": int(record["slice_block"])})
 
 

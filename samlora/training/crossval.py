@@ -100,7 +100,7 @@ def run_training(config: TrainConfig, samples: Sequence[Sample], device: torch.d
     if dist_info.rank == 0:
         if not (out / folds_lib.FOLDS_FILE).is_file():
             folds_lib.save_folds(out, folds, samples, seed=config.seed, grouping=folds_lib.grouping_of(config))
-        runfiles.write_json(out / runs.CONFIG_FILE, config.to_json())
+        runfiles.write_json(out / runs.CONFIG_FILE, {**config.to_json(), runfiles.SCHEMA: runs.CONFIG_SCHEMA})
     embeddings = {} if embeddings is None else embeddings  # frozen encoder: each image embedded once
     common = dict(checkpoint=checkpoint, device=device, num_workers=num_workers, rank=dist_info.rank,
                   world=dist_info.world, cache_dir=cache_dir, embeddings=embeddings,

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
+CONFIG_SCHEMA = 1  # config.json: TrainConfig's fields; an option it lacks has its default (option_defaults)
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.csv"
 LOG_FILE = "train.log"
@@ -204,8 +205,8 @@ def claim_output_dir(config: "TrainConfig", resume: bool, overwrite: bool) -> ru
 
 
 def _remove_unrecorded_run(path: Path) -> None:
-    """A run written before run directories had a manifest: remove the files train writes (by
-    name), so that no stale ``last.pt`` is resumed; anything else stays."""
+    """A run directory without a manifest: remove the files train writes (by name), so that no
+    stale ``last.pt`` is resumed; anything else stays."""
     for name in (CONFIG_FILE, FOLDS_FILE, METRICS_FILE, SUMMARY_FILE, LOG_FILE):
         (path / name).unlink(missing_ok=True)
     for fold_path in path.glob("fold_*"):

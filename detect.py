@@ -56,17 +56,18 @@ from samlora.inference.yolo import (
 )
 from samlora.models import adapters
 from samlora.models import sam as sam_model
-from samlora.training import runs
 
 log = logging.getLogger(__name__)
 
 DATASET_DIR, YOLO_RUN = "yolo_dataset", "yolo"  # inside --output_dir of detect train
 REPORT_CONFS = (0.05, 0.1, 0.25, 0.5)  # validation precision / recall are also shown at these
+# The flags that change what a section's segmentation is (an interrupted run resumes only with the same).
+SEGMENTATION_FLAGS = ("mode", "model_path", "checkpoint", "seed", "yolo_model", "precision", "device")
 
 
 def args_record(args: argparse.Namespace) -> dict[str, Any]:
     """The parsed options as JSON-ready values (written next to every output)."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not callable(v)}
+    return runfiles.plain_record({k: v for k, v in vars(args).items() if not callable(v)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +193,7 @@ def training_scale(args: argparse.Namespace, adapter: dict[str, Any] | None) -> 
         parents = Path(args.yolo_model).resolve().parents  # RUN/yolo/weights/best.pt
         record = parents[2] / "detect_train_config.json" if len(parents) > 2 else None
         if record is not None and record.is_file():
-            config = runs.read_json(record, "a detect train run")
+            config = runfiles.read_json(record, "a detect train run")
             scale.update(detector_patch=config.get("patch_size") or None, detector_imgsz=config.get("imgsz"))
     return scale
 
@@ -358,10 +359,6 @@ def predict_files(args: argparse.Namespace, files: list[tuple[Path, Any]], seeds
     coco.write(out.path / "coco.json", f"detect predict --mode {args.mode} on {args.input}")
     out.discard(work)
     return total
-
-
-# The flags that change what a section's segmentation is (an interrupted run resumes only with the same).
-SEGMENTATION_FLAGS = ("mode", "model_path", "checkpoint", "seed", "yolo_model", "precision", "device")
 
 
 # --------------------------------------------------------------------------------------------

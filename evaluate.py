@@ -404,7 +404,7 @@ def make_config(args: argparse.Namespace, sources: Sequence[runs.ModelSource], s
                 detector: Detector | None, link: LinkOptions) -> reports.EvaluateConfig:
     """The record of this evaluation (config.json)."""
     return reports.EvaluateConfig(
-        data={k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()},
+        data=runfiles.plain_record(options),
         split=selection.split, prompt=args.prompt, models={s.name: s.spec for s in sources},
         model_type=bases.model_type, image_size=bases.image_size,
         checkpoint=None if bases.checkpoint is None else str(bases.checkpoint), checkpoint_sha256=bases.sha256,

@@ -65,7 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "rank them by the cross-validated Dice. Start the same command again (here or on another "
                     "machine that sees the same --output_dir) to add a worker to the search.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_train_arguments(parser)
+    add_train_arguments(parser, searched=True)  # rank, alpha, rate: the lists below; always cross-validated
     grid = parser.add_argument_group("search space")
     for flag, default, what, extra in zip(LIST_FLAGS, LIST_DEFAULTS, ("LoRA ranks", "LoRA alphas", "learning rates"),
                                           ("", "", ", drawn on a log scale")):
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("--nested is not needed: the data has a fixed test split, which gives the chosen configuration "
                  "its estimate")
     identity = search_identity(base, space, studies.data_fingerprint(samples), nested)
-    defaults = {**studies.identity_defaults(runs.option_defaults(base)), "nested": False}  # newer than a record
+    defaults = {**studies.identity_defaults(runs.option_defaults(base)), "nested": False}  # an option a record lacks
     resume = joins(out, identity, defaults, args.overwrite)
     folds = crossval.plan_folds(base, samples, resume)  # impossible folds: refused before any write
     inner = search_estimate.inner_folds(base, samples, folds) if nested else None  # refused before any write too
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         out.claim(args.overwrite, resume=resume, keep=[studies.STUDY_DB])  # open_study replaces the study in it
         runfiles.write_json(out.path / SEARCH_FILE, identity)
         if not (out.path / folds_lib.FOLDS_FILE).is_file():
-            folds_lib.save_folds(out.path, folds, samples, seed=base.seed, grouping=crossval.grouping(base))
+            folds_lib.save_folds(out.path, folds, samples, seed=base.seed, grouping=folds_lib.grouping_of(base))
         study = studies.open_study(storage or studies.open_storage(url, args.heartbeat), url, name, identity,
                                    args.overwrite, pruner)
         if (out.path / studies.STUDY_DB).is_file():
@@ -240,7 +240,7 @@ def joins(out: runfiles.OutputDir, identity: dict[str, Any], defaults: dict[str,
     """Whether this worker joins a search already in ``out`` (same options and data); refuses
     another search's directory unless ``overwrite``, and a directory of other files. Changes nothing."""
     path = out.path / SEARCH_FILE
-    previous = runs.read_json(path, "a parameter search") if path.is_file() else None
+    previous = runfiles.read_json(path, "a parameter search") if path.is_file() else None
     # another space, or the same one nested, on the same data and options may share the directory
     # (its study tells them apart): its finished configurations are read, not trained again
     def shared(record: dict[str, Any]) -> dict[str, Any]:
@@ -272,7 +272,7 @@ def objective(trial: optuna.Trial, search: Search) -> float:
     trial.set_user_attr("name", name)
     summary_path = Path(config.output_dir) / runs.SUMMARY_FILE
     if summary_path.is_file():
-        summary = runs.read_json(summary_path, "a finished training run")
+        summary = runfiles.read_json(summary_path, "a finished training run")
         log.info("%s: %s finished earlier, skipped", studies.trial_of(trial), name)
         for fold in summary["cv_estimate"]["per_fold"]:  # for the pruner (none without --prune)
             if fold["dice"] is not None:
@@ -296,7 +296,7 @@ def nested_scores(config: TrainConfig, search: Search) -> list[float | None]:
         run = dataclasses.replace(config, output_dir=str(search_estimate.nested_dir(config, k)), final_fit=False)
         path = Path(run.output_dir) / runs.SUMMARY_FILE
         if path.is_file():
-            summary = runs.read_json(path, "a finished inner cross-validation")
+            summary = runfiles.read_json(path, "a finished inner cross-validation")
         else:
             log.info("%s: the search inside outer fold %d (%d inner folds)", Path(config.output_dir).name, k,
                      len(inner))
@@ -387,16 +387,16 @@ def winner_estimate(rows: Sequence[dict[str, Any]], search: Search) -> dict[str,
     if search.has_test:
         return search_estimate.test_split(final_fit_summary(best, search), best["run"])
     if search.inner_folds is not None:
-        return search_estimate.nested(rows, len(search.folds), lambda run: runs.read_json(
+        return search_estimate.nested(rows, len(search.folds), lambda run: runfiles.read_json(
             Path(run) / runs.SUMMARY_FILE, "a finished training run"), search.samples,
-                                      crossval.grouping(search.base), seed=search.base.seed)
+                                      folds_lib.grouping_of(search.base), seed=search.base.seed)
     return search_estimate.none("the data has no fixed test split and the search ran without --nested")
 
 
 def final_fit_summary(best: dict[str, Any], search: Search) -> dict[str, Any]:
     """The best configuration's summary with its final model's test score: read when it has one,
     else its final fit trained now in its run (the folds are read from their done.json)."""
-    summary = runs.read_json(Path(best["run"]) / runs.SUMMARY_FILE, "a finished training run")
+    summary = runfiles.read_json(Path(best["run"]) / runs.SUMMARY_FILE, "a finished training run")
     if "test" in summary:
         return summary
     config = dataclasses.replace(configuration(search.base, best["lora_rank"], best["lora_alpha"],

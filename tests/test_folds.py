@@ -9,7 +9,7 @@ from samlora.core.errors import UserError
 from samlora.data.dataset import load_dataset, make_patches
 from samlora.data.folds import (
     Grouping,
-    fold_group,
+    grouping_of,
     load_folds,
     make_folds,
     make_holdout,
@@ -22,8 +22,8 @@ from samlora.data.folds import (
 def _assert_no_leak(samples, folds, slice_block=10):
     covered = []
     for train, val in folds:
-        train_groups = {fold_group(samples[i], slice_block) for i in train}
-        val_groups = {fold_group(samples[i], slice_block) for i in val}
+        train_groups = {Grouping(slice_block).group(samples[i]) for i in train}
+        val_groups = {Grouping(slice_block).group(samples[i]) for i in val}
         assert val and train and not train_groups & val_groups
         assert not set(train) & set(val)
         covered += val
@@ -47,7 +47,7 @@ def test_patch_folds_never_split_an_image(shared_data):
 def test_stack_folds_keep_slice_blocks_together(em_stack):
     trainval, test = split_test(em_stack)
     with pytest.raises(UserError, match="no training sample once the 5 sections next to it"):
-        make_folds(em_stack, 3, seed=0, slice_block=5)  # the default gap: the middle fold has nothing left
+        make_folds(em_stack, 3, seed=0, grouping=Grouping(5))  # the default gap: the middle fold has nothing left
     folds = make_folds(em_stack, 3, seed=0, grouping=Grouping(5, fold_gap=1))
     covered = _assert_no_leak(em_stack, folds, slice_block=5)
     assert sorted(covered) == trainval and not set(covered) & set(test)
@@ -148,3 +148,34 @@ def test_group_by_keeps_the_crops_of_one_slide_together(shared_data, tmp_path):
         Grouping(group_by=r"patient\d+").group(samples[0])
     with pytest.raises(UserError, match="not a valid regular expression"):
         Grouping(group_by="(")
+
+
+def test_one_way_to_a_grouping_from_options(tmp_path):
+    """Parsed arguments, a TrainConfig, a run's config.json and a folds.json all give their
+    Grouping through grouping_of; absent options take the Grouping's defaults."""
+    import argparse
+
+    from samlora.training.config import TrainConfig
+
+    args = argparse.Namespace(slice_block=4, fold_gap=None, group_by=r"(slide\d)_", data_dir="x")
+    assert grouping_of(args) == Grouping(4, None, r"(slide\d)_")
+    config = TrainConfig(data_dir="", output_dir="", slice_block=3, fold_gap=1)
+    assert grouping_of(config) == Grouping(3, 1)
+    assert grouping_of(config.to_json()) == Grouping(3, 1)
+    assert grouping_of({}) == grouping_of(argparse.Namespace()) == Grouping()
+    with pytest.raises(UserError, match="--slice_block must be at least 1"):
+        grouping_of({"slice_block": 0})
+
+
+def test_folds_recorded_without_a_gap_still_load(tmp_path, em_stack):
+    """folds.json carries its schema; one without ``fold_gap`` (schema 1) was made with no gap:
+    it loads as such."""
+    from samlora.data import folds as folds_lib
+
+    folds = make_folds(em_stack, 3, grouping=Grouping(5, fold_gap=0))
+    path = save_folds(tmp_path, folds, em_stack, grouping=Grouping(5, fold_gap=0))
+    record = json.loads(path.read_text())
+    assert record["schema"] == folds_lib.FOLDS_SCHEMA and "version" not in record
+    del record["fold_gap"], record["schema"]
+    path.write_text(json.dumps(record))
+    assert load_folds(path, em_stack) == folds

@@ -7,6 +7,7 @@ import collections
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,11 +23,19 @@ from conftest import REPO, SMALL, TINY_TRAIN
 from main import main
 from samlora.training import studies, trainer
 
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file (all values as strings)."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 # The cheapest real training: random-weight MobileSAM at 256 px on 128 px crops, frozen encoder
 # (each image embedded once per worker), LoRA on the decoder only, 2 prompts, 2 folds, 1 epoch.
 FAST = [*SMALL, "--freeze_encoder", "--lora_targets", "decoder", "--max_objects", "2", "--no_augment",
         "--val_fraction", "0.25", "--epochs", "1", "--num_folds", "2"]
 GRID = ["--lora_ranks", "2,4", "--lora_alphas", "2", "--learning_rates", "1e-3,3e-3"]  # 4 configurations
+# TINY_TRAIN without its --lora_rank / --lora_alpha: a search sets them from its lists
+TINY_SEARCH = TINY_TRAIN[:TINY_TRAIN.index("--lora_rank")]
 
 # A worker process: main.py with one intra-op thread, every finished training of a fold logged
 # to $TRAINED_LOG ("configuration fold"), and with $BLOCK_IN_FOLD set, its first fold blocks
@@ -89,6 +98,22 @@ def each_trained_once(cwd: Path) -> None:
     assert trained(cwd) == {(name, str(fold)): 1 for name in names for fold in (0, 1)}
     done = [t for t in trials(cwd / "search") if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.user_attrs["name"] for t in done) == sorted(names)
+
+
+def test_help_offers_no_flag_that_a_trial_overrides() -> None:
+    """Every trial sets rank, alpha and learning rate from the lists and cross-validates: the
+    single-value flags of train would be ignored, so the search does not offer them."""
+    from samlora.training.config import SEARCHED_OPTIONS
+
+    done = subprocess.run([sys.executable, str(REPO / "main.py"), "parameter_search", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    flags = set(re.findall(r"^  (--\w+)", done.stdout, re.MULTILINE))  # the options, not the help texts
+    overridden = {f"--{name}" for name in (*studies.SPACE_KEYS, *SEARCHED_OPTIONS)}
+    assert overridden == {"--lora_rank", "--lora_alpha", "--learning_rate", "--cross_validation"}
+    assert not flags & overridden, sorted(flags & overridden)
+    assert {"--lora_ranks", "--lora_alphas", "--learning_rates", "--num_folds", "--lora_dropout"} <= flags
+    assert main(["parameter_search", "--lora_rank", "4"]) == 2  # refused by argparse, not ignored
 
 
 @pytest.mark.slow
@@ -194,7 +219,7 @@ def test_pruning_stops_configurations_below_the_median(em4: Path, tmp_path: Path
 @pytest.mark.slow
 def test_parameter_search_ranks_and_skips(em6: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "search"
-    argv = ["parameter_search", "--data_dir", str(em6), "--output_dir", str(out), *TINY_TRAIN,
+    argv = ["parameter_search", "--data_dir", str(em6), "--output_dir", str(out), *TINY_SEARCH,
             "--lora_ranks", "2", "--lora_alphas", "4", "--learning_rates", "1e-3", "--num_folds", "2",
             "--epochs", "1", "--lora_blocks_grid", "all", "last2"]  # blocks searched like rank (vit_t: last stage)
     assert main(argv) == 0
@@ -278,7 +303,7 @@ def test_a_search_recorded_before_an_option_existed_still_joins(tmp_path: Path) 
     import parameter_search
     from samlora.core import runfiles
     from samlora.core.errors import UserError
-    from samlora.training import runs, studies
+    from samlora.training import runs
     from samlora.training.config import TrainConfig
 
     out = runfiles.OutputDir(tmp_path / "search", "parameter_search", shared=True)
@@ -348,7 +373,6 @@ def test_nested_search_gives_the_winner_an_unbiased_estimate(em4: Path, tmp_path
     part (never on that fold's images); per outer fold the best inner score picks a configuration,
     whose outer-fold images give best_config.json's estimate (kind nested). results.csv says that
     cv_dice is the selection score."""
-    from samlora.core import runfiles
 
     calls: list[tuple[str, str, list[int], list[int]]] = []
     monkeypatch.setattr(trainer, "run_fold", noisy_run_fold(calls))
@@ -361,7 +385,7 @@ def test_nested_search_gives_the_winner_an_unbiased_estimate(em4: Path, tmp_path
             k = int(Path(run).name.split("_")[1])
             assert set(trained_on) | set(scored) <= set(outer[k]["train"])
     assert len(calls) == 4 * 2 + 4 * 2 * 2  # 4 configurations x (2 outer folds + 2 x 2 inner folds)
-    rows = runfiles.read_csv(out / "results.csv")
+    rows = read_csv(out / "results.csv")
     assert {r["ranked_by"] for r in rows} == {"cv_dice (selection score)"}
     best = json.loads((out / "best_config.json").read_text())
     estimate = best["estimate"]
@@ -413,7 +437,6 @@ def test_search_marks_the_augmentation_of_each_lora_blocks_setting(em4: Path, tm
     without intensity changes, full-depth LoRA on random ones with them; the search says so up
     front and results.csv's augmentation column names each; without a test split or --nested the
     winner's estimate is none, with the reason."""
-    from samlora.core import runfiles
 
     monkeypatch.setattr(trainer, "run_fold", noisy_run_fold([]))
     out = tmp_path / "search"
@@ -422,7 +445,7 @@ def test_search_marks_the_augmentation_of_each_lora_blocks_setting(em4: Path, tm
             "1e-3", "--lora_blocks_grid", "all", "last2"]
     with caplog.at_level("WARNING"):
         assert main(argv) == 0
-    rows = {r["lora_blocks"]: r["augmentation"] for r in runfiles.read_csv(out / "results.csv")}
+    rows = {r["lora_blocks"]: r["augmentation"] for r in read_csv(out / "results.csv")}
     assert rows == {"all": "random flip/rotation (8 views) + intensity",
                     "last2": "2 fixed flip/rotation view(s), no intensity"}
     assert any("different augmentation" in r.getMessage() for r in caplog.records)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import stat
@@ -12,6 +13,12 @@ from conftest import EM4, SMALL
 
 from samlora.core import runfiles
 from samlora.core.errors import UserError
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file (all values as strings)."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
 
 
 @pytest.fixture
@@ -46,7 +53,7 @@ def test_csv_round_trips_commas_quotes_and_floats(tmp_path: Path) -> None:
     rows = [{"path": "/data/em, day 2/a.png", "note": 'said "hi"', "dice": 0.1 + 0.2, "fold": None},
             {"path": "b.png", "note": "line\nbreak", "dice": 1.0, "fold": 3}]
     path = runfiles.write_csv(tmp_path / "t.csv", rows, ["path", "note", "dice", "fold"])
-    back = runfiles.read_csv(path)
+    back = read_csv(path)
     assert [r["path"] for r in back] == [r["path"] for r in rows]
     assert [r["note"] for r in back] == [r["note"] for r in rows]
     assert float(back[0]["dice"]) == 0.1 + 0.2 and back[0]["fold"] == "" and back[1]["fold"] == "3"
@@ -64,6 +71,7 @@ def test_output_dir_rule(tmp_path: Path) -> None:
         again.check(overwrite=False)
     again.claim(overwrite=True)  # removes what the earlier run recorded, and only that
     assert sorted(p.name for p in out.path.iterdir()) == [runfiles.MANIFEST, "mine.txt"]
+    assert json.loads((out.path / runfiles.MANIFEST).read_text())["schema"] == runfiles.MANIFEST_SCHEMA
     with pytest.raises(UserError, match="holds the outputs of `evaluate`"):
         runfiles.OutputDir(out.path, "demo").check(overwrite=True)
     foreign = tmp_path / "foreign"
@@ -126,8 +134,6 @@ def test_refused_commands_claim_no_output_directory(main, em_crops, shared_data:
                                                     one_thread) -> None:
     """Options that are refused only once the data is read (impossible folds, a bad --fold, an
     unreadable input) write nothing, so the corrected command runs into the same directory."""
-    from conftest import SMALL
-
     data = em_crops(EM4, 128)
     out = tmp_path / "out"
     options = ["--data_dir", str(data), *SMALL, "--freeze_encoder", "--lora_targets", "decoder", "--lora_rank", "2",
@@ -145,8 +151,6 @@ def test_refused_commands_claim_no_output_directory(main, em_crops, shared_data:
 
 
 def test_an_input_folder_is_never_an_output_folder(main, em_crops, tmp_path: Path) -> None:
-    from conftest import SMALL
-
     data = Path(shutil.copytree(em_crops(EM4, 128), tmp_path / "em"))
     argv = ["detect", "predict", "--mode", "amg", "--input", str(data / "images"), *SMALL, "--overwrite"]
     assert main([*argv, "--output_dir", str(data / "images")]) == 2
@@ -197,3 +201,23 @@ def test_overwrite_keeps_what_the_command_clears_itself(tmp_path: Path) -> None:
     again = runfiles.OutputDir(out.path, "parameter_search", shared=True).claim(overwrite=True, keep=["study.db"])
     assert (out.path / "study.db").is_file() and not (out.path / "results.csv").exists()
     assert again.recorded() == ["study.db"]
+
+
+def test_run_files_are_read_back_through_one_guarded_reader(tmp_path: Path) -> None:
+    """read_json: the object a command wrote; a missing, corrupt or non-object file is one
+    UserError line naming what the file should be."""
+    path = runfiles.write_json(tmp_path / "run" / "summary.json", {"dice": 0.5, "data_dir": tmp_path})
+    assert runfiles.read_json(path, "a finished training run") == {"dice": 0.5, "data_dir": str(tmp_path)}
+    with pytest.raises(UserError, match="does not exist: is .* a finished training run"):
+        runfiles.read_json(tmp_path / "run" / "missing.json", "a finished training run")
+    path.write_text("{half")
+    with pytest.raises(UserError, match="cannot read .*summary.json"):
+        runfiles.read_json(path, "a finished training run")
+    path.write_text("[1, 2]")
+    with pytest.raises(UserError, match="does not hold a JSON object"):
+        runfiles.read_json(path, "a finished training run")
+
+
+def test_plain_record_writes_paths_as_strings(tmp_path: Path) -> None:
+    record = runfiles.plain_record({"data_dir": tmp_path / "em", "seed": 3, "model": None, "name": "a"})
+    assert record == {"data_dir": str(tmp_path / "em"), "seed": 3, "model": None, "name": "a"}

@@ -286,8 +286,6 @@ def test_cache_budget_counts_late_lora_block_inputs(caplog) -> None:
     """The size is stated up front per cached encoder start (vit_b late LoRA at 1024 px, bf16: 6.0
     MiB per image view) and a run that cannot fit is refused; a search's configurations that share
     a start are counted once, other starts add up."""
-    import logging
-
     from samlora.training.items import cached_bytes, check_cache_budget
 
     late = TrainConfig(data_dir="", output_dir="", model_type="vit_b", precision="bf16", lora_blocks="last3")

@@ -14,7 +14,6 @@ class UserError(ValueError):
     """Bad input from the user: reported as one line, exit code 2."""
 
 
-EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 

@@ -1,9 +1,10 @@
-"""Run files: every file a command writes, and the one rule for an existing output directory.
+"""Run files: every file a command writes or reads back, and the one rule for an existing output directory.
 
 Writes are atomic (a temporary file beside the target, then ``os.replace``: a reader never sees a
 half file and a failed write leaves the previous version intact) and the new file gets the
 permissions the user's umask gives an ordinary file (0644 under umask 022), not ``mkstemp``'s
-0600. A full disk or an unwritable folder becomes one :class:`errors.UserError` line.
+0600. A full disk or an unwritable folder becomes one :class:`errors.UserError` line, and so does
+a run file that is missing or unreadable when it is read back (:func:`read_json`).
 
 The output-directory rule, the same for every command (:class:`OutputDir`):
 
@@ -39,7 +40,9 @@ from samlora.core.errors import UserError, write_error
 
 log = logging.getLogger(__name__)
 
+SCHEMA = "schema"  # the key of a record's layout version (readers also take records without one)
 MANIFEST = ".samlora_outputs.json"
+MANIFEST_SCHEMA = 1
 LOCK_FILE = ".samlora_outputs.lock"
 _ACTIVE: list["OutputDir"] = []  # directories claimed by the running command(s), outermost first
 
@@ -139,6 +142,26 @@ def write_json(path: str | os.PathLike, data: Any, sort_keys: bool = True) -> Pa
     return write_text(path, json.dumps(data, indent=1, sort_keys=sort_keys, default=_json_default) + "\n")
 
 
+def plain_record(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (options, a config) as a record for a JSON file: paths become strings."""
+    return {key: _json_default(value) if isinstance(value, os.PathLike) else value for key, value in values.items()}
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """A JSON object that a command wrote; a missing or unreadable file, or one that holds no
+    object, is a UserError naming ``what`` it should be (e.g. "a finished training run")."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: is {path.parent} {what}?")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(record, dict):
+        raise UserError(f"{path} does not hold a JSON object; is {path.parent} {what}?")
+    return record
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
@@ -164,12 +187,6 @@ def csv_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
 def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> Path:
     """Rows as a CSV file (see :func:`csv_text`), atomically."""
     return write_text(path, csv_text(rows, columns))
-
-
-def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
-    """The rows of a CSV file written by :func:`write_csv` (all values as strings)."""
-    with open(path, encoding="utf-8", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def torch_save(obj: Any, path: str | os.PathLike, rerun: str = "rerun with --resume") -> Path:
@@ -402,7 +419,7 @@ class OutputDir:
             self._write_manifest()
 
     def _write_manifest(self) -> None:
-        record = {"command": self.command, "files": self._files,
+        record = {SCHEMA: MANIFEST_SCHEMA, "command": self.command, "files": self._files,
                   "note": "files written by this command; --overwrite removes these and only these"}
         text = json.dumps(record, indent=1) + "\n"
         atomic_write(self.manifest_path, lambda fh: fh.write(text), binary=False)

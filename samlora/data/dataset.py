@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from samlora.core.errors import UserError
-from samlora.data.folds import Fold, Grouping
+from samlora.data.folds import Fold, Grouping, grouping_of  # noqa: F401 - grouping_of: used as data.grouping_of
 from samlora.data.images import MASK_TYPES, relabel_consecutive
 from samlora.data.readers import FORMATS, ReadOptions, layout_parts, read_layout
 from samlora.data.sample import Sample
@@ -181,7 +181,7 @@ def log_mask_kinds(samples: Sequence[Sample], mask_type: str) -> None:
 
 
 def summarize_dataset(samples: Sequence[Sample], folds: Sequence[Fold] | None = None,
-                      grouping: Grouping | int = 10) -> str:
+                      grouping: Grouping = Grouping()) -> str:
     """A few lines for the log: counts, sizes, objects per sample, tags, splits and folds."""
     if not samples:
         return "dataset: empty"
@@ -189,7 +189,6 @@ def summarize_dataset(samples: Sequence[Sample], folds: Sequence[Fold] | None = 
     sizes = Counter(f"{s.image.shape[1]}x{s.image.shape[0]}" for s in samples)
     sources = {s.source for s in samples}
     patches = sum(s.is_patch for s in samples)
-    grouping = grouping if isinstance(grouping, Grouping) else Grouping(grouping)
     groups = {grouping.group(s) for s in samples}
     size_text = ", ".join(f"{size} ({n})" for size, n in sizes.most_common(4))
     if len(sizes) > 4:
@@ -218,7 +217,7 @@ def summarize_dataset(samples: Sequence[Sample], folds: Sequence[Fold] | None = 
 
 
 def log_summary(samples: Sequence[Sample], folds: Sequence[Fold] | None = None,
-                grouping: Grouping | int = 10) -> None:
+                grouping: Grouping = Grouping()) -> None:
     """Log :func:`summarize_dataset` line by line at INFO."""
     for line in summarize_dataset(samples, folds, grouping).splitlines():
         log.info("%s", line)
@@ -279,12 +278,6 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True,
                        help="binary = foreground masks, split into objects by connected components; instance = "
                             "each value one object; auto decides per dataset from the values and logs it")
     return group
-
-
-def grouping_of(options: Any) -> Grouping:
-    """The :class:`folds.Grouping` the data options describe (attributes or mapping keys)."""
-    get = options.get if isinstance(options, Mapping) else (lambda key: getattr(options, key, None))
-    return Grouping(get("slice_block") or DataOptions.slice_block, get("fold_gap"), get("group_by"))
 
 
 def load_from_options(options: Any) -> list[Sample]:

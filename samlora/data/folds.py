@@ -15,7 +15,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from samlora.data.sample import Sample
 log = logging.getLogger(__name__)
 
 FOLDS_FILE = "folds.json"
+FOLDS_SCHEMA = 2  # the record of save_folds; schema 1 holds no fold_gap (no gap)
 Fold = tuple[list[int], list[int]]
 
 
@@ -81,9 +82,13 @@ class Grouping:
         return f"fold groups: {images}; volume sections in blocks of {self.slice_block}"
 
 
-def fold_group(sample: Sample, slice_block: int = 10) -> str:
-    """The group a sample is split by with the default grouping (see :class:`Grouping`)."""
-    return Grouping(slice_block).group(sample)
+def grouping_of(options: Any) -> Grouping:
+    """The one way to a :class:`Grouping` from options: the attributes of parsed arguments or a
+    config (``slice_block``, ``fold_gap``, ``group_by``), or the keys of a mapping such as a run's
+    config.json; an absent or None option takes the Grouping's default."""
+    get = options.get if isinstance(options, Mapping) else (lambda key: getattr(options, key, None))
+    values = {key: get(key) for key in ("slice_block", "fold_gap", "group_by")}
+    return Grouping(**{key: value for key, value in values.items() if value is not None})
 
 
 def split_test(samples: Sequence[Sample]) -> tuple[list[int], list[int]]:
@@ -143,8 +148,8 @@ def _fold(samples: Sequence[Sample], pool: Sequence[int], val: Sequence[int], ga
     return train, sorted(val)
 
 
-def make_folds(samples: Sequence[Sample], num_folds: int, seed: int = 0, slice_block: int = 10,
-               grouping: Grouping | None = None) -> list[Fold]:
+def make_folds(samples: Sequence[Sample], num_folds: int, seed: int = 0,
+               grouping: Grouping = Grouping()) -> list[Fold]:
     """Seeded group k-fold over the samples that are not in a fixed test split.
 
     Volume blocks are cut, in section order, into ``num_folds`` contiguous runs of about equal
@@ -155,7 +160,6 @@ def make_folds(samples: Sequence[Sample], num_folds: int, seed: int = 0, slice_b
     Returns:
         ``num_folds`` pairs of sorted (train indices, validation indices) into ``samples``.
     """
-    grouping = grouping or Grouping(slice_block)
     if num_folds < 2:
         raise UserError(f"k-fold cross-validation needs at least 2 folds, got {num_folds}; "
                         "use a single train/validation split (make_holdout) instead")
@@ -191,8 +195,8 @@ def make_folds(samples: Sequence[Sample], num_folds: int, seed: int = 0, slice_b
     return folds
 
 
-def make_holdout(samples: Sequence[Sample], val_fraction: float = 0.2, seed: int = 0, slice_block: int = 10,
-                 grouping: Grouping | None = None, pool: Sequence[int] | None = None) -> Fold:
+def make_holdout(samples: Sequence[Sample], val_fraction: float = 0.2, seed: int = 0,
+                 grouping: Grouping = Grouping(), pool: Sequence[int] | None = None) -> Fold:
     """One grouped train / validation split of ``pool`` (default: the non-test samples).
 
     A fixed ``val`` split in the data is used as it is; otherwise validation takes a seeded
@@ -200,7 +204,6 @@ def make_holdout(samples: Sequence[Sample], val_fraction: float = 0.2, seed: int
     ``val_fraction`` of the pool (at least one group, and at least one group left for training).
     Slices within ``grouping.gap`` sections of validation are left out of training.
     """
-    grouping = grouping or Grouping(slice_block)
     trainval = list(pool) if pool is not None else split_test(samples)[0]
     fixed_val = [i for i in trainval if samples[i].split == "val"]
     if fixed_val and pool is None:
@@ -239,16 +242,15 @@ def make_holdout(samples: Sequence[Sample], val_fraction: float = 0.2, seed: int
 
 
 def save_folds(path: str | os.PathLike, folds: Sequence[Fold], samples: Sequence[Sample],
-               slice_block: int = 10, seed: int | None = None, grouping: Grouping | None = None) -> Path:
+               seed: int | None = None, grouping: Grouping = Grouping()) -> Path:
     """Write the folds (indices, group ids, sample keys, the slices left out as gap) to ``path``
     (a file or a directory, which gets ``folds.json``). Returns the file written."""
-    grouping = grouping or Grouping(slice_block)
     path = Path(path)
     if path.is_dir() or path.suffix != ".json":  # a (run) directory
         path = path / FOLDS_FILE
     trainval, test = split_test(samples)
     record = {
-        "format": "samlora-folds", "version": 2, "seed": seed, **grouping.record(),
+        "format": "samlora-folds", runfiles.SCHEMA: FOLDS_SCHEMA, "seed": seed, **grouping.record(),
         "guarantee": "no group on both sides of a split; no training slice within fold_gap sections of a "
                      "validation slice of its volume",
         "samples": [{"key": s.key, "group": grouping.group(s), "split": s.split} for s in samples],
@@ -264,8 +266,9 @@ def save_folds(path: str | os.PathLike, folds: Sequence[Fold], samples: Sequence
 
 
 def _grouping_of(record: dict[str, Any]) -> Grouping:
-    """The grouping a folds.json record was made with (files before the gap: no gap)."""
-    return Grouping(int(record["slice_block"]), record.get("fold_gap", 0), record.get("group_by"))
+    """The grouping a folds.json record was made with (``slice_block`` required; schema 1 holds no
+    ``fold_gap``: no gap)."""
+    return grouping_of({"fold_gap": 0, **record, "slice_block": int(record["slice_block"])})
 
 
 def load_folds(path: str | os.PathLike, samples: Sequence[Sample]) -> list[Fold]:
@@ -301,14 +304,13 @@ def load_folds(path: str | os.PathLike, samples: Sequence[Sample]) -> list[Fold]
 
 
 def plan_folds(output_dir: str | os.PathLike, samples: Sequence[Sample], num_folds: int, seed: int = 0,
-               val_fraction: float = 0.2, grouping: Grouping | None = None,
+               val_fraction: float = 0.2, grouping: Grouping = Grouping(),
                reuse: bool = True) -> tuple[list[Fold], bool]:
     """The folds of ``output_dir``, written nowhere: ``(folds, found)``. Its ``folds.json`` is
     re-used when there is one (checked against the samples and the fold count), else the folds are
     made: ``num_folds`` >= 2 gives k folds, 1 one grouped holdout split with ``val_fraction``.
     Commands plan their folds before they claim an output directory, so bad options write nothing;
     ``reuse=False`` ignores a folds.json there (a run about to be replaced)."""
-    grouping = grouping or Grouping()
     path = Path(output_dir) / FOLDS_FILE
     if reuse and path.is_file():
         folds = load_folds(path, samples)

@@ -136,7 +136,8 @@ class SectionStore:
         record_path = self.folder / "store.json"
         if not record_path.is_file():
             return None
-        return json.loads(record_path.read_text(encoding="utf-8")) == json.loads(json.dumps(self.record))
+        recorded = runfiles.read_json(record_path, "a store of finished sections")
+        return recorded == json.loads(json.dumps(self.record))
 
     def resumable(self, output_dir: Path) -> bool:
         """Whether an earlier store in the folder can be continued (False: there is none); raises

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 ADAPTER_FORMAT = "samlora-adapter"
 ADAPTER_VERSION = 1
-BASE_SHA_KEYS = ("base_checkpoint_sha256", "checkpoint_sha256")  # the second: early adapter files
+BASE_SHA_KEYS = ("base_checkpoint_sha256", "checkpoint_sha256")  # an adapter config holds the base's hash as either
 
 
 def _plain_config(value: Any, where: str = "config") -> Any:

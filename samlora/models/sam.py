@@ -500,7 +500,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, from_adapter: bool = Fa
                        choices=list(MODEL_REGISTRY),
                        help="vit_t = MobileSAM (fast, laptop-friendly); vit_b/l/h = SAM"
                             + (f"; default: the adapter's, else {defaults.model_type}" if from_adapter else ""))
-    group.add_argument("--checkpoint", "--pretrained", dest="checkpoint", default=defaults.checkpoint,
+    group.add_argument("--checkpoint", default=defaults.checkpoint,
                        help="base weights (.pth); default: the official file in weights/; "
                             "'none' = random weights (tests, smoke runs)")
     group.add_argument("--image_size", type=int, default=None if from_adapter else defaults.image_size,

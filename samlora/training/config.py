@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from samlora.core import runfiles
 from samlora.core.errors import UserError
 from samlora.data import dataset as data
 from samlora.data.prompts import PROMPT_MODES
@@ -77,7 +78,7 @@ class TrainConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in names}
+        values = {k: v for k, v in runfiles.plain_record(vars(args)).items() if k in names}
         config = cls(**values)
         config.validate()
         return config
@@ -162,8 +163,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``train`` and ``parameter_search`` (model and data groups included)."""
+SEARCHED_OPTIONS = ("lora_rank", "lora_alpha", "learning_rate", "cross_validation")  # set by every search trial
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, searched: bool = False) -> None:
+    """Options of ``train`` and ``parameter_search`` (model and data groups included).
+
+    ``searched``: the options of a search, whose every trial sets :data:`SEARCHED_OPTIONS` itself
+    (rank, alpha and learning rate from its lists, always cross-validated): those flags are left out.
+    """
     data.add_data_arguments(parser)
     sam_model.add_model_arguments(parser)
     defaults = TrainConfig(data_dir="", output_dir="")
@@ -178,8 +186,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                           "cached inputs of the first adapted block); a run that needs more is refused unless "
                           "--embedding_cache keeps them on disk")
     ad = parser.add_argument_group("LoRA")
-    ad.add_argument("--lora_rank", type=int, default=defaults.lora_rank, help="LoRA rank (0 = no LoRA)")
-    ad.add_argument("--lora_alpha", type=float, default=defaults.lora_alpha, help="LoRA alpha (scaling = alpha / rank)")
+    if not searched:
+        ad.add_argument("--lora_rank", type=int, default=defaults.lora_rank, help="LoRA rank (0 = no LoRA)")
+        ad.add_argument("--lora_alpha", type=float, default=defaults.lora_alpha,
+                        help="LoRA alpha (scaling = alpha / rank)")
     ad.add_argument("--lora_dropout", type=float, default=defaults.lora_dropout, help="dropout on the LoRA path")
     ad.add_argument("--lora_targets", default=defaults.lora_targets,
                     help=f"comma-separated layers to adapt: {', '.join(lora.TARGETS)}")
@@ -194,7 +204,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                     help="decoder-only fine-tuning: the encoder is frozen and each image embedded once")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--batch_size", type=int, default=defaults.batch_size, help="images per step")
-    opt.add_argument("--learning_rate", type=float, default=defaults.learning_rate, help="peak AdamW learning rate")
+    if not searched:
+        opt.add_argument("--learning_rate", type=float, default=defaults.learning_rate,
+                         help="peak AdamW learning rate")
     opt.add_argument("--weight_decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
     opt.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per fold")
     opt.add_argument("--warmup_fraction", type=float, default=defaults.warmup_fraction,
@@ -214,8 +226,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="weight of the IoU head's error (MSE to each mask's true IoU): the predicted IoU decides "
                           "overlaps in every command, so it is trained too (0 = off)")
     cv = parser.add_argument_group("validation")
-    cv.add_argument("--cross_validation", action="store_true", help="k-fold cross-validation grouped by image / slice block")
-    cv.add_argument("--num_folds", type=int, default=defaults.num_folds, help="folds with --cross_validation")
+    if not searched:
+        cv.add_argument("--cross_validation", action="store_true",
+                        help="k-fold cross-validation grouped by image / slice block")
+    cv.add_argument("--num_folds", type=int, default=defaults.num_folds,
+                    help="cross-validation folds of every configuration" if searched else "folds with --cross_validation")
     cv.add_argument("--val_fraction", type=float, default=defaults.val_fraction,
                     help="validation share of the grouped hold-out split without --cross_validation, and of "
                          "the inner split carved from each fold's training groups to choose its epoch")

@@ -13,7 +13,6 @@ scored again as exported), and scores it once on a fixed test split when there i
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from pathlib import Path
@@ -32,21 +31,15 @@ from samlora.models import adapters, checkpoints, lora
 from samlora.models import sam as sam_model
 from samlora.training import items, runs, trainer
 from samlora.training.config import TrainConfig
-from samlora.training.items import PromptDataset, make_loader
 
 log = logging.getLogger(__name__)
-
-
-def grouping(config: TrainConfig) -> folds_lib.Grouping:
-    """The run's :class:`folds.Grouping`."""
-    return folds_lib.Grouping(config.slice_block, config.fold_gap, config.group_by)
 
 
 def plan_folds(config: TrainConfig, samples: Sequence[Sample], resume: bool) -> list[folds_lib.Fold]:
     """The run's outer folds, written nowhere yet (same on every process): read from its
     folds.json when resuming, else made afresh. Called before the output directory is claimed."""
     return folds_lib.plan_folds(config.output_dir, samples, config.num_splits, config.seed, config.val_fraction,
-                                grouping(config), reuse=resume)[0]
+                                folds_lib.grouping_of(config), reuse=resume)[0]
 
 
 def inner_split(config: TrainConfig, samples: Sequence[Sample], train_idx: Sequence[int],
@@ -56,7 +49,7 @@ def inner_split(config: TrainConfig, samples: Sequence[Sample], train_idx: Seque
     all of it trains and the last epoch is kept (logged)."""
     try:
         return folds_lib.make_holdout(samples, config.val_fraction, seed=config.seed + 1000 + fold,
-                                      grouping=grouping(config), pool=train_idx)
+                                      grouping=folds_lib.grouping_of(config), pool=train_idx)
     except UserError as exc:
         log.warning("fold %d: no inner validation split (%s): the last epoch is kept", fold, exc)
         return list(train_idx), []
@@ -100,14 +93,14 @@ def run_training(config: TrainConfig, samples: Sequence[Sample], device: torch.d
         device = torch.device("cuda", torch.cuda.current_device())
     checkpoint = checkpoints.resolve_checkpoint(config.model_type, config.checkpoint, announce=False)
     folds = folds if folds is not None else plan_folds(config, samples, resume=True)
-    data.log_summary(samples, folds, grouping(config))
+    data.log_summary(samples, folds, folds_lib.grouping_of(config))
     lost = items.cached_augmentation(config)
     if lost and dist_info.rank == 0:
         log.warning(lost)
     if dist_info.rank == 0:
         if not (out / folds_lib.FOLDS_FILE).is_file():
-            folds_lib.save_folds(out, folds, samples, seed=config.seed, grouping=grouping(config))
-        runfiles.write_json(out / runs.CONFIG_FILE, config.to_json())
+            folds_lib.save_folds(out, folds, samples, seed=config.seed, grouping=folds_lib.grouping_of(config))
+        runfiles.write_json(out / runs.CONFIG_FILE, {**config.to_json(), runfiles.SCHEMA: runs.CONFIG_SCHEMA})
     embeddings = {} if embeddings is None else embeddings  # frozen encoder: each image embedded once
     common = dict(checkpoint=checkpoint, device=device, num_workers=num_workers, rank=dist_info.rank,
                   world=dist_info.world, cache_dir=cache_dir, embeddings=embeddings,
@@ -116,14 +109,14 @@ def run_training(config: TrainConfig, samples: Sequence[Sample], device: torch.d
     for fold, (train_idx, val_idx) in enumerate(folds):
         done = runs.fold_dir(out, fold) / "done.json"
         if done.is_file():
-            results.append(json.loads(done.read_text(encoding="utf-8")))
+            results.append(runfiles.read_json(done, "a finished fold"))
             log.info("fold %d: already finished", fold)
         else:
             fit, select = inner_split(config, samples, train_idx, fold)
             results.append(trainer.run_fold(config, samples, fold, fit, select, val_idx, **common))
         if after_fold is not None:
             after_fold(fold, results[-1])
-    summary = summarize(results, samples, grouping(config), config.seed)
+    summary = summarize(results, samples, folds_lib.grouping_of(config), config.seed)
     if config.final_fit:
         summary.update(final_fit(config, samples, results, len(folds), common))
     summary["config"] = config.to_json()
@@ -156,14 +149,14 @@ def final_fit(config: TrainConfig, samples: Sequence[Sample], results: Sequence[
     log.info("final fit: %d training samples, %d optimiser steps in %d epoch(s) (the median step of the folds' "
              "chosen checkpoints, on a fold's %d-step schedule)", len(trainval), steps.stop, epochs, steps.schedule)
     if done.is_file():
-        result = json.loads(done.read_text(encoding="utf-8"))
+        result = runfiles.read_json(done, "a finished final fit")
     else:
         result = trainer.run_fold(config, samples, seed_fold, trainval, [], test, fold_dir=final_dir, steps=steps,
                                   **common)
     record: dict[str, Any] = {"final": {"adapter": result["adapter"], "epochs": epochs, "steps": steps.stop,
                                         "schedule_steps": steps.schedule, "train_size": len(trainval)}}
     if test:
-        record["test"] = {**estimate(result["scored"], samples, grouping(config), seed=config.seed),
+        record["test"] = {**estimate(result["scored"], samples, folds_lib.grouping_of(config), seed=config.seed),
                           "scored": result["scored"],
                           "protocol": "the final model scored once on the fixed test split"}
     return record
@@ -200,7 +193,8 @@ def score_model(sam: torch.nn.Module, config: TrainConfig, samples: Sequence[Sam
     """Per-image Dice and IoU of ``sam`` at ``config.image_size`` on ``samples[indices]``, scored as
     the folds are (trainer.validation_rows); rows with the sample ``index`` and ``key``."""
     ctx = trainer.Context(sam.to(device).eval(), config, device)
-    loader = make_loader(PromptDataset(samples, indices, config, 0, train=False), config.batch_size, None, 0)
+    dataset = items.PromptDataset(samples, indices, config, 0, train=False)
+    loader = items.make_loader(dataset, config.batch_size, None, 0)
     return [{"index": r["index"], "key": samples[r["index"]].key, "dice": r["dice"], "iou": r["iou"]}
             for r in trainer.validation_rows(ctx, loader)]
 
@@ -235,11 +229,11 @@ def export_merged(config: TrainConfig, summary: dict[str, Any], samples: Sequenc
     rows = score_model(exported, dataclasses.replace(config, image_size=EXPORT_SIZE), samples, indices, device)
     final = adapters.load_finetuned(adapters.BaseModels(config.model_type, checkpoint, config.image_size), adapter,
                                     config.seed)
-    final_scores = estimate(score_model(final, config, samples, indices, device), samples, grouping(config),
-                            seed=config.seed)
+    final_scores = estimate(score_model(final, config, samples, indices, device), samples,
+                            folds_lib.grouping_of(config), seed=config.seed)
     record = {"path": str(out_path), "image_size": EXPORT_SIZE, "trained_image_size": config.image_size,
               "images": images, "seen_in_training": seen,
-              **estimate(rows, samples, grouping(config), seed=config.seed),
+              **estimate(rows, samples, folds_lib.grouping_of(config), seed=config.seed),
               "final_adapter": {"image_size": config.image_size, "dice": final_scores["dice"],
                                 "iou": final_scores["iou"]}, "scored": rows}
     log.info("exported model (%d px) on %s: Dice %.4f, 95 %% CI [%.4f, %.4f] over %d images; the final adapter at "

@@ -6,7 +6,6 @@ the best validation epoch), ``fold_k/last.pt`` (resume state) and ``fold_k/done.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
+CONFIG_SCHEMA = 1  # config.json: TrainConfig's fields; an option it lacks has its default (option_defaults)
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.csv"
 LOG_FILE = "train.log"
@@ -43,22 +43,9 @@ def is_run(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / FOLDS_FILE).is_file()
 
 
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from ``path``; a missing or unreadable file is a UserError naming ``what``."""
-    if not path.is_file():
-        raise UserError(f"{path} does not exist: is {path.parent} {what}?")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(record, dict):
-        raise UserError(f"{path} does not hold a JSON object; is {path.parent} {what}?")
-    return record
-
-
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     """A training run's ``config.json`` (flat ``TrainConfig`` fields)."""
-    return read_json(Path(run_dir) / CONFIG_FILE, "a run directory written by train")
+    return runfiles.read_json(Path(run_dir) / CONFIG_FILE, "a run directory written by train")
 
 
 def fold_histories(run_dir: Path) -> list[dict[str, Any]]:
@@ -218,8 +205,8 @@ def claim_output_dir(config: "TrainConfig", resume: bool, overwrite: bool) -> ru
 
 
 def _remove_unrecorded_run(path: Path) -> None:
-    """A run written before run directories had a manifest: remove the files train writes (by
-    name), so that no stale ``last.pt`` is resumed; anything else stays."""
+    """A run directory without a manifest: remove the files train writes (by name), so that no
+    stale ``last.pt`` is resumed; anything else stays."""
     for name in (CONFIG_FILE, FOLDS_FILE, METRICS_FILE, SUMMARY_FILE, LOG_FILE):
         (path / name).unlink(missing_ok=True)
     for fold_path in path.glob("fold_*"):

@@ -45,7 +45,7 @@ def inner_folds(config: TrainConfig, samples: Sequence[Sample],
     """Per outer fold, the folds of its training part (indices into ``samples``): grouped and
     gapped like the outer folds, ``config.num_folds`` of them or one per group when there are
     fewer. A training part of fewer than two groups cannot be cross-validated: a UserError."""
-    grouping = crossval.grouping(config)
+    grouping = folds_lib.grouping_of(config)
     out = []
     for k, (train_idx, _) in enumerate(folds):
         pool = [samples[i] for i in train_idx]

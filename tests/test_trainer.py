@@ -205,17 +205,18 @@ def test_cached_embeddings_are_stored_one_by_one(tmp_path) -> None:
     it was computed in."""
     from types import SimpleNamespace
 
+    from samlora.models.model_info import ModelInfo
     from samlora.training.items import EmbeddingCache
 
-    sam = tiny_sam("vit", image_size=64)
-    cache = EmbeddingCache(sam, "fp32", tmp_path)
+    sam, info = tiny_sam("vit", image_size=64), ModelInfo("vit_b", 64)
+    cache = EmbeddingCache(sam, info, "fp32", tmp_path)
     items = [SimpleNamespace(key=f"k{i}", image=torch.randn(3, 64, 64)) for i in range(4)]
     batch = cache.get(items, torch.device("cpu"))
     one = batch[0].numel() * batch[0].element_size()
     files = sorted(tmp_path.glob("*.pt"))
     assert len(files) == 4 and all(f.stat().st_size < 2 * one for f in files)
     assert all(v._base is None for v in cache.memory.values())
-    again = EmbeddingCache(sam, "fp32", tmp_path).get(items, torch.device("cpu"))
+    again = EmbeddingCache(sam, info, "fp32", tmp_path).get(items, torch.device("cpu"))
     torch.testing.assert_close(again, batch)
 
 
@@ -231,6 +232,7 @@ def test_cached_late_lora_step_equals_the_uncached_step(em_crops, one_thread, ki
 
     from samlora.data.dataset import load_dataset
     from samlora.models.encoder_blocks import block_names
+    from samlora.models.model_info import ModelInfo
     from samlora.training.items import PromptDataset, make_cache
 
     config = TrainConfig(data_dir="", output_dir="", model_type="vit_b" if kind == "vit" else "vit_t",
@@ -239,11 +241,11 @@ def test_cached_late_lora_step_equals_the_uncached_step(em_crops, one_thread, ki
                          augment=False, prompt="mix")
     if kind == "vit":  # the tiny ViT: 4 blocks
         torch.manual_seed(0)
-        sam = tiny_sam("vit", image_size=64, depth=4)
+        sam, info = tiny_sam("vit", image_size=64, depth=4), ModelInfo("vit_b", 64)
         lora.inject_lora(sam, 2, 2, ("qkv", "mlp"), blocks=(2, 3))
         lora.mark_only_lora_as_trainable(sam, train_decoder=True)
     else:
-        sam = trainer.build_trainable_model(config, None, torch.device("cpu"))
+        sam, info = trainer.build_trainable_model(config, None, torch.device("cpu"))
     first = config.first_lora_block
     assert config.cached and first == (2 if kind == "vit" else 8)
     with torch.no_grad():
@@ -271,7 +273,7 @@ def test_cached_late_lora_step_equals_the_uncached_step(em_crops, one_thread, ki
     assert adapted and adapted <= set(grads) and all(grads[n].abs().sum() > 0 for n in adapted)
     encoder_grads = {n for n in grads if n.startswith("image_encoder.")}
     assert encoder_grads == adapted  # nothing else in the encoder
-    cache = make_cache(sam, config)
+    cache = make_cache(sam, info, config)
     assert cache.block == first
     step(cache)  # fills the cache
     cached_loss, cached_grads = step(cache)
@@ -375,3 +377,4 @@ def test_epoch_selection_prompts_as_evaluate_does(em_crops, prompt: str) -> None
     np.testing.assert_array_equal(item.prompts.point_labels, expected.point_labels)
     np.testing.assert_array_equal(item.prompts.boxes, expected.boxes)
     assert item.tensors.single_click() == (prompt == "point")
+

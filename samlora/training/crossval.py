@@ -229,7 +229,7 @@ def export_merged(config: TrainConfig, summary: dict[str, Any], samples: Sequenc
     # at every input size (size-dependent position tables are zero-initialised).
     state = lora.merged_state_dict(adapters.load_finetuned(adapters.BaseModels(
         config.model_type, checkpoint, EXPORT_SIZE), adapter, config.seed, merge=False))
-    exported = sam_model.build_model(config.model_type, None, EXPORT_SIZE)
+    exported = sam_model.build_model(config.model_type, None, EXPORT_SIZE).sam
     exported.load_state_dict(state, strict=True)  # the file's tensors, as the official registry loads them
     indices, images, seen = export_images(samples)
     rows = score_model(exported, dataclasses.replace(config, image_size=EXPORT_SIZE), samples, indices, device)

@@ -29,6 +29,7 @@ from samlora.inference import segmenter
 from samlora.metrics import scores as metrics
 from samlora.models import adapters, encoder_blocks, lora
 from samlora.models import sam as sam_model
+from samlora.models.model_info import LoadedModel, ModelInfo
 from samlora.training import rounds as iterative
 from samlora.training import runs
 from samlora.training.config import TrainConfig
@@ -326,15 +327,15 @@ def validate(ctx: Context, loader: torch.utils.data.DataLoader) -> dict[str, flo
 # --------------------------------------------------------------------------------------------
 # Model set-up, checkpoints
 # --------------------------------------------------------------------------------------------
-def build_trainable_model(config: TrainConfig, checkpoint: Path | None, device: torch.device) -> nn.Module:
-    """The base model with LoRA injected and only the chosen parameters trainable.
+def build_trainable_model(config: TrainConfig, checkpoint: Path | None, device: torch.device) -> LoadedModel:
+    """``(sam, info)``: the base model with LoRA injected and only the chosen parameters
+    trainable, on ``device``, and the base model's :class:`ModelInfo`.
 
     Random base weights (no checkpoint) come from ``torch.manual_seed(config.seed)`` alone, so
     every fold and :func:`export_merged` rebuild the very same base model.
     """
     torch.manual_seed(config.seed)
-    sam = sam_model.build_model(config.model_type, checkpoint, config.image_size)
-    sam.random_weights = checkpoint is None
+    sam, info = sam_model.build_model(config.model_type, checkpoint, config.image_size)
     if config.lora_rank > 0:
         targets = lora.parse_targets(config.lora_targets)
         if config.freeze_encoder:
@@ -342,10 +343,10 @@ def build_trainable_model(config: TrainConfig, checkpoint: Path | None, device: 
         lora.inject_lora(sam, config.lora_rank, config.lora_alpha, targets, config.lora_dropout,
                          config.lora_block_indices if config.encoder_trained else None)
     lora.mark_only_lora_as_trainable(sam, train_decoder=config.train_decoder)
-    return sam.to(device)
+    return LoadedModel(sam.to(device), info)
 
 
-def adapter_config(config: TrainConfig, sam: nn.Module, fold: int | None, epoch: int,
+def adapter_config(config: TrainConfig, sam: nn.Module, info: ModelInfo, fold: int | None, epoch: int,
                    val: dict[str, float], rounds: int) -> dict[str, Any]:
     """What an adapter file records about its training: model type, input size and the training
     patch size (the scale objects were seen at), targets, the encoder blocks with LoRA
@@ -353,7 +354,7 @@ def adapter_config(config: TrainConfig, sam: nn.Module, fold: int | None, epoch:
     fit on all training data), epoch, its selection score, seed, prompt and prompting rounds."""
     targets = [layer.target for layer in lora.lora_layers(sam).values()] if config.lora_rank > 0 else []
     return {"model_type": config.model_type, "image_size": config.image_size, "patch_size": config.patch_size,
-            "base_checkpoint_sha256": sam.checkpoint_sha256, "targets": sorted(set(targets)) or None,
+            "base_checkpoint_sha256": info.checkpoint_sha256, "targets": sorted(set(targets)) or None,
             "blocks": list(config.lora_block_indices) if config.encoder_trained else None,
             "train_decoder": config.train_decoder, "fold": fold, "epoch": epoch,
             "selection_dice": val.get("val_dice"), "seed": config.seed, "prompt": config.prompt,
@@ -413,13 +414,13 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_id
     the schedule's length and the step to stop after (default: ``config.epochs`` whole epochs).
     """
     fold_dir = fold_dir or runs.fold_dir(Path(config.output_dir), fold)
-    sam = build_trainable_model(config, checkpoint, device)
+    sam, info = build_trainable_model(config, checkpoint, device)
     optimizer = torch.optim.AdamW(param_groups(sam, config.weight_decay), lr=config.learning_rate)
     train_set = PromptDataset(samples, train_idx, config, fold, train=True)
     per_epoch = epoch_steps(len(train_set), config.batch_size, world)
     steps = steps or StepPlan(per_epoch * config.epochs, per_epoch * config.epochs)
     scheduler = make_schedule(optimizer, steps.schedule, config.warmup_fraction)
-    cache = make_cache(sam, config, cache_dir, embeddings, cache_bytes)
+    cache = make_cache(sam, info, config, cache_dir, embeddings, cache_bytes)
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
     ctx = Context(sam, config, device, cache, optimizer, scheduler, rank, world, scaler, sub_iterations(config, device))
     state = resume_fold(fold_dir / "last.pt", sam, optimizer, scheduler, fold)
@@ -439,7 +440,7 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_id
         row.update(validate(ctx, select_loader) if select_loader is not None else {})
         row.update(fold=fold if fold_dir.name != runs.FINAL_DIR else runs.FINAL_DIR, epoch=epoch,
                    lr=scheduler.get_last_lr()[0], seconds=round(time.perf_counter() - start, 2))
-        end_epoch(ctx, state, row, fold_dir)
+        end_epoch(ctx, info, state, row, fold_dir)
     if cache is not None:
         log.info("fold %d: %s cache %d hits, %d passes through the frozen part", fold,
                  "embedding" if cache.block is None else f"block {cache.block} input", cache.hits, cache.misses)
@@ -458,7 +459,7 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_id
     return result
 
 
-def end_epoch(ctx: Context, state: dict[str, Any], row: dict[str, Any], fold_dir: Path) -> None:
+def end_epoch(ctx: Context, info: ModelInfo, state: dict[str, Any], row: dict[str, Any], fold_dir: Path) -> None:
     """Book-keeping after an epoch: the chosen checkpoint (``best.pt``: the best selection Dice,
     or every epoch without a selection split), the resume state, metrics.csv and the log line."""
     fold, epoch = row["fold"], row["epoch"]
@@ -472,7 +473,7 @@ def end_epoch(ctx: Context, state: dict[str, Any], row: dict[str, Any], fold_dir
     if ctx.rank == 0:
         if improved:
             adapters.save_adapter(fold_dir / "best.pt", ctx.sam,
-                                  adapter_config(ctx.config, ctx.sam, None if fold == runs.FINAL_DIR else fold,
+                                  adapter_config(ctx.config, ctx.sam, info, None if fold == runs.FINAL_DIR else fold,
                                                  epoch, row, ctx.rounds))
         runfiles.torch_save({"trainable": adapters.trained_state(ctx.sam), "optimizer": ctx.optimizer.state_dict(),
                              "scheduler": ctx.scheduler.state_dict(), "state": state}, fold_dir / "last.pt")

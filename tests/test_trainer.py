@@ -378,3 +378,27 @@ def test_epoch_selection_prompts_as_evaluate_does(em_crops, prompt: str) -> None
     np.testing.assert_array_equal(item.prompts.boxes, expected.boxes)
     assert item.tensors.single_click() == (prompt == "point")
 
+
+def test_fold_state_reads_the_resume_state_earlier_runs_wrote(tmp_path: Path) -> None:
+    """``last.pt`` keeps the fold's state as the plain dict earlier runs wrote (the same five keys,
+    loadable with ``weights_only=True``): FoldState reads it and writes it back unchanged; an epoch
+    improves on a better selection Dice, or always without one; a final-fit plan is labelled
+    ``final`` in the metrics rows and records no fold in its adapter."""
+    from samlora.training.fold_plan import FoldPlan, FoldState, StepPlan
+
+    earlier = {"epoch": 2, "best_dice": 0.5, "best_epoch": 1, "bad_epochs": 1,
+               "history": [{"fold": 0, "epoch": e, "val_dice": d} for e, d in enumerate((0.4, 0.5, 0.45))]}
+    torch.save({"state": earlier}, tmp_path / "last.pt")
+    state = FoldState.from_saved(torch.load(tmp_path / "last.pt", weights_only=True)["state"])
+    assert state == FoldState(2, 0.5, 1, 1, earlier["history"]) and state.to_saved() == earlier
+    assert not state.record({"epoch": 3, "val_dice": 0.5}) and (state.best_epoch, state.bad_epochs) == (1, 2)
+    assert state.record({"epoch": 4, "val_dice": 0.6}) and (state.best_epoch, state.bad_epochs) == (4, 0)
+    assert state.record({"epoch": 5}) and (state.epoch, state.best_epoch, state.best_dice) == (5, 5, -1.0)
+    torch.save({"state": state.to_saved()}, tmp_path / "last.pt")
+    again = FoldState.from_saved(torch.load(tmp_path / "last.pt", weights_only=True)["state"])
+    assert again == state and len(again.history) == 6
+    outer = FoldPlan.outer(tmp_path, 1, [0, 1], [2], [3])
+    assert (outer.label, outer.adapter_fold, outer.directory, outer.steps) == (1, 1, tmp_path / "fold_1", None)
+    final = FoldPlan.final_fit(tmp_path, 3, [0, 1, 2], [4], StepPlan(schedule=10, stop=4))
+    assert (final.label, final.adapter_fold, final.fold, final.select_idx) == ("final", None, 3, ())
+    assert final.directory == tmp_path / "final" and final.steps == StepPlan(10, 4)

@@ -75,10 +75,10 @@ def test_resume_after_interruption_matches_uninterrupted(em6: Path, tmp_path: Pa
 
     original = trainer.train_one_epoch
 
-    def interrupted(ctx, loader, epoch, fold):
+    def interrupted(ctx, loader, epoch, fold, limit=None):
         if epoch == 2:
             raise KeyboardInterrupt
-        return original(ctx, loader, epoch, fold)
+        return original(ctx, loader, epoch, fold, limit=limit)
 
     monkeypatch.setattr(trainer, "train_one_epoch", interrupted)
     assert run_train(em6, tmp_path / "cut", *args) == 130

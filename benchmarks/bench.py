@@ -203,7 +203,7 @@ def bench_detect(samples: list[Sample], quick: bool) -> list[tuple[str, float, s
     sample = next(s for s in samples if s.image.shape[:2] == (1024, 1024))
     image = sample.image
     torch.manual_seed(0)
-    sam = sam_model.build_model("vit_t", None, 1024).eval()
+    sam = sam_model.build_model("vit_t", None, 1024).sam
     proposer = untrained_detector(yolo_size, n_boxes)
     pipelines = {p: inference.Segmenter(sam, inference.SegmentOptions(precision=p), proposer)
                  for p in ("fp32", "bf16")}

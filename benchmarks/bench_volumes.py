@@ -76,7 +76,7 @@ def bench_linking(images: np.ndarray, labels: np.ndarray, image_size: int, reps:
     from samlora.models import sam as sam_model
 
     torch.manual_seed(0)
-    sam = sam_model.build_model("vit_t", None, image_size).eval()
+    sam = sam_model.build_model("vit_t", None, image_size).sam
     segmenter = inference.Segmenter(sam, inference.SegmentOptions(mode="amg", points_per_side=2, pred_iou_thresh=0,
                                                                   stability_score_thresh=0, tile_size=0))
     rgb = np.repeat(images[0][..., None], 3, axis=2)

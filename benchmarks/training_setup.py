@@ -29,11 +29,11 @@ class Setup:
     def __init__(self, config: TrainConfig, samples: list[Sample]) -> None:
         torch.manual_seed(0)
         self.config = config
-        self.sam = trainer.build_trainable_model(config, None, torch.device("cpu"))
+        self.sam, info = trainer.build_trainable_model(config, None, torch.device("cpu"))
         params = [p for p in self.sam.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
         sched = trainer.make_schedule(opt, 10_000, 0.0)
-        cache = make_cache(self.sam, config)
+        cache = make_cache(self.sam, info, config)
         self.ctx = trainer.Context(self.sam, config, torch.device("cpu"), cache, opt, sched)
         self.dataset = PromptDataset(samples, range(len(samples)), config, 0, train=True)
         self.loader = make_loader(self.dataset, 1, None, 0)

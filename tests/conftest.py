@@ -334,7 +334,7 @@ def tiny_sam(kind: str = "vit", image_size: int = 256, seed: int = 0, depth: int
     decoder's width at 256) with the same shrunken decoder depth and widths. Decoder: 1 two-way
     block, MLP 64, 2 heads, IoU head 32. Every parameter gets a little noise (0.02 std) after
     the seeded init, so that outputs depend on every layer (SAM inits position embeddings at 0).
-    ``model_type`` and ``checkpoint_sha256`` are set as ``model.build_model`` sets them.
+    Its :class:`ModelInfo` is ``ModelInfo("vit_b" or "vit_t", image_size)`` (random weights).
     """
     from samlora.models import sam as model
 
@@ -342,13 +342,10 @@ def tiny_sam(kind: str = "vit", image_size: int = 256, seed: int = 0, depth: int
     if kind == "vit":
         sam = model.build_sam_vit(image_size, embed_dim=32, depth=depth, num_heads=2, global_attn_indexes=(1,),
                                   window_size=4, decoder=tiny_decoder(32))
-        sam.model_type = "vit_b"  # SAM's ViT family: vit_b's tensor names and code paths
     elif kind == "vit_t":
         sam = model.build_mobile_sam(image_size, decoder=tiny_decoder(256))
-        sam.model_type = "vit_t"
     else:
         raise ValueError(f"tiny_sam: kind must be 'vit' or 'vit_t', got {kind!r}")
-    sam.checkpoint_sha256 = None
     with torch.no_grad():
         for p in sam.parameters():
             p.add_(0.02 * torch.randn_like(p))

@@ -246,10 +246,10 @@ def interrupted_training(env: Env) -> list[str]:
     original = trainer.train_one_epoch
     out = env.out / "run"
 
-    def interrupt(ctx, loader, epoch, fold):
+    def interrupt(ctx, loader, epoch, fold, limit=None):
         if epoch == 1:
             raise KeyboardInterrupt
-        return original(ctx, loader, epoch, fold)
+        return original(ctx, loader, epoch, fold, limit=limit)
 
     env.monkeypatch.setattr(trainer, "train_one_epoch", interrupt)
 

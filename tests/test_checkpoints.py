@@ -65,7 +65,7 @@ def test_verify_file(tmp_path: Path) -> None:
 # --- reading a checkpoint into a model -----------------------------------------------------
 def test_checkpoint_errors(tmp_path: Path) -> None:
     """Real vit_t / vit_b: the official tensor layout, as users' files have it."""
-    vit_t = build_model("vit_t", image_size=256)
+    vit_t = build_model("vit_t", image_size=256).sam
     tpath = tmp_path / "mobile_sam.pt"
     torch.save(vit_t.state_dict(), tpath)
     with pytest.raises(UserError, match="is a vit_t checkpoint but --model_type is vit_b"):
@@ -81,8 +81,29 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         build_model("vit_t", checkpoint=tmp_path / "missing.pt")
     # a 1024 checkpoint (wrapped as {"model": ...}) loads into a 256 px MobileSAM
-    torch.save({"model": build_model("vit_t").state_dict()}, tmp_path / "wrapped.pt")
-    assert build_model("vit_t", checkpoint=tmp_path / "wrapped.pt", image_size=256).checkpoint_sha256
+    torch.save({"model": build_model("vit_t").sam.state_dict()}, tmp_path / "wrapped.pt")
+    assert build_model("vit_t", checkpoint=tmp_path / "wrapped.pt", image_size=256).info.checkpoint_sha256
+
+
+def test_a_built_model_carries_its_info_beside_it(tmp_path: Path) -> None:
+    """build_model returns ``(sam, info)``: the type, input size and the loaded file's SHA-256
+    (None: random weights) in a frozen record; nothing is set on SAM's module. BaseModels hands
+    out the same record."""
+    from samlora.models import adapters
+    from samlora.models.model_info import ModelInfo
+
+    sam, info = build_model("vit_t", image_size=256)
+    assert info == ModelInfo("vit_t", 256, None) and info.random_weights
+    path = tmp_path / "mobile_sam.pt"
+    torch.save(sam.state_dict(), path)
+    loaded = build_model("vit_t", checkpoint=path, image_size=256)
+    assert loaded.info == ModelInfo("vit_t", 256, hashlib.sha256(path.read_bytes()).hexdigest())
+    assert not loaded.info.random_weights
+    hidden = ("model_type", "checkpoint_sha256", "random_weights")
+    assert not any(hasattr(model, name) for model in (sam, loaded.sam) for name in hidden)
+    bases = adapters.BaseModels("vit_t", path, 256)
+    assert bases.info() == loaded.info and bases.sha256 == loaded.info.checkpoint_sha256
+    assert adapters.BaseModels("vit_t", None, 256).info(3) == info
 
 
 def keys_cubic(t: np.ndarray, a: float = -0.75) -> np.ndarray:
@@ -132,8 +153,8 @@ def test_checkpoint_positions_are_interpolated_for_a_smaller_input(tmp_path: Pat
     torch.save(state, path)
 
     small = tiny_sam("vit", image_size=512, seed=1, depth=12)
-    checkpoints.load_checkpoint(small, path, "vit_b")
-    assert small.checkpoint_sha256 and len(small.checkpoint_sha256) == 64
+    sha256 = checkpoints.load_checkpoint(small, path, "vit_b")
+    assert sha256 and len(sha256) == 64
     loaded = small.state_dict()
 
     resized = loaded["image_encoder.pos_embed"].double().numpy()

@@ -143,5 +143,5 @@ def test_export_merged_is_scored_before_it_is_written(main, em_split: Path, tmp_
     # the final adapter at its own 256 px, on the same image, as the final fit's test score
     assert record["final_adapter"]["dice"]["mean"] == pytest.approx(summary["test"]["dice"]["mean"], abs=0.02)
     # the figures are those of the written file
-    sam = sam_model.build_model("vit_t", None, 1024)
+    sam = sam_model.build_model("vit_t", None, 1024).sam
     sam.load_state_dict(torch.load(export, weights_only=True))

@@ -198,7 +198,7 @@ def test_predict_with_lora_adapter(main, em_section_19, tmp_path: Path,
     from samlora.models.adapters import save_adapter
     from samlora.models.lora import inject_lora
 
-    sam = build_model("vit_t", None, 256)
+    sam = build_model("vit_t", None, 256).sam
     inject_lora(sam, 4, 4, "qkv")
     for name, param in sam.named_parameters():
         if "lora_B" in name:
@@ -227,7 +227,7 @@ def test_predict_tiles_at_the_training_scale(main, shared_data: Path, tmp_path: 
     from samlora.models.adapters import save_adapter
     from samlora.models.lora import inject_lora
 
-    sam = build_model("vit_t", None, 256)
+    sam = build_model("vit_t", None, 256).sam
     inject_lora(sam, 2, 2, "qkv")
     adapter = save_adapter(tmp_path / "adapter.pt", sam, {"model_type": "vit_t", "image_size": 256, "patch_size": 256})
     image = tmp_path / "crop.png"

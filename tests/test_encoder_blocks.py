@@ -73,7 +73,7 @@ def test_block_inputs_table_matches_the_built_models(one_thread) -> None:
     image = torch.zeros(1, 3, 256, 256)
     for model_type in ("vit_t", "vit_b"):
         torch.manual_seed(0)
-        encoder = sam_model.build_model(model_type, None, 256).image_encoder
+        encoder = sam_model.build_model(model_type, None, 256).sam.image_encoder
         assert len(block_names(encoder)) == encoder_blocks.block_count(model_type)
         with torch.no_grad():
             for k, (stride, channels) in enumerate(encoder_blocks.BLOCK_INPUTS[model_type]):

@@ -68,7 +68,7 @@ def reference_predictor(model_type: str, ours: torch.nn.Module):
 @pytest.mark.parametrize("model_type", ["vit_t", "vit_b"])
 def test_predict_matches_official_predictor(model_type: str, shared_data: Path) -> None:
     torch.manual_seed(0)
-    sam = build_model(model_type, checkpoint=None, image_size=1024)
+    sam = build_model(model_type, checkpoint=None, image_size=1024).sam
     image, labels = real_image_and_labels(shared_data)
     boxes, points, point_labels = prompts_from_labels(labels)
 
@@ -122,7 +122,7 @@ def test_predict_matches_official_predictor(model_type: str, shared_data: Path) 
 @pytest.mark.parametrize("model_type", ["vit_t", "vit_b"])
 @pytest.mark.parametrize("image_size", [512, 256])
 def test_reduced_input_sizes(model_type: str, image_size: int) -> None:
-    sam = build_model(model_type, image_size=image_size)
+    sam = build_model(model_type, image_size=image_size).sam
     image = np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)
     masks, scores, low = predict(sam, image, boxes=np.array([[10, 20, 100, 150], [0, 0, 299, 199]]))
     assert masks.shape == (2, 200, 300) and masks.dtype == bool

@@ -23,6 +23,7 @@ from conftest import REPO, SMALL, TINY_TRAIN
 from main import main
 from samlora.training import studies, trainer
 
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     """The rows of a CSV file (all values as strings)."""
     with open(path, encoding="utf-8", newline="") as fh:
@@ -48,13 +49,13 @@ torch.set_num_threads(1)
 from samlora.training import studies
 from samlora.training import trainer
 original = trainer.run_fold
-def run_fold(config, samples, fold, *args, **kwargs):
+def run_fold(config, samples, plan, shared):
     if os.environ.get("BLOCK_IN_FOLD"):
         open(os.environ["BLOCK_IN_FOLD"], "w").close()
         time.sleep(600)
-    result = original(config, samples, fold, *args, **kwargs)
+    result = original(config, samples, plan, shared)
     with open(os.environ["TRAINED_LOG"], "a") as fh:
-        fh.write(f"{os.path.basename(config.output_dir)} {fold}\\n")
+        fh.write(f"{os.path.basename(config.output_dir)} {plan.fold}\\n")
     return result
 trainer.run_fold = run_fold
 import main
@@ -182,14 +183,14 @@ def fake_run_fold(calls: list[str]) -> Any:
     every fold (so each after the first is below the median of the finished ones)."""
     order: list[str] = []
 
-    def run_fold(config, samples, fold, train_idx, select_idx, score_idx, **kwargs):
+    def run_fold(config, samples, plan, shared):
         name = Path(config.output_dir).name
         calls.append(name)
         if name not in order:
             order.append(name)
         dice = 0.9 - 0.1 * order.index(name)
-        return {"fold": fold, "best_epoch": 0, "selection": "fake", "adapter": "none",
-                "scored": [{"index": i, "key": samples[i].key, "dice": dice, "iou": dice / 2} for i in score_idx]}
+        return {"fold": plan.fold, "best_epoch": 0, "selection": "fake", "adapter": "none",
+                "scored": [{"index": i, "key": samples[i].key, "dice": dice, "iou": dice / 2} for i in plan.score_idx]}
     return run_fold
 
 
@@ -350,17 +351,16 @@ def noisy_run_fold(calls: list[tuple[str, str, list[int], list[int]]]) -> Any:
     import zlib
 
     from samlora.core import runfiles
-    from samlora.training import runs
 
-    def run_fold(config, samples, fold, train_idx, select_idx, score_idx, **kwargs):
+    def run_fold(config, samples, plan, shared):
         name = Path(config.output_dir).name if "nested" not in Path(config.output_dir).parts else \
             Path(config.output_dir).parents[1].name
-        calls.append((name, config.output_dir, sorted([*train_idx, *select_idx]), list(score_idx)))
+        calls.append((name, config.output_dir, sorted([*plan.train_idx, *plan.select_idx]), list(plan.score_idx)))
         rows = [{"index": i, "key": samples[i].key, "iou": 0.0,
                  "dice": 0.3 + 0.6 * (zlib.crc32(f"{name}/{samples[i].key}".encode()) % 1000) / 1000}
-                for i in score_idx]
-        result = {"fold": fold, "best_epoch": 0, "selection": "fake", "adapter": "none", "scored": rows}
-        runfiles.write_json((kwargs.get("fold_dir") or runs.fold_dir(Path(config.output_dir), fold)) / "done.json",
+                for i in plan.score_idx]
+        result = {"fold": plan.fold, "best_epoch": 0, "selection": "fake", "adapter": "none", "scored": rows}
+        runfiles.write_json(plan.directory / "done.json",
                             result)  # as trainer.run_fold does: a finished fold is read, not trained again
         return result
     return run_fold

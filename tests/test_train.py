@@ -78,7 +78,7 @@ def test_resume_after_interruption_matches_uninterrupted(em6: Path, tmp_path: Pa
     def interrupted(ctx, loader, epoch, fold, limit=None):
         if epoch == 2:
             raise KeyboardInterrupt
-        return original(ctx, loader, epoch, fold, limit)
+        return original(ctx, loader, epoch, fold, limit=limit)
 
     monkeypatch.setattr(trainer, "train_one_epoch", interrupted)
     assert run_train(em6, tmp_path / "cut", *args) == 130
@@ -130,7 +130,7 @@ def test_export_merged_loads_in_the_official_registry(em6: Path, tmp_path: Path)
     official = mobile_sam.sam_model_registry["vit_t"](checkpoint=str(export)).eval()
     # ours: the same random base (seed 0) with the adapter, unmerged
     torch.manual_seed(0)
-    ours = build_model("vit_t")
+    ours = build_model("vit_t").sam
     adapters.load_adapter(out / "final" / "best.pt", ours)  # --export_merged exports the final fit
     assert {name.split(".blocks.")[0] for name in lora.lora_layers(ours)} == {"image_encoder.layers.3"}
     adapter_changed = any(v.abs().sum() > 0 for k, v in lora.lora_state_dict(ours).items() if "lora_B" in k)

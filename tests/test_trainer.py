@@ -205,17 +205,18 @@ def test_cached_embeddings_are_stored_one_by_one(tmp_path) -> None:
     it was computed in."""
     from types import SimpleNamespace
 
+    from samlora.models.model_info import ModelInfo
     from samlora.training.items import EmbeddingCache
 
-    sam = tiny_sam("vit", image_size=64)
-    cache = EmbeddingCache(sam, "fp32", tmp_path)
+    sam, info = tiny_sam("vit", image_size=64), ModelInfo("vit_b", 64)
+    cache = EmbeddingCache(sam, info, "fp32", tmp_path)
     items = [SimpleNamespace(key=f"k{i}", image=torch.randn(3, 64, 64)) for i in range(4)]
     batch = cache.get(items, torch.device("cpu"))
     one = batch[0].numel() * batch[0].element_size()
     files = sorted(tmp_path.glob("*.pt"))
     assert len(files) == 4 and all(f.stat().st_size < 2 * one for f in files)
     assert all(v._base is None for v in cache.memory.values())
-    again = EmbeddingCache(sam, "fp32", tmp_path).get(items, torch.device("cpu"))
+    again = EmbeddingCache(sam, info, "fp32", tmp_path).get(items, torch.device("cpu"))
     torch.testing.assert_close(again, batch)
 
 
@@ -231,6 +232,7 @@ def test_cached_late_lora_step_equals_the_uncached_step(em_crops, one_thread, ki
 
     from samlora.data.dataset import load_dataset
     from samlora.models.encoder_blocks import block_names
+    from samlora.models.model_info import ModelInfo
     from samlora.training.items import PromptDataset, make_cache
 
     config = TrainConfig(data_dir="", output_dir="", model_type="vit_b" if kind == "vit" else "vit_t",
@@ -239,11 +241,11 @@ def test_cached_late_lora_step_equals_the_uncached_step(em_crops, one_thread, ki
                          augment=False, prompt="mix")
     if kind == "vit":  # the tiny ViT: 4 blocks
         torch.manual_seed(0)
-        sam = tiny_sam("vit", image_size=64, depth=4)
+        sam, info = tiny_sam("vit", image_size=64, depth=4), ModelInfo("vit_b", 64)
         lora.inject_lora(sam, 2, 2, ("qkv", "mlp"), blocks=(2, 3))
         lora.mark_only_lora_as_trainable(sam, train_decoder=True)
     else:
-        sam = trainer.build_trainable_model(config, None, torch.device("cpu"))
+        sam, info = trainer.build_trainable_model(config, None, torch.device("cpu"))
     first = config.first_lora_block
     assert config.cached and first == (2 if kind == "vit" else 8)
     with torch.no_grad():
@@ -271,7 +273,7 @@ def test_cached_late_lora_step_equals_the_uncached_step(em_crops, one_thread, ki
     assert adapted and adapted <= set(grads) and all(grads[n].abs().sum() > 0 for n in adapted)
     encoder_grads = {n for n in grads if n.startswith("image_encoder.")}
     assert encoder_grads == adapted  # nothing else in the encoder
-    cache = make_cache(sam, config)
+    cache = make_cache(sam, info, config)
     assert cache.block == first
     step(cache)  # fills the cache
     cached_loss, cached_grads = step(cache)
@@ -373,3 +375,28 @@ def test_epoch_selection_prompts_as_evaluate_does(em_crops, prompt: str) -> None
     np.testing.assert_array_equal(item.prompts.point_labels, expected.point_labels)
     np.testing.assert_array_equal(item.prompts.boxes, expected.boxes)
     assert item.tensors.single_click() == (prompt == "point")
+
+
+def test_fold_state_reads_the_resume_state_earlier_runs_wrote(tmp_path: Path) -> None:
+    """``last.pt`` keeps the fold's state as the plain dict earlier runs wrote (the same five keys,
+    loadable with ``weights_only=True``): FoldState reads it and writes it back unchanged; an epoch
+    improves on a better selection Dice, or always without one; a final-fit plan is labelled
+    ``final`` in the metrics rows and records no fold in its adapter."""
+    from samlora.training.fold_plan import FoldPlan, FoldState, StepPlan
+
+    earlier = {"epoch": 2, "best_dice": 0.5, "best_epoch": 1, "bad_epochs": 1,
+               "history": [{"fold": 0, "epoch": e, "val_dice": d} for e, d in enumerate((0.4, 0.5, 0.45))]}
+    torch.save({"state": earlier}, tmp_path / "last.pt")
+    state = FoldState.from_saved(torch.load(tmp_path / "last.pt", weights_only=True)["state"])
+    assert state == FoldState(2, 0.5, 1, 1, earlier["history"]) and state.to_saved() == earlier
+    assert not state.record({"epoch": 3, "val_dice": 0.5}) and (state.best_epoch, state.bad_epochs) == (1, 2)
+    assert state.record({"epoch": 4, "val_dice": 0.6}) and (state.best_epoch, state.bad_epochs) == (4, 0)
+    assert state.record({"epoch": 5}) and (state.epoch, state.best_epoch, state.best_dice) == (5, 5, -1.0)
+    torch.save({"state": state.to_saved()}, tmp_path / "last.pt")
+    again = FoldState.from_saved(torch.load(tmp_path / "last.pt", weights_only=True)["state"])
+    assert again == state and len(again.history) == 6
+    outer = FoldPlan.outer(tmp_path, 1, [0, 1], [2], [3])
+    assert (outer.label, outer.adapter_fold, outer.directory, outer.steps) == (1, 1, tmp_path / "fold_1", None)
+    final = FoldPlan.final_fit(tmp_path, 3, [0, 1, 2], [4], StepPlan(schedule=10, stop=4))
+    assert (final.label, final.adapter_fold, final.fold, final.select_idx) == ("final", None, 3, ())
+    assert final.directory == tmp_path / "final" and final.steps == StepPlan(10, 4)

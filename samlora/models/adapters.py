@@ -24,6 +24,7 @@ from samlora.core import runfiles
 from samlora.core.errors import UserError
 from samlora.models import checkpoints, encoder_blocks, lora
 from samlora.models import sam as sam_model
+from samlora.models.model_info import LoadedModel, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ class BaseModels:
                  device: torch.device | str = "cpu") -> None:
         self.model_type, self.checkpoint, self.image_size = model_type, checkpoint, image_size
         self.device = torch.device(device)
-        self._built: dict[int | None, nn.Module] = {}
+        self._built: dict[int | None, LoadedModel] = {}
 
     @property
     def random_weights(self) -> bool:
@@ -240,22 +241,23 @@ class BaseModels:
         """A fresh copy of the base model in eval mode on the CPU. Random weights are drawn after
         ``torch.manual_seed(seed)``, as the trainer draws them, so an adapter trained on random
         weights meets the very same ones; loaded weights do not depend on the seed."""
+        return copy.deepcopy(self._build(seed).sam)
+
+    def info(self, seed: int = 0) -> ModelInfo:
+        """The :class:`ModelInfo` of the base model :meth:`get` hands out for ``seed``."""
+        return self._build(seed).info
+
+    def _build(self, seed: int) -> LoadedModel:
         key = seed if self.checkpoint is None else None
         if key not in self._built:
             torch.manual_seed(seed)
-            sam = sam_model.build_model(self.model_type, self.checkpoint, self.image_size)
-            sam.random_weights = self.random_weights
-            self._built[key] = sam
-        return copy.deepcopy(self._built[key])
+            self._built[key] = sam_model.build_model(self.model_type, self.checkpoint, self.image_size)
+        return self._built[key]
 
     @property
     def sha256(self) -> str | None:
         """SHA-256 of the base weights (None for random weights)."""
-        if self.checkpoint is None:
-            return None
-        if None not in self._built:
-            self.get(0)
-        return self._built[None].checkpoint_sha256
+        return None if self.checkpoint is None else self.info().checkpoint_sha256
 
 
 def load_finetuned(bases: BaseModels, adapter: str | os.PathLike | None = None, seed: int = 0,
@@ -268,10 +270,10 @@ def load_finetuned(bases: BaseModels, adapter: str | os.PathLike | None = None, 
     if adapter is None:
         return bases.get(seed).to(bases.device).eval()
     config, _ = read_adapter(adapter)
-    sam = bases.get(int(config.get("seed", seed)))
+    sam, base = bases.get(int(config.get("seed", seed))), bases.sha256
     expected = base_sha256(config)
-    if expected != sam.checkpoint_sha256:
-        have = sam.checkpoint_sha256[:12] + "..." if sam.checkpoint_sha256 else "random weights"
+    if expected != base:
+        have = base[:12] + "..." if base else "random weights"
         want = expected[:12] + "..." if expected else "random weights"
         log.warning("%s was trained on base weights %s but the base model here has %s: its outputs may "
                     "be meaningless (pass the training's --checkpoint)", adapter, want, have)

@@ -244,8 +244,9 @@ def check_model_type(state: dict[str, torch.Tensor], path: str | Path, model_typ
         )
 
 
-def load_checkpoint(sam: nn.Module, path: str | Path, model_type: str) -> None:
-    """Load SAM/MobileSAM weights from ``path`` into ``sam`` (built for ``model_type``).
+def load_checkpoint(sam: nn.Module, path: str | Path, model_type: str) -> str:
+    """Load SAM/MobileSAM weights from ``path`` into ``sam`` (built for ``model_type``); returns
+    the file's SHA-256 (the base weights' identity in ``ModelInfo`` and adapter files).
 
     Refuses files of another model type and files missing any of the model's tensors;
     unexpected extra keys are reported as a warning.
@@ -265,8 +266,9 @@ def load_checkpoint(sam: nn.Module, path: str | Path, model_type: str) -> None:
         )
     if unexpected:
         log.warning("%s: ignored %d unexpected keys (e.g. %s)", path, len(unexpected), ", ".join(unexpected[:3]))
-    sam.checkpoint_sha256 = _cached_sha256(str(Path(path).resolve()), *_file_stamp(path))
-    log.info("loaded %s weights from %s (sha256 %s...)", model_type, path, sam.checkpoint_sha256[:12])
+    sha256 = _cached_sha256(str(Path(path).resolve()), *_file_stamp(path))
+    log.info("loaded %s weights from %s (sha256 %s...)", model_type, path, sha256[:12])
+    return sha256
 
 
 def resolve_checkpoint(model_type: str, checkpoint: str | None, weights_dir: str | Path = "weights",

@@ -30,6 +30,7 @@ from torch import nn
 
 from samlora.core.errors import UserError
 from samlora.models import checkpoints, encoder_blocks
+from samlora.models.model_info import LoadedModel, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -185,24 +186,21 @@ MODEL_REGISTRY: dict[str, ModelSpec] = {
 }
 
 
-def build_model(model_type: str, checkpoint: str | Path | None = None, image_size: int = 1024) -> nn.Module:
+def build_model(model_type: str, checkpoint: str | Path | None = None, image_size: int = 1024) -> LoadedModel:
     """Build ``model_type`` (vit_t, vit_b, vit_l, vit_h) for ``image_size`` px input.
 
     ``checkpoint=None`` gives random weights; otherwise the file is loaded with
     ``weights_only=True`` (position embeddings interpolated when ``image_size`` differs from the
-    checkpoint's). The model is returned in eval mode; ``sam.checkpoint_sha256`` records the
-    base weights' hash (``None`` for random weights).
+    checkpoint's). Returns ``(sam, info)``: the model in eval mode and its :class:`ModelInfo`
+    (type, size, the base weights' hash; ``None`` for random weights).
     """
     if model_type not in MODEL_REGISTRY:
         raise UserError(f"unknown model type {model_type!r}: choose one of {', '.join(MODEL_REGISTRY)}")
     if image_size not in SUPPORTED_IMAGE_SIZES:
         raise UserError(f"image size {image_size} is not supported: choose one of {SUPPORTED_IMAGE_SIZES}")
     sam = MODEL_REGISTRY[model_type].builder(image_size=image_size)
-    sam.model_type = model_type
-    sam.checkpoint_sha256 = None
-    if checkpoint is not None:
-        checkpoints.load_checkpoint(sam, checkpoint, model_type)
-    return sam.eval()
+    sha256 = None if checkpoint is None else checkpoints.load_checkpoint(sam, checkpoint, model_type)
+    return LoadedModel(sam.eval(), ModelInfo(model_type, image_size, sha256))
 
 
 # --------------------------------------------------------------------------------------------

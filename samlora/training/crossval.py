@@ -31,6 +31,7 @@ from samlora.models import adapters, checkpoints, lora
 from samlora.models import sam as sam_model
 from samlora.training import items, runs, trainer
 from samlora.training.config import TrainConfig
+from samlora.training.fold_plan import FoldPlan, FoldResources, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +103,8 @@ def run_training(config: TrainConfig, samples: Sequence[Sample], device: torch.d
             folds_lib.save_folds(out, folds, samples, seed=config.seed, grouping=folds_lib.grouping_of(config))
         runfiles.write_json(out / runs.CONFIG_FILE, {**config.to_json(), runfiles.SCHEMA: runs.CONFIG_SCHEMA})
     embeddings = {} if embeddings is None else embeddings  # frozen encoder: each image embedded once
-    common = dict(checkpoint=checkpoint, device=device, num_workers=num_workers, rank=dist_info.rank,
-                  world=dist_info.world, cache_dir=cache_dir, embeddings=embeddings,
-                  cache_bytes=cache_memory_gb * 2**30)
+    shared = FoldResources(checkpoint, device, num_workers, dist_info.rank, dist_info.world, cache_dir, embeddings,
+                           cache_memory_gb * 2**30)
     results = []
     for fold, (train_idx, val_idx) in enumerate(folds):
         done = runs.fold_dir(out, fold) / "done.json"
@@ -113,12 +113,12 @@ def run_training(config: TrainConfig, samples: Sequence[Sample], device: torch.d
             log.info("fold %d: already finished", fold)
         else:
             fit, select = inner_split(config, samples, train_idx, fold)
-            results.append(trainer.run_fold(config, samples, fold, fit, select, val_idx, **common))
+            results.append(trainer.run_fold(config, samples, FoldPlan.outer(out, fold, fit, select, val_idx), shared))
         if after_fold is not None:
             after_fold(fold, results[-1])
     summary = summarize(results, samples, folds_lib.grouping_of(config), config.seed)
     if config.final_fit:
-        summary.update(final_fit(config, samples, results, len(folds), common))
+        summary.update(final_fit(config, samples, results, len(folds), shared))
     summary["config"] = config.to_json()
     if dist_info.rank == 0:
         runfiles.write_json(out / runs.SUMMARY_FILE, summary)
@@ -126,7 +126,7 @@ def run_training(config: TrainConfig, samples: Sequence[Sample], device: torch.d
     return summary
 
 
-def final_steps(config: TrainConfig, results: Sequence[dict[str, Any]], world: int = 1) -> trainer.StepPlan:
+def final_steps(config: TrainConfig, results: Sequence[dict[str, Any]], world: int = 1) -> StepPlan:
     """The final fit's optimiser steps: as many as a fold took to its chosen checkpoint (the median
     over the folds), on a fold's schedule (warm-up and cosine over a fold's ``--epochs``). The
     final fit has more images per epoch than a fold, so the chosen epoch count would take more
@@ -134,25 +134,24 @@ def final_steps(config: TrainConfig, results: Sequence[dict[str, Any]], world: i
     per_epoch = [trainer.epoch_steps(r["train_size"], config.batch_size, world) for r in results]
     chosen = round(float(np.median([(r["best_epoch"] + 1) * n for r, n in zip(results, per_epoch)])))
     schedule = round(float(np.median(per_epoch))) * config.epochs
-    return trainer.StepPlan(schedule=max(schedule, chosen, 1), stop=max(chosen, 1))
+    return StepPlan(schedule=max(schedule, chosen, 1), stop=max(chosen, 1))
 
 
 def final_fit(config: TrainConfig, samples: Sequence[Sample], results: Sequence[dict[str, Any]], seed_fold: int,
-              common: dict[str, Any]) -> dict[str, Any]:
+              shared: FoldResources) -> dict[str, Any]:
     """Retrain on every training sample for a fold's chosen number of optimiser steps
     (:func:`final_steps`; ``final/``); score it once on the fixed test split when the data has one."""
     trainval, test = folds_lib.split_test(samples)
-    steps = final_steps(config, results, common["world"])
-    epochs = math.ceil(steps.stop / trainer.epoch_steps(len(trainval), config.batch_size, common["world"]))
-    final_dir = Path(config.output_dir) / runs.FINAL_DIR
-    done = final_dir / "done.json"
+    steps = final_steps(config, results, shared.world)
+    epochs = math.ceil(steps.stop / trainer.epoch_steps(len(trainval), config.batch_size, shared.world))
+    plan = FoldPlan.final_fit(config.output_dir, seed_fold, trainval, test, steps)
+    done = plan.directory / "done.json"
     log.info("final fit: %d training samples, %d optimiser steps in %d epoch(s) (the median step of the folds' "
              "chosen checkpoints, on a fold's %d-step schedule)", len(trainval), steps.stop, epochs, steps.schedule)
     if done.is_file():
         result = runfiles.read_json(done, "a finished final fit")
     else:
-        result = trainer.run_fold(config, samples, seed_fold, trainval, [], test, fold_dir=final_dir, steps=steps,
-                                  **common)
+        result = trainer.run_fold(config, samples, plan, shared)
     record: dict[str, Any] = {"final": {"adapter": result["adapter"], "epochs": epochs, "steps": steps.stop,
                                         "schedule_steps": steps.schedule, "train_size": len(trainval)}}
     if test:
@@ -223,7 +222,7 @@ def export_merged(config: TrainConfig, summary: dict[str, Any], samples: Sequenc
     # at every input size (size-dependent position tables are zero-initialised).
     state = lora.merged_state_dict(adapters.load_finetuned(adapters.BaseModels(
         config.model_type, checkpoint, EXPORT_SIZE), adapter, config.seed, merge=False))
-    exported = sam_model.build_model(config.model_type, None, EXPORT_SIZE)
+    exported = sam_model.build_model(config.model_type, None, EXPORT_SIZE).sam
     exported.load_state_dict(state, strict=True)  # the file's tensors, as the official registry loads them
     indices, images, seen = export_images(samples)
     rows = score_model(exported, dataclasses.replace(config, image_size=EXPORT_SIZE), samples, indices, device)

@@ -25,6 +25,7 @@ from samlora.data.prompts import Prompts, sample_prompts, selection_prompts
 from samlora.data.sample import Sample
 from samlora.models import encoder_blocks
 from samlora.models import sam as sam_model
+from samlora.models.model_info import ModelInfo
 from samlora.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -216,12 +217,14 @@ def check_cache_budget(configs: Sequence[TrainConfig], n_images: int, memory_gb:
                         "--embedding_cache DIR")
 
 
-def make_cache(sam: nn.Module, config: TrainConfig, directory: Path | None = None,
+def make_cache(sam: nn.Module, info: ModelInfo, config: TrainConfig, directory: Path | None = None,
                memory: dict[str, torch.Tensor] | None = None, max_bytes: float = float("inf")) -> "EmbeddingCache | None":
-    """The cache of ``config``'s run (None when the encoder trains from its first block)."""
+    """The cache of ``config``'s run on base model ``sam`` (``info``: its identity; None when the
+    encoder trains from its first block)."""
     if not config.cached:
         return None
-    return EmbeddingCache(sam, config.precision, directory, memory, config.seed, max_bytes, config.first_lora_block)
+    return EmbeddingCache(sam, info, config.precision, directory, memory, config.seed, max_bytes,
+                          config.first_lora_block)
 
 
 class EmbeddingCache:
@@ -229,20 +232,20 @@ class EmbeddingCache:
     image embeddings of a frozen encoder (``block=None``), or the input of encoder ``block``, the
     first with LoRA (late LoRA: encoder_blocks.run_to_block).
 
-    Keys combine the model type, the base weights (checkpoint hash, or the seed random weights
+    Keys combine the model type and base weights of ``info`` (checkpoint hash, or the seed random weights
     were drawn from), image size, precision, the block and the image's content hash. Values are
     kept in encoder_blocks.storage_dtype (bfloat16 unless fp32) in CPU memory up to ``max_bytes``
     (moved to the device per batch, as float32) and, with ``directory``, on disk across runs;
     beyond the memory budget they are read back from disk.
     """
 
-    def __init__(self, sam: nn.Module, precision: str, directory: Path | None = None,
+    def __init__(self, sam: nn.Module, info: ModelInfo, precision: str, directory: Path | None = None,
                  memory: dict[str, torch.Tensor] | None = None, seed: int = 0, max_bytes: float = float("inf"),
                  block: int | None = None) -> None:
         self.sam, self.precision, self.directory, self.max_bytes = sam, precision, directory, max_bytes
         self.block = block
-        weights = sam.checkpoint_sha256 or f"random-seed{seed}"
-        self.prefix = f"{sam.model_type}-{weights}-{sam.image_encoder.img_size}-{precision}" + \
+        weights = info.checkpoint_sha256 or f"random-seed{seed}"
+        self.prefix = f"{info.model_type}-{weights}-{sam.image_encoder.img_size}-{precision}" + \
             ("" if block is None else f"-block{block}")
         # shared across the folds of a run: the frozen part is the same in every fold
         self.memory: dict[str, torch.Tensor] = {} if memory is None else memory

@@ -2,16 +2,15 @@
 
 Composed from small parts: training_data.py's items and embedding cache, losses.py,
 :func:`backward_step`, :func:`train_one_epoch`, :func:`validate` (through segmenter.py, as
-evaluate segments) and :func:`run_fold`; the k-fold loop is crossval.py's. Every epoch ends with an atomic
-resume checkpoint; the randomness of an epoch is derived from ``(seed, fold, epoch)``, so
-``--resume`` after an interruption ends with the same result as an uninterrupted run. The run
-directory's layout is runs.py's.
+evaluate segments) and :func:`run_fold` (one fold_plan.FoldPlan: an outer fold or the final fit); the
+k-fold loop is crossval.py's. Every epoch ends with an atomic resume checkpoint (fold_plan.FoldState);
+the randomness of an epoch is derived from ``(seed, fold, epoch)``, so ``--resume`` after an
+interruption ends with the same result as an uninterrupted run. The run directory's layout is runs.py's.
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,11 @@ from samlora.inference import segmenter
 from samlora.metrics import scores as metrics
 from samlora.models import adapters, encoder_blocks, lora
 from samlora.models import sam as sam_model
+from samlora.models.model_info import LoadedModel, ModelInfo
 from samlora.training import rounds as iterative
 from samlora.training import runs
 from samlora.training.config import TrainConfig
+from samlora.training.fold_plan import Distributed, FoldPlan, FoldResources, FoldState, StepPlan
 from samlora.training.items import EmbeddingCache, Item, PromptDataset, make_cache, make_loader
 from samlora.training.losses import decoder_targets, hard_dice, object_losses
 
@@ -326,15 +327,15 @@ def validate(ctx: Context, loader: torch.utils.data.DataLoader) -> dict[str, flo
 # --------------------------------------------------------------------------------------------
 # Model set-up, checkpoints
 # --------------------------------------------------------------------------------------------
-def build_trainable_model(config: TrainConfig, checkpoint: Path | None, device: torch.device) -> nn.Module:
-    """The base model with LoRA injected and only the chosen parameters trainable.
+def build_trainable_model(config: TrainConfig, checkpoint: Path | None, device: torch.device) -> LoadedModel:
+    """``(sam, info)``: the base model with LoRA injected and only the chosen parameters
+    trainable, on ``device``, and the base model's :class:`ModelInfo`.
 
     Random base weights (no checkpoint) come from ``torch.manual_seed(config.seed)`` alone, so
     every fold and :func:`export_merged` rebuild the very same base model.
     """
     torch.manual_seed(config.seed)
-    sam = sam_model.build_model(config.model_type, checkpoint, config.image_size)
-    sam.random_weights = checkpoint is None
+    sam, info = sam_model.build_model(config.model_type, checkpoint, config.image_size)
     if config.lora_rank > 0:
         targets = lora.parse_targets(config.lora_targets)
         if config.freeze_encoder:
@@ -342,10 +343,10 @@ def build_trainable_model(config: TrainConfig, checkpoint: Path | None, device: 
         lora.inject_lora(sam, config.lora_rank, config.lora_alpha, targets, config.lora_dropout,
                          config.lora_block_indices if config.encoder_trained else None)
     lora.mark_only_lora_as_trainable(sam, train_decoder=config.train_decoder)
-    return sam.to(device)
+    return LoadedModel(sam.to(device), info)
 
 
-def adapter_config(config: TrainConfig, sam: nn.Module, fold: int | None, epoch: int,
+def adapter_config(config: TrainConfig, sam: nn.Module, info: ModelInfo, fold: int | None, epoch: int,
                    val: dict[str, float], rounds: int) -> dict[str, Any]:
     """What an adapter file records about its training: model type, input size and the training
     patch size (the scale objects were seen at), targets, the encoder blocks with LoRA
@@ -353,20 +354,11 @@ def adapter_config(config: TrainConfig, sam: nn.Module, fold: int | None, epoch:
     fit on all training data), epoch, its selection score, seed, prompt and prompting rounds."""
     targets = [layer.target for layer in lora.lora_layers(sam).values()] if config.lora_rank > 0 else []
     return {"model_type": config.model_type, "image_size": config.image_size, "patch_size": config.patch_size,
-            "base_checkpoint_sha256": sam.checkpoint_sha256, "targets": sorted(set(targets)) or None,
+            "base_checkpoint_sha256": info.checkpoint_sha256, "targets": sorted(set(targets)) or None,
             "blocks": list(config.lora_block_indices) if config.encoder_trained else None,
             "train_decoder": config.train_decoder, "fold": fold, "epoch": epoch,
             "selection_dice": val.get("val_dice"), "seed": config.seed, "prompt": config.prompt,
             "sub_iterations": rounds}
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """A run's optimiser steps when they are not ``--epochs`` whole epochs (the final fit): the
-    steps its warm-up and cosine schedule span, and the step it stops after."""
-
-    schedule: int
-    stop: int
 
 
 def epoch_steps(n_items: int, batch_size: int, world: int = 1) -> int:
@@ -397,130 +389,110 @@ def seed_everything(seed: int, fold: int, epoch: int, rank: int = 0) -> None:
 # --------------------------------------------------------------------------------------------
 # One fold, all folds
 # --------------------------------------------------------------------------------------------
-def run_fold(config: TrainConfig, samples: Sequence[Sample], fold: int, train_idx: Sequence[int],
-             select_idx: Sequence[int], score_idx: Sequence[int], checkpoint: Path | None, device: torch.device,
-             num_workers: int = 0, rank: int = 0, world: int = 1, cache_dir: Path | None = None,
-             embeddings: dict[str, torch.Tensor] | None = None, fold_dir: Path | None = None,
-             cache_bytes: float = float("inf"), steps: StepPlan | None = None) -> dict[str, Any]:
-    """Train one fold on ``train_idx`` (resuming from ``last.pt``), choose its checkpoint, score it.
+def run_fold(config: TrainConfig, samples: Sequence[Sample], plan: FoldPlan, shared: FoldResources) -> dict[str, Any]:
+    """Train one fold on ``plan.train_idx`` (resuming from ``last.pt``), choose its checkpoint, score it.
 
-    The epoch is chosen (best checkpoint, early stopping) by the Dice on ``select_idx``: an inner
-    validation split of the training groups, never the images the fold is scored on; without one
-    the last epoch is kept. The chosen adapter (``best.pt``) is then scored once on ``score_idx``
-    (the outer fold): those per-image rows are the fold's unbiased estimate. Writes ``best.pt``,
-    ``last.pt`` and ``done.json`` in ``fold_dir`` (default ``fold_k``); returns the result.
-    ``embeddings`` is the run's shared frozen-encoder cache, reused by every fold. ``steps``:
-    the schedule's length and the step to stop after (default: ``config.epochs`` whole epochs).
+    The epoch is chosen (best checkpoint, early stopping) by the Dice on ``plan.select_idx``: an
+    inner validation split of the training groups, never the images the fold is scored on; without
+    one the last epoch is kept. The chosen adapter (``best.pt``) is then scored once on
+    ``plan.score_idx`` (the outer fold): those per-image rows are the fold's unbiased estimate.
+    Writes ``best.pt``, ``last.pt`` and ``done.json`` in ``plan.directory``; returns the result.
+    ``shared`` holds what every fold of the run shares (the embedding cache among it).
     """
-    fold_dir = fold_dir or runs.fold_dir(Path(config.output_dir), fold)
-    sam = build_trainable_model(config, checkpoint, device)
+    sam, info = build_trainable_model(config, shared.checkpoint, shared.device)
     optimizer = torch.optim.AdamW(param_groups(sam, config.weight_decay), lr=config.learning_rate)
-    train_set = PromptDataset(samples, train_idx, config, fold, train=True)
-    per_epoch = epoch_steps(len(train_set), config.batch_size, world)
-    steps = steps or StepPlan(per_epoch * config.epochs, per_epoch * config.epochs)
+    train_set = PromptDataset(samples, plan.train_idx, config, plan.fold, train=True)
+    per_epoch = epoch_steps(len(train_set), config.batch_size, shared.world)
+    steps = plan.steps or StepPlan(per_epoch * config.epochs, per_epoch * config.epochs)
     scheduler = make_schedule(optimizer, steps.schedule, config.warmup_fraction)
-    cache = make_cache(sam, config, cache_dir, embeddings, cache_bytes)
-    scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
-    ctx = Context(sam, config, device, cache, optimizer, scheduler, rank, world, scaler, sub_iterations(config, device))
-    state = resume_fold(fold_dir / "last.pt", sam, optimizer, scheduler, fold)
-    log.info("fold %d: %d prompting round(s) per step (--sub_iterations)", fold, ctx.rounds)
-    select_loader = make_loader(PromptDataset(samples, select_idx, config, fold, train=False), config.batch_size,
-                                None, num_workers, rank, world) if select_idx else None
-    for epoch in range(state["epoch"] + 1, math.ceil(steps.stop / per_epoch)):
-        if config.early_stopping and state["bad_epochs"] >= config.patience:
-            log.info("fold %d: early stop, no improvement for %d epochs", fold, config.patience)
+    cache = make_cache(sam, info, config, shared.cache_dir, shared.embeddings, shared.cache_bytes)
+    scaler = torch.amp.GradScaler(shared.device.type) if config.precision == "fp16" else None
+    ctx = Context(sam, config, shared.device, cache, optimizer, scheduler, shared.rank, shared.world, scaler,
+                  sub_iterations(config, shared.device))
+    state = resume_fold(plan, sam, optimizer, scheduler)
+    log.info("fold %s: %d prompting round(s) per step (--sub_iterations)", plan.label, ctx.rounds)
+    select = fold_loader(ctx, samples, plan, plan.select_idx, shared.num_workers) if plan.select_idx else None
+    for epoch in range(state.epoch + 1, math.ceil(steps.stop / per_epoch)):
+        if config.early_stopping and state.bad_epochs >= config.patience:
+            log.info("fold %s: early stop, no improvement for %d epochs", plan.label, config.patience)
             break
-        start = time.perf_counter()
-        seed_everything(config.seed, fold, epoch, rank)
-        train_set.epoch = epoch
-        shuffle = int(np.random.default_rng([config.seed, fold, epoch, 7]).integers(2**31))
-        row = train_one_epoch(ctx, make_loader(train_set, config.batch_size, shuffle, num_workers, rank, world), epoch,
-                              fold, limit=steps.stop - epoch * per_epoch)
-        row.update(validate(ctx, select_loader) if select_loader is not None else {})
-        row.update(fold=fold if fold_dir.name != runs.FINAL_DIR else runs.FINAL_DIR, epoch=epoch,
-                   lr=scheduler.get_last_lr()[0], seconds=round(time.perf_counter() - start, 2))
-        end_epoch(ctx, state, row, fold_dir)
+        row = run_epoch(ctx, plan, train_set, select, epoch, steps.stop - epoch * per_epoch, shared.num_workers)
+        end_epoch(ctx, info, state, row, plan)
     if cache is not None:
-        log.info("fold %d: %s cache %d hits, %d passes through the frozen part", fold,
+        log.info("fold %s: %s cache %d hits, %d passes through the frozen part", plan.label,
                  "embedding" if cache.block is None else f"block {cache.block} input", cache.hits, cache.misses)
-    Distributed(rank, world).barrier()  # rank 0 writes best.pt; every process reads it back
-    sam.load_state_dict(adapters.read_adapter(fold_dir / "best.pt")[1], strict=False)  # the chosen epoch
-    scored = validation_rows(ctx, make_loader(PromptDataset(samples, score_idx, config, fold, train=False),
-                                              config.batch_size, None, num_workers, rank, world)) if score_idx else []
-    result = {"fold": fold, "best_epoch": state["best_epoch"], "epochs_run": state["epoch"] + 1,
-              "selection": "inner validation split" if select_idx else "last epoch (no inner split)",
-              "selection_dice": state["best_dice"] if select_idx else None, "adapter": str(fold_dir / "best.pt"),
-              "train_size": len(train_idx), "selection_size": len(select_idx), "scored_size": len(scored),
+    Distributed(shared.rank, shared.world).barrier()  # rank 0 writes best.pt; every process reads it back
+    sam.load_state_dict(adapters.read_adapter(plan.directory / "best.pt")[1], strict=False)  # the chosen epoch
+    scored = validation_rows(ctx, fold_loader(ctx, samples, plan, plan.score_idx, shared.num_workers)) \
+        if plan.score_idx else []
+    result = {"fold": plan.fold, "best_epoch": state.best_epoch, "epochs_run": state.epoch + 1,
+              "selection": "inner validation split" if plan.select_idx else "last epoch (no inner split)",
+              "selection_dice": state.best_dice if plan.select_idx else None,
+              "adapter": str(plan.directory / "best.pt"), "train_size": len(plan.train_idx),
+              "selection_size": len(plan.select_idx), "scored_size": len(scored),
               "scored": [{"index": r["index"], "key": samples[r["index"]].key, "dice": r["dice"], "iou": r["iou"]}
                          for r in scored]}
-    if rank == 0:
-        runfiles.write_json(fold_dir / "done.json", result)
+    if shared.rank == 0:
+        runfiles.write_json(plan.directory / "done.json", result)
     return result
 
 
-def end_epoch(ctx: Context, state: dict[str, Any], row: dict[str, Any], fold_dir: Path) -> None:
+def fold_loader(ctx: Context, samples: Sequence[Sample], plan: FoldPlan, indices: Sequence[int],
+                num_workers: int) -> torch.utils.data.DataLoader:
+    """The unshuffled, unaugmented loader of ``samples[indices]`` (selection or scoring)."""
+    return make_loader(PromptDataset(samples, indices, ctx.config, plan.fold, train=False), ctx.config.batch_size,
+                       None, num_workers, ctx.rank, ctx.world)
+
+
+def run_epoch(ctx: Context, plan: FoldPlan, train_set: PromptDataset, select: torch.utils.data.DataLoader | None,
+              epoch: int, limit: int, num_workers: int = 0) -> dict[str, Any]:
+    """Train epoch ``epoch`` (its first ``limit`` steps at most), seeded from (seed, fold, epoch),
+    then score the selection loader ``select``; returns the epoch's metrics row (``fold``:
+    :attr:`FoldPlan.label`)."""
+    start = time.perf_counter()
+    config = ctx.config
+    seed_everything(config.seed, plan.fold, epoch, ctx.rank)
+    train_set.epoch = epoch
+    shuffle = int(np.random.default_rng([config.seed, plan.fold, epoch, 7]).integers(2**31))
+    row = train_one_epoch(ctx, make_loader(train_set, config.batch_size, shuffle, num_workers, ctx.rank, ctx.world),
+                          epoch, plan.fold, limit=limit)
+    row.update(validate(ctx, select) if select is not None else {})
+    row.update(fold=plan.label, epoch=epoch, lr=ctx.scheduler.get_last_lr()[0],
+               seconds=round(time.perf_counter() - start, 2))
+    return row
+
+
+def end_epoch(ctx: Context, info: ModelInfo, state: FoldState, row: dict[str, Any], plan: FoldPlan) -> None:
     """Book-keeping after an epoch: the chosen checkpoint (``best.pt``: the best selection Dice,
     or every epoch without a selection split), the resume state, metrics.csv and the log line."""
-    fold, epoch = row["fold"], row["epoch"]
-    improved = "val_dice" not in row or row["val_dice"] > state["best_dice"]
-    state["history"].append(row)
-    state["epoch"] = epoch
-    if improved:
-        state.update(best_dice=row.get("val_dice", -1.0), best_epoch=epoch, bad_epochs=0)
-    else:
-        state["bad_epochs"] += 1
+    improved = state.record(row)
     if ctx.rank == 0:
         if improved:
-            adapters.save_adapter(fold_dir / "best.pt", ctx.sam,
-                                  adapter_config(ctx.config, ctx.sam, None if fold == runs.FINAL_DIR else fold,
-                                                 epoch, row, ctx.rounds))
+            adapters.save_adapter(plan.directory / "best.pt", ctx.sam,
+                                  adapter_config(ctx.config, ctx.sam, info, plan.adapter_fold, row["epoch"], row,
+                                                 ctx.rounds))
         runfiles.torch_save({"trainable": adapters.trained_state(ctx.sam), "optimizer": ctx.optimizer.state_dict(),
-                             "scheduler": ctx.scheduler.state_dict(), "state": state}, fold_dir / "last.pt")
+                             "scheduler": ctx.scheduler.state_dict(), "state": state.to_saved()},
+                            plan.directory / "last.pt")
         runs.write_metrics_csv(Path(ctx.config.output_dir))
-    log.info("fold %s epoch %d: loss %.4f, train Dice %.3f (first round)%s (%.1f s)", fold, epoch, row["train_loss"], row["train_dice"],
+    log.info("fold %s epoch %d: loss %.4f, train Dice %.3f (first round)%s (%.1f s)", plan.label, row["epoch"],
+             row["train_loss"], row["train_dice"],
              f", selection Dice {row['val_dice']:.4f}, IoU {row['val_iou']:.4f}" + (" *" if improved else "")
              if "val_dice" in row else "", row["seconds"])
 
 
-def resume_fold(last: Path, sam: nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler: torch.optim.lr_scheduler.LRScheduler, fold: int) -> dict[str, Any]:
-    """The fold's training state: loaded from its resume checkpoint ``last`` (into the model,
+def resume_fold(plan: FoldPlan, sam: nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler) -> FoldState:
+    """The fold's training state: loaded from its resume checkpoint ``last.pt`` (into the model,
     optimiser and schedule) when there is one, else a fresh state."""
+    last = plan.directory / "last.pt"
     if not last.is_file():
-        return {"epoch": -1, "best_dice": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
+        return FoldState()
     saved = torch.load(last, map_location="cpu", weights_only=True)
     sam.load_state_dict(saved["trainable"], strict=False)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    state = saved["state"]
-    log.info("fold %d: resuming after epoch %d (best val Dice %.4f at epoch %d)", fold,
-             state["epoch"], state["best_dice"], state["best_epoch"])
+    state = FoldState.from_saved(saved["state"])
+    log.info("fold %s: resuming after epoch %d (best val Dice %.4f at epoch %d)", plan.label,
+             state.epoch, state.best_dice, state.best_epoch)
     return state
-
-
-@dataclass
-class Distributed:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def setup(cls, device: torch.device) -> "Distributed":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        return cls(dist.get_rank(), world)
-
-    def barrier(self) -> None:
-        """Wait for every process (no-op without torchrun)."""
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()

@@ -22,10 +22,14 @@ with ground-truth boxes (what a perfect detector would reach) and the detector's
 Baselines (box prompts): ``baseline_box`` (the prompt box filled) and ``baseline_ellipse`` (its
 inscribed ellipse), scored alike: a box-prompted score means little until it is set beside them.
 Masks become one instance map by instances.py's rule (overlaps to the higher predicted IoU); the
-metrics (metrics.py) leave ``Sample.ignore`` out; reports.py writes ``per_image.csv``,
+metrics (samlora/metrics) leave ``Sample.ignore`` out; reports.py writes ``per_image.csv``,
 ``per_group.csv``, ``per_fold.csv``, ``summary.json``, ``config.json`` and the figures, and for
 consecutive sections of a volume ``per_volume.csv``: voxel Dice / IoU and 3-D instance scores,
 beside the ground truth's own per-section objects linked alike (the ceiling the linking sets).
+
+This module parses the flags, turns them into typed options (:class:`ScoreOptions`) and checks the
+inputs; samlora/evaluation/heldout.py chooses the images, scoring.py scores and writes them. Their
+errors name parameters (:class:`errors.OptionError`); :func:`errors.as_flags` reports them as flags.
 """
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ class ScoreOptions(SelectOptions):
     """
 
     batch_prompts: int | None = None
-    precision: str = "fp32"
+    precision: str = sam_model.ModelOptions.precision
     bootstrap: int = 2000
     points_per_side: int = 32
     pred_iou_thresh: float = 0.88
@@ -325,7 +325,7 @@ def score_all(options: ScoreOptions, plan: Plan, output_dir: Path, started: floa
             visuals[i].update(preds)
     baselines = BASELINES if options.prompt in ("box", "yolo") else ()
     if not baselines:
-        log.info("no box / ellipse baselines: they need box prompts (prompt box)")
+        log.info("no box / ellipse baselines: they need box prompts (prompt='box')")
     rows += score_baselines(selection, baselines, volumes, detector)
     config = make_config(options, plan.sources, selection, plan.bases, plan.data, plan.run_dirs, detector)
     sets = row_sets(options.prompt, plan.sources, baselines, detector)

@@ -92,3 +92,23 @@ def test_held_out_default_is_the_folds_validation_part_not_its_gap(em_crops, tmp
     marks = {samples[i].slice_index: seen_mark(selection, job, i) for i in everything}
     assert [z for z, mark in marks.items() if mark == "no"] == [4, 5, 6, 7]
     assert all(marks[z] == "yes" for z in (2, 3, 8, 9))
+
+
+def test_errors_name_parameters_and_the_command_names_flags(tmp_path: Path) -> None:
+    """heldout / scoring take typed options and their errors name parameters; evaluate's
+    errors.as_flags reports the same sentence with the flags."""
+    from samlora.core.errors import OptionError, UserError, as_flags
+    from samlora.data.dataset import DataOptions
+    from samlora.evaluation import heldout
+    from samlora.evaluation.scoring import ScoreOptions
+
+    with pytest.raises(OptionError) as caught:
+        heldout.data_options(DataOptions(), None, [], None)
+    assert str(caught.value) == "data_dir is required (or cv_run RUN to evaluate a run on its own data)"
+    assert caught.value.parameters == ("data_dir", "cv_run")
+    with pytest.raises(UserError, match="^--bootstrap must be at least 1, got 0$"):
+        with as_flags():
+            ScoreOptions(bootstrap=0)
+    with pytest.raises(OptionError, match="^max_objects must be at least 0"):
+        ScoreOptions(max_objects=-1)
+    assert heldout.data_options(DataOptions(patch_size=64), tmp_path, [], None) == (tmp_path, DataOptions(patch_size=64))

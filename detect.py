@@ -15,9 +15,10 @@ are read, segmented and written one section at a time, their objects linked into
 (``--no_link`` keeps per-section ones, ``--link_merge`` joins the pieces of a split one); ``--resume``
 continues an interrupted run.
 
-The work is done one level down: detector.py (offline ultralytics, the YOLO dataset, box
-matching), inference.py (SAM, tiles), stacks.py (volumes section by section), labelfiles.py (the
-output files), adapters.py (the model).
+This module parses the flags and turns them into typed options; the work is done in the package:
+samlora/inference/yolo.py (offline ultralytics, the YOLO dataset, box matching), segmenter.py (SAM,
+tiles), predict.py (every input file, :class:`PredictOptions`), sections.py (volumes section by
+section), label_files.py (the output files), samlora/models/adapters.py (the model).
 """
 from __future__ import annotations
 
@@ -28,21 +29,19 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from samlora.core import runfiles
 from samlora.core.errors import UserError
 from samlora.data import dataset as data
 from samlora.data import folds as folds_lib
 from samlora.data import images, volume_io
-from samlora.data.coco import CocoWriter
-from samlora.inference import cluster, propagation
+from samlora.inference import cluster
 from samlora.inference import sections as stacks
 from samlora.inference import segmenter as inference
-from samlora.inference.label_files import output_paths, segment_file, stack_output_paths
 from samlora.inference.linking import LinkOptions, add_link_arguments
+from samlora.inference.predict import PredictOptions, predict_files
 from samlora.inference.propagation import PropagationOptions
-from samlora.inference.segmenter import Segmenter, SegmentOptions
+from samlora.inference.segmenter import SegmentOptions
 from samlora.inference.yolo import (
     BoxCounts,
     DetectorOptions,
@@ -277,6 +276,15 @@ def predict_inputs(args: argparse.Namespace) -> tuple[list[tuple[Path, Any]], di
     return files, volume_io.read_seeds(args.seed_labels, files[0][1], args.seed_section)
 
 
+def predict_options(args: argparse.Namespace) -> PredictOptions:
+    """The batch segmentation's options from the parsed flags (checked)."""
+    return PredictOptions(
+        input=args.input, coco_segmentation=args.coco_segmentation, overlays=not args.no_overlay,
+        resume=args.resume, precision=args.precision, link=link_options(args),
+        propagation=PropagationOptions(args.stop_score, args.stop_iou),
+        description=f"detect predict --mode {args.mode} on {args.input}")
+
+
 def check_resume(args: argparse.Namespace, out: runfiles.OutputDir, files: list[tuple[Path, Any]],
                  record: dict[str, Any]) -> None:
     """Refuse, before anything is written, an interrupted run met without --resume / --overwrite,
@@ -323,7 +331,7 @@ def run_predict(args: argparse.Namespace) -> int:
             runfiles.write_json(out.path / "detect_predict_config.json", {**args_record(args), **record})
             sam = segmenter.sam if segmenter is not None else adapters.load_finetuned(bases, args.model_path, args.seed)
             fill = None if client is None else lambda volume, store: cluster.fill_store(client, spec, volume, store)
-            total = predict_files(args, files, seeds, sam, segmenter, sections, out, fill)
+            total = predict_files(predict_options(args), files, seeds, sam, segmenter, sections, out, fill)
             log.info("%d objects in %d file(s); outputs in %s", total, len(files), out.path)
     finally:
         if client is not None:
@@ -331,34 +339,6 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def predict_files(args: argparse.Namespace, files: list[tuple[Path, Any]], seeds: dict[int, np.ndarray] | None,
-                  sam: Any, segmenter: Segmenter | None, record: dict[str, Any], out: runfiles.OutputDir,
-                  fill: Any = None) -> int:
-    """Segment every input (volumes section by section, or their annotated objects carried through
-    them); write the outputs and coco.json; returns the object count."""
-    link = link_options(args)
-    work = out.path / stacks.WORK_FOLDER
-    if any(shape is not None for _, shape in files):
-        work.mkdir(exist_ok=True)
-        out.add(work)
-    coco = CocoWriter(args.coco_segmentation, spool=work / "coco.jsonl" if work.is_dir() else None)
-    root = args.input if args.input.is_dir() and not volume_io.is_zarr(args.input) else args.input.parent
-    total = 0
-    for path, shape in tqdm(files, desc="images", unit="file", disable=None if len(files) > 1 else True):
-        name = path.relative_to(root).as_posix()
-        if seeds is not None:
-            total += propagation.propagate_file(
-                path, name, seeds, propagation.sam_prompter(sam, record["options"]["box_batch"], args.precision),
-                PropagationOptions(args.stop_score, args.stop_iou), sam.image_encoder.img_size, record, out, coco,
-                stack_output_paths(out.path, path, not args.no_overlay), segmenter)
-        elif shape is not None:
-            total += stacks.predict_volume(path, name, segmenter, record, out, args.resume, link, coco,
-                                           stack_output_paths(out.path, path, not args.no_overlay), fill)
-        else:
-            total += segment_file(path, name, segmenter, coco, output_paths(out.path, path, not args.no_overlay))
-    coco.write(out.path / "coco.json", f"detect predict --mode {args.mode} on {args.input}")
-    out.discard(work)
-    return total
 
 
 # --------------------------------------------------------------------------------------------

@@ -71,6 +71,29 @@ def test_data_arguments_and_load_from_options(shared_data, caplog):
     assert sum(s.num_objects for s in samples) >= 125
 
 
+def test_data_defaults_are_declared_once():
+    """DataOptions holds the data defaults: the flags, load_dataset's keywords, TrainConfig (a
+    subclass) and a run's config.json (missing keys, None) all take them from there."""
+    import dataclasses
+    import inspect
+
+    from samlora.data.dataset import DataOptions, read_samples
+    from samlora.training.config import TrainConfig
+
+    defaults = DataOptions()
+    parser = argparse.ArgumentParser()
+    add_data_arguments(parser)
+    args = parser.parse_args(["--data_dir", "d"])
+    assert DataOptions.of(args) == defaults
+    assert DataOptions.of({"patch_size": 256, "mask_type": None}) == dataclasses.replace(defaults, patch_size=256)
+    config = TrainConfig(data_dir="d", output_dir="o", slice_block=2)
+    assert isinstance(config, DataOptions) and DataOptions.of(config) == dataclasses.replace(defaults, slice_block=2)
+    assert list(inspect.signature(load_dataset).parameters) == ["data_dir", "data_format", "options"]
+    assert list(inspect.signature(read_samples).parameters) == ["data_dir", "options"]
+    with pytest.raises(TypeError, match="slice_blok"):
+        load_dataset(".", slice_blok=2)
+
+
 def test_bad_empty_after_filtering(pair_dir):
     for mask in (pair_dir / "masks").iterdir():
         tifffile.imwrite(mask, np.zeros_like(tifffile.imread(mask)))

@@ -20,9 +20,9 @@ import tifffile
 import torch
 from conftest import SMALL, tiny_sam
 
-from evaluate import BASELINES, row_sets
 from samlora.data import dataset
 from samlora.data import folds as folds_lib
+from samlora.evaluation.scoring import BASELINES, row_sets
 from samlora.inference.yolo import Detector, DetectorOptions
 from samlora.models import adapters, lora
 from samlora.training.runs import ModelSource
@@ -341,7 +341,11 @@ def test_volume_scores_give_the_ceiling_of_the_linked_ground_truth(em_stack) -> 
     --link_merge the cap rises."""
     from scipy import ndimage
 
-    from samlora.evaluation.reports import GROUND_TRUTH_LINKED, IN_PLANE_AND_FACE, VolumeScores
+    from samlora.evaluation.reports import (
+        GROUND_TRUTH_LINKED,
+        IN_PLANE_AND_FACE,
+        VolumeScores,
+    )
     from samlora.inference.linking import LinkOptions, link_slices
     from samlora.metrics.scores import volume_metrics
 

@@ -62,13 +62,11 @@ def test_held_out_default_is_the_folds_validation_part_not_its_gap(em_crops, tmp
     4-7, and its --fold_gap sections 2, 3, 8, 9 (left out of its training, but bordering training
     sections on their other side) count as seen: the default scores exactly 4-7, and with
     --include_training_images every other section is marked seen_in_training."""
-    import argparse
-
-    from evaluate import Job, seen_mark
     from samlora.core.errors import UserError
     from samlora.data import dataset
     from samlora.data import folds as folds_lib
     from samlora.evaluation import heldout
+    from samlora.evaluation.scoring import Job, seen_mark
     from samlora.training import runs
 
     data = em_crops({f"{k:02d}": f"{k:02d}" for k in range(20)}, 128)  # named by section: one volume
@@ -87,10 +85,30 @@ def test_held_out_default_is_the_folds_validation_part_not_its_gap(em_crops, tmp
     assert split == "held-out" and [samples[i].slice_index for i in indices] == [4, 5, 6, 7]
     everything = list(range(20))
     with pytest.raises(UserError, match="16 of the 20 images"):
-        heldout.check_seen(argparse.Namespace(include_training_images=False), samples, everything, seen, "all")
-    heldout.check_seen(argparse.Namespace(include_training_images=True), samples, everything, seen, "all")
+        heldout.check_seen(samples, everything, seen, "all", include_training_images=False)
+    heldout.check_seen(samples, everything, seen, "all", include_training_images=True)
     selection = heldout.Selection(samples, "all", everything, {}, 0, {}, seen)
     job = Job(runs.ModelSource("lora", "adapter", adapter), adapter, None)
     marks = {samples[i].slice_index: seen_mark(selection, job, i) for i in everything}
     assert [z for z, mark in marks.items() if mark == "no"] == [4, 5, 6, 7]
     assert all(marks[z] == "yes" for z in (2, 3, 8, 9))
+
+
+def test_errors_name_parameters_and_the_command_names_flags(tmp_path: Path) -> None:
+    """heldout / scoring take typed options and their errors name parameters; evaluate's
+    errors.as_flags reports the same sentence with the flags."""
+    from samlora.core.errors import OptionError, UserError, as_flags
+    from samlora.data.dataset import DataOptions
+    from samlora.evaluation import heldout
+    from samlora.evaluation.scoring import ScoreOptions
+
+    with pytest.raises(OptionError) as caught:
+        heldout.data_options(DataOptions(), None, [], None)
+    assert str(caught.value) == "data_dir is required (or cv_run RUN to evaluate a run on its own data)"
+    assert caught.value.parameters == ("data_dir", "cv_run")
+    with pytest.raises(UserError, match="^--bootstrap must be at least 1, got 0$"):
+        with as_flags():
+            ScoreOptions(bootstrap=0)
+    with pytest.raises(OptionError, match="^max_objects must be at least 0"):
+        ScoreOptions(max_objects=-1)
+    assert heldout.data_options(DataOptions(patch_size=64), tmp_path, [], None) == (tmp_path, DataOptions(patch_size=64))

@@ -26,27 +26,64 @@ from samlora.data.sample import Sample
 log = logging.getLogger(__name__)
 
 
-def load_dataset(data_dir: str | os.PathLike, data_format: str = "auto", patch_size: int = 0,
-                 patch_overlap: int = 0, drop_empty_patches: bool = False, slice_block: int = 10,
-                 nifti_axis: int = 2, mask_type: str = "auto") -> list[Sample]:
+@dataclass
+class DataOptions:
+    """How a data directory is read and split, with the defaults: the one place they are declared
+    (the ``data`` flags, :func:`load_dataset` and :class:`TrainConfig`, a subclass, take them from here)."""
+
+    data_format: str = "auto"
+    patch_size: int = 0
+    patch_overlap: int = 0
+    drop_empty_patches: bool = False
+    slice_block: int = 10
+    nifti_axis: int = 2
+    fold_gap: int | None = None
+    group_by: str | None = None
+    mask_type: str = "auto"
+
+    @classmethod
+    def of(cls, values: Any) -> "DataOptions":
+        """The data options among ``values``' attributes (parsed arguments, a config) or keys (a
+        run's config.json); a missing or None one takes its default (None is its default for
+        ``fold_gap`` and ``group_by``)."""
+        get = values.get if isinstance(values, Mapping) else (lambda key: getattr(values, key, None))
+        given = {f.name: get(f.name) for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in given.items() if v is not None})
+
+
+DATA_OPTIONS: tuple[str, ...] = ("data_dir",) + tuple(f.name for f in dataclasses.fields(DataOptions))
+
+
+def load_dataset(data_dir: str | os.PathLike, data_format: str = DataOptions.data_format,
+                 **options: Any) -> list[Sample]:
+    """:func:`read_samples` with ``DataOptions(data_format, **options)``: e.g.
+    ``load_dataset(root, patch_size=256)``, ``load_dataset(root, "stack", slice_block=2)``; any
+    :class:`DataOptions` field is a keyword, and the defaults are its."""
+    return read_samples(data_dir, DataOptions(data_format=data_format, **options))
+
+
+def read_samples(data_dir: str | os.PathLike, options: DataOptions) -> list[Sample]:
     """Read every sample under ``data_dir``, optionally cut into patches.
 
     Args:
         data_dir: the data directory (any layout in the readers.py docstring, possibly inside
             ``train/``, ``val/``, ``test/`` folders).
-        data_format: one of :data:`readers.FORMATS`; ``auto`` detects and logs it.
-        patch_size: side of square patches (0 = whole images); images smaller than it stay whole
-            along that side.
-        patch_overlap: pixels shared by neighbouring patches (0 <= overlap < patch_size).
-        drop_empty_patches: drop patches (or whole images when ``patch_size`` is 0) without objects.
-        slice_block: consecutive volume slices that share one fold group.
-        nifti_axis: the axis NIfTI volumes are sliced along.
-        mask_type: how label images are read (images.MASK_TYPES); ``auto`` decides per file and
-            logs the decisions for the dataset, warning about close ones.
+        options: ``data_format`` (one of :data:`readers.FORMATS`; ``auto`` detects and logs it);
+            ``patch_size``, the side of square patches (0 = whole images; images smaller than it
+            stay whole along that side) and ``patch_overlap``, the pixels neighbouring patches
+            share (0 <= overlap < patch_size); ``drop_empty_patches``: drop patches (or whole
+            images when ``patch_size`` is 0) without objects; ``slice_block``: consecutive volume
+            slices that share one fold group; ``nifti_axis``: the axis NIfTI volumes are sliced
+            along; ``mask_type``: how label images are read (images.MASK_TYPES; ``auto`` decides
+            per file and logs the decisions, warning about close ones). The split options
+            (``fold_gap``, ``group_by``) do not change what is read.
 
     Returns:
         Samples in a deterministic order (sorted files, slices, then patches row by row).
     """
+    data_format, patch_size, patch_overlap = options.data_format, options.patch_size, options.patch_overlap
+    slice_block, nifti_axis, mask_type = options.slice_block, options.nifti_axis, options.mask_type
+    drop_empty_patches = options.drop_empty_patches
     data_dir = Path(data_dir).expanduser()
     if data_format not in FORMATS:
         raise UserError(f"unknown --data_format {data_format!r}; choose one of {', '.join(FORMATS)}")
@@ -65,9 +102,9 @@ def load_dataset(data_dir: str | os.PathLike, data_format: str = "auto", patch_s
         raise UserError(f"--data_dir {data_dir} is not a directory")
 
     samples: list[Sample] = []
-    options = ReadOptions(slice_block, nifti_axis, mask_type)
+    reading = ReadOptions(slice_block, nifti_axis, mask_type)
     for directory, split, part_format in layout_parts(data_dir, data_format):
-        samples += read_layout(part_format, directory, data_dir, split, options)
+        samples += read_layout(part_format, directory, data_dir, split, reading)
     if not samples:
         raise UserError(f"no images found in {data_dir}")
     log_mask_kinds(samples, mask_type)
@@ -223,25 +260,6 @@ def log_summary(samples: Sequence[Sample], folds: Sequence[Fold] | None = None,
         log.info("%s", line)
 
 
-@dataclass(frozen=True)
-class DataOptions:
-    """The data options and their defaults (the one place they are defined; TrainConfig and the
-    run files use these names)."""
-
-    data_format: str = "auto"
-    patch_size: int = 0
-    patch_overlap: int = 0
-    drop_empty_patches: bool = False
-    slice_block: int = 10
-    nifti_axis: int = 2
-    fold_gap: int | None = None
-    group_by: str | None = None
-    mask_type: str = "auto"
-
-
-DATA_OPTIONS: tuple[str, ...] = ("data_dir",) + tuple(f.name for f in dataclasses.fields(DataOptions))
-
-
 def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True,
                        data_dir_help: str = "") -> argparse._ArgumentGroup:
     """Add the ``data`` option group shared by every command that reads data.
@@ -281,11 +299,10 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True,
 
 
 def load_from_options(options: Any) -> list[Sample]:
-    """:func:`load_dataset` with the data options (attributes of ``options``, e.g. parsed
-    arguments, or keys of a mapping such as a run's config); logs the summary."""
+    """:func:`read_samples` of ``options.data_dir`` with its data options (attributes of
+    ``options``, e.g. parsed arguments or a TrainConfig, or keys of a mapping such as a run's
+    config); logs the summary."""
     get = options.get if isinstance(options, Mapping) else (lambda key: getattr(options, key))
-    samples = load_dataset(get("data_dir"), get("data_format"), get("patch_size"), patch_overlap=get("patch_overlap"),
-                           drop_empty_patches=get("drop_empty_patches"), slice_block=get("slice_block"),
-                           nifti_axis=get("nifti_axis"), mask_type=get("mask_type") or "auto")
+    samples = read_samples(get("data_dir"), DataOptions.of(options))
     log_summary(samples, grouping=grouping_of(options))
     return samples

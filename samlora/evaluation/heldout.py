@@ -9,7 +9,7 @@ sections count as seen (runs.seen_by); they are scored only with ``--include_tra
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from samlora.core.errors import UserError
+from samlora.core.errors import OptionError, UserError
 from samlora.data import dataset as data
 from samlora.data import folds as folds_lib
 from samlora.data.prompts import Prompts, object_prompts
@@ -25,6 +25,21 @@ from samlora.data.sample import Sample
 from samlora.training import runs
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class SelectOptions:
+    """How the scored images and their prompts are chosen (``evaluate``'s options of the same names).
+
+    ``prompt``: box / point / auto / yolo (auto: images without objects are kept, no prompts);
+    ``max_objects``: prompt a seeded subset of this many objects per image (0 = all);
+    ``include_training_images``: allow images an adapter was trained on (rows marked).
+    """
+
+    prompt: str = "box"
+    max_objects: int = 0
+    seed: int = 0
+    include_training_images: bool = False
 
 
 @dataclass
@@ -41,60 +56,55 @@ class Selection:
     grouping: folds_lib.Grouping = field(default_factory=folds_lib.Grouping)  # the bootstrap's unit
 
 
-def data_options(args: argparse.Namespace, run_dirs: Sequence[Path],
-                 run_config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The data options: the run's (its folds only fit them; --data_dir may move the data), else
-    the flags. ``data_dir`` is checked and returned as a Path."""
-    options = {k: getattr(args, k) for k in data.DATA_OPTIONS}
+def data_options(given: data.DataOptions, data_dir: Path | None, run_dirs: Sequence[Path],
+                 run_config: Mapping[str, Any] | None) -> tuple[Path, data.DataOptions]:
+    """``(data_dir, options)``: the run's data options (its folds only fit them; ``data_dir`` may
+    move the data), else the ``given`` ones. ``data_dir`` is checked."""
+    options = given
     where = ""
     if run_config is not None:
-        options.update({k: run_config[k] for k in data.DATA_OPTIONS if k in run_config})
-        if args.data_dir is not None:
-            options["data_dir"] = args.data_dir
-        else:
-            where = f" (from {run_dirs[0] / runs.CONFIG_FILE}; pass --data_dir if the data moved)"
+        options = data.DataOptions.of({**dataclasses.asdict(given), **run_config})
+        if data_dir is None:
+            data_dir = run_config.get("data_dir")
+            where = f" (from {run_dirs[0] / runs.CONFIG_FILE}; pass {{data_dir}} if the data moved)"
         log.info("data options of the run %s: %s", run_dirs[0],
-                 ", ".join(f"{k}={v}" for k, v in options.items()))
-    if options["data_dir"] is None:
-        raise UserError("--data_dir is required (or --cv_run RUN to evaluate a run on its own data)")
-    options["data_dir"] = Path(options["data_dir"]).expanduser()
-    if not options["data_dir"].is_dir():
-        raise UserError(f"data directory {options['data_dir']} does not exist or is not a directory{where}")
-    return options
+                 ", ".join(f"{k}={v}" for k, v in {"data_dir": data_dir, **dataclasses.asdict(options)}.items()))
+    if data_dir is None:
+        raise OptionError("{data_dir} is required (or {cv_run} RUN to evaluate a run on its own data)")
+    data_dir = Path(data_dir).expanduser()
+    if not data_dir.is_dir():
+        raise OptionError(f"data directory {data_dir} does not exist or is not a directory{where}")
+    return data_dir, options
 
 
-def select_data(args: argparse.Namespace, options: Mapping[str, Any], split: str | None,
+def select_data(options: SelectOptions, data_dir: Path, data_options: data.DataOptions, split: str | None,
                 run_dirs: Sequence[Path], sources: Sequence[runs.ModelSource]) -> Selection:
     """Load the data, pick the images (never, silently, ones a model trained on) and make their
     prompts (shared by every model)."""
-    data_dir = options["data_dir"]
-    samples = data.load_dataset(data_dir, options["data_format"], options["patch_size"],
-                                patch_overlap=options["patch_overlap"], drop_empty_patches=options["drop_empty_patches"],
-                                slice_block=options["slice_block"], nifti_axis=options["nifti_axis"],
-                                mask_type=options.get("mask_type") or "auto")
+    samples = data.read_samples(data_dir, data_options)
     if all(s.num_objects == 0 for s in samples):
         raise UserError(f"{data_dir}: no labelled object in any of its {len(samples)} masks; evaluation "
                         "needs ground truth (check the mask files)")
     folds = runs.common_folds(samples, run_dirs)
     seen = {s.path: runs.seen_by(s.path, samples) for s in sources if s.kind == "adapter"}
     indices, fold_of, split = choose_images(samples, split, folds, data_dir, seen)
-    check_seen(args, samples, indices, seen, split)
-    grouping = data.grouping_of(options)
+    check_seen(samples, indices, seen, split, options.include_training_images)
+    grouping = data.grouping_of(data_options)
     data.log_summary([samples[i] for i in indices], grouping=grouping)
-    if args.prompt != "auto":
+    if options.prompt != "auto":
         kept = [i for i in indices if samples[i].num_objects > 0]
         if len(kept) < len(indices):
             log.info("%d of %d images have no objects and are skipped (nothing to prompt)",
                      len(indices) - len(kept), len(indices))
         if not kept:
-            raise UserError(f"--split {split}: none of the selected images of {data_dir} has a labelled "
+            raise OptionError(f"{{split}} {split}: none of the selected images of {data_dir} has a labelled "
                             "object; choose another split")
         indices = kept
-    log.info("evaluating %d images (split %s) with %s prompts", len(indices), split, args.prompt)
-    kind = "point" if args.prompt == "point" else "box"
+    log.info("evaluating %d images (split %s) with %s prompts", len(indices), split, options.prompt)
+    kind = "point" if options.prompt == "point" else "box"
     prompts = {i: object_prompts(samples[i].labels, kind, samples[i].ignore,
-                                 args.max_objects if args.prompt != "auto" else 0,
-                                 np.random.default_rng([args.seed, i])) for i in indices}
+                                 options.max_objects if options.prompt != "auto" else 0,
+                                 np.random.default_rng([options.seed, i])) for i in indices}
     return Selection(samples, split, indices, fold_of, len(folds or ()), prompts, seen, grouping)
 
 
@@ -107,16 +117,16 @@ def choose_images(samples: Sequence[Sample], split: str | None, folds: Sequence[
     if split is None and folds is None and seen and not has_test:
         if any(s is None for s in seen.values()):
             unknown = next(p for p, s in seen.items() if s is None)
-            raise UserError(f"cannot tell which images {unknown} has seen (it is not in the run directory "
-                            f"train wrote) and {data_dir} has no fixed test split: give the run's adapter in place, "
-                            "--cv_run RUN, or --split all --include_training_images to score every image with "
-                            "the rows marked")
+            raise OptionError(f"cannot tell which images {unknown} has seen (it is not in the run directory "
+                              f"train wrote) and {data_dir} has no fixed test split: give the run's adapter in "
+                              "place, {cv_run} RUN, or {split} all {include_training_images} to score every "
+                              "image with the rows marked")
         trained = set().union(*seen.values())
         held_out = [i for i in range(len(samples)) if i not in trained]
         if not held_out:
-            raise UserError(f"the adapters have seen every image of {data_dir} (trained on it, chose epochs on it or "
-                            "left it out as a fold gap): evaluate them on other data, "
-                            "or pass --split all --include_training_images (rows marked seen_in_training)")
+            raise OptionError(f"the adapters have seen every image of {data_dir} (trained on it, chose epochs on it "
+                              "or left it out as a fold gap): evaluate them on other data, "
+                              "or pass {split} all {include_training_images} (rows marked seen_in_training)")
         log.info("images: the %d of %d that no adapter has seen (its fold's validation part; training, inner "
                  "selection and --fold_gap sections count as seen; from their runs' folds.json)", len(held_out),
                  len(samples))
@@ -127,18 +137,18 @@ def choose_images(samples: Sequence[Sample], split: str | None, folds: Sequence[
     return indices, fold_of, split
 
 
-def check_seen(args: argparse.Namespace, samples: Sequence[Sample], indices: Sequence[int],
-               seen: Mapping[Path, set[int] | None], split: str) -> None:
-    """Refuse images an adapter trained on (or may have) unless ``--include_training_images``."""
+def check_seen(samples: Sequence[Sample], indices: Sequence[int], seen: Mapping[Path, set[int] | None],
+               split: str, include_training_images: bool = False) -> None:
+    """Refuse images an adapter trained on (or may have) unless ``include_training_images``."""
     for path, trained in seen.items():
         hits = [i for i in indices if i in trained] if trained is not None else \
             ([] if split in ("test", "held-out") else list(indices))
-        if hits and not args.include_training_images:
+        if hits and not include_training_images:
             what = f"{len(hits)} of the {len(indices)} images" if trained is not None else "possibly all images"
-            raise UserError(f"--split {split}: {path} has seen {what} in training (e.g. {samples[hits[0]].key}: "
-                            "a training, inner-selection or fold-gap section); leave "
-                            "--split out to score held-out images only, or pass --include_training_images to score "
-                            "them with the rows marked seen_in_training")
+            raise OptionError(f"{{split}} {split}: {path} has seen {what} in training (e.g. {samples[hits[0]].key}: "
+                              "a training, inner-selection or fold-gap section); leave "
+                              "{split} out to score held-out images only, or pass {include_training_images} to "
+                              "score them with the rows marked seen_in_training")
         if hits:
             log.warning("%s is scored on %d images it has seen in training (training, inner-selection or fold-gap "
                         "sections): those rows are marked seen_in_training",

@@ -2,7 +2,7 @@
 
 :class:`TrainConfig` is written to ``config.json`` next to every run; ``--resume`` compares it
 with the options given. The data and model options take their defaults from
-``dataset.DataOptions`` and ``model.ModelOptions`` (declared once, shared by every command).
+``dataset.DataOptions`` (its fields are inherited: declared once) and ``model.ModelOptions``.
 """
 from __future__ import annotations
 
@@ -20,25 +20,16 @@ from samlora.models import encoder_blocks, lora
 from samlora.models import sam as sam_model
 from samlora.training.losses import LOSS_RESOLUTIONS, LOSSES
 
-_DATA = data.DataOptions()
 _MODEL = sam_model.ModelOptions()
 
 
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run; written to ``config.json``."""
+@dataclass(kw_only=True)
+class TrainConfig(data.DataOptions):
+    """Everything that defines a training run; written to ``config.json``. The data options
+    (``data_format``, ``patch_size``, ...) are the inherited :class:`dataset.DataOptions` fields."""
 
     data_dir: str
     output_dir: str
-    data_format: str = _DATA.data_format
-    patch_size: int = _DATA.patch_size
-    patch_overlap: int = _DATA.patch_overlap
-    drop_empty_patches: bool = _DATA.drop_empty_patches
-    slice_block: int = _DATA.slice_block
-    nifti_axis: int = _DATA.nifti_axis
-    fold_gap: int | None = _DATA.fold_gap
-    group_by: str | None = _DATA.group_by
-    mask_type: str = _DATA.mask_type
     max_objects: int = 32
     model_type: str = _MODEL.model_type
     checkpoint: str | None = _MODEL.checkpoint

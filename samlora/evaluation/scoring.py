@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from samlora.core import runfiles
 from samlora.core.errors import OptionError
 from samlora.data.instances import box_baseline
 from samlora.data.prompts import box_prompts

@@ -359,7 +359,8 @@ def noisy_run_fold(calls: list[tuple[str, str, list[int], list[int]]]) -> Any:
         rows = [{"index": i, "key": samples[i].key, "iou": 0.0,
                  "dice": 0.3 + 0.6 * (zlib.crc32(f"{name}/{samples[i].key}".encode()) % 1000) / 1000}
                 for i in plan.score_idx]
-        result = {"fold": plan.fold, "best_epoch": 0, "selection": "fake", "adapter": "none", "scored": rows}
+        result = {"fold": plan.fold, "best_epoch": 0, "selection": "fake", "adapter": "none", "scored": rows,
+                  "train_size": len(plan.train_idx)}  # as trainer.run_fold records it (the final fit's steps)
         runfiles.write_json(plan.directory / "done.json",
                             result)  # as trainer.run_fold does: a finished fold is read, not trained again
         return result

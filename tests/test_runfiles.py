@@ -102,12 +102,13 @@ def test_every_command_writes_with_the_umask_and_quoted_csv(main, em_crops, tmp_
     every file they write is 0644 under umask 022, no temporary file is left, and every CSV
     reads back through the csv module with the comma path intact."""
     data = Path(shutil.copytree(em_crops(EM4, 256), tmp_path / "em, day 2"))
-    train = [*SMALL, "--data_dir", str(data), "--freeze_encoder", "--lora_targets", "decoder", "--lora_rank", "2",
-             "--max_objects", "2", "--epochs", "1", "--no_augment", "--cross_validation", "--num_folds", "2"]
+    shared = [*SMALL, "--data_dir", str(data), "--freeze_encoder", "--lora_targets", "decoder",
+              "--max_objects", "2", "--epochs", "1", "--no_augment", "--num_folds", "2"]
+    train = [*shared, "--lora_rank", "2", "--cross_validation"]  # the search sets both itself
     out = tmp_path / "out"
     commands = [
         ["train", *train, "--output_dir", str(out / "train")],
-        ["parameter_search", *train, "--lora_ranks", "2", "--lora_alphas", "2", "--learning_rates", "1e-3",
+        ["parameter_search", *shared, "--lora_ranks", "2", "--lora_alphas", "2", "--learning_rates", "1e-3",
          "--output_dir", str(out / "search")],
         ["evaluate", "--cv_run", str(out / "train"), *SMALL, "--output_dir", str(out / "evaluate"), "--plot"],
         ["demo", *SMALL, "--samples_dir", str(data), "--num_samples", "1", "--output_dir", str(out / "demo")],

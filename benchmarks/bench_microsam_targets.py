@@ -15,7 +15,7 @@ the H&E nuclei label images ``nuclei_cpm15/*/label masks/*.tif``) it prints as J
   post-processing (its foreground smoothing, then torch_em's
   ``watershed_from_center_and_boundary_distances``) on the targets blurred and with noise (maps a
   decoder might give): the share of pixels whose objects differ, and elf's mSA of ours against theirs;
-* ``msa``: :func:`scores.mean_segmentation_accuracy` against elf's
+* ``msa``: :func:`accuracy.mean_segmentation_accuracy` against elf's
   ``mean_segmentation_accuracy`` on the labels against eroded / shifted / partly dropped copies
   of them (largest absolute difference over all pairs).
 """
@@ -115,15 +115,15 @@ def compare_msa(labels: list[np.ndarray], seed: int) -> dict:
     """Max abs difference of our mSA from elf's."""
     from elf.evaluation import mean_segmentation_accuracy as elf_msa
 
-    from samlora.metrics import scores
+    from samlora.metrics import accuracy
 
     rng = np.random.default_rng(seed)
     worst, pairs = 0.0, 0
     for lab in labels:
         for pred in perturbed(lab, rng):
-            worst = max(worst, abs(scores.mean_segmentation_accuracy(lab, pred) - float(elf_msa(pred, lab))))
+            worst = max(worst, abs(accuracy.mean_segmentation_accuracy(lab, pred) - float(elf_msa(pred, lab))))
             pairs += 1
-    both_empty = (scores.mean_segmentation_accuracy(np.zeros((8, 8), int), np.zeros((8, 8), int)),
+    both_empty = (accuracy.mean_segmentation_accuracy(np.zeros((8, 8), int), np.zeros((8, 8), int)),
                   float(elf_msa(np.zeros((8, 8), int), np.zeros((8, 8), int))))
     return {"max_abs_diff": worst, "pairs": pairs, "both_empty_ours_elf": both_empty}
 

@@ -9,7 +9,7 @@ from scipy import ndimage
 
 from samlora.inference import instance_watershed
 from samlora.inference.instance_watershed import WatershedOptions, maps_to_instances
-from samlora.metrics import scores
+from samlora.metrics import accuracy, scores
 from samlora.training import instance_targets
 
 
@@ -33,7 +33,7 @@ EXPECTED = {"em0": (0.99, 0.99), "em10": (0.99, 0.99), "nuclei": (0.85, 0.95)}
 def test_exact_maps_of_real_labels_give_the_labels_back(real_labels, name) -> None:
     labels = instance_targets.prepare_labels(real_labels[name])
     out = maps_to_instances(instance_targets.instance_targets(labels))
-    msa = scores.mean_segmentation_accuracy(labels, out)
+    msa = accuracy.mean_segmentation_accuracy(labels, out)
     aji = scores.instance_metrics(labels, out)["aji"]
     min_msa, min_aji = EXPECTED[name]
     assert msa >= min_msa and aji >= min_aji, (name, msa, aji)
@@ -48,9 +48,9 @@ def test_noisy_maps_score_above_trivial_baselines(real_labels) -> None:
     rng = np.random.default_rng(0)
     blurred = np.stack([ndimage.gaussian_filter(t, 2.0) for t in targets])
     maps = np.clip(blurred + rng.normal(0, 0.05, targets.shape), 0, 1)
-    msa = scores.mean_segmentation_accuracy(labels, maps_to_instances(maps))
-    baselines = [scores.mean_segmentation_accuracy(labels, (labels > 0).astype(np.int32)),
-                 scores.mean_segmentation_accuracy(labels, np.zeros_like(labels))]
+    msa = accuracy.mean_segmentation_accuracy(labels, maps_to_instances(maps))
+    baselines = [accuracy.mean_segmentation_accuracy(labels, (labels > 0).astype(np.int32)),
+                 accuracy.mean_segmentation_accuracy(labels, np.zeros_like(labels))]
     assert msa >= 0.9 and msa > max(baselines) + 0.5, (msa, baselines)
 
 

@@ -17,7 +17,7 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_score
 
-from samlora.metrics import overlaps
+from samlora.metrics import accuracy, overlaps
 from samlora.metrics import scores as metrics
 from samlora.metrics.bootstrap import summarize
 from samlora.metrics.scores import (
@@ -699,23 +699,23 @@ def test_msa_matches_the_definition_on_real_labels(shared_data):
     for name, gt in real_crops(shared_data).items():
         for kind, pred in perturbations(gt, seed=5).items():
             expected = ref_segmentation_accuracies(gt, pred)
-            got = metrics.segmentation_accuracies(gt, pred)
+            got = accuracy.segmentation_accuracies(gt, pred)
             assert got.tolist() == pytest.approx(expected, abs=1e-12), (name, kind)
-            assert metrics.mean_segmentation_accuracy(gt, pred) == pytest.approx(np.mean(expected), abs=1e-12)
-    assert metrics.mean_segmentation_accuracy(gt, gt) == 1.0
+            assert accuracy.mean_segmentation_accuracy(gt, pred) == pytest.approx(np.mean(expected), abs=1e-12)
+    assert accuracy.mean_segmentation_accuracy(gt, gt) == 1.0
 
 
 def test_msa_thresholds_are_micro_sams_floats():
     """elf compares IoU >= np.arange(0.5, 1.0, 0.05) as floats: 0.6000000000000001, not 0.6, so an
     IoU of exactly 3/5 does not count at the third threshold (the strict integer thresholds of
     instance_metrics are another convention)."""
-    assert metrics.MSA_THRESHOLDS == tuple(np.arange(0.5, 1.0, 0.05))
-    assert len(metrics.MSA_THRESHOLDS) == 10 and metrics.MSA_THRESHOLDS[2] > 0.6
+    assert accuracy.MSA_THRESHOLDS == tuple(np.arange(0.5, 1.0, 0.05))
+    assert len(accuracy.MSA_THRESHOLDS) == 10 and accuracy.MSA_THRESHOLDS[2] > 0.6
     gt = np.zeros((1, 5), np.int32)
     gt[0, :5] = 1
     pred = np.zeros((1, 5), np.int32)
     pred[0, :3] = 1  # IoU exactly 3/5
-    assert metrics.segmentation_accuracies(gt, pred).tolist() == [1.0, 1.0] + [0.0] * 8
+    assert accuracy.segmentation_accuracies(gt, pred).tolist() == [1.0, 1.0] + [0.0] * 8
 
 
 def test_msa_exact_halves_count_once():
@@ -723,8 +723,8 @@ def test_msa_exact_halves_count_once():
     at t = 0.5 (TP 1, FP 1, FN 0: 1/2); nothing at higher thresholds."""
     gt = np.ones((2, 4), np.int32)
     pred = np.array([[1, 1, 2, 2], [1, 1, 2, 2]], np.int32)
-    assert metrics.segmentation_accuracies(gt, pred).tolist() == [0.5] + [0.0] * 9
-    assert metrics.mean_segmentation_accuracy(gt, pred) == pytest.approx(0.05)
+    assert accuracy.segmentation_accuracies(gt, pred).tolist() == [0.5] + [0.0] * 9
+    assert accuracy.mean_segmentation_accuracy(gt, pred) == pytest.approx(0.05)
 
 
 def test_msa_empty_cases_follow_elf():
@@ -733,9 +733,9 @@ def test_msa_empty_cases_follow_elf():
     empty = np.zeros((6, 6), np.int32)
     one = empty.copy()
     one[1:4, 1:4] = 3
-    assert metrics.mean_segmentation_accuracy(empty, empty) == 0.0
-    assert metrics.mean_segmentation_accuracy(one, empty) == 0.0
-    assert metrics.mean_segmentation_accuracy(empty, one) == 0.0
-    assert metrics.mean_segmentation_accuracy(one, one) == 1.0
+    assert accuracy.mean_segmentation_accuracy(empty, empty) == 0.0
+    assert accuracy.mean_segmentation_accuracy(one, empty) == 0.0
+    assert accuracy.mean_segmentation_accuracy(empty, one) == 0.0
+    assert accuracy.mean_segmentation_accuracy(one, one) == 1.0
     with pytest.raises(ValueError, match="shapes differ"):
-        metrics.mean_segmentation_accuracy(one, one[:3])
+        accuracy.mean_segmentation_accuracy(one, one[:3])

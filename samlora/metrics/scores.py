@@ -119,7 +119,7 @@ def check_label_map(arr: np.ndarray, name: str) -> np.ndarray:
     return arr
 
 
-def _check_inputs(
+def check_inputs(
     gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Validate ``gt`` / ``pred`` / ``ignore``; return them with ``ignore`` as bool or None."""
@@ -184,7 +184,7 @@ def semantic_metrics(
     Raises:
         ValueError: shapes differ, not 2-D, float dtype, or negative labels.
     """
-    gt, pred, ignore = _check_inputs(gt, pred, ignore)
+    gt, pred, ignore = check_inputs(gt, pred, ignore)
     g = gt != 0
     p = pred != 0
     if ignore is not None:
@@ -380,7 +380,7 @@ def instance_metrics(
     Raises:
         ValueError: shapes differ, not 2-D, float dtype, or negative labels.
     """
-    gt, pred, ignore = _check_inputs(gt, pred, ignore)
+    gt, pred, ignore = check_inputs(gt, pred, ignore)
     area_gt, area_pred, pair_gt, pair_pred, inter = _overlaps(gt, pred, ignore)
     union = area_gt[pair_gt] + area_pred[pair_pred] - inter
     n_gt, n_pred = len(area_gt), len(area_pred)
@@ -421,38 +421,6 @@ def pooled_instance_metrics(rows: Iterable[Mapping[str, float]]) -> dict[str, fl
     """
     totals = _sum_counts(rows, INSTANCE_COUNT_KEYS, "instance_metrics")
     return _instance_scores(totals)
-
-
-#: micro-sam's (elf's) mSA thresholds, exactly as it makes them: ``np.arange(0.5, 1.0, 0.05)``
-#: (0.5, 0.55, 0.6000000000000001, ...), compared as ``IoU >= t`` in floating point.
-MSA_THRESHOLDS: tuple[float, ...] = tuple(float(t) for t in np.arange(0.5, 1.0, 0.05))
-
-
-def segmentation_accuracies(gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None = None) -> np.ndarray:
-    """(10,) TP / (TP + FP + FN) at each of :data:`MSA_THRESHOLDS`, as micro-sam's evaluation
-    (elf's ``mean_segmentation_accuracy``) counts them.
-
-    TP at t is the largest number of one-to-one (gt, pred) pairs of IoU >= t (for t >= 0.5 the
-    summed-IoU matching of overlaps.py gives it: such pairs are unique but for exact halves);
-    FP = predictions - TP, FN = ground-truth objects - TP. Unlike this module's other scores, and
-    as elf, a threshold with no TP scores 0.0, also when gt and pred are both empty.
-    """
-    gt, pred, ignore = _check_inputs(gt, pred, ignore)
-    table = overlap_table(gt, pred, None if ignore is None else ~ignore)
-    n_gt, n_pred = len(table.area_a), len(table.area_b)
-    iou = table.iou
-    out = np.zeros(len(MSA_THRESHOLDS))
-    for i, t in enumerate(MSA_THRESHOLDS):
-        good = iou >= t
-        tp = len(max_iou_matching(table.pair_a[good], table.pair_b[good], iou[good], n_gt, n_pred))
-        out[i] = tp / (n_gt + n_pred - tp) if tp else 0.0
-    return out
-
-
-def mean_segmentation_accuracy(gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None = None) -> float:
-    """mSA as micro-sam reports it: the mean of :func:`segmentation_accuracies` over IoU
-    thresholds 0.5, 0.55, ..., 0.95 (every non-zero value of ``gt`` / ``pred`` one object)."""
-    return float(np.mean(segmentation_accuracies(gt, pred, ignore)))
 
 
 # --------------------------------------------------------------------------- volumes

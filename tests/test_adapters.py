@@ -161,3 +161,31 @@ def test_load_adapter_errors(tmp_path, tiny_vit, tiny_vit_base, vit_t):
     merge_lora(merged)
     with pytest.raises(ValueError, match="unmerge"):
         load_adapter(good, merged)
+
+
+def test_adapter_carries_the_instance_decoder(tmp_path, tiny_vit, tiny_vit_base):
+    """A model with an AIS decoder attached saves it whole (BatchNorm statistics too) under
+    ``instance_decoder.*``; loading the adapter into a fresh model attaches an equal decoder."""
+    from samlora.models import adapters, instance_decoder
+
+    inject_lora(tiny_vit, 4, 8, ("qkv",))
+    mark_only_lora_as_trainable(tiny_vit)
+    decoder = instance_decoder.attach(tiny_vit, instance_decoder.InstanceDecoder(initial_features=8, image_size=64))
+    with torch.no_grad():
+        for p in decoder.parameters():
+            p.add_(0.01)
+        for name, buffer in decoder.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.add_(0.25)
+    path = save_adapter(tmp_path / "adapter.pt", tiny_vit, _config(targets=("qkv",)))
+    state = torch.load(path, weights_only=True)["state_dict"]
+    assert adapters.has_decoder(state)
+    _, decoder_part = instance_decoder.split_state(state)
+    assert decoder_part.keys() == decoder.state_dict().keys()
+
+    fresh = copy.deepcopy(tiny_vit_base)
+    load_adapter(path, fresh)
+    loaded = instance_decoder.attached(fresh)
+    assert loaded is not None
+    for key, value in decoder.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

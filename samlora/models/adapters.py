@@ -22,7 +22,7 @@ from torch import nn
 
 from samlora.core import runfiles
 from samlora.core.errors import UserError
-from samlora.models import checkpoints, encoder_blocks, lora
+from samlora.models import checkpoints, encoder_blocks, instance_decoder, lora
 from samlora.models import sam as sam_model
 from samlora.models.model_info import LoadedModel, ModelInfo
 
@@ -102,7 +102,7 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, config: Mapping[str,
     lora.check_not_merged(model, "save an adapter")
     config = _adapter_config(model, config)
     state = trained_state(model)
-    extra = sum(v.numel() for k, v in state.items() if not lora.is_lora_key(k))
+    extra = sum(v.numel() for k, v in state.items() if not lora.is_lora_key(k) and not k.startswith(instance_decoder.PREFIX))
     total = lora.count_parameters(model)[1]
     if extra > total // 2:
         log.warning("the adapter holds %s non-LoRA parameters (%.0f %% of the model): was "
@@ -119,10 +119,13 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, config: Mapping[str,
 
 
 def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What training changes: the LoRA tensors and every parameter with ``requires_grad``
-    (e.g. the mask decoder), as contiguous CPU copies."""
+    """What training changes: the LoRA tensors, every parameter with ``requires_grad`` (e.g. the
+    mask decoder) and the whole AIS decoder the model carries (``instance_decoder.*``, its
+    BatchNorm statistics included), as contiguous CPU copies."""
     state = lora.lora_state_dict(model)
     state.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and n not in state})
+    if instance_decoder.attached(model) is not None:  # its BatchNorm statistics too: a complete decoder_state
+        state.update({instance_decoder.PREFIX + k: v for k, v in instance_decoder.decoder_state(model).items()})
     return {k: v.cpu().contiguous() for k, v in state.items()}
 
 
@@ -174,13 +177,35 @@ def load_adapter(path: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
                                         config.get("dropout", 0.0), config.get("blocks"))
         except ValueError as exc:
             raise UserError(f"{path.name}: cannot inject LoRA from its config: {exc}") from exc
+    attached = _attach_decoder(model, state, path)
     try:
         lora.load_lora_state_dict(model, state, path.name)
     except ValueError:
         lora.remove_lora(model, injected)  # leave the model as it came
+        if attached:
+            delattr(model, instance_decoder.ATTRIBUTE)
         raise
     log.info("loaded adapter %s (%d tensors)", path, len(state))
     return config
+
+
+def has_decoder(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether an adapter's state holds an AIS decoder (``train --instance_decoder``)."""
+    return any(k.startswith(instance_decoder.PREFIX) for k in state)
+
+
+def _attach_decoder(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> bool:
+    """Give ``model`` the AIS decoder an adapter's state holds, built from its tensors' shapes,
+    when the model has none; returns whether one was attached."""
+    if not has_decoder(state) or instance_decoder.attached(model) is not None:
+        return False
+    _, decoder_part = instance_decoder.split_state(state)
+    try:
+        decoder = instance_decoder.decoder_from_state(decoder_part, model.image_encoder.img_size)
+    except ValueError as exc:
+        raise UserError(f"{path.name}: damaged instance decoder: {exc}") from None
+    instance_decoder.attach(model, decoder)
+    return True
 
 
 def base_sha256(config: Mapping[str, Any]) -> str | None:

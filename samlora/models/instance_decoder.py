@@ -261,3 +261,45 @@ def decoder_from_state(state: Mapping[str, torch.Tensor], image_size: int = 1024
         raise ValueError(f"decoder state does not fit the AIS decoder: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
     return decoder
+
+
+# --------------------------------------------------------------------------------------------
+# The decoder carried by a SAM model
+# --------------------------------------------------------------------------------------------
+#: The attribute of a SAM model that holds its AIS decoder; its tensors are ``instance_decoder.*``
+#: in the model's state dict, in adapter files and in resume checkpoints.
+ATTRIBUTE = "instance_decoder"
+PREFIX = ATTRIBUTE + "."
+
+
+def attach(sam: nn.Module, decoder: InstanceDecoder) -> InstanceDecoder:
+    """Make ``decoder`` a submodule of ``sam`` (``sam.instance_decoder``), on ``sam``'s device.
+
+    Carried by the model, it trains, saves (adapters.trained_state), resumes, is reduced under
+    torchrun and moves with ``sam.to(...)`` like SAM's own mask decoder. Returns the decoder.
+    """
+    device = next(sam.parameters()).device
+    sam.add_module(ATTRIBUTE, decoder.to(device))
+    return decoder
+
+
+def attached(sam: nn.Module) -> InstanceDecoder | None:
+    """The AIS decoder ``sam`` carries, or None."""
+    decoder = getattr(sam, ATTRIBUTE, None)
+    return decoder if isinstance(decoder, InstanceDecoder) else None
+
+
+def split_state(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A model's (or adapter's) state -> ``(SAM's tensors, the decoder's tensors without the prefix)``:
+    the decoder's part is a ``decoder_state`` in micro-sam's layout."""
+    sam_part = {k: v for k, v in state.items() if not k.startswith(PREFIX)}
+    decoder_part = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
+    return sam_part, decoder_part
+
+
+def decoder_state(sam: nn.Module) -> dict[str, torch.Tensor]:
+    """The ``decoder_state`` of the decoder ``sam`` carries (micro-sam's keys, CPU copies), or {}."""
+    decoder = attached(sam)
+    if decoder is None:
+        return {}
+    return {k: v.detach().cpu().clone() for k, v in decoder.state_dict().items()}

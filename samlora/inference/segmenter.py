@@ -13,8 +13,8 @@ from a detector (detector.py) or SAM's automatic mask generator.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
 
 import cv2
 import numpy as np
@@ -24,11 +24,15 @@ from torch import nn
 from samlora.core.errors import UserError
 from samlora.data.instances import Instance, instance_from_mask, paint_instances
 from samlora.data.prompts import Prompts, box_prompts
+from samlora.inference.instance_watershed import WatershedOptions
 from samlora.inference.tiles import merge_tiles, tile_windows
 from samlora.models import sam as sam_model
 
 # A detector: one HxWx3 uint8 image -> (Nx4 xyxy inclusive boxes, N confidences).
 Proposer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+STABILITY_OFFSET = 1.0  # segment_anything's stability_score_offset
 
 
 def sam_device(sam: nn.Module) -> torch.device:
@@ -88,24 +92,39 @@ def predict(
     return masks, scores, low_res
 
 
-def full_size_masks(low_res: torch.Tensor, image_size: int, input_size: tuple[int, int],
-                    original_size: tuple[int, int]) -> np.ndarray:
-    """Nx1x(S/4)x(S/4) mask logits -> NxHxW bool masks at the original size.
+def full_size_logits(low_res: torch.Tensor, image_size: int, input_size: tuple[int, int],
+                     original_size: tuple[int, int]) -> torch.Tensor:
+    """Nx1x(S/4)x(S/4) mask logits -> Nx1xHxW logits at the original size.
 
-    The same as :func:`model.postprocess_logits` then ``> 0`` (what :func:`predict` does),
-    without its second full-size resize when the resized input already has the original size
-    (an image or tile of exactly the model's input size): that resize is an identity that costs
-    as much as the first one.
+    :func:`model.postprocess_logits`, without its second full-size resize when the resized input
+    already has the original size (an image or tile of exactly the model's input size): that
+    resize is an identity that costs as much as the first one.
     """
     if tuple(input_size) != tuple(original_size):
-        return (sam_model.postprocess_logits(low_res, image_size, input_size, original_size)[:, 0] > 0).cpu().numpy()
-    return (sam_model.input_logits(low_res, image_size, input_size)[:, 0] > 0).cpu().numpy()
+        return sam_model.postprocess_logits(low_res, image_size, input_size, original_size)
+    return sam_model.input_logits(low_res, image_size, input_size)
+
+
+def full_size_masks(low_res: torch.Tensor, image_size: int, input_size: tuple[int, int],
+                    original_size: tuple[int, int]) -> np.ndarray:
+    """Nx1x(S/4)x(S/4) mask logits -> NxHxW bool masks at the original size (what :func:`predict`
+    gives: :func:`full_size_logits` ``> 0``)."""
+    return (full_size_logits(low_res, image_size, input_size, original_size)[:, 0] > 0).cpu().numpy()
+
+
+def stability_scores(logits: torch.Tensor, offset: float = STABILITY_OFFSET) -> torch.Tensor:
+    """Nx1xHxW mask logits -> N stability scores: the IoU of the masks thresholded at ``+offset``
+    and ``-offset`` (segment_anything's ``calculate_stability_score`` at mask threshold 0)."""
+    inner = (logits > offset).flatten(1).sum(1)
+    outer = (logits > -offset).flatten(1).sum(1)
+    return inner.float() / outer.clamp(min=1).float()
 
 
 @torch.no_grad()
 def decode_instances(sam: nn.Module, embedding: torch.Tensor, prompts: Prompts,
                      original_size: tuple[int, int], chunk: int = 64,
-                     confidences: np.ndarray | None = None, keep_ids: bool = True) -> list[Instance]:
+                     confidences: np.ndarray | None = None, keep_ids: bool = True,
+                     min_score: float = 0.0, min_stability: float = 0.0) -> list[Instance]:
     """Decode the N prompts of one image against its 1x256x(S/16)x(S/16) ``embedding``.
 
     ``chunk`` prompts share a decoder call. Returns the non-empty masks as :class:`Instance`
@@ -113,7 +132,9 @@ def decode_instances(sam: nn.Module, embedding: torch.Tensor, prompts: Prompts,
     (N) break ties; ``keep_ids`` paints each with its prompt's object id. A single click (one
     positive point, no box or mask: ``PromptTensors.single_click``, the rule training follows) is
     ambiguous, so it takes the best of SAM's three masks by predicted IoU, as segment_anything
-    recommends; other prompts take the single-mask output.
+    recommends; other prompts take the single-mask output. Masks with a predicted IoU under
+    ``min_score`` or a stability score (:func:`stability_scores`) under ``min_stability`` are
+    dropped (APG's filters; 0: none).
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -131,10 +152,16 @@ def decode_instances(sam: nn.Module, embedding: torch.Tensor, prompts: Prompts,
         low_res, ious = sam_model.decode(sam, embedding[0], tensors, multimask_output=multimask)
         best = ious.argmax(dim=1) if multimask else torch.zeros(len(ious), dtype=torch.long, device=ious.device)
         low_res, ious = sam_model.pick_outputs(low_res, best), sam_model.pick_outputs(ious, best)
-        masks = full_size_masks(low_res, image_size, input_size, original_size)
-        scores = ious[:, 0].float().cpu().numpy()
+        logits = full_size_logits(low_res, image_size, input_size, original_size)
+        keep = ious[:, 0] >= min_score
+        if min_stability > 0:
+            keep &= stability_scores(logits.float()) >= min_stability
+        masks = (logits[:, 0] > 0).cpu().numpy()
+        scores, keep = ious[:, 0].float().cpu().numpy(), keep.cpu().numpy()
         for j, (mask, score) in enumerate(zip(masks, scores)):
             row = start + j
+            if not keep[j]:
+                continue
             confidence = float(score if confidences is None else confidences[row])
             label = int(prompts.object_ids[row]) if keep_ids else None
             instance = instance_from_mask(mask, score, confidence, label)
@@ -201,12 +228,24 @@ def automatic_instances(generator: Any, image: np.ndarray, precision: str = "fp3
 # --------------------------------------------------------------------------------------------
 # The whole pipeline for one 2-D image: proposals or the automatic generator, tiles, painting
 # --------------------------------------------------------------------------------------------
+MODES = ("yolo", "amg", "ais", "apg")
+# Where --pred_iou_thresh / --stability_score_thresh are not given: segment_anything's AMG
+# defaults; APG none, as micro-sam's AutomaticPromptGenerator filters none.
+MASK_FILTERS = {"amg": (0.88, 0.95), "apg": (0.0, 0.0)}
+
+
 @dataclass
 class SegmentOptions:
-    """How :class:`Segmenter` turns an image into instances (the ``detect predict`` options)."""
+    """How :class:`Segmenter` turns an image into instances (the ``detect predict`` options).
 
-    mode: str = "yolo"  # yolo (boxes from a detector) | amg
-    box_batch: int = 32  # boxes per SAM decoder call
+    ``watershed``: AIS's thresholds and APG's seed thresholds (instance_watershed.py);
+    ``write_maps``: keep the decoder's 3xHxW maps of each image (modes ais / apg). AIS / APG tile
+    with a halo of ``tile_overlap // 2`` (automatic.py); ``pred_iou_thresh`` /
+    ``stability_score_thresh`` None take the mode's :data:`MASK_FILTERS`.
+    """
+
+    mode: str = "yolo"  # yolo (boxes from a detector) | amg | ais (learned decoder) | apg (its prompts)
+    box_batch: int = 32  # boxes (APG: clicks) per SAM decoder call
     tile_size: int = 1024  # tile images larger than this (0 = never)
     tile_overlap: int = 128
     merge_threshold: float = 0.5  # mask IoU, inside the window two tiles share, that merges objects
@@ -214,12 +253,22 @@ class SegmentOptions:
     precision: str = "fp32"
     points_per_side: int = 32  # AMG
     points_per_batch: int = 64
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
+    pred_iou_thresh: float | None = None  # AMG, APG
+    stability_score_thresh: float | None = None
+    watershed: WatershedOptions = field(default_factory=WatershedOptions)  # AIS, APG
+    write_maps: bool = False  # AIS, APG
 
     def __post_init__(self) -> None:
-        if self.mode not in ("yolo", "amg"):
-            raise UserError(f"unknown mode {self.mode!r}: use yolo or amg")
+        if self.mode not in MODES:
+            raise UserError(f"unknown mode {self.mode!r}: use one of {', '.join(MODES)}")
+        if self.write_maps and self.mode not in ("ais", "apg"):
+            raise UserError(f"--write_maps writes the instance decoder's maps, which --mode {self.mode} does not "
+                            "make: use --mode ais or apg, or leave out --write_maps")
+        if isinstance(self.watershed, dict):  # read back from a run record
+            self.watershed = WatershedOptions(**self.watershed)
+        iou, stability = MASK_FILTERS.get(self.mode, MASK_FILTERS["amg"])
+        self.pred_iou_thresh = iou if self.pred_iou_thresh is None else self.pred_iou_thresh
+        self.stability_score_thresh = stability if self.stability_score_thresh is None else self.stability_score_thresh
         if self.box_batch < 1 or self.points_per_batch < 1 or self.points_per_side < 1:
             raise UserError("--box_batch, --points_per_batch and --points_per_side must be >= 1")
         if self.tile_size < 0 or (self.tile_size and not 0 <= self.tile_overlap < self.tile_size):
@@ -229,11 +278,22 @@ class SegmentOptions:
             raise UserError(f"--merge_threshold must be in (0, 1], got {self.merge_threshold}")
 
 
+class Segmented(NamedTuple):
+    """One image segmented: ``labels`` HxW int32 (1..K), the K ``kept`` instances in label order,
+    and for modes ais / apg the decoder's ``maps`` 3xHxW float32 (else None)."""
+
+    labels: np.ndarray
+    kept: list[Instance]
+    maps: np.ndarray | None = None
+
+
 class Segmenter:
     """One HxWx3 uint8 image -> (HxW int32 instance labels, kept instances), tile by tile.
 
     Mode ``yolo``: ``propose`` gives each tile's boxes, which prompt SAM; mode ``amg``: SAM's
-    automatic mask generator. Objects are numbered 1..K by decreasing predicted IoU.
+    automatic mask generator; modes ``ais`` / ``apg``: the decoder ``sam`` carries, on maps
+    stitched from tiles with a halo (automatic.py). Objects are numbered 1..K by decreasing score
+    (predicted IoU; AIS: mean foreground probability).
     """
 
     def __init__(self, sam: nn.Module, options: SegmentOptions, propose: Proposer | None = None) -> None:
@@ -245,6 +305,10 @@ class Segmenter:
         if options.mode == "amg":
             self.amg = automatic_generator(sam, options.points_per_side, options.points_per_batch,
                                            options.pred_iou_thresh, options.stability_score_thresh)
+        if options.mode in ("ais", "apg"):
+            from samlora.inference import automatic  # automatic.py builds on this module's decoding
+
+            automatic.require_decoder(sam)
 
     def tile_instances(self, tile: np.ndarray) -> list[Instance]:
         """The objects of one tile (or a whole small image), in its pixel coordinates."""
@@ -257,8 +321,18 @@ class Segmenter:
         return decode_instances(self.sam, embedding, box_prompts(boxes), tile.shape[:2], self.options.box_batch,
                                 confidences, keep_ids=False)
 
-    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, list[Instance]]:
+    def segment(self, image: np.ndarray) -> Segmented:
+        """Labels, kept instances and (modes ais / apg) the maps of one HxWx3 uint8 image."""
         o = self.options
+        if o.mode in ("ais", "apg"):
+            from samlora.inference import automatic
+
+            common = dict(tile=o.tile_size, halo=o.tile_overlap // 2, precision=o.precision, min_area=o.min_area)
+            if o.mode == "ais":
+                return Segmented(*automatic.ais_instances(self.sam, image, o.watershed, **common))
+            return Segmented(*automatic.apg_instances(self.sam, image, o.watershed, chunk=o.box_batch,
+                                                      min_score=o.pred_iou_thresh,
+                                                      min_stability=o.stability_score_thresh, **common))
         windows = tile_windows(image.shape[0], image.shape[1], o.tile_size, o.tile_overlap)
         instances: list[Instance] = []
         tiles: list[int] = []
@@ -269,4 +343,8 @@ class Segmenter:
                 tiles += [index] * len(found)
         if len(windows) > 1:
             instances = merge_tiles(instances, tiles, windows, o.merge_threshold)
-        return paint_instances(instances, image.shape[:2], o.min_area)
+        return Segmented(*paint_instances(instances, image.shape[:2], o.min_area))
+
+    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, list[Instance]]:
+        labels, kept, _ = self.segment(image)
+        return labels, kept

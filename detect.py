@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,13 +35,14 @@ from samlora.core.errors import UserError
 from samlora.data import dataset as data
 from samlora.data import folds as folds_lib
 from samlora.data import images, volume_io
-from samlora.inference import cluster
+from samlora.inference import automatic, cluster
 from samlora.inference import sections as stacks
 from samlora.inference import segmenter as inference
 from samlora.inference.linking import LinkOptions, add_link_arguments
 from samlora.inference.predict import PredictOptions, predict_files
 from samlora.inference.propagation import PropagationOptions
-from samlora.inference.segmenter import SegmentOptions
+from samlora.inference.instance_watershed import WatershedOptions
+from samlora.inference.segmenter import MODES, SegmentOptions
 from samlora.inference.yolo import (
     BoxCounts,
     DetectorOptions,
@@ -53,7 +54,7 @@ from samlora.inference.yolo import (
     validate_detector,
     yolo_device,
 )
-from samlora.models import adapters
+from samlora.models import adapters, instance_decoder
 from samlora.models import sam as sam_model
 
 log = logging.getLogger(__name__)
@@ -233,12 +234,40 @@ def segment_options(args: argparse.Namespace, adapter: dict[str, Any] | None
         tile_size=tile_size, tile_overlap=tile_overlap,
         merge_threshold=args.merge_threshold, min_area=args.min_area, precision=args.precision,
         points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
-        pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh)
+        pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,
+        watershed=watershed_options(args, adapter), write_maps=args.write_maps)
     proposals = DetectorOptions(args.conf, args.iou, args.imgsz or None, args.max_det)
     if args.mode == "yolo" and args.yolo_model is None and args.seed_labels is None:
         raise UserError("--mode yolo needs --yolo_model (the best.pt of `python main.py detect train`); "
                         "or use --mode amg, or --seed_labels")
     return options, proposals, scale
+
+
+def watershed_options(args: argparse.Namespace, adapter: dict[str, Any] | None) -> WatershedOptions:
+    """The seeded watershed's thresholds (AIS; APG's seeds): the ``--model_path`` adapter's
+    ``watershed`` (chosen on validation data after training), else micro-sam's defaults; each
+    flag given overrides its field."""
+    chosen = (adapter or {}).get("watershed") or {}
+    known = {f.name for f in fields(WatershedOptions)}
+    if not isinstance(chosen, dict) or set(chosen) - known:
+        raise UserError(f"{args.model_path}: its config's 'watershed' is not a dict of {', '.join(sorted(known))}; "
+                        "retrain, or give every watershed flag")
+    values = {**chosen, **{name: getattr(args, name) for name in known if getattr(args, name) is not None}}
+    try:
+        return WatershedOptions(**values)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"--{exc}" if any(str(exc).startswith(n) for n in known) else f"watershed options: {exc}") from None
+
+
+def check_decoder(args: argparse.Namespace, adapter_state: dict[str, Any] | None, bases: adapters.BaseModels) -> None:
+    """Refuse ``--mode ais`` / ``apg`` (one line, before anything is written) when neither the
+    adapter nor the base model (a combined ``--checkpoint``) holds an instance decoder."""
+    if args.mode not in ("ais", "apg") or (adapter_state is not None and adapters.has_decoder(adapter_state)):
+        return
+    if instance_decoder.attached(bases.get(args.seed)) is None:
+        source = f"--model_path {args.model_path} holds no instance decoder" if args.model_path else \
+            "no --model_path given and --checkpoint holds no decoder_state"
+        raise UserError(f"--mode {args.mode}: {source}; {automatic.NO_DECODER.split(': ', 1)[1]}")
 
 
 def check_inputs(args: argparse.Namespace) -> list[tuple[Path, tuple[int, int, int] | None]]:
@@ -268,6 +297,9 @@ def predict_inputs(args: argparse.Namespace) -> tuple[list[tuple[Path, Any]], di
     files = check_inputs(args)
     if args.seed_labels is None:
         return files, None
+    if args.write_maps:
+        raise UserError("--write_maps: objects carried from --seed_labels are drawn by SAM's prompts, not by the "
+                        "instance decoder's maps; leave out one of them")
     if len(files) != 1 or files[0][1] is None:
         raise UserError("--seed_labels annotates one volume: give that volume (a TIFF stack or a Zarr array) as --input")
     if args.resume:
@@ -303,13 +335,15 @@ def check_resume(args: argparse.Namespace, out: runfiles.OutputDir, files: list[
 def run_predict(args: argparse.Namespace) -> int:
     """Segment ``--input`` and write label TIFFs (Zarr for Zarr input), overlays, one COCO file,
     config and log."""
-    adapter_configs = {args.model_path: adapters.read_adapter(args.model_path)[0]} if args.model_path else {}
-    options, proposals, scale = segment_options(args, adapter_configs.get(args.model_path))
+    adapter_config, adapter_state = adapters.read_adapter(args.model_path) if args.model_path else (None, None)
+    adapter_configs = {args.model_path: adapter_config} if args.model_path else {}
+    options, proposals, scale = segment_options(args, adapter_config)
     files, seeds = predict_inputs(args)
     out = runfiles.OutputDir(args.output_dir, "detect predict")
     inputs = [args.input] if args.input.is_dir() and not volume_io.is_zarr(args.input) else []
     bases = adapters.bases_from_flags(args.model_type, args.image_size, args.checkpoint, args.device, adapter_configs)
     sam_model.autocast(bases.device, args.precision)  # rejects fp16 on CPU before any work
+    check_decoder(args, adapter_state, bases)
     detector = load_detector(args.yolo_model, proposals, bases.device) if args.yolo_model and args.mode == "yolo" else None
     spec = cluster.SegmenterSpec(bases.model_type, None if bases.checkpoint is None else str(bases.checkpoint),
                                  bases.image_size, str(bases.device), None if args.model_path is None else
@@ -327,7 +361,7 @@ def run_predict(args: argparse.Namespace) -> int:
     out.claim(args.overwrite, args.resume, protected=inputs)
     try:
         with out.active("detect_predict.log"):
-            segmenter = spec.build(detector) if detector is not None or args.mode == "amg" else None
+            segmenter = spec.build(detector) if detector is not None or args.mode != "yolo" else None
             runfiles.write_json(out.path / "detect_predict_config.json", {**args_record(args), **record})
             sam = segmenter.sam if segmenter is not None else adapters.load_finetuned(bases, args.model_path, args.seed)
             fill = None if client is None else lambda volume, store: cluster.fill_store(client, spec, volume, store)
@@ -411,8 +445,10 @@ def _add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
                          help="seed of random base weights (--checkpoint none) without an adapter; with one, "
                               "the adapter's training seed")
     mode = parser.add_argument_group("prompts")
-    mode.add_argument("--mode", choices=("yolo", "amg"), default="yolo",
-                      help="yolo = detector boxes prompt SAM; amg = SAM's automatic mask generator (zero-shot)")
+    mode.add_argument("--mode", choices=MODES, default="yolo",
+                      help="yolo = detector boxes prompt SAM; amg = SAM's automatic mask generator (zero-shot); "
+                           "ais = the instance decoder's maps (train --instance_decoder) -> seeded watershed; "
+                           "apg = one click per seed region of those maps, drawn by SAM's mask decoder")
     mode.add_argument("--yolo_model", type=Path, default=None, help="best.pt from `detect train` (mode yolo)")
     mode.add_argument("--conf", type=float, default=0.1, help="YOLO confidence threshold (low = high recall)")
     mode.add_argument("--iou", type=float, default=0.7, help="YOLO NMS IoU threshold")
@@ -423,8 +459,26 @@ def _add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
                            "64 on a GPU")
     mode.add_argument("--points_per_side", type=int, default=32, help="AMG: grid of points per image side")
     mode.add_argument("--points_per_batch", type=int, default=64, help="AMG: points per decoder call")
-    mode.add_argument("--pred_iou_thresh", type=float, default=0.88, help="AMG: keep masks of higher predicted IoU")
-    mode.add_argument("--stability_score_thresh", type=float, default=0.95, help="AMG: keep stabler masks")
+    mode.add_argument("--pred_iou_thresh", type=float, default=None,
+                      help="AMG, APG: keep masks of at least this predicted IoU (default: 0.88 for amg, "
+                           "none for apg, as micro-sam's APG)")
+    mode.add_argument("--stability_score_thresh", type=float, default=None,
+                      help="AMG, APG: keep masks of at least this stability score (default: 0.95 for amg, "
+                           "none for apg)")
+    shed = parser.add_argument_group(
+        "instance decoder (--mode ais / apg): seeded-watershed thresholds; default: the adapter's (chosen on "
+        "validation data after training), else micro-sam's (0.5, 0.5, 0.5, smoothing 1.0 / 1.6, min size 0)")
+    for name, text in (("center_distance_threshold", "seeds: centre distance below this"),
+                       ("boundary_distance_threshold", "seeds: boundary distance below this"),
+                       ("foreground_threshold", "foreground: probability above this (APG seeds: at least)"),
+                       ("foreground_smoothing", "AIS: Gaussian sigma of the foreground map (0 = none)"),
+                       ("distance_smoothing", "AIS: Gaussian sigma of the distance maps (0 = none)")):
+        shed.add_argument(f"--{name}", type=float, default=None, help=text)
+    shed.add_argument("--min_size", type=int, default=None,
+                      help="AIS: watershed objects with fewer pixels are removed (--min_area then applies to all modes)")
+    shed.add_argument("--write_maps", action="store_true",
+                      help="also write the decoder's maps (foreground, centre distance, boundary distance) as "
+                           "<stem>_maps.tif, float32, channels first: 3xHxW for an image, Zx3xHxW for a stack")
     volume = parser.add_argument_group("volumes (TIFF stacks, Zarr): read, segmented and written section by section")
     volume.add_argument("--no_link", action="store_true",
                         help="keep per-section objects (numbered on through the stack) instead of linking them "
@@ -458,7 +512,9 @@ def _add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
                             "default: the patch size the models were trained on (so objects appear at the "
                             "training scale), else 1024")
     tiles.add_argument("--tile_overlap", type=int, default=None,
-                       help="pixels shared by neighbouring tiles (default: an eighth of the tile)")
+                       help="pixels shared by neighbouring tiles (default: an eighth of the tile); ais / apg keep each "
+                            "tile's maps on its inner part, the seams in the middle of the overlaps (a halo of "
+                            "half of it), and stitch them before the watershed")
     tiles.add_argument("--merge_threshold", type=float, default=0.5,
                        help="objects of two tiles whose masks have this IoU inside the window both "
                             "tiles saw are merged into one")

@@ -65,6 +65,7 @@ def predict_files(options: PredictOptions, files: list[tuple[Path, tuple[int, in
     given = options.input
     root = given if given.is_dir() and not volume_io.is_zarr(given) else given.parent
     total = 0
+    maps = segmenter is not None and segmenter.options.write_maps
     for path, shape in tqdm(files, desc="images", unit="file", disable=None if len(files) > 1 else True):
         name = path.relative_to(root).as_posix()
         if seeds is not None:
@@ -74,9 +75,9 @@ def predict_files(options: PredictOptions, files: list[tuple[Path, tuple[int, in
                 stack_output_paths(out.path, path, options.overlays), segmenter)
         elif shape is not None:
             total += stacks.predict_volume(path, name, segmenter, record, out, options.resume, options.link, coco,
-                                           stack_output_paths(out.path, path, options.overlays), fill)
+                                           stack_output_paths(out.path, path, options.overlays, maps), fill)
         else:
-            total += segment_file(path, name, segmenter, coco, output_paths(out.path, path, options.overlays))
+            total += segment_file(path, name, segmenter, coco, output_paths(out.path, path, options.overlays, maps))
     coco.write(out.path / "coco.json", options.description)
     out.discard(work)
     return total

@@ -28,7 +28,7 @@ from samlora.data.coco import CocoWriter
 from samlora.data.images import file_stem
 from samlora.data.instances import Instance
 from samlora.data.volume_io import Volume
-from samlora.inference.label_files import write_label_stack
+from samlora.inference.label_files import write_label_stack, write_map_stack
 from samlora.inference.linking import Linked, LinkOptions, iter_linked
 
 log = logging.getLogger(__name__)
@@ -47,19 +47,23 @@ class Scored(NamedTuple):
 class SectionResult:
     """One segmented section: ``labels`` HxW int32 and its K objects: their label ``values`` (K,)
     (1..K when None), ``scores`` (K,) predicted IoU, ``confidences`` (K,), and for propagated
-    objects the ``distances`` (K,) in sections from their seed."""
+    objects the ``distances`` (K,) in sections from their seed; with ``--write_maps`` the
+    instance decoder's ``maps`` 3xHxW float32."""
 
     labels: np.ndarray
     scores: np.ndarray
     confidences: np.ndarray
     values: np.ndarray | None = None
     distances: np.ndarray | None = None
+    maps: np.ndarray | None = None
 
     @classmethod
-    def of(cls, labels: np.ndarray, kept: Sequence[Instance | Scored]) -> "SectionResult":
-        """From a Segmenter's output: labels 1..K and the K kept instances in label order."""
+    def of(cls, labels: np.ndarray, kept: Sequence[Instance | Scored],
+           maps: np.ndarray | None = None) -> "SectionResult":
+        """From a Segmenter's output: labels 1..K, the K kept instances in label order, the maps."""
         return cls(np.asarray(labels, np.int32), np.array([k.score for k in kept], np.float32).reshape(-1),
-                   np.array([k.confidence for k in kept], np.float32).reshape(-1))
+                   np.array([k.confidence for k in kept], np.float32).reshape(-1),
+                   maps=None if maps is None else np.asarray(maps, np.float32))
 
     @property
     def instances(self) -> list[Scored]:
@@ -117,8 +121,10 @@ def section_result(segment: Segment, volume: Volume, z: int) -> SectionResult:
     """Section ``z`` of ``volume`` segmented by ``segment`` (a Segmenter: its ``options.precision``
     is used): the one way a section is computed, in this process and on dask workers alike
     (:func:`thread_count_invariant`)."""
-    precision = getattr(getattr(segment, "options", None), "precision", "fp32")
-    with thread_count_invariant(precision):
+    options = getattr(segment, "options", None)
+    with thread_count_invariant(getattr(options, "precision", "fp32")):
+        if getattr(options, "write_maps", False):  # a Segmenter asked for the decoder's maps
+            return SectionResult.of(*segment.segment(volume.section(z)))
         return SectionResult.of(*segment(volume.section(z)))
 
 
@@ -241,6 +247,8 @@ def segment_volume(volume: Volume, name: str, source: SectionSource, store: Sect
     sections = written_sections(volume, store, source, link, coco, name, report)
     write_label_stack(outputs["labels"], volume.shape, sections, volume.chunks if volume.kind == "zarr" else None,
                       volume.zarr_format)
+    if "maps" in outputs:  # every section is in the store now, with its maps
+        write_map_stack(outputs["maps"], volume.shape, (store.load(z).maps for z in range(volume.shape[0])))
     objects = report.objects
     if objects == 0:
         log.warning("no objects found in %s: wrote an empty label stack (lower --conf, or check --yolo_model / "

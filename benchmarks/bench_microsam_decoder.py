@@ -141,10 +141,10 @@ def base(path: Path, seed: int) -> dict:
 
 def ours(path: Path, out: Path, image_path: Path) -> dict:
     """Our reader, encoder and decoder on a real image -> ``out`` (image, embedding, maps)."""
-    from samlora.models import instance_decoder
+    from samlora.models import combined, instance_decoder
     from samlora.models import sam as model
 
-    sam = model.build_model("vit_t", path, 1024).sam
+    sam = combined.build_model("vit_t", path, 1024).sam
     decoder = instance_decoder.attached(sam)
     if decoder is None:
         raise SystemExit(f"{path} carries no decoder_state")
@@ -194,11 +194,10 @@ def theirs(path: Path, ours_path: Path, microsam_file: Path) -> dict:
 
 def read(microsam_file: Path, ours_path: Path) -> dict:
     """Our ``--checkpoint`` reader on micro-sam's own combined export: the same tensors."""
-    from samlora.models import instance_decoder
-    from samlora.models import sam as model
+    from samlora.models import combined, instance_decoder
 
     saved = torch.load(ours_path, map_location="cpu", weights_only=False)
-    sam = model.build_model("vit_t", microsam_file, 1024).sam
+    sam = combined.build_model("vit_t", microsam_file, 1024).sam
     decoder = instance_decoder.decoder_state(sam)
     state = sam.state_dict()
     return {"decoder_attached": bool(decoder),

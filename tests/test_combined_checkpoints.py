@@ -15,7 +15,7 @@ from conftest import TINY_TRAIN, tiny_sam
 
 from samlora.core.errors import UserError
 from samlora.models import checkpoints, instance_decoder
-from samlora.models.sam import build_model
+from samlora.models.combined import build_model
 
 
 def small_decoder(seed: int = 0) -> instance_decoder.InstanceDecoder:
@@ -30,6 +30,10 @@ def small_decoder(seed: int = 0) -> instance_decoder.InstanceDecoder:
 def vit_t_state(image_size: int = 256) -> dict[str, torch.Tensor]:
     torch.manual_seed(3)
     return build_model("vit_t", None, image_size).sam.state_dict()
+
+
+def test_decoder_prefix_is_instance_decoders() -> None:
+    assert checkpoints.DECODER_PREFIX == instance_decoder.PREFIX
 
 
 def test_read_unwraps_model_state_and_ignores_other_keys(tmp_path: Path) -> None:

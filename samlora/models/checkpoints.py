@@ -256,6 +256,9 @@ def detect_model_type(state: dict[str, torch.Tensor]) -> str | None:
 #: our ``train --export_merged`` with an AIS decoder): SAM's state dict and the decoder's.
 MODEL_STATE, DECODER_STATE = "model_state", "decoder_state"
 _TORCH_EM_PREFIX = "sam."  # torch_em training checkpoints name SAM's tensors sam.*; micro-sam strips it
+#: ``instance_decoder.PREFIX`` (that module imports sam, which imports this one: spelled out here,
+#: and a test holds the two equal).
+DECODER_PREFIX = "instance_decoder."
 
 
 def _load(path: Path) -> object:
@@ -289,8 +292,6 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     Raises:
         UserError: no file, not a torch file, no SAM state dict, or a damaged ``decoder_state``.
     """
-    from samlora.models import instance_decoder  # models layer; imported late: it imports sam -> us
-
     path = Path(path)
     state = _load(path)
     decoder: object = None
@@ -303,7 +304,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             state = state[key]
     if not _is_tensor_dict(state):
         raise UserError(f"{path} holds no model state dict (is it a LoRA adapter? pass it with --model_path)")
-    state, carried = instance_decoder.split_state(state)
+    carried = {k[len(DECODER_PREFIX):]: v for k, v in state.items() if k.startswith(DECODER_PREFIX)}
+    state = {k: v for k, v in state.items() if not k.startswith(DECODER_PREFIX)}
     if decoder is None and carried:
         decoder = carried
     if decoder is not None and (not _is_tensor_dict(decoder) or not decoder):
@@ -323,7 +325,7 @@ def plain_sam_path(combined: str | Path) -> Path:
 def combined_state(sam_state: dict[str, torch.Tensor], decoder_state: dict[str, torch.Tensor]) -> dict:
     """micro-sam's combined checkpoint: what ``get_sam_model`` (``model_state``) and
     ``get_predictor_and_decoder`` (``decoder_state``) read. ``sam_state`` must hold no decoder keys."""
-    if any(k.startswith(_TORCH_EM_PREFIX) or k.startswith("instance_decoder.") for k in sam_state):
+    if any(k.startswith(_TORCH_EM_PREFIX) or k.startswith(DECODER_PREFIX) for k in sam_state):
         raise ValueError("sam_state must be SAM's own keys (no sam. prefix, no instance_decoder.* tensors)")
     if not decoder_state:
         raise ValueError("decoder_state is empty")
@@ -381,7 +383,7 @@ def check_model_type(state: dict[str, torch.Tensor], path: str | Path, model_typ
         raise UserError(f"{path} is not a SAM or MobileSAM checkpoint (no image_encoder weights found)")
     if found != model_type:
         raise UserError(
-            f"{path} is a {found} checkpoint (its SAM part, for a combined file) but --model_type is {model_type}: pass --model_type {found} "
+            f"{path} is a {found} checkpoint but --model_type is {model_type}: pass --model_type {found} "
             f"or the {model_type} weights (python main.py download --model_type {model_type})"
         )
 

@@ -199,26 +199,8 @@ def build_model(model_type: str, checkpoint: str | Path | None = None, image_siz
     if image_size not in SUPPORTED_IMAGE_SIZES:
         raise UserError(f"image size {image_size} is not supported: choose one of {SUPPORTED_IMAGE_SIZES}")
     sam = MODEL_REGISTRY[model_type].builder(image_size=image_size)
-    if checkpoint is None:
-        return LoadedModel(sam.eval(), ModelInfo(model_type, image_size, None))
-    weights = checkpoints.load_checkpoint(sam, checkpoint, model_type)
-    if weights.decoder_state is not None:
-        _attach_decoder(sam, weights.decoder_state, checkpoint, image_size)
-    return LoadedModel(sam.eval(), ModelInfo(model_type, image_size, weights.sha256))
-
-
-def _attach_decoder(sam: nn.Module, state: dict[str, torch.Tensor], path: str | Path, image_size: int) -> None:
-    """A combined checkpoint's ``decoder_state`` -> ``sam.instance_decoder`` (AIS / APG use it,
-    ``train --instance_decoder`` fine-tunes it); a state that is no AIS decoder is a UserError."""
-    from samlora.models import instance_decoder  # imports this module: imported when needed
-
-    try:
-        decoder = instance_decoder.decoder_from_state(state, image_size)
-    except ValueError as exc:
-        raise UserError(f"{path}: its decoder_state is damaged ({exc}): export or download the combined "
-                        "file again, or pass the plain SAM checkpoint") from None
-    instance_decoder.attach(sam, decoder)
-    log.info("%s carries an AIS decoder: attached as sam.%s", path, instance_decoder.ATTRIBUTE)
+    sha256 = None if checkpoint is None else checkpoints.load_checkpoint(sam, checkpoint, model_type).sha256
+    return LoadedModel(sam.eval(), ModelInfo(model_type, image_size, sha256))
 
 
 # --------------------------------------------------------------------------------------------

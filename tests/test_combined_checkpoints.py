@@ -58,7 +58,7 @@ def test_checkpoint_combined_attaches_the_decoder(tmp_path: Path) -> None:
     torch.save(checkpoints.combined_state(state, decoder), path)
     sam, info = build_model("vit_t", path, 256)
     carried = instance_decoder.attached(sam)
-    assert carried is not None and carried.image_size == 256
+    assert carried is not None and carried.image_size == 256 and not carried.training
     assert carried.state_dict().keys() == decoder.keys()
     assert all(torch.equal(carried.state_dict()[k], v) for k, v in decoder.items())
     assert all(torch.equal(sam.state_dict()[k], v) for k, v in state.items())

@@ -37,7 +37,7 @@ def build_model(model_type: str, checkpoint: str | Path | None = None, image_siz
         except ValueError as exc:
             raise UserError(f"{checkpoint}: its decoder_state is damaged ({exc}): export or download the combined "
                             "file again, or pass the plain SAM checkpoint") from None
-        instance_decoder.attach(loaded.sam, decoder)
+        instance_decoder.attach(loaded.sam, decoder.eval())  # in eval mode, as sam.build_model leaves the model
         log.info("%s carries an AIS decoder (%d tensors): attached as sam.%s", checkpoint, len(state),
                  instance_decoder.ATTRIBUTE)
     return loaded

@@ -16,15 +16,19 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from samlora.core.errors import UserError
+from samlora.models import checkpoints
 from samlora.models.checkpoints import (
     CHECKPOINTS,
     CHUNK_SIZE,
+    MICROSAM_MODELS,
     MODEL_TYPES,
     CheckpointSpec,
     ChecksumError,
+    MicroSamModel,
     get_spec,
     verify_file,
 )
@@ -146,7 +150,37 @@ def download(
         part.unlink()
         raise UserError(f"download from {url} is corrupted and was deleted: {exc}") from None
     os.replace(part, target)
-    log.info("%s verified (sha256 %s...)", target, spec.sha256_prefix)
+    log.info("%s verified (%s)", target, f"xxh128 {spec.xxh128}" if spec.xxh128 else f"sha256 {spec.sha256_prefix}...")
+    return target
+
+
+def download_microsam(model: MicroSamModel, output_dir: str | Path, overwrite: bool = False,
+                      timeout: float = DEFAULT_TIMEOUT) -> Path:
+    """One of micro-sam's fine-tuned models: both files fetched and checked (XXH128) under
+    ``output_dir/micro_sam/``, then ``output_dir/<name>.pt`` written in micro-sam's combined
+    layout (``model_state`` + ``decoder_state``) for ``--checkpoint`` (with ``--model_type``
+    ``model.model_type``). A present combined file is kept unless ``overwrite``."""
+    target = Path(output_dir) / model.filename
+    if target.exists() and not overwrite:
+        log.info("%s is already present; skipping (--overwrite rebuilds it)", target)
+        return target
+    folder = Path(output_dir) / "micro_sam"
+    encoder = download(model.encoder, folder, overwrite=overwrite, timeout=timeout)
+    decoder_file = download(model.decoder, folder, overwrite=overwrite, timeout=timeout)
+    sam_state = checkpoints.read_state_dict(encoder)
+    checkpoints.check_model_type(sam_state, encoder, model.model_type)
+    try:
+        decoder = torch.load(decoder_file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for an unreadable file
+        raise UserError(f"{decoder_file} is not a readable decoder state ({type(exc).__name__}): "
+                        "rerun with --overwrite") from None
+    if not isinstance(decoder, dict) or not decoder or not all(isinstance(v, torch.Tensor) for v in decoder.values()):
+        raise UserError(f"{decoder_file} holds no decoder state dict: rerun with --overwrite")
+    part = target.with_name(target.name + ".part")
+    torch.save(checkpoints.combined_state(sam_state, decoder), part)
+    os.replace(part, target)
+    log.info("%s: micro-sam's %s with its AIS decoder, combined; use it with --checkpoint %s --model_type %s",
+             target, model.name, target, model.model_type)
     return target
 
 
@@ -166,7 +200,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     manual = "\n".join(
         f"  {s.model_type}: {s.url}\n         -> <output_dir>/{s.filename}"
         for s in CHECKPOINTS.values()
-    )
+    ) + "\nmicro-sam's models with an AIS decoder (two files each, combined into <output_dir>/<name>.pt):\n" + "\n".join(
+        f"  {m.name}: {m.encoder.url}\n         {m.decoder.url}" for m in MICROSAM_MODELS.values())
     parser = subparsers.add_parser(
         "download",
         help="download and verify pretrained SAM / MobileSAM checkpoints",
@@ -177,8 +212,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=_HelpFormatter,
     )
     what = parser.add_argument_group("what to download")
-    what.add_argument("--model_type", choices=(*MODEL_TYPES, "all"), default="vit_t",
-                      help="checkpoint to fetch: vit_t is MobileSAM, vit_b/vit_l/vit_h are SAM")
+    what.add_argument("--model_type", choices=(*MODEL_TYPES, "all", *MICROSAM_MODELS), default="vit_t",
+                      help="checkpoint to fetch: vit_t is MobileSAM, vit_b/vit_l/vit_h are SAM ('all': these "
+                           "four); vit_*_lm / vit_*_em_organelles are micro-sam's fine-tuned models with their "
+                           "AIS decoder, written as <output_dir>/<name>.pt (use with --checkpoint and the "
+                           "backbone as --model_type)")
     what.add_argument("--output_dir", type=Path, default=Path("weights"),
                       help="folder the checkpoints are written to")
     what.add_argument("--overwrite", action="store_true",
@@ -203,6 +241,13 @@ def run(args: argparse.Namespace) -> int:
     if args.model_type == "all" and (args.url or args.sha256):
         raise UserError("--url and --sha256 describe one file: use them with a single "
                         "--model_type, not 'all'")
+    if args.model_type in MICROSAM_MODELS:
+        if args.url or args.sha256:
+            raise UserError("--url and --sha256 are for the SAM / MobileSAM checkpoints, not micro-sam's models")
+        model = MICROSAM_MODELS[args.model_type]
+        path = download_microsam(model, args.output_dir, overwrite=args.overwrite, timeout=args.timeout)
+        log.info("%s ready: %s (--checkpoint %s --model_type %s)", model.name, path, path, model.model_type)
+        return 0
     model_types = MODEL_TYPES if args.model_type == "all" else (args.model_type,)
     for model_type in model_types:
         spec = get_spec(model_type)

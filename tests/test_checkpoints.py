@@ -153,7 +153,7 @@ def test_checkpoint_positions_are_interpolated_for_a_smaller_input(tmp_path: Pat
     torch.save(state, path)
 
     small = tiny_sam("vit", image_size=512, seed=1, depth=12)
-    sha256 = checkpoints.load_checkpoint(small, path, "vit_b")
+    sha256 = checkpoints.load_checkpoint(small, path, "vit_b").sha256
     assert sha256 and len(sha256) == 64
     loaded = small.state_dict()
 

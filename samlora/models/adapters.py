@@ -22,7 +22,7 @@ from torch import nn
 
 from samlora.core import runfiles
 from samlora.core.errors import UserError
-from samlora.models import checkpoints, encoder_blocks, instance_decoder, lora
+from samlora.models import checkpoints, combined, encoder_blocks, instance_decoder, lora
 from samlora.models import sam as sam_model
 from samlora.models.model_info import LoadedModel, ModelInfo
 
@@ -276,7 +276,7 @@ class BaseModels:
         key = seed if self.checkpoint is None else None
         if key not in self._built:
             torch.manual_seed(seed)
-            self._built[key] = sam_model.build_model(self.model_type, self.checkpoint, self.image_size)
+            self._built[key] = combined.build_model(self.model_type, self.checkpoint, self.image_size)
         return self._built[key]
 
     @property

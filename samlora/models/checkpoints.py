@@ -58,6 +58,8 @@ class CheckpointSpec:
         sha256_prefix: leading hex characters of the SHA-256 (derived from ``sha256`` when
             that is given); the fallback check when ``sha256`` is None.
         size: expected size in bytes, or None when unknown (e.g. a mirror given by hash).
+        xxh128: full hex XXH128 digest, the only checksum micro-sam's registry publishes for its
+            fine-tuned models (checked instead of the SHA-256 when given; needs ``xxhash``).
     """
 
     model_type: str
@@ -66,8 +68,14 @@ class CheckpointSpec:
     sha256: str | None = None
     sha256_prefix: str | None = None
     size: int | None = None
+    xxh128: str | None = None
 
     def __post_init__(self) -> None:
+        if self.xxh128 is not None:
+            if len(self.xxh128) != 32 or not _HEX.fullmatch(self.xxh128):
+                raise ValueError(f"{self.model_type}: xxh128 must be 32 lowercase hex characters")
+            if self.sha256 is None and self.sha256_prefix is None:
+                return
         if self.sha256 is not None:
             if len(self.sha256) != 64 or not _HEX.fullmatch(self.sha256):
                 raise ValueError(f"{self.model_type}: sha256 must be 64 lowercase hex characters")
@@ -117,6 +125,60 @@ CHECKPOINTS: dict[str, CheckpointSpec] = {
     )
 }
 MODEL_TYPES: tuple[str, ...] = tuple(CHECKPOINTS)
+
+
+@dataclass(frozen=True)
+class MicroSamModel:
+    """One of micro-sam's published fine-tuned models with an AIS decoder: two files (SAM's
+    weights, the decoder's state), checked by micro-sam's XXH128 digests, that ``download``
+    combines into ``<name>.pt`` in micro-sam's combined layout for ``--checkpoint``.
+
+    Args:
+        name: micro-sam's model name (``vit_b_lm``), also ``download --model_type``'s value.
+        model_type: the backbone (``vit_b``): pass it as ``--model_type`` with the file.
+        encoder, decoder: the two files (stored under ``<output_dir>/micro_sam/``).
+    """
+
+    name: str
+    model_type: str
+    encoder: CheckpointSpec
+    decoder: CheckpointSpec
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.pt"
+
+
+_BIOIMAGE_IO = "https://uk1s3.embassy.ebi.ac.uk/public-datasets/bioimage.io/"
+
+
+def _microsam(name: str, folder: str, encoder_xxh128: str, decoder_xxh128: str) -> MicroSamModel:
+    """Registry entry; URLs and digests exactly as micro-sam 1.8.14's ``micro_sam/util.py`` ``models()``."""
+    backbone = name[:5]
+    return MicroSamModel(
+        name, backbone,
+        CheckpointSpec(backbone, f"{_BIOIMAGE_IO}{folder}/files/{backbone}.pt", f"{name}.pt", xxh128=encoder_xxh128),
+        CheckpointSpec(backbone, f"{_BIOIMAGE_IO}{folder}/files/{backbone}_decoder.pt", f"{name}_decoder.pt",
+                       xxh128=decoder_xxh128))
+
+
+MICROSAM_MODELS: dict[str, MicroSamModel] = {
+    model.name: model
+    for model in (
+        _microsam("vit_l_lm", "idealistic-rat/1.2", "017f20677997d628426dec80a8018f9d",
+                  "2faeafa03819dfe03e7c46a44aaac64a"),
+        _microsam("vit_b_lm", "diplomatic-bug/1.2", "fe9252a29f3f4ea53c15a06de471e186",
+                  "708b15ac620e235f90bb38612c4929ba"),
+        _microsam("vit_t_lm", "faithful-chicken/1.1", "72ec5074774761a6e5c05a08942f981e",
+                  "3e914a5f397b0312cdd36813031f8823"),
+        _microsam("vit_l_em_organelles", "humorous-crab/1.2", "810b084b6e51acdbf760a993d8619f2d",
+                  "334877640bfdaaabce533e3252a17294"),
+        _microsam("vit_b_em_organelles", "noisy-ox/1.2", "f3bf2ed83d691456bae2c3f9a05fb438",
+                  "bb6398956a6b0132c26b631c14f95ce2"),
+        _microsam("vit_t_em_organelles", "greedy-whale/1", "253474720c497cce605e57c9b1d18fd9",
+                  "8f897c7bb93174a4d1638827c4dd6f44"),
+    )
+}
 VIT_DEPTHS = {"vit_b": 12, "vit_l": 24, "vit_h": 32}  # encoder blocks: tells the SAM types apart
 
 
@@ -144,6 +206,20 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def xxh128_file(path: str | Path) -> str:
+    """Hex XXH128 of a file (micro-sam's checksum), read in 1 MiB chunks."""
+    try:
+        import xxhash
+    except ImportError:
+        raise UserError("checking micro-sam's models needs the xxhash package (their only published "
+                        "checksum is XXH128): pip install xxhash") from None
+    digest = xxhash.xxh128()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_SIZE):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def verify_file(path: str | Path, spec: CheckpointSpec) -> None:
     """Check ``path`` against ``spec``: size first (cheap), then the full SHA-256 or its prefix.
 
@@ -154,6 +230,11 @@ def verify_file(path: str | Path, spec: CheckpointSpec) -> None:
     size = path.stat().st_size
     if spec.size is not None and size != spec.size:
         raise ChecksumError(f"{path} has {size} bytes, expected {spec.size}")
+    if spec.xxh128 is not None:
+        actual = xxh128_file(path)
+        if actual != spec.xxh128:
+            raise ChecksumError(f"{path} has XXH128 {actual}, expected {spec.xxh128}")
+        return
     actual = sha256_file(path)
     expected = spec.sha256 or spec.sha256_prefix  # never None: see CheckpointSpec.__post_init__
     if expected is None or not actual.startswith(expected):
@@ -171,27 +252,90 @@ def detect_model_type(state: dict[str, torch.Tensor]) -> str | None:
     return {depth: name for name, depth in VIT_DEPTHS.items()}.get(len(blocks))
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a checkpoint's tensors with ``weights_only=True``; unwrap ``{"model": ...}``."""
-    path = Path(path)
+#: Keys of micro-sam's combined checkpoint (``export_custom_sam_model(..., with_segmentation_decoder=True)``,
+#: our ``train --export_merged`` with an AIS decoder): SAM's state dict and the decoder's.
+MODEL_STATE, DECODER_STATE = "model_state", "decoder_state"
+_TORCH_EM_PREFIX = "sam."  # torch_em training checkpoints name SAM's tensors sam.*; micro-sam strips it
+#: ``instance_decoder.PREFIX`` (that module imports sam, which imports this one: spelled out here,
+#: and a test holds the two equal).
+DECODER_PREFIX = "instance_decoder."
+
+
+def _load(path: Path) -> object:
+    """``torch.load`` with ``weights_only=True``, memory-mapped where the format allows."""
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
         try:  # memory-mapped: checking a 2.5 GB file's keys costs no reading
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # files in torch's legacy (non-zip) format cannot be mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a file that is not a checkpoint
         raise UserError(
             f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}): re-download it with "
             "`python main.py download` or pass the right file with --checkpoint"
         ) from None
+
+
+def _is_tensor_dict(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """A checkpoint's SAM tensors and, for a combined file, its AIS ``decoder_state`` (else None).
+
+    Reads SAM's plain state dicts, ``{"model": ...}`` / ``{"state_dict": ...}`` wrappers and
+    micro-sam's combined layout ``{"model_state": ..., "decoder_state": ...}`` (other keys, e.g.
+    an optimizer's, are ignored; a ``sam.`` key prefix is stripped as micro-sam's loader does).
+    ``instance_decoder.*`` tensors in a state dict are taken as the decoder's.
+
+    Raises:
+        UserError: no file, not a torch file, no SAM state dict, or a damaged ``decoder_state``.
+    """
+    path = Path(path)
+    state = _load(path)
+    decoder: object = None
+    if isinstance(state, dict) and isinstance(state.get(MODEL_STATE), dict):
+        decoder = state.get(DECODER_STATE)
+        state = {k[len(_TORCH_EM_PREFIX):] if k.startswith(_TORCH_EM_PREFIX) else k: v
+                 for k, v in state[MODEL_STATE].items()}
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not _is_tensor_dict(state):
         raise UserError(f"{path} holds no model state dict (is it a LoRA adapter? pass it with --model_path)")
-    return state
+    carried = {k[len(DECODER_PREFIX):]: v for k, v in state.items() if k.startswith(DECODER_PREFIX)}
+    state = {k: v for k, v in state.items() if not k.startswith(DECODER_PREFIX)}
+    if decoder is None and carried:
+        decoder = carried
+    if decoder is not None and (not _is_tensor_dict(decoder) or not decoder):
+        raise UserError(f"{path}: its '{DECODER_STATE}' is damaged (not a dict of tensors): export or download "
+                        "the combined file again, or pass the plain SAM checkpoint")
+    return state, decoder
+
+
+def plain_sam_path(combined: str | Path) -> Path:
+    """Where ``train --export_merged PATH`` puts the plain SAM state dict beside a combined file:
+    ``<stem>_sam<suffix>`` (``model.pt`` -> ``model_sam.pt``), for segment_anything / mobile_sam's
+    ``sam_model_registry[model_type](checkpoint=...)``, which cannot read the combined layout."""
+    combined = Path(combined)
+    return combined.with_name(f"{combined.stem}_sam{combined.suffix or '.pt'}")
+
+
+def combined_state(sam_state: dict[str, torch.Tensor], decoder_state: dict[str, torch.Tensor]) -> dict:
+    """micro-sam's combined checkpoint: what ``get_sam_model`` (``model_state``) and
+    ``get_predictor_and_decoder`` (``decoder_state``) read. ``sam_state`` must hold no decoder keys."""
+    if any(k.startswith(_TORCH_EM_PREFIX) or k.startswith(DECODER_PREFIX) for k in sam_state):
+        raise ValueError("sam_state must be SAM's own keys (no sam. prefix, no instance_decoder.* tensors)")
+    if not decoder_state:
+        raise ValueError("decoder_state is empty")
+    return {MODEL_STATE: dict(sam_state), DECODER_STATE: dict(decoder_state)}
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's SAM tensors (``weights_only=True``), unwrapping ``{"model": ...}``,
+    ``{"state_dict": ...}`` and micro-sam's ``{"model_state": ...}``; see :func:`read_checkpoint`."""
+    return read_checkpoint(path)[0]
 
 
 def _resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
@@ -244,14 +388,24 @@ def check_model_type(state: dict[str, torch.Tensor], path: str | Path, model_typ
         )
 
 
-def load_checkpoint(sam: nn.Module, path: str | Path, model_type: str) -> str:
+@dataclass(frozen=True)
+class LoadedWeights:
+    """What :func:`load_checkpoint` read: the file's SHA-256 and, for a combined file, the AIS
+    decoder's ``decoder_state`` (micro-sam's keys) or None."""
+
+    sha256: str
+    decoder_state: dict[str, torch.Tensor] | None = None
+
+
+def load_checkpoint(sam: nn.Module, path: str | Path, model_type: str) -> LoadedWeights:
     """Load SAM/MobileSAM weights from ``path`` into ``sam`` (built for ``model_type``); returns
-    the file's SHA-256 (the base weights' identity in ``ModelInfo`` and adapter files).
+    the file's SHA-256 (the base weights' identity in ``ModelInfo`` and adapter files, computed on
+    the whole file, combined or not) and the decoder state a combined file carries.
 
     Refuses files of another model type and files missing any of the model's tensors;
     unexpected extra keys are reported as a warning.
     """
-    state = read_state_dict(path)
+    state, decoder = read_checkpoint(path)
     check_model_type(state, path, model_type)
     state = adapt_state_dict(state, sam)
     target = sam.state_dict()
@@ -267,8 +421,9 @@ def load_checkpoint(sam: nn.Module, path: str | Path, model_type: str) -> str:
     if unexpected:
         log.warning("%s: ignored %d unexpected keys (e.g. %s)", path, len(unexpected), ", ".join(unexpected[:3]))
     sha256 = _cached_sha256(str(Path(path).resolve()), *_file_stamp(path))
-    log.info("loaded %s weights from %s (sha256 %s...)", model_type, path, sha256[:12])
-    return sha256
+    log.info("loaded %s weights from %s (sha256 %s...)%s", model_type, path, sha256[:12],
+             "" if decoder is None else f" with an AIS decoder ({len(decoder)} tensors)")
+    return LoadedWeights(sha256, decoder)
 
 
 def resolve_checkpoint(model_type: str, checkpoint: str | None, weights_dir: str | Path = "weights",

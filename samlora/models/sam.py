@@ -199,7 +199,7 @@ def build_model(model_type: str, checkpoint: str | Path | None = None, image_siz
     if image_size not in SUPPORTED_IMAGE_SIZES:
         raise UserError(f"image size {image_size} is not supported: choose one of {SUPPORTED_IMAGE_SIZES}")
     sam = MODEL_REGISTRY[model_type].builder(image_size=image_size)
-    sha256 = None if checkpoint is None else checkpoints.load_checkpoint(sam, checkpoint, model_type)
+    sha256 = None if checkpoint is None else checkpoints.load_checkpoint(sam, checkpoint, model_type).sha256
     return LoadedModel(sam.eval(), ModelInfo(model_type, image_size, sha256))
 
 

@@ -27,7 +27,7 @@ from samlora.data import dataset as data
 from samlora.data import folds as folds_lib
 from samlora.data.sample import Sample
 from samlora.metrics import bootstrap
-from samlora.models import adapters, checkpoints, lora
+from samlora.models import adapters, checkpoints, instance_decoder, lora
 from samlora.models import sam as sam_model
 from samlora.training import items, runs, trainer
 from samlora.training.config import TrainConfig
@@ -209,9 +209,16 @@ def export_merged(config: TrainConfig, summary: dict[str, Any], samples: Sequenc
     base's), the adapter loaded and merged. An adapter trained at another input size is another
     model there, so the exported model is scored (:func:`export_images`) beside the final adapter
     at its training size on the same images, and the change of size is a warning.
+
+    A model carrying an AIS decoder is written in micro-sam's combined layout instead
+    (``{"model_state": SAM, "decoder_state": decoder}``, read by micro-sam's ``get_sam_model`` /
+    ``get_predictor_and_decoder`` and by our ``--checkpoint``), with the plain SAM state dict beside
+    it at :func:`checkpoints.plain_sam_path`. Neither file may exist.
     """
-    if out_path.exists():
-        raise UserError(f"{out_path} exists: choose another --export_merged path (nothing was overwritten)")
+    sam_only = checkpoints.plain_sam_path(out_path)
+    for path in (out_path, sam_only):
+        if path.exists():
+            raise UserError(f"{path} exists: choose another --export_merged path (nothing was overwritten)")
     adapter, device = Path(summary["final"]["adapter"]), torch.device(device)
     checkpoint = checkpoints.resolve_checkpoint(config.model_type, config.checkpoint, announce=False)
     if config.image_size != EXPORT_SIZE:
@@ -220,8 +227,8 @@ def export_merged(config: TrainConfig, summary: dict[str, Any], samples: Sequenc
                     "summary.json 'export'", config.image_size, EXPORT_SIZE)
     # Random base weights are rebuilt from the adapter's seed: the builders draw the same numbers
     # at every input size (size-dependent position tables are zero-initialised).
-    state = lora.merged_state_dict(adapters.load_finetuned(adapters.BaseModels(
-        config.model_type, checkpoint, EXPORT_SIZE), adapter, config.seed, merge=False))
+    state, decoder = instance_decoder.split_state(lora.merged_state_dict(adapters.load_finetuned(
+        adapters.BaseModels(config.model_type, checkpoint, EXPORT_SIZE), adapter, config.seed, merge=False)))
     exported = sam_model.build_model(config.model_type, None, EXPORT_SIZE).sam
     exported.load_state_dict(state, strict=True)  # the file's tensors, as the official registry loads them
     indices, images, seen = export_images(samples)
@@ -238,8 +245,16 @@ def export_merged(config: TrainConfig, summary: dict[str, Any], samples: Sequenc
     log.info("exported model (%d px) on %s: Dice %.4f, 95 %% CI [%.4f, %.4f] over %d images; the final adapter at "
              "its %d px: %.4f", EXPORT_SIZE, images, record["dice"]["mean"], record["dice"]["ci_low"],
              record["dice"]["ci_high"], record["n_images"], config.image_size, final_scores["dice"]["mean"])
+    if decoder:
+        record["layout"], record["sam_path"] = "micro-sam combined (model_state + decoder_state)", str(sam_only)
     summary["export"] = record
     runfiles.write_json(Path(config.output_dir) / runs.SUMMARY_FILE, summary)
+    if decoder:
+        runfiles.torch_save(state, sam_only, rerun="rerun the command")
+        runfiles.torch_save(checkpoints.combined_state(state, decoder), out_path, rerun="rerun the command")
+        log.info("exported the merged model with its AIS decoder (%s, adapter %s) to %s (micro-sam's combined "
+                 "layout) and the plain SAM state dict to %s", config.model_type, adapter, out_path, sam_only)
+        return record
     runfiles.torch_save(state, out_path, rerun="rerun the command")
     log.info("exported the merged model (%s, adapter %s) to %s", config.model_type, adapter, out_path)
     return record

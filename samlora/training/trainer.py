@@ -26,7 +26,7 @@ from samlora.core.errors import UserError
 from samlora.data.sample import Sample
 from samlora.inference import segmenter
 from samlora.metrics import scores as metrics
-from samlora.models import adapters, encoder_blocks, lora
+from samlora.models import adapters, combined, encoder_blocks, lora
 from samlora.models import sam as sam_model
 from samlora.models.model_info import LoadedModel, ModelInfo
 from samlora.training import rounds as iterative
@@ -335,7 +335,7 @@ def build_trainable_model(config: TrainConfig, checkpoint: Path | None, device: 
     every fold and :func:`export_merged` rebuild the very same base model.
     """
     torch.manual_seed(config.seed)
-    sam, info = sam_model.build_model(config.model_type, checkpoint, config.image_size)
+    sam, info = combined.build_model(config.model_type, checkpoint, config.image_size)  # + a combined file's decoder
     if config.lora_rank > 0:
         targets = lora.parse_targets(config.lora_targets)
         if config.freeze_encoder:

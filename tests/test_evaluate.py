@@ -319,11 +319,14 @@ def test_volume_scores_link_and_score_runs_of_sections(em_stack_dir) -> None:
     assert [(name, run) for name, run in scores.runs] == [("training.tif[0:2]", [0, 1])]
     preds = {i: np.roll(samples[i].labels, 3, axis=1) for i in (0, 1, 3)}
     for i, pred in preds.items():
-        scores.add("model", i, pred)
+        scores.add("model", i, pred, seconds=0.5 + i)
     truth = ndimage.label(np.stack([samples[i].labels > 0 for i in (0, 1)]), IN_PLANE_AND_FACE)[0]
-    expected = volume_metrics(truth, link_slices(np.stack([preds[0], preds[1]])))
-    assert scores.rows(["model", "absent"])[0] == {"model": "model", "volume": "training.tif[0:2]", "n_sections": 2,
-                                                   **expected}
+    linked = link_slices(np.stack([preds[0], preds[1]]))
+    expected = volume_metrics(truth, linked)
+    row = scores.rows(["model", "absent"])[0]
+    assert row.pop("msa") == pytest.approx(msa_reference(truth, linked), abs=1e-12)  # micro-sam's mSA of 3-D objects
+    assert row == {"model": "model", "volume": "training.tif[0:2]", "n_sections": 2, **expected,
+                   "seconds_per_image": 1.0}  # the mean over the run's sections
     # Known without volume_metrics: the prediction is the truth's foreground rolled 3 px along x,
     # which keeps its voxel count, so Dice = |G & P| / |G| and IoU = |G & P| / (2 |G| - |G & P|).
     fg = np.stack([samples[i].labels > 0 for i in (0, 1)])
@@ -361,9 +364,11 @@ def test_volume_scores_give_the_ceiling_of_the_linked_ground_truth(em_stack) -> 
     rows = {}
     for merge in (False, True):
         rows[merge] = VolumeScores(em_stack, run, LinkOptions(merge=merge)).rows([])
-        expected = volume_metrics(truth, link_slices(components, merge=merge))
+        linked = link_slices(components, merge=merge)
+        expected = volume_metrics(truth, linked)
         assert rows[merge] == [{"model": GROUND_TRUTH_LINKED, "volume": "training.tif", "n_sections": len(run),
-                                **expected}]
+                                **expected, "msa": pytest.approx(msa_reference(truth, linked), abs=1e-12),
+                                "seconds_per_image": None}]  # no segmentation was timed
     plain, merged = rows[False][0], rows[True][0]
     assert plain["dice"] == 1.0 and plain["recall50"] == 1.0  # every voxel right, every object found ...
     assert plain["n_pred"] > plain["n_gt"] and plain["ap75"] < 1.0  # ... yet objects split by the linking

@@ -6,7 +6,10 @@ image and blocks of neighbouring slices never straddle it), trains a YOLOv8 dete
 ultralytics and reports box precision and recall at IoU 0.5 on the validation split.
 
 ``detect predict`` segments an image, a folder of images, a 3-D TIFF stack or a Zarr volume:
-YOLO boxes prompt (LoRA-)SAM, or SAM's automatic mask generator does (``--mode amg``). Per input
+YOLO boxes prompt (LoRA-)SAM, or SAM's automatic mask generator does (``--mode amg``), or the
+instance decoder an adapter of ``train --instance_decoder`` carries segments automatically
+(``--mode ais``: its maps -> seeded watershed; ``--mode apg``: one click per seed region of its
+maps, drawn by SAM's mask decoder; ``--write_maps`` writes the maps as ``<stem>_maps.tif``). Per input
 it writes ``<stem>_labels.tif`` (instance labels, same Z/Y/X shape as the input: uint16/uint32 for
 an image, a uint32 BigTIFF for a stack; ``<stem>_labels.zarr`` with the input's chunks for Zarr),
 ``<stem>_overlay.png``, and for the run one ``coco.json`` (RLE or polygons), the config and a

@@ -10,6 +10,7 @@ objects of instance_targets drawn across tile seams must come out whole. The com
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +33,26 @@ def ais_sam() -> torch.nn.Module:
     torch.manual_seed(0)
     attach(sam, InstanceDecoder(width, 8, 256).eval())
     return sam
+
+
+ADAPTER_WATERSHED = {"center_distance_threshold": 0.6, "boundary_distance_threshold": 0.55,
+                     "foreground_threshold": 0.45, "foreground_smoothing": 0.5, "distance_smoothing": 1.0,
+                     "min_size": 3}
+
+
+def save_decoder_adapter(folder: Path) -> Path:
+    """``folder/adapter.pt``: an adapter holding only a random InstanceDecoder (finest width 8)
+    for the real vit_t at 256 px, with watershed thresholds in its config (as training records
+    them); the command tests (test_detect.py, test_stacks.py) load it through --model_path."""
+    from samlora.models.adapters import save_adapter
+    from samlora.models.sam import build_model
+
+    sam = build_model("vit_t", None, 256).sam
+    sam.requires_grad_(False)
+    torch.manual_seed(0)
+    attach(sam, InstanceDecoder(256, 8, 256))
+    return save_adapter(folder / "adapter.pt", sam,
+                        {"model_type": "vit_t", "image_size": 256, "watershed": ADAPTER_WATERSHED})
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +97,9 @@ def test_a_model_without_decoder_is_refused(image) -> None:
     with pytest.raises(UserError, match="--instance_decoder"):
         automatic.instance_maps(tiny_sam("vit", image_size=64), image)
     with pytest.raises(UserError, match="decoder_state"):
-        Segmenter(tiny_sam("vit", image_size=64), SegmentOptions(mode="ais"))
+        automatic.build_segmenter(tiny_sam("vit", image_size=64), SegmentOptions(mode="ais"))
+    with pytest.raises(ValueError, match="build_segmenter"):
+        Segmenter(tiny_sam("vit", image_size=64), SegmentOptions(mode="apg"))
 
 
 def test_halo_tiles_partition_the_image_and_keep_a_halo() -> None:
@@ -188,7 +211,8 @@ def test_segmenter_modes_ais_apg_and_maps(ais_sam, image) -> None:
     for mode in ("ais", "apg"):
         options = SegmentOptions(mode=mode, tile_size=128, tile_overlap=32, min_area=0, write_maps=True,
                                  watershed=WatershedOptions(center_distance_threshold=0.6))
-        segmenter = Segmenter(copy.deepcopy(ais_sam), options)
+        segmenter = automatic.build_segmenter(copy.deepcopy(ais_sam), options)
+        assert isinstance(segmenter, automatic.DecoderSegmenter)
         labels, kept, maps = segmenter.segment(image)
         assert labels.shape == (200, 300) and maps.shape == (3, 200, 300)
         assert labels.max() == len(kept)

@@ -292,6 +292,19 @@ def detect_outputs_exist(env: Env) -> list[str]:
             *SMALL]
 
 
+def lora_adapter(env: Env) -> str:
+    """user/lora.pt: a LoRA adapter of the real vit_t at 256 px, with no instance decoder."""
+    from samlora.models.adapters import save_adapter
+    from samlora.models.lora import inject_lora, mark_only_lora_as_trainable
+    from samlora.models.sam import build_model
+
+    sam = build_model("vit_t", None, 256).sam
+    inject_lora(sam, 2, 2, "qkv")
+    mark_only_lora_as_trainable(sam)
+    env.user.mkdir(parents=True, exist_ok=True)
+    return str(save_adapter(env.user / "lora.pt", sam, {"model_type": "vit_t", "image_size": 256}))
+
+
 def corrupt_tiff(env: Env) -> Path:
     return env.file("scans/volume.tif", b"II*\x00" + b"\x00" * 20)
 
@@ -661,6 +674,19 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str | tuple[str, ...], int]] 
     ("detect predict vit_b checkpoint for vit_t",
      lambda e: [*predict_args(e, "--input", one_image(e)), "--checkpoint", str(e.vit_b)], VIT_B_FOR_VIT_T, 2),
     ("detect predict outputs exist", detect_outputs_exist, "exists and is not empty", 2),
+    ("detect predict ais without a decoder", lambda e: [*predict_args(e, "--input", one_image(e)), "--mode", "ais"],
+     ("--mode ais", "--instance_decoder", "decoder_state"), 2),
+    ("detect predict apg with an adapter without decoder",
+     lambda e: [*predict_args(e, "--input", one_image(e), "--model_path", lora_adapter(e)), "--mode", "apg"],
+     ("--mode apg", "holds no instance decoder", "--instance_decoder"), 2),
+    ("detect predict write_maps with amg", lambda e: predict_args(e, "--input", one_image(e), "--write_maps"),
+     ("--write_maps", "--mode amg", "ais or apg"), 2),
+    ("detect predict write_maps with yolo",
+     lambda e: [*predict_args(e, "--input", one_image(e), "--write_maps"), "--mode", "yolo"],
+     ("--write_maps", "--mode yolo"), 2),
+    ("detect predict ais threshold above 1",
+     lambda e: [*predict_args(e, "--input", one_image(e), "--center_distance_threshold", "1.5"), "--mode", "ais"],
+     "--center_distance_threshold must be in [0, 1]", 2),
     ("detect predict Zarr without 3 spatial axes",
      lambda e: predict_args(e, "--input", zarr_of(e, "plane.zarr", (128, 128))), "needs 3 spatial axes", 2),
     ("detect predict Zarr with channels",

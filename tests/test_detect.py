@@ -20,6 +20,7 @@ import pytest
 import tifffile
 import torch
 from conftest import SMALL
+from test_automatic import ADAPTER_WATERSHED, save_decoder_adapter
 
 from samlora.data.coco import rle_decode
 from samlora.models.sam import build_model
@@ -301,3 +302,57 @@ def test_predict_link_merge_where_nothing_is_linked_is_refused(main, tmp_path: P
         assert main(argv) == 2
     assert f"--link_merge joins pieces while linking sections, and {other[0]} links none" in caplog.text
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# --mode ais / apg: the instance decoder carried by an adapter
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def decoder_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An adapter holding a random instance decoder (test_automatic.save_decoder_adapter)."""
+    return save_decoder_adapter(tmp_path_factory.mktemp("ais"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ais", "apg"])
+def test_predict_ais_apg_on_an_image_with_maps(mode: str, main, decoder_adapter: Path, em_section_19,
+                                               tmp_path: Path, no_network: list) -> None:
+    """A 300x400 crop in 256 px tiles: labels and maps at the image's size; the thresholds are
+    the adapter's, a flag overrides one."""
+    image = tmp_path / "crop.png"
+    cv2.imwrite(str(image), em_section_19[0][:300, :400])
+    out = tmp_path / mode
+    argv = ["detect", "predict", "--mode", mode, "--input", str(image), "--output_dir", str(out),
+            "--model_path", str(decoder_adapter), "--write_maps", "--tile_size", "256", "--tile_overlap", "64",
+            "--foreground_threshold", "0.4", *SMALL]
+    assert main(argv) == 0
+    labels = tifffile.imread(out / "crop_labels.tif")
+    maps = tifffile.imread(out / "crop_maps.tif")
+    assert labels.shape == (300, 400)
+    assert maps.shape == (3, 300, 400) and maps.dtype == np.float32 and 0 <= maps.min() and maps.max() <= 1
+    coco = json.loads((out / "coco.json").read_text())
+    assert len(coco["annotations"]) == len(np.unique(labels[labels > 0]))
+    record = json.loads((out / "detect_predict_config.json").read_text())
+    assert record["options"]["watershed"] == {**ADAPTER_WATERSHED, "foreground_threshold": 0.4}
+    assert record["options"]["mode"] == mode
+
+
+@pytest.mark.slow
+def test_predict_ais_on_a_stack_with_maps(main, decoder_adapter: Path, stack3: Path, tmp_path: Path) -> None:
+    """A 3-section stack, section by section: ZxYxX labels and Zx3xHxW maps (axes ZCYX), a
+    section's maps those of the same section segmented as a 2-D image (--resume and --workers:
+    test_stacks.py)."""
+    out = tmp_path / "stack"
+    argv = ["detect", "predict", "--mode", "ais", "--input", str(stack3), "--output_dir", str(out),
+            "--model_path", str(decoder_adapter), "--write_maps", "--no_overlay", "--tile_size", "0", *SMALL]
+    assert main(argv) == 0
+    labels = tifffile.imread(out / "stack3_labels.tif")
+    maps = tifffile.imread(out / "stack3_maps.tif")
+    assert labels.shape == (3, 512, 512) and maps.shape == (3, 3, 512, 512) and maps.dtype == np.float32
+    with tifffile.TiffFile(out / "stack3_maps.tif") as tif:
+        assert tif.series[0].axes == "ZCYX"
+    single = tmp_path / "one.png"
+    cv2.imwrite(str(single), tifffile.imread(stack3)[1])
+    assert main(["detect", "predict", "--mode", "ais", "--input", str(single), "--output_dir", str(tmp_path / "one"),
+                 "--model_path", str(decoder_adapter), "--write_maps", "--tile_size", "0", *SMALL]) == 0
+    np.testing.assert_allclose(tifffile.imread(tmp_path / "one" / "one_maps.tif"), maps[1], atol=1e-5)

@@ -19,6 +19,7 @@ import pytest
 import tifffile
 import zarr
 from conftest import SMALL
+from test_automatic import save_decoder_adapter
 
 from samlora.core import runfiles
 from samlora.data.coco import CocoWriter, rle_decode
@@ -320,3 +321,48 @@ def test_detect_predict_resumes_after_ctrl_c(main, em_crop, tmp_path: Path, monk
                                   tifffile.imread(tmp_path / "clean" / "s_labels.tif"))
     assert json.loads((tmp_path / "out" / "coco.json").read_text()) == json.loads((tmp_path / "clean" / "coco.json").read_text())
     assert not (tmp_path / "out" / stacks.WORK_FOLDER).exists()
+
+
+@pytest.fixture(scope="module")
+def decoder_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An adapter holding a random instance decoder (test_automatic.save_decoder_adapter)."""
+    return save_decoder_adapter(tmp_path_factory.mktemp("ais"))
+
+
+@pytest.mark.slow
+def test_detect_predict_ais_resumes_and_runs_on_workers_with_maps(main, em_crop, decoder_adapter: Path,
+                                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--mode ais --write_maps on a 3-section stack: Ctrl-C in the second section, --resume,
+    and --workers 2 (worker processes, the decoder loaded from the adapter there) all write the
+    labels and Zx3xHxW maps of one uninterrupted run."""
+    from samlora.inference import segmenter
+
+    images, _ = em_crop
+    stack = write_tiff(tmp_path / "s.tif", images[:3])
+    common = ["detect", "predict", "--input", str(stack), "--mode", "ais", "--model_path", str(decoder_adapter),
+              "--write_maps", "--no_overlay", "--foreground_threshold", "0.45", *SMALL]
+    assert main([*common, "--output_dir", str(tmp_path / "clean")]) == 0
+    real, calls, stop = segmenter.Segmenter.segment, [], [2]
+
+    def interrupted(self, image):
+        calls.append(1)
+        if len(calls) in stop:
+            stop.clear()
+            raise KeyboardInterrupt
+        return real(self, image)
+
+    monkeypatch.setattr(segmenter.Segmenter, "segment", interrupted)
+    assert main([*common, "--output_dir", str(tmp_path / "out")]) == 130
+    calls.clear()
+    assert main([*common, "--output_dir", str(tmp_path / "out"), "--resume"]) == 0
+    assert len(calls) == 2  # sections 1 and 2
+    monkeypatch.setattr(segmenter.Segmenter, "segment", real)
+    assert main([*common, "--output_dir", str(tmp_path / "two"), "--workers", "2"]) == 0
+    clean_maps = tifffile.imread(tmp_path / "clean" / "s_maps.tif")
+    assert clean_maps.shape == (3, 3, *images.shape[1:]) and clean_maps.dtype == np.float32
+    for run in ("out", "two"):
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / run / "s_labels.tif"),
+                                      tifffile.imread(tmp_path / "clean" / "s_labels.tif"))
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / run / "s_maps.tif"), clean_maps)
+        assert json.loads((tmp_path / run / "coco.json").read_text()) == \
+            json.loads((tmp_path / "clean" / "coco.json").read_text())

@@ -5,6 +5,7 @@
     maps = instance_maps(sam, image, tile=1024, halo=64)     # 3xHxW float32 in [0, 1], stitched
     labels = maps_to_instances(maps, WatershedOptions())     # AIS (instance_watershed.py)
     prompts = map_prompts(maps, WatershedOptions())          # APG: one click per seed region
+    segmenter = build_segmenter(sam, SegmentOptions(mode="ais"))  # detect predict's Segmenter
 
 The decoder is the one the model carries (``sam.instance_decoder``, instance_decoder.attach); it
 sees SAM's image embedding of the image, or of each tile of a large image. Tiles are windows of
@@ -25,7 +26,16 @@ from samlora.core.errors import UserError
 from samlora.data.instances import Instance, paint_instances
 from samlora.data.prompts import Prompts, object_prompts
 from samlora.inference.instance_watershed import WatershedOptions, maps_to_instances
-from samlora.inference.segmenter import decode_instances, encode_image, sam_device
+from samlora.inference.segmenter import (
+    DECODER_MODES,
+    Proposer,
+    Segmented,
+    Segmenter,
+    SegmentOptions,
+    decode_instances,
+    encode_image,
+    sam_device,
+)
 from samlora.inference.tiles import tile_windows
 from samlora.models import instance_decoder
 from samlora.models import sam as sam_model
@@ -214,3 +224,32 @@ def apg_instances(sam: nn.Module, image: np.ndarray, watershed: WatershedOptions
             found += [inst.shifted(y0, x0) for inst in masks]
     labels, kept = paint_instances(found, image.shape[:2], min_area)
     return labels, kept, maps
+
+
+class DecoderSegmenter(Segmenter):
+    """The :class:`segmenter.Segmenter` of modes ``ais`` / ``apg``: the decoder ``sam`` carries,
+    on maps stitched from tiles of ``options.tile_size`` with a halo of ``tile_overlap // 2``;
+    :meth:`segment` also returns the maps. Objects are numbered 1..K by decreasing score (APG:
+    predicted IoU; AIS: mean foreground probability)."""
+
+    def __init__(self, sam: nn.Module, options: SegmentOptions, propose: Proposer | None = None) -> None:
+        if options.mode not in DECODER_MODES:
+            raise ValueError(f"DecoderSegmenter runs modes {DECODER_MODES}, not {options.mode!r}")
+        require_decoder(sam)
+        super().__init__(sam, options, propose)
+
+    def segment(self, image: np.ndarray) -> Segmented:
+        """Labels, kept instances and the 3xHxW maps of one HxWx3 uint8 image."""
+        o = self.options
+        common = dict(tile=o.tile_size, halo=o.tile_overlap // 2, precision=o.precision, min_area=o.min_area)
+        if o.mode == "ais":
+            return Segmented(*ais_instances(self.sam, image, o.watershed, **common))
+        return Segmented(*apg_instances(self.sam, image, o.watershed, chunk=o.box_batch, min_score=o.pred_iou_thresh,
+                                        min_stability=o.stability_score_thresh, **common))
+
+
+def build_segmenter(sam: nn.Module, options: SegmentOptions, propose: Proposer | None = None) -> Segmenter:
+    """The Segmenter of ``options.mode``: :class:`DecoderSegmenter` for ais / apg, else
+    segmenter.Segmenter (yolo needs ``propose``)."""
+    kind = DecoderSegmenter if options.mode in DECODER_MODES else Segmenter
+    return kind(sam, options, propose)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from samlora.core.errors import UserError
 from samlora.data.volume_io import Volume, open_volume
+from samlora.inference.automatic import build_segmenter
 from samlora.inference.sections import SectionStore, section_result
 from samlora.inference.segmenter import Segmenter, SegmentOptions
 from samlora.inference.yolo import Detector, DetectorOptions, load_detector
@@ -48,7 +49,7 @@ class SegmenterSpec:
                                     self.image_size, self.device)
         if detector is None and self.options.mode == "yolo":
             detector = load_detector(self.yolo_model, replace(self.proposals), bases.device)
-        return Segmenter(adapters.load_finetuned(bases, self.model_path, self.seed), self.options, detector)
+        return build_segmenter(adapters.load_finetuned(bases, self.model_path, self.seed), self.options, detector)
 
 
 def connect(workers: int, scheduler: str | None) -> Any:

@@ -229,6 +229,7 @@ def automatic_instances(generator: Any, image: np.ndarray, precision: str = "fp3
 # The whole pipeline for one 2-D image: proposals or the automatic generator, tiles, painting
 # --------------------------------------------------------------------------------------------
 MODES = ("yolo", "amg", "ais", "apg")
+DECODER_MODES = ("ais", "apg")  # the instance decoder's modes (automatic.py)
 # Where --pred_iou_thresh / --stability_score_thresh are not given: segment_anything's AMG
 # defaults; APG none, as micro-sam's AutomaticPromptGenerator filters none.
 MASK_FILTERS = {"amg": (0.88, 0.95), "apg": (0.0, 0.0)}
@@ -291,9 +292,8 @@ class Segmenter:
     """One HxWx3 uint8 image -> (HxW int32 instance labels, kept instances), tile by tile.
 
     Mode ``yolo``: ``propose`` gives each tile's boxes, which prompt SAM; mode ``amg``: SAM's
-    automatic mask generator; modes ``ais`` / ``apg``: the decoder ``sam`` carries, on maps
-    stitched from tiles with a halo (automatic.py). Objects are numbered 1..K by decreasing score
-    (predicted IoU; AIS: mean foreground probability).
+    automatic mask generator (modes ``ais`` / ``apg``: automatic.DecoderSegmenter, made by
+    automatic.build_segmenter). Objects are numbered 1..K by decreasing predicted IoU.
     """
 
     def __init__(self, sam: nn.Module, options: SegmentOptions, propose: Proposer | None = None) -> None:
@@ -305,10 +305,8 @@ class Segmenter:
         if options.mode == "amg":
             self.amg = automatic_generator(sam, options.points_per_side, options.points_per_batch,
                                            options.pred_iou_thresh, options.stability_score_thresh)
-        if options.mode in ("ais", "apg"):
-            from samlora.inference import automatic  # automatic.py builds on this module's decoding
-
-            automatic.require_decoder(sam)
+        if options.mode in DECODER_MODES and type(self).segment is Segmenter.segment:
+            raise ValueError("modes ais / apg: build the segmenter with automatic.build_segmenter")
 
     def tile_instances(self, tile: np.ndarray) -> list[Instance]:
         """The objects of one tile (or a whole small image), in its pixel coordinates."""
@@ -324,15 +322,6 @@ class Segmenter:
     def segment(self, image: np.ndarray) -> Segmented:
         """Labels, kept instances and (modes ais / apg) the maps of one HxWx3 uint8 image."""
         o = self.options
-        if o.mode in ("ais", "apg"):
-            from samlora.inference import automatic
-
-            common = dict(tile=o.tile_size, halo=o.tile_overlap // 2, precision=o.precision, min_area=o.min_area)
-            if o.mode == "ais":
-                return Segmented(*automatic.ais_instances(self.sam, image, o.watershed, **common))
-            return Segmented(*automatic.apg_instances(self.sam, image, o.watershed, chunk=o.box_batch,
-                                                      min_score=o.pred_iou_thresh,
-                                                      min_stability=o.stability_score_thresh, **common))
         windows = tile_windows(image.shape[0], image.shape[1], o.tile_size, o.tile_overlap)
         instances: list[Instance] = []
         tiles: list[int] = []

@@ -66,10 +66,15 @@ def ensure_decoder(sam: nn.Module, enabled: bool) -> instance_decoder.InstanceDe
     if not enabled:
         return decoder
     if decoder is None:
-        decoder = instance_decoder.attach(sam, instance_decoder.InstanceDecoder(image_size=sam.image_encoder.img_size))
+        decoder = instance_decoder.attach(sam, new_decoder(sam.image_encoder.img_size))
     decoder.requires_grad_(True)
     log.info("AIS decoder: %s trainable parameters", f"{sum(p.numel() for p in decoder.parameters()):,}")
     return decoder
+
+
+def new_decoder(image_size: int) -> instance_decoder.InstanceDecoder:
+    """A new AIS decoder of micro-sam's widths for ``image_size`` px input (tests shrink it)."""
+    return instance_decoder.InstanceDecoder(image_size=image_size)
 
 
 def training_decoder(sam: nn.Module) -> instance_decoder.InstanceDecoder | None:

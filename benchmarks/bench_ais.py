@@ -9,7 +9,7 @@ Rows (exactly these names in ``--json``; targets in brackets):
 - ``frozen-encoder epoch with --instance_decoder / without``          [<= 1.3]
 
 Random weights (vit_t, micro-sam's decoder widths), one real EM section, ``threads`` intra-op
-threads; every per-image figure is the whole :class:`segmenter.Segmenter` pipeline as ``detect
+threads; every per-image figure is the whole Segmenter pipeline (automatic.build_segmenter) as ``detect
 predict --mode ais|apg|amg`` runs it on an image (SAM's preprocessing, the encoder, the mode's own
 work, painting), measured interleaved (one of each per repetition, medians) so that load from other
 processes hits all alike. With random weights AMG keeps few masks after its filters and APG's
@@ -29,7 +29,7 @@ import torch
 from benchmarks.bench_timing import interleaved_medians
 from benchmarks.training_setup import Report, Setup, make_config
 from samlora.data.sample import Sample
-from samlora.inference import segmenter
+from samlora.inference import automatic, segmenter
 from samlora.models import instance_decoder
 from samlora.models import sam as sam_model
 from samlora.training.config import TrainConfig
@@ -71,7 +71,7 @@ def per_image(image: np.ndarray, model_type: str = "vit_t", image_size: int = 10
     """Median seconds per image of the ais, apg and amg pipelines and of the bare encoder forward
     on the prepared input, measured interleaved (:func:`interleaved_medians`)."""
     sam = ais_model(model_type, image_size)
-    pipelines = {mode: segmenter.Segmenter(sam, segmenter.SegmentOptions(mode=mode, points_per_side=points_per_side))
+    pipelines = {mode: automatic.build_segmenter(sam, segmenter.SegmentOptions(mode=mode, points_per_side=points_per_side))
                  for mode in ("ais", "apg", "amg")}
     prepared = sam_model.prepare_image(image, image_size).tensor[None]
     encoder = torch.no_grad()(lambda: sam.image_encoder(prepared))

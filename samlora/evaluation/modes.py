@@ -3,23 +3,21 @@
 ``amg`` is SAM's automatic mask generator (a point grid); ``ais`` the instance decoder a model
 carries (``train --instance_decoder``; instance_decoder.attach), its maps turned into objects by
 the seeded watershed; ``apg`` one click per seed region of those maps, drawn by SAM's mask decoder
-(inference/automatic.py). ais / apg use the watershed thresholds the adapter records (its config's
+(inference/automatic.py, built by its build_segmenter). ais / apg use the watershed thresholds the adapter records (its config's
 ``"watershed"``: WatershedOptions fields, chosen on validation data after training), micro-sam's
 defaults otherwise. With several modes in one evaluation each model gets a row per mode, named
 ``NAME+MODE`` (:func:`mode_row_name`), so they set side by side as in micro-sam's tables.
 """
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from samlora.core.errors import OptionError, UserError
 from samlora.inference import segmenter
 from samlora.inference.instance_watershed import WatershedOptions
-
-DECODER_MODES = ("ais", "apg")  # need the instance decoder
-WATERSHED_KEY = "watershed"  # the adapter config's key of the chosen WatershedOptions
+from samlora.inference.segmenter import DECODER_MODES
+from samlora.training import ais
 PROTOCOLS = {
     **segmenter.PROTOCOLS,
     "amg": segmenter.PROTOCOLS["auto"],
@@ -56,18 +54,14 @@ def model_modes(requested: Sequence[str], has_decoder: bool, what: str) -> tuple
 
 
 def watershed_of(config: Mapping[str, Any], where: Path | str) -> WatershedOptions:
-    """The seeded watershed's thresholds an adapter's ``config`` records (:data:`WATERSHED_KEY`),
-    micro-sam's defaults (WatershedOptions()) when it records none; ``where`` names the file in
-    the :class:`UserError` of a damaged record."""
-    chosen = config.get(WATERSHED_KEY) or {}
-    known = {f.name for f in fields(WatershedOptions)}
-    if not isinstance(chosen, Mapping) or set(chosen) - known:
-        raise UserError(f"{where}: its config's {WATERSHED_KEY!r} is not a dict of {', '.join(sorted(known))}; "
-                        "retrain the adapter or give another one")
+    """The seeded watershed's thresholds an adapter's ``config`` records (training/ais.py's
+    :func:`ais.watershed_of`: micro-sam's defaults when it records none); ``where`` names the
+    file in the :class:`UserError` of a damaged record."""
     try:
-        return WatershedOptions(**chosen)
+        return ais.watershed_of(dict(config))
     except (TypeError, ValueError) as exc:
-        raise UserError(f"{where}: its config's {WATERSHED_KEY!r} is not usable: {exc}; retrain the adapter") from None
+        raise UserError(f"{where}: its config's {ais.WATERSHED_KEY!r} thresholds are not usable ({exc}); retrain "
+                        "the adapter or give another one") from None
 
 
 def segment_options(mode: str, watershed: WatershedOptions, precision: str, batch_prompts: int | None,

@@ -30,7 +30,7 @@ from samlora.data.prompts import box_prompts
 from samlora.evaluation import modes as automatic_modes
 from samlora.evaluation import reports
 from samlora.evaluation.heldout import AUTOMATIC_MODES, Selection, SelectOptions
-from samlora.inference import segmenter
+from samlora.inference import automatic, segmenter
 from samlora.inference.instance_watershed import WatershedOptions
 from samlora.inference.linking import LinkOptions
 from samlora.inference.yolo import BoxCounts, Detector
@@ -241,7 +241,7 @@ def score_automatic(options: ScoreOptions, job: Job, sam: nn.Module, selection: 
     rows: list[dict[str, Any]] = []
     visuals: dict[int, dict[str, np.ndarray]] = defaultdict(dict)
     device = segmenter.sam_device(sam)
-    pipelines = {mode: segmenter.Segmenter(sam, mode_options(options, job, mode, device)) for mode in job.modes}
+    pipelines = {mode: automatic.build_segmenter(sam, mode_options(options, job, mode, device)) for mode in job.modes}
     label = job.source.name + (f" fold {job.fold}" if job.fold is not None else "")
     for i in tqdm(job.indices, desc=f"evaluate {label}", leave=False, disable=None):
         image = selection.samples[i].image

@@ -499,6 +499,15 @@ def test_ais_on_a_model_without_decoder_is_refused(main, em_split, tmp_path, cap
         assert "--prompt" in errors[0] and not out.exists()
 
 
+def test_a_damaged_watershed_record_is_refused(main, em_split, tmp_path, caplog):
+    adapter = make_adapter(tmp_path / "dec.pt", decoder=True, watershed={"centre": 0.5})
+    out = tmp_path / "out"
+    assert main(["evaluate", "--data_dir", str(em_split), *SMALL, "--output_dir", str(out), "--prompt", "ais",
+                 "--model_path", str(adapter)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "dec.pt" in errors[0] and "'watershed'" in errors[0] and not out.exists()
+
+
 @pytest.mark.parametrize("prompt, words", [("ais,box", "only the automatic modes"), ("amg,auto", "twice"),
                                            ("ais,,amg", "empty"), ("aiss", "unknown mode")])
 def test_bad_prompt_lists_are_refused(main, em_split, tmp_path, caplog, prompt, words):

@@ -335,14 +335,14 @@ def test_detect_predict_ais_resumes_and_runs_on_workers_with_maps(main, em_crop,
     """--mode ais --write_maps on a 3-section stack: Ctrl-C in the second section, --resume,
     and --workers 2 (worker processes, the decoder loaded from the adapter there) all write the
     labels and Zx3xHxW maps of one uninterrupted run."""
-    from samlora.inference import segmenter
+    from samlora.inference.automatic import DecoderSegmenter
 
     images, _ = em_crop
     stack = write_tiff(tmp_path / "s.tif", images[:3])
     common = ["detect", "predict", "--input", str(stack), "--mode", "ais", "--model_path", str(decoder_adapter),
               "--write_maps", "--no_overlay", "--foreground_threshold", "0.45", *SMALL]
     assert main([*common, "--output_dir", str(tmp_path / "clean")]) == 0
-    real, calls, stop = segmenter.Segmenter.segment, [], [2]
+    real, calls, stop = DecoderSegmenter.segment, [], [2]
 
     def interrupted(self, image):
         calls.append(1)
@@ -351,12 +351,12 @@ def test_detect_predict_ais_resumes_and_runs_on_workers_with_maps(main, em_crop,
             raise KeyboardInterrupt
         return real(self, image)
 
-    monkeypatch.setattr(segmenter.Segmenter, "segment", interrupted)
+    monkeypatch.setattr(DecoderSegmenter, "segment", interrupted)
     assert main([*common, "--output_dir", str(tmp_path / "out")]) == 130
     calls.clear()
     assert main([*common, "--output_dir", str(tmp_path / "out"), "--resume"]) == 0
     assert len(calls) == 2  # sections 1 and 2
-    monkeypatch.setattr(segmenter.Segmenter, "segment", real)
+    monkeypatch.setattr(DecoderSegmenter, "segment", real)
     assert main([*common, "--output_dir", str(tmp_path / "two"), "--workers", "2"]) == 0
     clean_maps = tifffile.imread(tmp_path / "clean" / "s_maps.tif")
     assert clean_maps.shape == (3, 3, *images.shape[1:]) and clean_maps.dtype == np.float32

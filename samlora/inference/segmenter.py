@@ -134,7 +134,7 @@ def decode_instances(sam: nn.Module, embedding: torch.Tensor, prompts: Prompts,
     ambiguous, so it takes the best of SAM's three masks by predicted IoU, as segment_anything
     recommends; other prompts take the single-mask output. Masks with a predicted IoU under
     ``min_score`` or a stability score (:func:`stability_scores`) under ``min_stability`` are
-    dropped (APG's filters; 0: none).
+    dropped (APG's filters; 0 or less: none).
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -153,7 +153,9 @@ def decode_instances(sam: nn.Module, embedding: torch.Tensor, prompts: Prompts,
         best = ious.argmax(dim=1) if multimask else torch.zeros(len(ious), dtype=torch.long, device=ious.device)
         low_res, ious = sam_model.pick_outputs(low_res, best), sam_model.pick_outputs(ious, best)
         logits = full_size_logits(low_res, image_size, input_size, original_size)
-        keep = ious[:, 0] >= min_score
+        keep = torch.ones(len(ious), dtype=torch.bool, device=ious.device)
+        if min_score > 0:  # 0: no filter (an untrained model's predicted IoU can be negative)
+            keep &= ious[:, 0] >= min_score
         if min_stability > 0:
             keep &= stability_scores(logits.float()) >= min_stability
         masks = (logits[:, 0] > 0).cpu().numpy()

@@ -87,8 +87,7 @@ def test_frozen_encoder_and_resume(em6: Path, tmp_path: Path, monkeypatch: pytes
         return original(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "run_epoch", stop_after_first)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(em6, part, *flags)
+    assert run_train(em6, part, *flags) != 0  # interrupted after the first epoch
     monkeypatch.setattr(trainer, "run_epoch", original)
     saved = torch.load(part / "fold_0" / "last.pt", weights_only=True)
     assert any(k.startswith(instance_decoder.PREFIX) for k in saved["trainable"])

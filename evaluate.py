@@ -14,10 +14,16 @@ scored only with ``--include_training_images``, and those rows are marked (``see
 With box or point prompts, images without objects are skipped (every model would score 1 there).
 
 Prompts (``--prompt``, prompts.py): one exact box or one interior point per ground-truth object
-(``--max_objects N``: a seeded subset, the other objects' pixels ignored); ``auto``: SAM's
-automatic mask generator; ``yolo``: a detector's boxes (``detect train``), beside the same model
-with ground-truth boxes (what a perfect detector would reach) and the detector's boxes filled
-(``baseline_yolo_box``), with the detector's box precision / recall / F1 at IoU > 0.5.
+(``--max_objects N``: a seeded subset, the other objects' pixels ignored); ``yolo``: a detector's
+boxes (``detect train``), beside the same model with ground-truth boxes (what a perfect detector
+would reach) and the detector's boxes filled (``baseline_yolo_box``), with the detector's box
+precision / recall / F1 at IoU > 0.5. Automatic modes, no ground truth used, several side by side
+in one run (``--prompt ais,apg,amg``: a row per model and mode, ``NAME+MODE``): ``amg`` (alias
+``auto``) SAM's automatic mask generator; ``ais`` the instance decoder an adapter carries (``train
+--instance_decoder``), its maps turned into objects by the seeded watershed with the thresholds the
+adapter records; ``apg`` SAM's mask decoder prompted by one click per seed region of those maps
+(samlora/evaluation/modes.py). Every row has micro-sam's mSA (``msa``) and its wall time
+(``seconds``, encoder included; the tables' ``seconds_per_image``).
 
 Baselines (box prompts): ``baseline_box`` (the prompt box filled) and ``baseline_ellipse`` (its
 inscribed ellipse), scored alike: a box-prompted score means little until it is set beside them.
@@ -45,12 +51,12 @@ from samlora.core import runfiles
 from samlora.core.errors import UserError, as_flags
 from samlora.data import dataset as data
 from samlora.data import folds as folds_lib
-from samlora.data.prompts import EVAL_PROMPTS
 from samlora.evaluation import heldout, reports
 from samlora.evaluation.scoring import (
     YOLO_PREFIX,
     Plan,
     ScoreOptions,
+    assign_modes,
     native_base,
     plan_jobs,
     score_all,
@@ -63,7 +69,6 @@ from samlora.training import runs
 
 log = logging.getLogger(__name__)
 
-PROMPTS = (*EVAL_PROMPTS, "auto", "yolo")
 SPLITS = ("test", "val", "all")
 LOG_FILE = "evaluate.log"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
@@ -102,10 +107,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     ev.add_argument("--include_training_images", action="store_true",
                     help="allow images an adapter was trained on (their rows are marked seen_in_training "
                          "and every table and figure says so)")
-    ev.add_argument("--prompt", choices=PROMPTS, default=defaults.prompt,
-                    help="box = ground-truth box per object, point = one interior point per object, "
-                         "auto = SAM's automatic mask generator (no ground truth used), yolo = the "
-                         "boxes of a YOLO detector (--yolo_model), beside ground-truth boxes")
+    ev.add_argument("--prompt", default=defaults.prompt, metavar="|".join(heldout.PROMPT_MODES),
+                    help="box = ground-truth box per object, point = one interior point per object, yolo = the "
+                         "boxes of a YOLO detector (--yolo_model), beside ground-truth boxes; automatic modes "
+                         "(no ground truth used), several comma-separated for one table, e.g. ais,apg,amg: amg "
+                         "(or auto) = SAM's automatic mask generator, ais = the adapter's instance decoder "
+                         "(train --instance_decoder) + seeded watershed, apg = SAM prompted by points from "
+                         "that decoder's maps")
     ev.add_argument("--max_objects", type=int, default=defaults.max_objects,
                     help="prompt at most this many objects per image (a seeded random subset; the pixels of "
                          "the others are ignored by the metrics); 0 = all")
@@ -121,12 +129,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     ev.add_argument("--bootstrap", type=int, default=defaults.bootstrap,
                     help="bootstrap resamples for the 95 %% intervals (each resamples whole fold groups: source "
                          "images, --group_by ids, blocks of --slice_block sections)")
-    auto = parser.add_argument_group("automatic mask generator (--prompt auto)")
-    auto.add_argument("--points_per_side", type=int, default=defaults.points_per_side, help="point grid side")
+    auto = parser.add_argument_group("automatic modes (--prompt amg / apg)")
+    auto.add_argument("--points_per_side", type=int, default=defaults.points_per_side, help="amg: point grid side")
     auto.add_argument("--pred_iou_thresh", type=float, default=defaults.pred_iou_thresh,
-                      help="drop masks whose predicted IoU is below this")
+                      help="amg, apg: drop masks whose predicted IoU is below this (default: 0.88 for amg, "
+                           "none for apg, as micro-sam's APG)")
     auto.add_argument("--stability_score_thresh", type=float, default=defaults.stability_score_thresh,
-                      help="drop masks whose stability score is below this")
+                      help="amg, apg: drop masks whose stability score is below this (default: 0.95 for amg, "
+                           "none for apg)")
     det = parser.add_argument_group("detector (--prompt yolo)")
     det.add_argument("--yolo_model", type=Path, default=None,
                      help="the YOLO detector's best.pt written by `python main.py detect train`")
@@ -195,6 +205,9 @@ def parse_sources(args: argparse.Namespace) -> list[runs.ModelSource]:
         if name.startswith(YOLO_PREFIX):
             raise UserError(f"model name {name!r}: names starting with {YOLO_PREFIX!r} are reserved for "
                             "the detector-prompted rows of --prompt yolo")
+        if name.endswith(tuple(f"+{mode}" for mode in heldout.AUTOMATIC_MODES)):
+            raise UserError(f"model name {name!r}: names ending in +MODE are reserved for the rows of several "
+                            "automatic modes (--prompt ais,apg,amg gives NAME+ais, NAME+apg, NAME+amg)")
         seen.add(name)
         sources.append(runs.model_source(name, spec))
     return sources
@@ -265,6 +278,7 @@ def run(args: argparse.Namespace) -> int:
         jobs, adapter_configs = plan_jobs(sources, selection.indices, selection.fold_of, selection.num_folds)
         bases = base_models(args, adapter_configs, run_config)
         sources, jobs = native_base(sources, jobs, bases, selection.indices)
+        assign_modes(options, jobs, bases)  # ais / apg need a model's instance decoder: refused here if none
         detector = None
         if args.prompt == "yolo":
             detector = load_detector(args.yolo_model, DetectorOptions(args.conf, args.iou, None, args.max_det),

@@ -41,9 +41,12 @@ log = logging.getLogger(__name__)
 SEARCH_FILE = "search.json"
 GRID_KEYS = studies.SPACE_KEYS + ("lora_blocks",)  # the searched options: not part of the base identity
 COLUMNS = ["name", "lora_rank", "lora_alpha", "learning_rate", "cv_dice", "cv_dice_std", "cv_dice_ci_low",
-           "cv_dice_ci_high", "cv_iou", "n_images", "folds", "run", "lora_blocks", "augmentation", "ranked_by", "state"]
+           "cv_dice_ci_high", "cv_iou", "cv_ais_msa", "cv_ais_msa_std", "cv_ais_msa_ci_low", "cv_ais_msa_ci_high",
+           "score", "n_images", "folds", "run", "lora_blocks", "augmentation", "ranked_by", "state"]
 LIST_FLAGS = ("--lora_ranks", "--lora_alphas", "--learning_rates")
 LIST_DEFAULTS = ("2,4,8,16", "2,4,8", "1e-4,3e-4,1e-3")  # a grid; with TPE, the ranges they span
+#: --objective -> the per-image score (summary rows, crossval.estimate) that ranks the configurations
+OBJECTIVES = {"prompted": "dice", "ais": "ais_msa"}
 
 
 def parse_list(text: str, kind: type, flag: str) -> list:
@@ -79,6 +82,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="grid: every combination of the lists, each trained once; tpe: --n_trials draws of "
                              "Optuna's TPE sampler between the bounds, for spaces too large to enumerate")
     search.add_argument("--n_trials", type=int, help="configurations a TPE search trains (all workers together)")
+    search.add_argument("--objective", choices=tuple(OBJECTIVES), default="prompted",
+                        help="what ranks the configurations (and what --prune and --nested compare): prompted = "
+                             "the cross-validated Dice of box / point prompts (cv_dice); ais = the cross-validated "
+                             "mSA of automatic instance segmentation (cv_ais_msa; needs --instance_decoder)")
     search.add_argument("--prune", action="store_true",
                         help="stop a configuration after a fold whose Dice is below the median of the finished "
                              "configurations at that fold (Optuna's MedianPruner, folds as steps)")
@@ -111,6 +118,9 @@ def search_space(args: argparse.Namespace) -> studies.SearchSpace:
         raise UserError(f"--prune_startup must be >= 0, got {args.prune_startup}")
     if args.heartbeat < 1:
         raise UserError(f"--heartbeat must be at least 1 second, got {args.heartbeat}")
+    if args.objective == "ais" and not args.instance_decoder:
+        raise UserError("--objective ais ranks by the AIS decoder's mSA, which only --instance_decoder trains: add "
+                        "--instance_decoder or use --objective prompted")
     if args.nested and (args.sampler != "grid" or args.prune):
         raise UserError("--nested needs --sampler grid without --prune: TPE's draws and the pruner's stops are "
                         "decided by the outer folds' scores, which the nested estimate must not see")
@@ -148,6 +158,12 @@ class Search:
     embeddings: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # frozen encoder: one per image
     inner_folds: list[list[folds_lib.Fold]] | None = None  # --nested: each outer fold's own folds
     has_test: bool = False  # a fixed test split: the winner's estimate
+    objective: str = "prompted"  # --objective: OBJECTIVES[objective] ranks the configurations
+
+    @property
+    def key(self) -> str:
+        """The per-image score that ranks: ``dice`` or ``ais_msa``."""
+        return OBJECTIVES[self.objective]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,8 +183,9 @@ def run(args: argparse.Namespace) -> int:
     if args.nested and has_test:
         log.info("--nested is not needed: the data has a fixed test split, which gives the chosen configuration "
                  "its estimate")
-    identity = search_identity(base, space, studies.data_fingerprint(samples), nested)
-    defaults = {**studies.identity_defaults(runs.option_defaults(base)), "nested": False}  # an option a record lacks
+    identity = {**search_identity(base, space, studies.data_fingerprint(samples), nested), "objective": args.objective}
+    # options a record of an older search lacks
+    defaults = {**studies.identity_defaults(runs.option_defaults(base)), "nested": False, "objective": "prompted"}
     resume = joins(out, identity, defaults, args.overwrite)
     folds = crossval.plan_folds(base, samples, resume)  # impossible folds: refused before any write
     inner = search_estimate.inner_folds(base, samples, folds) if nested else None  # refused before any write too
@@ -194,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
         if (out.path / studies.STUDY_DB).is_file():
             out.add(out.path / studies.STUDY_DB)
     search = Search(base, space, samples, folds, device, args.num_workers, args.cache_memory_gb,
-                    inner_folds=inner, has_test=has_test)
+                    inner_folds=inner, has_test=has_test, objective=args.objective)
     with out.active("search.log"):
         log.info("worker %s joins study %r in %s (%s sampler, %d configurations)", studies.worker_name(), name,
                  studies.shown(url), space.sampler, space.budget)
@@ -244,7 +261,7 @@ def joins(out: runfiles.OutputDir, identity: dict[str, Any], defaults: dict[str,
     # another space, or the same one nested, on the same data and options may share the directory
     # (its study tells them apart): its finished configurations are read, not trained again
     def shared(record: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in record.items() if k not in ("space", "nested")}
+        return {k: v for k, v in record.items() if k not in ("space", "nested", "objective")}
 
     diff = [] if previous is None else runs.differences(shared(previous), shared(identity), defaults)
     if diff and not overwrite:
@@ -275,17 +292,17 @@ def objective(trial: optuna.Trial, search: Search) -> float:
         summary = runfiles.read_json(summary_path, "a finished training run")
         log.info("%s: %s finished earlier, skipped", studies.trial_of(trial), name)
         for fold in summary["cv_estimate"]["per_fold"]:  # for the pruner (none without --prune)
-            if fold["dice"] is not None:
-                trial.report(fold["dice"], fold["fold"])
+            if fold.get(search.key) is not None:
+                trial.report(fold[search.key], fold["fold"])
     else:
         log.info("%s: %s, training %d fold(s) on worker %s", studies.trial_of(trial), name, len(search.folds),
                  studies.worker_name())
-        summary = train_configuration(config, search, pruning(trial, config))
-    row = result_row(config, summary)
+        summary = train_configuration(config, search, pruning(trial, config, search.key))
+    row = result_row(config, summary, search.key)
     if search.inner_folds is not None:
         row["nested"] = nested_scores(config, search)
     trial.set_user_attr(studies.RESULT, row)
-    return row["cv_dice"]
+    return row["score"]
 
 
 def nested_scores(config: TrainConfig, search: Search) -> list[float | None]:
@@ -302,19 +319,20 @@ def nested_scores(config: TrainConfig, search: Search) -> list[float | None]:
                      len(inner))
             summary = train_configuration(run, search, None, inner)
         cv = summary["cv_estimate"]
-        scores.append(float(cv["dice"]["mean"]) if cv["n_images"] else None)
+        scores.append(float(cv[search.key]["mean"]) if cv["n_images"] else None)
     return scores
 
 
-def pruning(trial: optuna.Trial, config: TrainConfig) -> Callable[[int, dict[str, Any]], None]:
-    """``after_fold`` for crossval.run_training: report the fold's Dice (Optuna step = fold) and
+def pruning(trial: optuna.Trial, config: TrainConfig, key: str = "dice") -> Callable[[int, dict[str, Any]], None]:
+    """``after_fold`` for crossval.run_training: report the fold's Dice (``key``: the per-image
+    score of --objective; Optuna step = fold) and
     stop the configuration when the pruner says so (its row says ``pruned``; without --prune,
     Optuna's NopPruner never does). A trial the study gave up (late heartbeats) reports nothing
     more: its run goes on to the end, which its retry reads."""
     def after_fold(fold: int, result: dict[str, Any]) -> None:
         if not result["scored"]:
             return
-        dice = float(np.mean([r["dice"] for r in result["scored"]]))
+        dice = float(np.mean([r[key] for r in result["scored"]]))
         try:
             trial.report(dice, fold)
         except optuna.exceptions.UpdateFinishedTrialError:  # given up by the study: finished for its retry
@@ -349,13 +367,20 @@ def config_columns(config: TrainConfig) -> dict[str, Any]:
             "augmentation": augmentation(config)}
 
 
-def result_row(config: TrainConfig, summary: dict[str, Any]) -> dict[str, Any]:
-    """A finished configuration's row of results.csv."""
+def result_row(config: TrainConfig, summary: dict[str, Any], key: str = "dice") -> dict[str, Any]:
+    """A finished configuration's row of results.csv; ``score``: its cross-validated ``key``
+    (the --objective's per-image score) that ranks it."""
     cv = summary["cv_estimate"]
+    ais = {f"cv_ais_msa{suffix}": cv["ais_msa"][field] for suffix, field in
+           (("", "mean"), ("_std", "std"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high"))} if "ais_msa" in cv else {}
+    if key not in cv:
+        raise UserError(f"{config.output_dir}: its summary has no cross-validated {key} to rank by (--objective ais "
+                        "needs a run trained with --instance_decoder)")
     return {**config_columns(config), "cv_dice": cv["dice"]["mean"], "cv_dice_std": cv["dice"]["std"],
             "cv_dice_ci_low": cv["dice"]["ci_low"], "cv_dice_ci_high": cv["dice"]["ci_high"],
-            "cv_iou": cv["iou"]["mean"], "n_images": cv["n_images"], "folds": len(summary["folds"]),
-            "state": "complete"}
+            "cv_iou": cv["iou"]["mean"], **ais, "score": cv[key]["mean"], "n_images": cv["n_images"],
+            "folds": len(summary["folds"]), "state": "complete",
+            "ranked_by": search_estimate.SELECTION if key == "dice" else "cv_ais_msa (selection score)"}
 
 
 def write_outputs(out: runfiles.OutputDir, search: Search, study: optuna.Study, random_weights: bool) -> None:
@@ -411,8 +436,7 @@ def final_fit_summary(best: dict[str, Any], search: Search) -> dict[str, Any]:
 
 def write_results(root: Path, base: TrainConfig, results: list[dict[str, Any]], estimate: dict[str, Any]) -> None:
     """results.csv (rows in the order given: best first) and best_config.json; logs the ranking."""
-    runfiles.write_csv(root / "results.csv", [{**r, "ranked_by": search_estimate.SELECTION} for r in results],
-                       COLUMNS)
+    runfiles.write_csv(root / "results.csv", [{"ranked_by": search_estimate.SELECTION, **r} for r in results], COLUMNS)
     best = results[0]
     runfiles.write_json(root / "best_config.json", {
         **best, "selection_score": search_estimate.SELECTION_NOTE, "estimate": estimate,

@@ -19,6 +19,14 @@ Rows (targets in brackets):
 - instance metrics on a 512x512 map with 500 objects on both sides                  [<< 1 s]
 - volumes: linking / SAM per section, peak RSS 64 / 16 sections, 2 dask workers / 1 process and their
   labels, sections without / with oneDNN (bench_volumes.py)
+- ais per image / amg per image (vit_t, 1024 px, 2 threads)                       [<= 0.1]
+  ais per image / encoder forward [<= 3 on a CPU], apg per image / amg per image, and
+  frozen-encoder epoch with --instance_decoder / without                           [<= 1.3] (bench_ais.py)
+
+``--only ROW`` runs one family (microsam, late, loss, ais); ``--quick`` runs vit_t only, the loss rows
+at 512 px and the ais rows at 256 px with an 8x8 AMG grid and one-image epochs (a smoke run: the
+targets are for 1024 px, 32x32 points and three-image epochs); ``--reps`` sets the repetitions
+(default 3).
 """
 from __future__ import annotations
 
@@ -33,7 +41,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from benchmarks import bench_sidebyside, bench_volumes
+from benchmarks import bench_ais, bench_sidebyside, bench_volumes
 from benchmarks.bench_timing import interleaved_medians, peak_rss_mib, timed
 from benchmarks.training_setup import Report, Setup, make_config
 from samlora.core import runfiles
@@ -324,12 +332,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--microsam_python", type=Path, default=None,
                         help="python of a separate micro-sam environment (benchmarks/microsam_env.sh): adds micro-sam's "
                              "own training, measured in the same run, beside ours")
-    parser.add_argument("--only", choices=("all", "microsam", "late", "loss"), default="all",
-                        help="run only some rows: micro-sam's side by side, late LoRA's, or the loss resolution's")
+    parser.add_argument("--only", choices=("all", "microsam", "late", "loss", "ais"), default="all",
+                        help="run only some rows: micro-sam's side by side, late LoRA's, the loss resolution's, or "
+                             "the instance decoder's (AIS / APG against AMG, bench_ais.py)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="repetitions of each measurement (default 3; fewer for a smoke run)")
     args = parser.parse_args(argv)
+    if args.reps is not None and args.reps < 1:
+        parser.error(f"--reps must be at least 1, got {args.reps}")
 
     logging.basicConfig(level=logging.WARNING)
-    reps = 3
+    reps = args.reps or 3
     samples = data.load_dataset(args.data_dir)[:3]
     models = ["vit_t"] if args.quick else ["vit_t", "vit_b"]
     rows: list[tuple[str, float, str]] = []
@@ -350,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
             bench_sidebyside.bench_microsam_late(args.data_dir, reps, report, args.microsam_python)
     if args.only in ("all", "loss"):
         bench_loss_resolution(models[0], samples, reps, report, 512 if args.quick else 1024)
+    if args.only in ("all", "ais"):
+        bench_ais.bench_ais(samples[:1] if args.quick else samples, reps, report,
+                            *((256, 8) if args.quick else (1024, 32)))
     if args.only == "all":
         bench_rest(models, samples, reps, args.quick, report)
     if args.json:

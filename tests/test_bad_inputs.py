@@ -632,7 +632,7 @@ CASES: list[tuple[str, Callable[[Env], list[str]], str | tuple[str, ...], int]] 
     ("evaluate --split val without a run", lambda e: evaluate_args(e, e.data(), "--split", "val"),
      "needs a training run", 2),
     ("evaluate run with --split test", evaluate_run_with_test_split, "needs --split val", 2),
-    ("evaluate unknown prompt", lambda e: evaluate_args(e, e.data(), "--prompt", "lasso"), "invalid choice", 2),
+    ("evaluate unknown prompt", lambda e: evaluate_args(e, e.data(), "--prompt", "lasso"), "unknown mode", 2),
     ("evaluate output dir holds other files",
      lambda e: [*evaluate_args(e, e.data()), "--output_dir", str(existing_output(e))], ("is not empty", "--overwrite"),
      2),

@@ -24,7 +24,7 @@ from samlora.data import dataset
 from samlora.data import folds as folds_lib
 from samlora.evaluation.scoring import BASELINES, row_sets
 from samlora.inference.yolo import Detector, DetectorOptions
-from samlora.models import adapters, lora
+from samlora.models import adapters, instance_decoder, lora
 from samlora.training.runs import ModelSource
 
 # --------------------------------------------------------------------------------------------
@@ -48,12 +48,16 @@ def nuclei_dir(shared_data, tmp_path_factory) -> Path:
     return root
 
 
-def make_adapter(path: Path, scale: float = 0.05, seed: int = 0, **config) -> Path:
-    """A vit_t / 256 px rank-4 qkv adapter (LoRA tensors only); ``lora_B`` drawn with std ``scale``
-    (0 = the base model exactly)."""
+def make_adapter(path: Path, scale: float = 0.05, seed: int = 0, decoder: bool = False, **config) -> Path:
+    """A vit_t / 256 px rank-4 qkv adapter (LoRA tensors only; with ``decoder`` also a random
+    instance decoder of finest width 8, attached as train --instance_decoder carries it);
+    ``lora_B`` drawn with std ``scale`` (0 = the base model exactly)."""
     sam = tiny_sam("vit_t", image_size=256, seed=seed)  # the LoRA layers are TinyViT's, as in vit_t
     lora.inject_lora(sam, rank=4, alpha=4, targets="qkv")
     lora.mark_only_lora_as_trainable(sam)
+    if decoder:
+        torch.manual_seed(seed)
+        instance_decoder.attach(sam, instance_decoder.InstanceDecoder(256, 8, 256).eval())
     generator = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         for layer in lora.lora_layers(sam).values():
@@ -212,7 +216,8 @@ def test_point_and_auto_prompts(main, em_split, tmp_path):
                  "--split", "test", "--visualize"]) == 0
     rows = read_csv(out / "per_image.csv")
     assert len(rows) == 1 and rows[0]["n_prompts"] == "0"
-    assert json.loads((out / "summary.json").read_text())["prompt"] == "auto"
+    assert json.loads((out / "summary.json").read_text())["prompt"] == "amg"  # auto: the generator's alias
+    assert rows[0]["mode"] == "amg" and rows[0]["model"] == "base"  # one mode: the rows keep the model's name
     assert len(list((out / "visualizations").glob("*.png"))) == 1
 
 
@@ -314,11 +319,14 @@ def test_volume_scores_link_and_score_runs_of_sections(em_stack_dir) -> None:
     assert [(name, run) for name, run in scores.runs] == [("training.tif[0:2]", [0, 1])]
     preds = {i: np.roll(samples[i].labels, 3, axis=1) for i in (0, 1, 3)}
     for i, pred in preds.items():
-        scores.add("model", i, pred)
+        scores.add("model", i, pred, seconds=0.5 + i)
     truth = ndimage.label(np.stack([samples[i].labels > 0 for i in (0, 1)]), IN_PLANE_AND_FACE)[0]
-    expected = volume_metrics(truth, link_slices(np.stack([preds[0], preds[1]])))
-    assert scores.rows(["model", "absent"])[0] == {"model": "model", "volume": "training.tif[0:2]", "n_sections": 2,
-                                                   **expected}
+    linked = link_slices(np.stack([preds[0], preds[1]]))
+    expected = volume_metrics(truth, linked)
+    row = scores.rows(["model", "absent"])[0]
+    assert row.pop("msa") == pytest.approx(msa_reference(truth, linked), abs=1e-12)  # micro-sam's mSA of 3-D objects
+    assert row == {"model": "model", "volume": "training.tif[0:2]", "n_sections": 2, **expected,
+                   "seconds_per_image": 1.0}  # the mean over the run's sections
     # Known without volume_metrics: the prediction is the truth's foreground rolled 3 px along x,
     # which keeps its voxel count, so Dice = |G & P| / |G| and IoU = |G & P| / (2 |G| - |G & P|).
     fg = np.stack([samples[i].labels > 0 for i in (0, 1)])
@@ -356,9 +364,11 @@ def test_volume_scores_give_the_ceiling_of_the_linked_ground_truth(em_stack) -> 
     rows = {}
     for merge in (False, True):
         rows[merge] = VolumeScores(em_stack, run, LinkOptions(merge=merge)).rows([])
-        expected = volume_metrics(truth, link_slices(components, merge=merge))
+        linked = link_slices(components, merge=merge)
+        expected = volume_metrics(truth, linked)
         assert rows[merge] == [{"model": GROUND_TRUTH_LINKED, "volume": "training.tif", "n_sections": len(run),
-                                **expected}]
+                                **expected, "msa": pytest.approx(msa_reference(truth, linked), abs=1e-12),
+                                "seconds_per_image": None}]  # no segmentation was timed
     plain, merged = rows[False][0], rows[True][0]
     assert plain["dice"] == 1.0 and plain["recall50"] == 1.0  # every voxel right, every object found ...
     assert plain["n_pred"] > plain["n_gt"] and plain["ap75"] < 1.0  # ... yet objects split by the linking
@@ -388,3 +398,120 @@ def test_evaluate_refuses_the_name_of_the_ceiling_row(main, em_stack_dir, tmp_pa
     assert main(["evaluate", "--data_dir", str(em_stack_dir), "--output_dir", str(tmp_path / "eval"),
                  "--compare", "ground_truth_linked=base", *SMALL]) == 2
     assert not (tmp_path / "eval").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# automatic modes side by side: amg, ais, apg (the instance decoder an adapter carries)
+# --------------------------------------------------------------------------------------------
+AUTO_FAST = ["--points_per_side", "4", "--pred_iou_thresh", "0", "--stability_score_thresh", "0",
+             "--batch_prompts", "16", "--bootstrap", "50"]
+WATERSHED = {"center_distance_threshold": 0.6, "boundary_distance_threshold": 0.55, "foreground_threshold": 0.45,
+             "foreground_smoothing": 1.0, "distance_smoothing": 1.6, "min_size": 5}
+
+
+@pytest.mark.slow
+def test_automatic_modes_side_by_side(main, em_split, tmp_path):
+    """``--prompt ais,apg,amg``: a row per model and mode (NAME+MODE) with micro-sam's mSA and
+    seconds in every table; ais / apg only for the adapter that carries a decoder; its watershed
+    thresholds recorded; mSA equal to the definition-based reference on the rows' own labels."""
+    from samlora.metrics import accuracy
+
+    with_decoder = make_adapter(tmp_path / "dec.pt", decoder=True, watershed=WATERSHED)
+    without = make_adapter(tmp_path / "plain.pt", seed=1)
+    assert adapters.has_decoder(adapters.read_adapter(with_decoder)[1])
+    out = tmp_path / "auto"
+    assert main(["evaluate", "--data_dir", str(em_split), *SMALL, "--output_dir", str(out), "--prompt", "ais,apg,auto",
+                 "--compare", f"lora={with_decoder}", f"plain={without}", *AUTO_FAST, "--visualize"]) == 0
+    rows = read_csv(out / "per_image.csv")
+    expected = ["lora+ais", "lora+apg", "lora+amg", "plain+amg"]  # plain has no decoder: amg only
+    assert [r["model"] for r in rows] == expected
+    assert [r["mode"] for r in rows] == ["ais", "apg", "amg", "amg"]
+    for r in rows:
+        assert 0.0 <= float(r["msa"]) <= 1.0 and float(r["seconds"]) > 0 and r["n_prompts"] == "0"
+    groups = read_csv(out / "per_group.csv")
+    assert {"msa_mean", "msa_ci_low", "msa_ci_high", "seconds_per_image", "dice_pooled"} <= set(groups[0])
+    assert "msa_pooled" not in groups[0]  # micro-sam reports mSA as a mean over images only
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["models"]) == expected and summary["prompt"] == "ais,apg,amg"
+    for name, r in zip(expected, rows):
+        model = summary["models"][name]
+        assert model["prompts"] == r["mode"]
+        assert model["per_image_mean"]["msa"]["mean"] == pytest.approx(float(r["msa"]))
+        assert model["seconds_per_image"] == pytest.approx(float(r["seconds"]))
+    config = json.loads((out / "config.json").read_text())
+    assert config["watershed"] == {"lora": WATERSHED}  # ais / apg used the adapter's thresholds
+    assert config["auto"] == {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    assert all(mode in summary["prompt_protocol"] for mode in ("ais:", "apg:", "amg:"))
+    assert len(list((out / "visualizations").glob("*.png"))) == 1
+
+    # the msa column is micro-sam's mSA of the row's labels: recompute it from its definition
+    sample = dataset.load_dataset(em_split / "test")[0]
+    pred = ais_labels(with_decoder, sample.image, WATERSHED)
+    assert float(rows[0]["msa"]) == pytest.approx(msa_reference(sample.labels, pred), abs=1e-12)
+    assert accuracy.mean_segmentation_accuracy(sample.labels, pred) == pytest.approx(float(rows[0]["msa"]), abs=1e-12)
+
+
+def ais_labels(adapter: Path, image: np.ndarray, watershed: dict) -> np.ndarray:
+    """The ais labels of ``image`` from the adapter on the CLI's base model (vit_t 256 px, random
+    weights of the adapter's seed), through the inference layer's own path."""
+    from samlora.inference import automatic
+    from samlora.inference.instance_watershed import WatershedOptions
+
+    bases = adapters.BaseModels("vit_t", None, 256)
+    sam = adapters.load_finetuned(bases, adapter)
+    return automatic.ais_instances(sam, image, WatershedOptions(**watershed))[0]
+
+
+def msa_reference(gt: np.ndarray, pred: np.ndarray) -> float:
+    """micro-sam's mSA from its definition, by brute force: at each IoU threshold t in
+    np.arange(0.5, 1.0, 0.05), TP = pairs (g, p) with IoU >= t (unique for t >= 0.5 but for exact
+    halves, counted greedily), FP = predictions - TP, FN = objects - TP; mean of TP / (TP + FP + FN)
+    (0 where TP = 0)."""
+    g_ids, p_ids = [v for v in np.unique(gt) if v], [v for v in np.unique(pred) if v]
+    iou = np.zeros((len(g_ids), len(p_ids)))
+    for a, g in enumerate(g_ids):
+        gm = gt == g
+        for b, p in enumerate(p_ids):
+            pm = pred == p
+            union = np.logical_or(gm, pm).sum()
+            iou[a, b] = np.logical_and(gm, pm).sum() / union if union else 0.0
+    values = []
+    for t in np.arange(0.5, 1.0, 0.05):
+        used_g, used_p, tp = set(), set(), 0
+        for a, b in sorted(zip(*np.nonzero(iou >= t)), key=lambda ab: -iou[ab]):
+            if a not in used_g and b not in used_p:
+                used_g.add(a), used_p.add(b)
+                tp += 1
+        values.append(tp / (len(g_ids) + len(p_ids) - tp) if tp else 0.0)
+    return float(np.mean(values))
+
+
+def test_ais_on_a_model_without_decoder_is_refused(main, em_split, tmp_path, caplog):
+    """ais / apg need the instance decoder: one line, exit 2, nothing written."""
+    plain = make_adapter(tmp_path / "plain.pt")
+    for prompt in ("ais", "apg,ais"):
+        out = tmp_path / f"out_{prompt}"
+        caplog.clear()
+        assert main(["evaluate", "--data_dir", str(em_split), *SMALL, "--output_dir", str(out), "--prompt", prompt,
+                     "--model_path", str(plain)]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "no instance decoder" in errors[0] and "--instance_decoder" in errors[0]
+        assert "--prompt" in errors[0] and not out.exists()
+
+
+def test_a_damaged_watershed_record_is_refused(main, em_split, tmp_path, caplog):
+    adapter = make_adapter(tmp_path / "dec.pt", decoder=True, watershed={"centre": 0.5})
+    out = tmp_path / "out"
+    assert main(["evaluate", "--data_dir", str(em_split), *SMALL, "--output_dir", str(out), "--prompt", "ais",
+                 "--model_path", str(adapter)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "dec.pt" in errors[0] and "'watershed'" in errors[0] and not out.exists()
+
+
+@pytest.mark.parametrize("prompt, words", [("ais,box", "only the automatic modes"), ("amg,auto", "twice"),
+                                           ("ais,,amg", "empty"), ("aiss", "unknown mode")])
+def test_bad_prompt_lists_are_refused(main, em_split, tmp_path, caplog, prompt, words):
+    out = tmp_path / "out"
+    assert main(["evaluate", "--data_dir", str(em_split), *SMALL, "--output_dir", str(out), "--prompt", prompt]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and words in errors[0] and "--prompt" in errors[0] and not out.exists()

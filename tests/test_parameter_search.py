@@ -492,3 +492,29 @@ def test_a_finished_search_gets_its_nested_estimate_later(em4: Path, tmp_path: P
     assert main([*argv, "--nested", "--study_name", "nested"]) == 0
     assert len(calls) == 4 * 2 * 2 and all("nested" in Path(c[1]).parts for c in calls)
     assert json.loads((out / "best_config.json").read_text())["estimate"]["kind"] == "nested"
+
+
+def test_objective_ais_needs_the_instance_decoder(em4: Path, tmp_path: Path) -> None:
+    out = tmp_path / "search"
+    assert main(["parameter_search", "--data_dir", str(em4), "--output_dir", str(out), *FAST, *GRID,
+                 "--objective", "ais"]) == 2
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_objective_ais_ranks_by_the_ais_msa(em4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--objective ais: the rows' score is their cv_ais_msa, and they are ordered by it."""
+    from samlora.models import instance_decoder
+    from samlora.training import ais
+
+    monkeypatch.setattr(ais, "new_decoder", lambda size: instance_decoder.InstanceDecoder(initial_features=8,
+                                                                                          image_size=size))
+    out = tmp_path / "search"
+    assert main(["parameter_search", "--data_dir", str(em4), "--output_dir", str(out), *FAST,
+                 "--lora_ranks", "2", "--lora_alphas", "2", "--learning_rates", "1e-3,3e-3",
+                 "--instance_decoder", "--objective", "ais"]) == 0
+    rows = read_csv(out / "results.csv")
+    assert len(rows) == 2 and all(r["score"] == r["cv_ais_msa"] != "" for r in rows)
+    assert float(rows[0]["score"]) >= float(rows[1]["score"])
+    assert {r["ranked_by"] for r in rows} == {"cv_ais_msa (selection score)"}
+    assert json.loads((out / "search.json").read_text())["objective"] == "ais"

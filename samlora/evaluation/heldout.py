@@ -20,18 +20,44 @@ import numpy as np
 from samlora.core.errors import OptionError, UserError
 from samlora.data import dataset as data
 from samlora.data import folds as folds_lib
-from samlora.data.prompts import Prompts, object_prompts
+from samlora.data.prompts import EVAL_PROMPTS, Prompts, object_prompts
 from samlora.data.sample import Sample
 from samlora.training import runs
 
 log = logging.getLogger(__name__)
+
+AUTOMATIC_MODES = ("amg", "ais", "apg")  # no ground truth used: SAM's generator, the instance decoder, its prompts
+MODE_ALIASES = {"auto": "amg"}  # the automatic mask generator's earlier name
+PROMPT_MODES = (*EVAL_PROMPTS, "yolo", *AUTOMATIC_MODES)
+
+
+def parse_modes(prompt: str) -> tuple[str, ...]:
+    """``"ais,apg,auto"`` -> ``("ais", "apg", "amg")``: one prompt of :data:`PROMPT_MODES`, or
+    several automatic modes side by side (aliases: :data:`MODE_ALIASES`); an :class:`OptionError`
+    names what is wrong."""
+    items = [item.strip() for item in str(prompt).split(",")]
+    if not all(items):
+        raise OptionError(f"{{prompt}} {prompt!r}: an empty mode; write modes separated by commas, e.g. ais,apg,amg")
+    unknown = [m for m in items if m not in PROMPT_MODES and m not in MODE_ALIASES]
+    if unknown:
+        raise OptionError(f"{{prompt}} {prompt!r}: unknown mode {unknown[0]!r}; use one of "
+                          f"{', '.join(PROMPT_MODES)} ({', '.join(f'{a} = {m}' for a, m in MODE_ALIASES.items())})")
+    modes = tuple(MODE_ALIASES.get(m, m) for m in items)
+    if len(set(modes)) < len(modes):
+        raise OptionError(f"{{prompt}} {prompt!r}: a mode is given twice (auto is amg); give each once")
+    if len(modes) > 1 and any(m not in AUTOMATIC_MODES for m in modes):
+        raise OptionError(f"{{prompt}} {prompt!r}: only the automatic modes ({', '.join(AUTOMATIC_MODES)}) go side "
+                          "by side in one run; box, point and yolo prompts take a run each")
+    return modes
 
 
 @dataclass
 class SelectOptions:
     """How the scored images and their prompts are chosen (``evaluate``'s options of the same names).
 
-    ``prompt``: box / point / auto / yolo (auto: images without objects are kept, no prompts);
+    ``prompt``: box / point / yolo, or one or more automatic modes comma-separated (amg, ais, apg;
+    :func:`parse_modes`, written back in canonical form: ``auto`` becomes ``amg``); automatic modes
+    keep images without objects and use no prompts;
     ``max_objects``: prompt a seeded subset of this many objects per image (0 = all);
     ``include_training_images``: allow images an adapter was trained on (rows marked).
     """
@@ -40,6 +66,19 @@ class SelectOptions:
     max_objects: int = 0
     seed: int = 0
     include_training_images: bool = False
+
+    def __post_init__(self) -> None:
+        self.prompt = ",".join(parse_modes(self.prompt))
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The modes of ``prompt`` in the order given."""
+        return tuple(self.prompt.split(","))
+
+    @property
+    def automatic(self) -> bool:
+        """Whether the modes use no ground-truth prompts (:data:`AUTOMATIC_MODES`)."""
+        return all(m in AUTOMATIC_MODES for m in self.modes)
 
 
 @dataclass
@@ -91,7 +130,7 @@ def select_data(options: SelectOptions, data_dir: Path, data_options: data.DataO
     check_seen(samples, indices, seen, split, options.include_training_images)
     grouping = data.grouping_of(data_options)
     data.log_summary([samples[i] for i in indices], grouping=grouping)
-    if options.prompt != "auto":
+    if not options.automatic:
         kept = [i for i in indices if samples[i].num_objects > 0]
         if len(kept) < len(indices):
             log.info("%d of %d images have no objects and are skipped (nothing to prompt)",
@@ -103,7 +142,7 @@ def select_data(options: SelectOptions, data_dir: Path, data_options: data.DataO
     log.info("evaluating %d images (split %s) with %s prompts", len(indices), split, options.prompt)
     kind = "point" if options.prompt == "point" else "box"
     prompts = {i: object_prompts(samples[i].labels, kind, samples[i].ignore,
-                                 options.max_objects if options.prompt != "auto" else 0,
+                                 0 if options.automatic else options.max_objects,
                                  np.random.default_rng([options.seed, i])) for i in indices}
     return Selection(samples, split, indices, fold_of, len(folds or ()), prompts, seen, grouping)
 

@@ -3,7 +3,9 @@
 Two kinds of aggregate, always named: ``per_image_mean`` (mean of per-image scores, with standard
 deviation and a 95 % percentile-bootstrap interval of the mean that resamples whole fold groups,
 :func:`summarize`) and ``pooled`` (counts summed over all images first; AJI = summed intersections /
-summed unions). Metrics come from metrics.py.
+summed unions). Metrics come from metrics.py; ``msa`` (micro-sam's mean segmentation accuracy,
+metrics/accuracy.py) is a per-image mean only, as micro-sam reports it, beside ``seconds_per_image``
+(the mean wall time of segmenting one image, encoder included).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from samlora.core import figures, runfiles
 from samlora.data.sample import Sample
 from samlora.inference.linking import IN_PLANE_AND_FACE, LinkOptions, link_slices
 from samlora.metrics import scores as metrics
+from samlora.metrics.accuracy import mean_segmentation_accuracy
 from samlora.metrics.bootstrap import summarize
 
 log = logging.getLogger(__name__)
@@ -30,20 +33,29 @@ log = logging.getLogger(__name__)
 SEMANTIC_COLUMNS = {"dice": "dice", "iou": "iou", "precision": "pixel_precision",
                     "recall": "pixel_recall", "tp": "pixel_tp", "fp": "pixel_fp", "fn": "pixel_fn"}
 SCORE_COLUMNS: tuple[str, ...] = tuple(SEMANTIC_COLUMNS[k] for k in metrics.SEMANTIC_SCORE_KEYS) \
-    + metrics.instance_score_keys()
+    + metrics.instance_score_keys() + ("msa",)
+# Per-image scores averaged over images only: micro-sam's mSA has no pooled form.
+MEAN_ONLY_METRICS: tuple[str, ...] = ("msa",)
 # The metrics of the group tables and the printed table, in display order.
 GROUP_METRICS: tuple[str, ...] = ("dice", "iou", "pixel_precision", "pixel_recall", "aji", "aji_plus",
                                   "pq", "sq", "rq", "f1", "precision", "recall")
-ID_COLUMNS = ("model", "kind", "fold", "image", "path", "tag", "group", "split", "seen_in_training", "height",
+ID_COLUMNS = ("model", "kind", "mode", "fold", "image", "path", "tag", "group", "split", "seen_in_training", "height",
               "width", "n_objects", "n_prompts", "seconds")
 
 
 def score_image(gt: np.ndarray, pred: np.ndarray, ignore: np.ndarray | None = None) -> dict[str, float | int]:
-    """Semantic (renamed, see :data:`SEMANTIC_COLUMNS`) and instance metrics of one image."""
+    """Semantic (renamed, see :data:`SEMANTIC_COLUMNS`) and instance metrics of one image, and
+    micro-sam's mSA (``msa``)."""
     semantic = metrics.semantic_metrics(gt, pred, ignore)
     row: dict[str, float | int] = {SEMANTIC_COLUMNS[k]: v for k, v in semantic.items()}
     row.update(metrics.instance_metrics(gt, pred, ignore))
+    row["msa"] = mean_segmentation_accuracy(gt, pred, ignore)
     return row
+
+
+def seconds_per_image(rows: Sequence[Mapping[str, Any]]) -> float | None:
+    """The mean ``seconds`` of per-image rows (None without rows)."""
+    return float(np.mean([float(r["seconds"]) for r in rows])) if rows else None
 
 
 def pooled_scores(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | int]:
@@ -73,7 +85,8 @@ def summarize_rows(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], n_boo
 def group_rows(rows: Sequence[Mapping[str, Any]], by: str, n_boot: int, seed: int,
                include_all: bool = True) -> list[dict[str, Any]]:
     """One row per (model, value of ``by``): per-image mean, std, CI and pooled of
-    :data:`GROUP_METRICS`; ``include_all`` adds the ``(all)`` group per model."""
+    :data:`GROUP_METRICS`, mean, std and CI of :data:`MEAN_ONLY_METRICS`, and
+    ``seconds_per_image``; ``include_all`` adds the ``(all)`` group per model."""
     buckets: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
     models: dict[str, str] = {}
     for r in rows:
@@ -89,12 +102,15 @@ def group_rows(rows: Sequence[Mapping[str, Any]], by: str, n_boot: int, seed: in
             row: dict[str, Any] = {"model": model_name, "kind": models[model_name], by: value,
                                    "n_images": len(members), "n_groups": len(set(row_groups(members))),
                                    "n_seen_in_training": sum(m.get("seen_in_training") == "yes" for m in members)}
-            summary = summarize_rows(members, GROUP_METRICS, n_boot, seed)
+            summary = summarize_rows(members, GROUP_METRICS + MEAN_ONLY_METRICS, n_boot, seed)
             pooled = pooled_scores(members)
-            for key in GROUP_METRICS:
+            for key in GROUP_METRICS + MEAN_ONLY_METRICS:
                 s = summary[key]
                 row.update({f"{key}_mean": s["mean"], f"{key}_std": s["std"], f"{key}_ci_low": s["ci_low"],
-                            f"{key}_ci_high": s["ci_high"], f"{key}_pooled": pooled[key]})
+                            f"{key}_ci_high": s["ci_high"]})
+                if key in pooled:
+                    row[f"{key}_pooled"] = pooled[key]
+            row["seconds_per_image"] = seconds_per_image(members)
             out.append(row)
     return out
 
@@ -107,7 +123,7 @@ def _natural(text: str) -> list[Any]:
 def per_image_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """Identity columns, headline scores, then every other key in first-seen order."""
     head = list(ID_COLUMNS) + ["dice", "iou", "pixel_precision", "pixel_recall", "aji", "aji_plus", "pq",
-                               "sq", "rq", "f1", "precision", "recall", "mean_matched_iou", "n_gt",
+                               "sq", "rq", "f1", "precision", "recall", "msa", "mean_matched_iou", "n_gt",
                                "n_pred", "tp", "fp", "fn"]
     rest = []
     for r in rows:
@@ -116,10 +132,11 @@ def per_image_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def format_table(summaries: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """The printed table: per model the per-image mean (95 % CI) and pooled scores."""
+    """The printed table: per model the per-image mean (95 % CI) and pooled scores, micro-sam's
+    mSA (per-image mean) and the seconds per image."""
     header = (f"{'model':<18} {'images':>6} {'seen':>5}  {'Dice mean [95% CI]':<22} {'Dice pooled':>11} "
               f"{'IoU mean':>8} {'IoU pooled':>10} {'AJI mean':>8} {'AJI pooled':>10} "
-              f"{'PQ mean':>7} {'F1@0.5 mean':>11}")
+              f"{'PQ mean':>7} {'F1@0.5 mean':>11} {'mSA mean':>8} {'s/image':>8}")
     lines = [header, "-" * len(header)]
     for name, s in summaries.items():
         mean, pooled = s["per_image_mean"], s["pooled"]
@@ -129,8 +146,13 @@ def format_table(summaries: Mapping[str, Mapping[str, Any]]) -> list[str]:
             f"{d['ci_high']:.3f}]   "
             f"{pooled['dice']:>11.3f} {mean['iou']['mean']:>8.3f} {pooled['iou']:>10.3f} "
             f"{mean['aji']['mean']:>8.3f} {pooled['aji']:>10.3f} {mean['pq']['mean']:>7.3f} "
-            f"{mean['f1']['mean']:>11.3f}")
+            f"{mean['f1']['mean']:>11.3f} {mean['msa']['mean']:>8.3f} {_seconds(s.get('seconds_per_image'))}")
     return lines
+
+
+def _seconds(value: float | None) -> str:
+    """A seconds cell of the printed table (``-`` without images)."""
+    return f"{'-':>8}" if value is None else f"{value:>8.3f}"
 
 
 @dataclass
@@ -146,7 +168,7 @@ class RowSet:
 def model_summaries(rows: Sequence[Mapping[str, Any]], sets: Mapping[str, RowSet], n_boot: int,
                     seed: int, unit: str = "image") -> dict[str, dict[str, Any]]:
     """Per row name: kind, source, prompts, number of images, the bootstrap's ``unit`` and
-    ``n_groups``, ``per_image_mean`` and ``pooled``."""
+    ``n_groups``, ``per_image_mean``, ``pooled`` and ``seconds_per_image``."""
     summaries = {}
     for name, info in sets.items():
         mine = [r for r in rows if r["model"] == name]
@@ -160,6 +182,7 @@ def model_summaries(rows: Sequence[Mapping[str, Any]], sets: Mapping[str, RowSet
             "n_seen_in_training": sum(r.get("seen_in_training") == "yes" for r in mine),
             "per_image_mean": summarize_rows(mine, SCORE_COLUMNS, n_boot, seed),
             "pooled": pooled_scores(mine),
+            "seconds_per_image": seconds_per_image(mine),
         }
     return summaries
 
@@ -207,7 +230,9 @@ VOLUME_PROTOCOL = ("per run of consecutive whole sections of a volume: ground-tr
                    "components of the ground-truth foreground (8-connected in a section, joined where sections "
                    "overlap); predicted 3-D objects = the per-section predictions linked by volumes.link_slices "
                    "(config.json's link options); dice / iou over the voxels; precision50 / recall50 / f1_50 at "
-                   "3-D IoU > 0.5; ap50 / ap75 = COCO 101-point AP, predictions ranked by size (MitoEM); row "
+                   "3-D IoU > 0.5; ap50 / ap75 = COCO 101-point AP, predictions ranked by size (MitoEM); msa = "
+                   "micro-sam's mean segmentation accuracy of the 3-D objects; seconds_per_image = the mean wall "
+                   "time of segmenting one section (encoder included); row "
                    f"{GROUND_TRUTH_LINKED} = the ground truth's own per-section objects (a perfect 2-D "
                    "segmentation) linked alike: the ceiling the linking sets on every model's 3-D scores")
 
@@ -236,15 +261,20 @@ class VolumeScores:
                     self.runs.append((volume if len(cuts) == 2 else f"{volume}[{first}:{last + 1}]", members[a:b]))
         self.members = {i for _, run in self.runs for i in run}
         self.predictions: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+        self.seconds: dict[str, dict[int, float]] = defaultdict(dict)
 
-    def add(self, name: str, i: int, pred: np.ndarray) -> None:
-        """The HxW prediction of row name ``name`` on sample ``i`` (kept only for volume sections)."""
+    def add(self, name: str, i: int, pred: np.ndarray, seconds: float | None = None) -> None:
+        """The HxW prediction of row name ``name`` on sample ``i`` and the ``seconds`` it took
+        (kept only for volume sections)."""
         if i in self.members:
             self.predictions[name][i] = pred
+            if seconds is not None:
+                self.seconds[name][i] = seconds
 
     def rows(self, names: Sequence[str]) -> list[dict[str, Any]]:
-        """One row per (row name, run of sections): its 3-D scores; then the run's
-        :data:`GROUND_TRUTH_LINKED` row (its per-section ground-truth objects linked)."""
+        """One row per (row name, run of sections): its 3-D scores (metrics.volume_metrics, and
+        ``msa`` of the 3-D objects) and ``seconds_per_image`` (the mean over its sections; empty
+        for the run's :data:`GROUND_TRUTH_LINKED` row: its per-section ground-truth objects linked)."""
         out = []
         for volume, run in self.runs:
             truth = ndimage.label(np.stack([self.samples[i].labels > 0 for i in run]), IN_PLANE_AND_FACE,
@@ -255,9 +285,19 @@ class VolumeScores:
                 if all(section is not None for section in sections):
                     linked = link_slices(np.stack(sections), self.link.iou, self.link.gap, self.link.min_sections,
                                          self.link.merge)
+                    seconds = [self.seconds.get(name, {}).get(i) for i in run]
                     out.append({"model": name, "volume": volume, "n_sections": len(run),
-                                **metrics.volume_metrics(truth, linked)})
+                                **metrics.volume_metrics(truth, linked), "msa": volume_msa(truth, linked),
+                                "seconds_per_image": None if None in seconds else float(np.mean(seconds))})
         return out
+
+
+def volume_msa(truth: np.ndarray, pred: np.ndarray) -> float:
+    """micro-sam's mSA of ZxHxW 3-D objects. mSA depends only on the objects' voxel counts and
+    overlaps, which stacking the sections into one (Z*H)xW plane keeps (every label stays one
+    object), so the 2-D function gives the 3-D score."""
+    width = truth.shape[-1]
+    return mean_segmentation_accuracy(truth.reshape(-1, width), pred.reshape(-1, width))
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +327,8 @@ class EvaluateConfig:
     bootstrap: int
     cv_run: str | None = None
     protocol: str = ""
-    auto: dict[str, float] | None = None
+    auto: dict[str, float] | None = None  # the automatic mask generator's settings (mode amg)
+    watershed: dict[str, dict[str, float]] | None = None  # modes ais / apg: each model's WatershedOptions
     detector: dict[str, Any] | None = None
     plot: bool = False
     compare: bool = False
@@ -373,8 +414,8 @@ def write_evaluation(out: Path, ev: Evaluation) -> None:
     log.info("mean = mean of per-image scores; pooled = counts summed over images first")
     for row in ev.volumes:
         log.info("%-18s 3-D, %s (%d sections): voxel Dice %.3f, IoU %.3f; 3-D objects P %.3f R %.3f F1 %.3f at IoU "
-                 "0.5, AP50 %.3f, AP75 %.3f", row["model"], row["volume"], row["n_sections"], row["dice"], row["iou"],
-                 row["precision50"], row["recall50"], row["f1_50"], row["ap50"], row["ap75"])
+                 "0.5, AP50 %.3f, AP75 %.3f, mSA %.3f", row["model"], row["volume"], row["n_sections"], row["dice"],
+                 row["iou"], row["precision50"], row["recall50"], row["f1_50"], row["ap50"], row["ap75"], row["msa"])
     for name, count in summary["seen_in_training"].items():
         if count:
             log.warning("%s: %d of its rows are images it was trained on (seen_in_training = yes)", name, count)

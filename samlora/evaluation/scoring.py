@@ -4,7 +4,8 @@ A :class:`Job` is one model on some images (a run's folds: each fold's adapter o
 held-out images); every model sees the same images and prompts (heldout.Selection). With
 ``prompt="yolo"`` a model is scored twice per image, with the ground-truth boxes and with the
 detector's (``yolo+NAME`` rows), beside the detector's boxes filled; with box prompts beside the
-prompt box filled and its inscribed ellipse. Masks become one instance map by the predicted IoU;
+prompt box filled and its inscribed ellipse; in automatic modes (amg, ais, apg; modes.py) once
+per mode, each row timed on its own (encoder included). Masks become one instance map by the predicted IoU;
 reports.py writes the tables, summary and figures. ``evaluate`` (the command) builds
 :class:`ScoreOptions` from its flags and calls :func:`score_all`.
 """
@@ -26,12 +27,14 @@ from samlora.core import runfiles
 from samlora.core.errors import OptionError
 from samlora.data.instances import box_baseline
 from samlora.data.prompts import box_prompts
+from samlora.evaluation import modes as automatic_modes
 from samlora.evaluation import reports
-from samlora.evaluation.heldout import Selection, SelectOptions
-from samlora.inference import segmenter
+from samlora.evaluation.heldout import AUTOMATIC_MODES, Selection, SelectOptions
+from samlora.inference import automatic, segmenter
+from samlora.inference.instance_watershed import WatershedOptions
 from samlora.inference.linking import LinkOptions
 from samlora.inference.yolo import BoxCounts, Detector
-from samlora.models import adapters
+from samlora.models import adapters, instance_decoder
 from samlora.models import sam as sam_model
 from samlora.training import runs
 
@@ -49,8 +52,9 @@ class ScoreOptions(SelectOptions):
     are chosen (:class:`SelectOptions`).
 
     ``batch_prompts``: prompts per decoder call (None: the device's default); ``bootstrap``:
-    resamples of the 95 % intervals; ``points_per_side``, ``pred_iou_thresh``,
-    ``stability_score_thresh``: the automatic mask generator's (``prompt="auto"``);
+    resamples of the 95 % intervals; ``points_per_side``: the automatic mask generator's (mode
+    amg); ``pred_iou_thresh``, ``stability_score_thresh``: its mask filters and APG's (None: each
+    mode's default, segmenter.MASK_FILTERS);
     ``visualize`` / ``max_visualize`` (0 = all) / ``plot``: the figures; ``compare``: the models
     were given as a comparison (one table and figure for all); ``link``: how a volume's sections
     are linked into 3-D objects (per_volume.csv).
@@ -60,8 +64,8 @@ class ScoreOptions(SelectOptions):
     precision: str = sam_model.ModelOptions.precision
     bootstrap: int = 2000
     points_per_side: int = 32
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
+    pred_iou_thresh: float | None = None
+    stability_score_thresh: float | None = None
     visualize: bool = False
     max_visualize: int = 20
     plot: bool = False
@@ -69,6 +73,7 @@ class ScoreOptions(SelectOptions):
     link: LinkOptions = field(default_factory=LinkOptions)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         batch = 1 if self.batch_prompts is None else self.batch_prompts  # None: the device's default
         for name, value, low in (("batch_prompts", batch, 1), ("bootstrap", self.bootstrap, 1),
                                  ("points_per_side", self.points_per_side, 1),
@@ -86,6 +91,8 @@ class Job:
     fold: int | None
     indices: list[int] = field(default_factory=list)
     bases: adapters.BaseModels | None = None  # another base model (base@1024) than the run's
+    modes: tuple[str, ...] = ()  # automatic modes: those this model runs (assign_modes)
+    watershed: WatershedOptions = field(default_factory=WatershedOptions)  # modes ais / apg: the adapter's
 
 
 def plan_jobs(sources: Sequence[runs.ModelSource], indices: Sequence[int], fold_of: Mapping[int, int],
@@ -105,6 +112,36 @@ def plan_jobs(sources: Sequence[runs.ModelSource], indices: Sequence[int], fold_
     return jobs, configs
 
 
+def assign_modes(options: ScoreOptions, jobs: Sequence[Job], bases: adapters.BaseModels) -> None:
+    """Each job's automatic modes (modes.model_modes: ais / apg only on a model that carries an
+    instance decoder, its adapter's or a combined base checkpoint's) and its adapter's watershed
+    thresholds. A model left with no mode is refused (:class:`OptionError`), before any work."""
+    if not options.automatic:
+        return
+    needs_decoder = any(m in automatic_modes.DECODER_MODES for m in options.modes)
+    for job in jobs:
+        if job.adapter is not None:
+            config, state = adapters.read_adapter(job.adapter)
+            job.watershed = automatic_modes.watershed_of(config, job.adapter)
+            has = adapters.has_decoder(state)
+        else:
+            has = False
+        if needs_decoder and not has:  # a combined --checkpoint (model_state + decoder_state) may carry one
+            has = instance_decoder.attached((job.bases or bases).get(options.seed)) is not None
+        what = f"model {job.source.name!r} ({job.adapter or 'the base model'})"
+        job.modes = automatic_modes.model_modes(options.modes, has, what)
+    for source in {job.source.name for job in jobs}:
+        kinds = {job.modes for job in jobs if job.source.name == source}
+        if len(kinds) > 1:
+            raise OptionError(f"model {source!r}: some of its fold adapters hold an instance decoder and others do "
+                              "not; retrain the run with or without --instance_decoder throughout")
+    for job in jobs:
+        skipped = [m for m in options.modes if m not in job.modes]
+        if skipped and job.fold in (None, 0):
+            log.info("%s has no instance decoder: scored in %s only, not %s", job.source.name, ", ".join(job.modes),
+                     ", ".join(skipped))
+
+
 # --------------------------------------------------------------------------------------------
 # Scoring
 # --------------------------------------------------------------------------------------------
@@ -115,9 +152,9 @@ def image_row(selection: Selection, i: int, name: str, kind: str, fold: int | No
     sample, prompts = selection.samples[i], selection.prompts[i]
     fold = fold if fold is not None else selection.fold_of.get(i)
     if n_prompts is None:
-        n_prompts = 0 if prompt == "auto" else len(prompts)
+        n_prompts = 0 if prompt in AUTOMATIC_MODES else len(prompts)
     row: dict[str, Any] = {
-        "model": name, "kind": kind, "fold": fold, "image": sample.key, "path": str(sample.path),
+        "model": name, "kind": kind, "mode": prompt, "fold": fold, "image": sample.key, "path": str(sample.path),
         "tag": sample.tag, "group": selection.grouping.group(sample), "split": sample.split or "",
         "height": sample.labels.shape[0], "width": sample.labels.shape[1], "n_objects": sample.num_objects,
         "n_prompts": n_prompts, "seconds": seconds}
@@ -155,13 +192,12 @@ def score_job(options: ScoreOptions, job: Job, bases: adapters.BaseModels, selec
     With a ``detector`` (``prompt="yolo"``) the model is scored twice per image: with the
     ground-truth boxes (its own name) and with the detector's boxes (:func:`yolo_row_name`).
     """
+    sam = adapters.load_finetuned(job.bases or bases, job.adapter, options.seed)
+    if options.automatic:
+        return score_automatic(options, job, sam, selection, keep, volumes)
     rows: list[dict[str, Any]] = []
     visuals: dict[int, dict[str, np.ndarray]] = defaultdict(dict)
-    sam = adapters.load_finetuned(job.bases or bases, job.adapter, options.seed)
     chunk = options.batch_prompts or segmenter.default_chunk(bases.device)
-    generator = segmenter.automatic_generator(
-        sam, options.points_per_side, options.batch_prompts or 64, options.pred_iou_thresh,
-        options.stability_score_thresh) if options.prompt == "auto" else None
     prompt = "box" if detector is not None else options.prompt
     precision = options.precision
     label = job.source.name + (f" fold {job.fold}" if job.fold is not None else "")
@@ -171,10 +207,7 @@ def score_job(options: ScoreOptions, job: Job, bases: adapters.BaseModels, selec
         embedding, encode_seconds = shared_embedding(sam, image, precision, detector is not None)
         for name, boxes_from in named:
             tick, n_prompts, extra = time.perf_counter() - encode_seconds, None, {}  # each row counts the encoder
-            if generator is not None:
-                found = segmenter.automatic_instances(generator, image, precision)
-                pred = segmenter.paint_instances(found, image.shape[:2])[0]
-            elif boxes_from is None:
+            if boxes_from is None:
                 pred = segmenter.segment(sam, image, selection.prompts[i], chunk, precision,
                                          embedding=embedding)
             else:
@@ -186,7 +219,39 @@ def score_job(options: ScoreOptions, job: Job, bases: adapters.BaseModels, selec
             row = image_row(selection, i, name, "model", job.fold, pred, time.perf_counter() - tick,
                             prompt if boxes_from is None else options.prompt, n_prompts)
             rows.append(row | extra | {"seen_in_training": seen_mark(selection, job, i)})
-            volumes.add(name, i, pred)
+            volumes.add(name, i, pred, row["seconds"])
+            if i in keep:
+                visuals[i][name] = pred
+    return rows, visuals
+
+
+def mode_options(options: ScoreOptions, job: Job, mode: str, device: torch.device) -> segmenter.SegmentOptions:
+    """How ``job``'s model segments whole images in automatic ``mode`` (modes.segment_options)."""
+    return automatic_modes.segment_options(
+        mode, job.watershed, options.precision, options.batch_prompts, options.points_per_side,
+        options.pred_iou_thresh, options.stability_score_thresh,
+        options.batch_prompts or segmenter.default_chunk(device))
+
+
+def score_automatic(options: ScoreOptions, job: Job, sam: nn.Module, selection: Selection, keep: set[int],
+                    volumes: reports.VolumeScores) -> tuple[list[dict[str, Any]], dict[int, dict[str, np.ndarray]]]:
+    """One model on its images in each of its automatic modes (``job.modes``): a row per image and
+    mode (modes.mode_row_name), its ``seconds`` the wall time of segmenting the image in that mode,
+    the encoder included (no mode reuses another's embedding)."""
+    rows: list[dict[str, Any]] = []
+    visuals: dict[int, dict[str, np.ndarray]] = defaultdict(dict)
+    device = segmenter.sam_device(sam)
+    pipelines = {mode: automatic.build_segmenter(sam, mode_options(options, job, mode, device)) for mode in job.modes}
+    label = job.source.name + (f" fold {job.fold}" if job.fold is not None else "")
+    for i in tqdm(job.indices, desc=f"evaluate {label}", leave=False, disable=None):
+        image = selection.samples[i].image
+        for mode, pipeline in pipelines.items():
+            name = automatic_modes.mode_row_name(job.source.name, mode, options.modes)
+            tick = time.perf_counter()
+            pred = pipeline.segment(image).labels
+            row = image_row(selection, i, name, "model", job.fold, pred, time.perf_counter() - tick, mode)
+            rows.append(row | {"seen_in_training": seen_mark(selection, job, i)})
+            volumes.add(name, i, pred, row["seconds"])
             if i in keep:
                 visuals[i][name] = pred
     return rows, visuals
@@ -217,7 +282,7 @@ def score_baselines(selection: Selection, names: Sequence[str], volumes: reports
         row = image_row(selection, i, BASELINE_YOLO_BOX, "baseline", None, pred,
                         detect_seconds + time.perf_counter() - tick, "yolo", n_prompts=len(boxes))
         rows.append(row | detection_columns(detector, i, sample.labels) | {"seen_in_training": "no"})
-        volumes.add(BASELINE_YOLO_BOX, i, pred)
+        volumes.add(BASELINE_YOLO_BOX, i, pred, row["seconds"])
     for name in names:
         for i in selection.indices:
             tick, prompts = time.perf_counter(), selection.prompts[i]
@@ -225,7 +290,7 @@ def score_baselines(selection: Selection, names: Sequence[str], volumes: reports
                                 prompts.object_ids)
             row = image_row(selection, i, name, "baseline", None, pred, time.perf_counter() - tick, "box")
             rows.append(row | {"seen_in_training": "no"})
-            volumes.add(name, i, pred)
+            volumes.add(name, i, pred, row["seconds"])
     return rows
 
 
@@ -233,11 +298,18 @@ def score_baselines(selection: Selection, names: Sequence[str], volumes: reports
 # Outputs
 # --------------------------------------------------------------------------------------------
 def row_sets(prompt: str, sources: Sequence[runs.ModelSource], baselines: Sequence[str],
-             detector: Detector | None = None) -> dict[str, reports.RowSet]:
+             detector: Detector | None = None,
+             modes: Mapping[str, Sequence[str]] | None = None) -> dict[str, reports.RowSet]:
     """Every row name of an evaluation in table order: per model its own rows (and with a
-    detector its detector-prompted rows), then the baselines."""
+    detector its detector-prompted rows; in automatic modes one per mode it runs, ``modes``:
+    source name -> its modes, of the ``prompt``'s), then the baselines."""
     sets: dict[str, reports.RowSet] = {}
     for source in sources:
+        if modes is not None:
+            for mode in modes[source.name]:
+                name = automatic_modes.mode_row_name(source.name, mode, prompt.split(","))
+                sets[name] = reports.RowSet("model", source.spec, mode)
+            continue
         sets[source.name] = reports.RowSet("model", source.spec, "box" if detector is not None else prompt)
         if detector is not None:
             sets[yolo_row_name(source.name, len(sources))] = reports.RowSet(
@@ -259,10 +331,27 @@ def detection_summary(detector: Detector, selection: Selection) -> dict[str, Any
             "aggregate": "pooled: TP, FP, FN summed over the images, then the scores", **total.scores()}
 
 
+def automatic_record(options: ScoreOptions, jobs: Sequence[Job],
+                     device: torch.device) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]] | None]:
+    """The automatic mask generator's settings (mode amg; its filters resolved) and each ais / apg
+    model's watershed thresholds (by model, with ``fold k`` for a run's folds), for config.json."""
+    amg = watershed = None
+    for job in jobs:
+        if "amg" in job.modes and amg is None:
+            used = mode_options(options, job, "amg", device)
+            amg = {"points_per_side": used.points_per_side, "pred_iou_thresh": used.pred_iou_thresh,
+                   "stability_score_thresh": used.stability_score_thresh}
+        if any(m in automatic_modes.DECODER_MODES for m in job.modes):
+            name = job.source.name + (f" fold {job.fold}" if job.fold is not None else "")
+            watershed = (watershed or {}) | {name: asdict(job.watershed)}
+    return amg, watershed
+
+
 def make_config(options: ScoreOptions, sources: Sequence[runs.ModelSource], selection: Selection,
                 bases: adapters.BaseModels, data: Mapping[str, Any], run_dirs: Sequence[Path],
-                detector: Detector | None) -> reports.EvaluateConfig:
+                detector: Detector | None, jobs: Sequence[Job] = ()) -> reports.EvaluateConfig:
     """The record of this evaluation (config.json); ``data``: the data options, ``data_dir`` first."""
+    amg, watershed = automatic_record(options, jobs, bases.device)
     return reports.EvaluateConfig(
         data=runfiles.plain_record(data),
         split=selection.split, prompt=options.prompt, models={s.name: s.spec for s in sources},
@@ -271,10 +360,9 @@ def make_config(options: ScoreOptions, sources: Sequence[runs.ModelSource], sele
         random_weights=bases.random_weights, precision=options.precision, max_objects=options.max_objects,
         batch_prompts=options.batch_prompts, seed=options.seed, bootstrap=options.bootstrap,
         cv_run=str(run_dirs[0]) if run_dirs else None,
-        auto={"points_per_side": options.points_per_side, "pred_iou_thresh": options.pred_iou_thresh,
-              "stability_score_thresh": options.stability_score_thresh} if options.prompt == "auto" else None,
+        auto=amg, watershed=watershed,
         detector=detector.record() if detector is not None else None, plot=options.plot,
-        protocol=segmenter.PROTOCOLS[options.prompt],
+        protocol=automatic_modes.protocol(options.modes),
         compare=len(sources) > 1 or options.compare, link=asdict(options.link))
 
 
@@ -328,8 +416,9 @@ def score_all(options: ScoreOptions, plan: Plan, output_dir: Path, started: floa
     if not baselines:
         log.info("no box / ellipse baselines: they need box prompts (prompt='box')")
     rows += score_baselines(selection, baselines, volumes, detector)
-    config = make_config(options, plan.sources, selection, plan.bases, plan.data, plan.run_dirs, detector)
-    sets = row_sets(options.prompt, plan.sources, baselines, detector)
+    config = make_config(options, plan.sources, selection, plan.bases, plan.data, plan.run_dirs, detector, plan.jobs)
+    modes = {job.source.name: job.modes for job in plan.jobs} if options.automatic else None
+    sets = row_sets(options.prompt, plan.sources, baselines, detector, modes)
     reports.write_evaluation(output_dir, reports.Evaluation(
         config, rows, sets, selection.samples, selection.indices, bool(selection.fold_of), visuals,
         detection_summary(detector, selection) if detector else None, time.time() - started,

@@ -64,6 +64,8 @@ class TrainConfig(data.DataOptions):
     iou_loss_weight: float = 1.0
     decoder_chunk: int = 0
     sub_iterations: int = 0
+    instance_decoder: bool = False
+    instance_loss_weight: float = 1.0
     seed: int = 0
 
     @classmethod
@@ -114,6 +116,8 @@ class TrainConfig(data.DataOptions):
             (self.decoder_chunk >= 0, f"--decoder_chunk must be >= 0 (0 = by device), got {self.decoder_chunk}"),
             (self.sub_iterations >= 0, f"--sub_iterations must be >= 0 (0 = by device), got {self.sub_iterations}"),
             (self.iou_loss_weight >= 0, f"--iou_loss_weight must be >= 0, got {self.iou_loss_weight}"),
+            (self.instance_loss_weight > 0,
+             f"--instance_loss_weight must be positive, got {self.instance_loss_weight}"),
             (self.patience >= 1, f"--patience must be at least 1, got {self.patience}"),
             (self.lora_rank >= 0, f"--lora_rank must be >= 0 (0 = no LoRA), got {self.lora_rank}"),
             (self.lora_alpha > 0, f"--lora_alpha must be positive, got {self.lora_alpha}"),
@@ -216,6 +220,15 @@ def add_train_arguments(parser: argparse.ArgumentParser, searched: bool = False)
     opt.add_argument("--iou_loss_weight", type=float, default=defaults.iou_loss_weight,
                      help="weight of the IoU head's error (MSE to each mask's true IoU): the predicted IoU decides "
                           "overlaps in every command, so it is trained too (0 = off)")
+    ais = parser.add_argument_group("automatic instance segmentation (AIS)")
+    ais.add_argument("--instance_decoder", action="store_true",
+                     help="also train the AIS decoder on SAM's image embedding (foreground, centre and boundary "
+                          "distance maps, turned into objects by a seeded watershed), jointly with the LoRA "
+                          "adapters, as micro-sam's train_sam(with_segmentation_decoder=True); a model that "
+                          "already carries one (adapter, combined checkpoint) fine-tunes it; the watershed "
+                          "thresholds are then chosen on each fold's selection images and stored in best.pt")
+    ais.add_argument("--instance_loss_weight", type=float, default=defaults.instance_loss_weight,
+                     help="weight of the AIS decoder's Dice loss added to the prompted loss (--instance_decoder)")
     cv = parser.add_argument_group("validation")
     if not searched:
         cv.add_argument("--cross_validation", action="store_true",

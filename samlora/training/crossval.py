@@ -59,11 +59,13 @@ def inner_split(config: TrainConfig, samples: Sequence[Sample], train_idx: Seque
 def estimate(scored: Sequence[dict[str, Any]], samples: Sequence[Sample], grouping: folds_lib.Grouping,
              n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Mean, standard deviation and bootstrap 95 % interval of per-image Dice and IoU (rows with
-    the sample ``index``), resampling whole fold groups: the ``unit`` and ``n_groups`` recorded."""
+    the sample ``index``), and of the AIS mSA (``ais_msa``) when every row has one (``train
+    --instance_decoder``), resampling whole fold groups: the ``unit`` and ``n_groups`` recorded."""
     groups = [grouping.group(samples[r["index"]]) for r in scored]
+    keys = ("dice", "iou") + (("ais_msa",) if scored and all("ais_msa" in r for r in scored) else ())
     return {"n_images": len(scored), "unit": grouping.unit(), "n_groups": len(set(groups)),
             **{key: bootstrap.summarize([r[key] for r in scored], n_boot=n_boot, seed=seed, groups=groups)
-               for key in ("dice", "iou")}}
+               for key in keys}}
 
 
 def summarize(results: Sequence[dict[str, Any]], samples: Sequence[Sample], grouping: folds_lib.Grouping,
@@ -72,6 +74,8 @@ def summarize(results: Sequence[dict[str, Any]], samples: Sequence[Sample], grou
     scored = [r for result in results for r in result["scored"]]
     per_fold = [{"fold": r["fold"], "n_images": len(r["scored"]),
                  "dice": float(np.mean([s["dice"] for s in r["scored"]])) if r["scored"] else None,
+                 **({"ais_msa": float(np.mean([s["ais_msa"] for s in r["scored"]])) if r["scored"] else None,
+                     "watershed": r["watershed"]} if "watershed" in r else {}),
                  "best_epoch": r["best_epoch"], "selection": r["selection"]} for r in results]
     return {"folds": list(results),
             "cv_estimate": {**estimate(scored, samples, grouping, seed=seed), "per_fold": per_fold,
@@ -169,6 +173,10 @@ def log_summary(summary: dict[str, Any]) -> None:
         log.info("cross-validated Dice (checkpoints chosen on inner splits, scored on the outer folds): %.4f "
                  "+- %.4f, 95 %% CI [%.4f, %.4f] over %d images in %d groups (resampled whole: %s)", dice["mean"],
                  dice["std"], dice["ci_low"], dice["ci_high"], cv["n_images"], cv["n_groups"], cv["unit"])
+    if "ais_msa" in cv:
+        msa = cv["ais_msa"]
+        log.info("cross-validated AIS mSA (each fold's watershed thresholds): %.4f +- %.4f, 95 %% CI [%.4f, %.4f]",
+                 msa["mean"], msa["std"], msa["ci_low"], msa["ci_high"])
     if "test" in summary:
         log.info("final model on the fixed test split: Dice %.4f (%d images)", summary["test"]["dice"]["mean"],
                  summary["test"]["n_images"])

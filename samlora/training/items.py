@@ -27,6 +27,7 @@ from samlora.models import encoder_blocks
 from samlora.models import sam as sam_model
 from samlora.models.model_info import ModelInfo
 from samlora.training.config import TrainConfig
+from samlora.training.instance_targets import MICRO_SAM_MIN_SIZE, instance_targets
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ class Item:
     targets: torch.Tensor  # Nx1xhxw bool at the input resolution (h, w = input_size: no padding)
     labels: np.ndarray  # HxW instance labels (after augmentation)
     valid: torch.Tensor | None = None  # 1x1xhxw bool: False where ignored (ambiguous regions), None = all
+    # 3xHxW float32 AIS decoder targets at the original size (instance_targets.py); training
+    # items of a --instance_decoder run only
+    instance_targets: torch.Tensor | None = None
 
     def groups(self, chunk: int) -> list[tuple[slice, int]]:
         """The objects' rows in decoder calls: runs of one prompt kind (bits prompts.BOX /
@@ -144,8 +148,10 @@ class PromptDataset(torch.utils.data.Dataset):
                 point_labels=prompts.point_labels if prompts.use_points else None)
         key = content_key(image) if cfg.cached else ""  # only the cache needs it
         valid = None if ignore is None else input_targets(~ignore[None], prepared.input_size, keep_small=False)
+        maps = torch.from_numpy(instance_targets(labels, MICRO_SAM_MIN_SIZE)) \
+            if self.train and cfg.instance_decoder else None
         return Item(index, key, prepared.tensor, prepared.input_size, prepared.original_size, prompts, tensors,
-                    input_targets(prompts.masks, prepared.input_size), labels, valid)
+                    input_targets(prompts.masks, prepared.input_size), labels, valid, maps)
 
 
 def cached_augmentation(config: TrainConfig) -> str | None:

@@ -58,10 +58,13 @@ def fold_histories(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def write_metrics_csv(run_dir: Path) -> None:
-    """``metrics.csv``: one row per fold and epoch (rewritten whole, atomically)."""
-    columns = ["fold", "epoch", "train_loss", "train_dice", "val_dice", "val_iou", "val_pooled_dice", "lr",
+    """``metrics.csv``: one row per fold and epoch (rewritten whole, atomically); with the AIS
+    decoder (``--instance_decoder``) also its loss ``train_ais_loss`` and ``val_ais_msa``."""
+    rows = fold_histories(run_dir)
+    ais = [c for c in ("train_ais_loss", "val_ais_msa") if any(c in r for r in rows)]
+    columns = ["fold", "epoch", "train_loss", "train_dice", "val_dice", "val_iou", "val_pooled_dice", *ais, "lr",
                "skipped_steps", "seconds"]
-    runfiles.write_csv(run_dir / METRICS_FILE, fold_histories(run_dir), columns)
+    runfiles.write_csv(run_dir / METRICS_FILE, rows, columns)
 
 
 def fold_adapters(run_dir: Path, num_folds: int) -> list[Path]:

@@ -409,7 +409,7 @@ def result_rows(study: optuna.Study) -> list[dict[str, Any]]:
             row = trial.user_attrs.get(RESULT)
             if row is not None:
                 rows.setdefault(row["name"], row)
-    done = sorted((r for r in rows.values() if r["state"] == "complete"), key=lambda r: (-r["cv_dice"], r["name"]))
+    done = sorted((r for r in rows.values() if r["state"] == "complete"), key=lambda r: (-r.get("score", r["cv_dice"]), r["name"]))
     return done + sorted((r for r in rows.values() if r["state"] != "complete"), key=lambda r: r["name"])
 
 

@@ -9,10 +9,11 @@ interruption ends with the same result as an uninterrupted run. The run director
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,6 +30,7 @@ from samlora.metrics import scores as metrics
 from samlora.models import adapters, combined, encoder_blocks, lora
 from samlora.models import sam as sam_model
 from samlora.models.model_info import LoadedModel, ModelInfo
+from samlora.training import ais
 from samlora.training import rounds as iterative
 from samlora.training import runs
 from samlora.training.config import TrainConfig
@@ -56,6 +58,7 @@ class Context:
     world: int = 1
     scaler: torch.amp.GradScaler | None = None  # fp16: gradients scaled so that they do not flush to zero
     rounds: int = 1  # prompting rounds per step (--sub_iterations)
+    ais_losses: list[float] = field(default_factory=list)  # the AIS decoder's loss per step (ais.py)
 
 
 def embed(ctx: Context, items: Sequence[Item]) -> torch.Tensor:
@@ -103,6 +106,8 @@ def backward_step(ctx: Context, items: Sequence[Item]) -> tuple[float | None, fl
                                     clicks.select(rows) if clicks is not None else None)
         step.dices.append(step.image_dice / len(item.prompts))
         step.image_dice = 0.0
+    if step.finite and ais.training_decoder(ctx.sam) is not None:
+        step.instance(leaf, with_objects)
     if step.finite and leaf.grad is not None and embeddings.requires_grad:
         embeddings.backward(leaf.grad)
     return step.total, float(np.mean(step.dices)), step.finite
@@ -133,6 +138,17 @@ class _StepLoss:
         if self.finite:
             scaler = self.ctx.scaler
             (scaler.scale(loss) if scaler is not None else loss).backward()
+
+    def instance(self, leaf: torch.Tensor, items: Sequence[Item]) -> None:
+        """The AIS decoder's loss (ais.decoder_loss) on the step's shared Bx256xgxg embeddings
+        ``leaf`` times ``--instance_loss_weight``, back-propagated; kept in ``ctx.ais_losses``."""
+        ctx = self.ctx
+        with sam_model.autocast(ctx.device, ctx.config.precision):
+            loss = ais.decoder_loss(ctx.sam.instance_decoder, leaf, items, ctx.device) * ctx.config.instance_loss_weight
+        self.finite = bool(torch.isfinite(loss.detach()))
+        ctx.ais_losses.append(float(loss.detach()))
+        if self.finite:
+            (ctx.scaler.scale(loss) if ctx.scaler is not None else loss).backward()
 
 
 def loss_frame(config: TrainConfig, low_res: torch.Tensor, targets: torch.Tensor,
@@ -188,6 +204,9 @@ def set_train_mode(sam: nn.Module) -> None:
     sam.eval()
     for layer in lora.lora_layers(sam).values():
         layer.train()
+    decoder = ais.training_decoder(sam)
+    if decoder is not None:  # its BatchNorm statistics are saved with it (adapters.trained_state)
+        decoder.train()
 
 
 def train_one_epoch(ctx: Context, loader: torch.utils.data.DataLoader, epoch: int, fold: int,
@@ -196,6 +215,7 @@ def train_one_epoch(ctx: Context, loader: torch.utils.data.DataLoader, epoch: in
     a run that stops mid-epoch); returns mean loss, first-round Dice and the fp16 steps the
     gradient scaler skipped. A NaN loss on any process stops every process with one message."""
     set_train_mode(ctx.sam)
+    ctx.ais_losses.clear()
     params = [p for p in ctx.sam.parameters() if p.requires_grad]
     losses, dices, skipped = [], [], 0
     bar = tqdm(loader, desc=f"fold {fold} epoch {epoch}", leave=False, disable=ctx.rank != 0 or None)
@@ -220,8 +240,11 @@ def train_one_epoch(ctx: Context, loader: torch.utils.data.DataLoader, epoch: in
     if skipped:
         log.warning("fold %s epoch %d: the fp16 gradient scaler skipped %d step(s) with inf/NaN gradients",
                     fold, epoch, skipped)
-    return {"train_loss": float(np.mean(losses)) if losses else 0.0,
-            "train_dice": float(np.mean(dices)) if dices else 0.0, "skipped_steps": skipped}
+    out = {"train_loss": float(np.mean(losses)) if losses else 0.0,
+           "train_dice": float(np.mean(dices)) if dices else 0.0, "skipped_steps": skipped}
+    if ctx.ais_losses:  # the prompted loss stays train_loss: comparable with runs without the decoder
+        out["train_ais_loss"] = float(np.mean(ctx.ais_losses))
+    return out
 
 
 def all_finite(finite: bool, world: int) -> bool:
@@ -343,6 +366,7 @@ def build_trainable_model(config: TrainConfig, checkpoint: Path | None, device: 
         lora.inject_lora(sam, config.lora_rank, config.lora_alpha, targets, config.lora_dropout,
                          config.lora_block_indices if config.encoder_trained else None)
     lora.mark_only_lora_as_trainable(sam, train_decoder=config.train_decoder)
+    ais.ensure_decoder(sam, config.instance_decoder)  # after the freeze: its parameters train
     return LoadedModel(sam.to(device), info)
 
 
@@ -423,18 +447,35 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], plan: FoldPlan, sha
                  "embedding" if cache.block is None else f"block {cache.block} input", cache.hits, cache.misses)
     Distributed(shared.rank, shared.world).barrier()  # rank 0 writes best.pt; every process reads it back
     sam.load_state_dict(adapters.read_adapter(plan.directory / "best.pt")[1], strict=False)  # the chosen epoch
-    scored = validation_rows(ctx, fold_loader(ctx, samples, plan, plan.score_idx, shared.num_workers)) \
-        if plan.score_idx else []
+    score = fold_loader(ctx, samples, plan, plan.score_idx, shared.num_workers) if plan.score_idx else None
+    scored = validation_rows(ctx, score) if score is not None else []
+    instance = instance_results(ctx, plan, select, score, scored) if ais.training_decoder(sam) is not None else {}
     result = {"fold": plan.fold, "best_epoch": state.best_epoch, "epochs_run": state.epoch + 1,
               "selection": "inner validation split" if plan.select_idx else "last epoch (no inner split)",
               "selection_dice": state.best_dice if plan.select_idx else None,
               "adapter": str(plan.directory / "best.pt"), "train_size": len(plan.train_idx),
               "selection_size": len(plan.select_idx), "scored_size": len(scored),
-              "scored": [{"index": r["index"], "key": samples[r["index"]].key, "dice": r["dice"], "iou": r["iou"]}
-                         for r in scored]}
+              "scored": [{"index": r["index"], "key": samples[r["index"]].key, "dice": r["dice"], "iou": r["iou"],
+                          **({"ais_msa": r["ais_msa"]} if "ais_msa" in r else {})} for r in scored], **instance}
     if shared.rank == 0:
         runfiles.write_json(plan.directory / "done.json", result)
     return result
+
+
+def instance_results(ctx: Context, plan: FoldPlan, select: torch.utils.data.DataLoader | None,
+                     score: torch.utils.data.DataLoader | None, scored: list[dict[str, Any]]) -> dict[str, Any]:
+    """After a fold with the AIS decoder: the watershed thresholds chosen on the selection
+    images (ais.choose_watershed; the defaults without a selection split), stored in ``best.pt``
+    (by rank 0); each scored row gets its image's AIS mSA under them (``ais_msa``). Returns the
+    result's ``watershed`` and ``selection_ais_msa``."""
+    options, chosen = ais.choose_watershed(ctx, select, embed) if select is not None else (ais.WatershedOptions(), None)
+    if ctx.rank == 0:
+        ais.store_watershed(plan.directory / "best.pt", ctx.sam, options, chosen)
+    if score is not None:
+        msa = {r["index"]: r["msa"][0] for r in ais.msa_rows(ctx, score, embed, [options])}
+        for row in scored:
+            row["ais_msa"] = msa[row["index"]]
+    return {"watershed": dataclasses.asdict(options), "selection_ais_msa": chosen}
 
 
 def fold_loader(ctx: Context, samples: Sequence[Sample], plan: FoldPlan, indices: Sequence[int],
@@ -457,6 +498,8 @@ def run_epoch(ctx: Context, plan: FoldPlan, train_set: PromptDataset, select: to
     row = train_one_epoch(ctx, make_loader(train_set, config.batch_size, shuffle, num_workers, ctx.rank, ctx.world),
                           epoch, plan.fold, limit=limit)
     row.update(validate(ctx, select) if select is not None else {})
+    if select is not None and ais.training_decoder(ctx.sam) is not None:
+        row["val_ais_msa"] = ais.mean_msa(ctx, select, embed)
     row.update(fold=plan.label, epoch=epoch, lr=ctx.scheduler.get_last_lr()[0],
                seconds=round(time.perf_counter() - start, 2))
     return row

@@ -37,6 +37,7 @@ from samlora.training.config import TrainConfig
 from samlora.training.fold_plan import Distributed, FoldPlan, FoldResources, FoldState, StepPlan
 from samlora.training.items import EmbeddingCache, Item, PromptDataset, make_cache, make_loader
 from samlora.training.losses import decoder_targets, hard_dice, object_losses
+from samlora.training.optim import POSITION_TABLES, is_norm_layer, make_schedule, param_groups  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -277,32 +278,6 @@ def optimizer_step(ctx: Context, params: Sequence[nn.Parameter]) -> int:
     return int(scaler.get_scale() < before)
 
 
-# Learned position tables held as bare parameters (SAM ViT's absolute and relative position
-# embeddings, TinyViT's attention biases): embeddings by kind, though not nn.Embedding modules.
-POSITION_TABLES = ("pos_embed", "rel_pos_h", "rel_pos_w", "attention_biases")
-
-
-def is_norm_layer(module: nn.Module) -> bool:
-    """Whether ``module`` is a normalisation layer (torch's, or SAM's / TinyViT's LayerNorm2d)."""
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)) or \
-        type(module).__name__.endswith(("Norm", "Norm2d"))
-
-
-def param_groups(sam: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """The trainable parameters in two AdamW groups: weight decay on weight matrices (LoRA
-    factors, linear and convolution weights, the decoder's attention included), none by kind on
-    biases and other vectors, norm layers and embeddings (``nn.Embedding`` such as SAM's tokens,
-    and the position tables), whatever their names say."""
-    decay, plain = [], []
-    for module in sam.modules():
-        for leaf, p in module.named_parameters(recurse=False):
-            if p.requires_grad:
-                exempt = p.ndim < 2 or isinstance(module, nn.Embedding) or is_norm_layer(module) or \
-                    leaf in POSITION_TABLES
-                (plain if exempt else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
-
-
 @torch.no_grad()
 def validation_rows(ctx: Context, loader: torch.utils.data.DataLoader) -> list[dict[str, Any]]:
     """Per-image semantic scores (with the sample ``index``) at the original image size.
@@ -389,19 +364,6 @@ def epoch_steps(n_items: int, batch_size: int, world: int = 1) -> int:
     """Optimiser steps (batches) in an epoch over ``n_items`` training items, each of ``world``
     processes taking ceil(n / world) of them (make_loader pads the order to that)."""
     return math.ceil(math.ceil(n_items / world) / batch_size)
-
-
-def make_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to 0 over ``total_steps``."""
-    warmup = int(total_steps * warmup_fraction)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def seed_everything(seed: int, fold: int, epoch: int, rank: int = 0) -> None:

@@ -160,8 +160,9 @@ def ours(path: Path, out: Path, image_path: Path) -> dict:
     return {"wrote": str(out), "image": str(image_path), "maps_shape": list(maps.shape)}
 
 
-def theirs(path: Path, ours_path: Path, microsam_file: Path) -> dict:
-    """micro-sam's loaders on our exported file; its decoder's maps against ours."""
+def theirs(path: Path, ours_path: Path, microsam_file: Path, maps_tif: Path | None = None) -> dict:
+    """micro-sam's loaders on our exported file; its decoder's maps against ours (and against the
+    ``<stem>_maps.tif`` our ``detect predict --write_maps`` wrote for the same image, ``maps_tif``)."""
     import warnings
 
     warnings.simplefilter("ignore")
@@ -179,7 +180,15 @@ def theirs(path: Path, ours_path: Path, microsam_file: Path) -> dict:
     sam = get_sam_model("vit_t", checkpoint_path=str(path), device="cpu", return_sam=True)[1]
     state = sam.state_dict()
     export_custom_sam_model(str(path), "vit_t", str(microsam_file), with_segmentation_decoder=True)
-    return {
+    written = {}
+    if maps_tif is not None:
+        import tifffile
+
+        detect_maps = torch.from_numpy(tifffile.imread(maps_tif)).float()
+        written = {"write_maps_file": str(maps_tif), "write_maps_shape": list(detect_maps.shape),
+                   "max_abs_diff_maps_their_embedding_vs_write_maps":
+                       float((maps_on_theirs[0] - detect_maps).abs().max())}
+    return written | {
         "get_predictor_and_decoder_loaded": True,
         "maps_shape": list(maps_on_ours.shape),
         "max_abs_diff_maps_our_embedding": float((maps_on_ours - saved["maps"]).abs().max()),
@@ -221,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="theirs: where micro-sam's export_custom_sam_model writes the file")
     parser.add_argument("--original_size", type=int, nargs=2, default=(600, 800),
                         help="H W of the pretend image the maps are resized to")
+    parser.add_argument("--maps_tif", type=Path, default=None,
+                        help="theirs: also compare with this <stem>_maps.tif of `detect predict --write_maps`")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and embedding")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -228,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = {"export": lambda: export(args.path, tuple(args.original_size), args.seed),
              "check": lambda: check(args.path), "base": lambda: base(args.path, args.seed),
              "ours": lambda: ours(args.path, args.ours_path, args.image),
-             "theirs": lambda: theirs(args.path, args.ours_path, args.microsam_file),
+             "theirs": lambda: theirs(args.path, args.ours_path, args.microsam_file, args.maps_tif),
              "read": lambda: read(args.path, args.ours_path)}
     if args.step in ("ours", "theirs", "read") and args.ours_path is None:
         parser.error(f"{args.step} needs the ours_path argument")

@@ -206,9 +206,9 @@ def test_pruning_stops_configurations_below_the_median(em4: Path, tmp_path: Path
             "--prune_startup", "1"]
     assert main(argv) == 0
     assert len(calls) == 2 + 3  # both folds of the first, fold 0 of the three others
-    rows = [line.split(",") for line in (out / "results.csv").read_text().splitlines()]
-    assert [r[-1] for r in rows[1:]] == ["complete", "pruned", "pruned", "pruned"]
-    assert [r[10] for r in rows[1:]] == ["2", "1", "1", "1"]  # folds trained
+    rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
+    assert [r["state"] for r in rows] == ["complete", "pruned", "pruned", "pruned"]
+    assert [r["folds"] for r in rows] == ["2", "1", "1", "1"]  # folds trained
     assert json.loads((out / "best_config.json").read_text())["name"] == calls[0]
     assert not (out / "importance.png").exists()  # one finished configuration says nothing about importance
     monkeypatch.setattr(trainer, "run_fold", lambda *a, **k: pytest.fail("re-trained finished work"))

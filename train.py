@@ -54,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     checkpoints.resolve_checkpoint(config.model_type, config.checkpoint)  # missing weights: fail early
     if args.export_merged is not None and args.export_merged.exists():
         raise UserError(f"--export_merged {args.export_merged} exists: choose a new path (nothing was overwritten)")
+    plain = checkpoints.plain_sam_path(args.export_merged) if args.export_merged is not None else None
+    if plain is not None and config.instance_decoder and plain.exists():
+        raise UserError(f"--export_merged {args.export_merged}: {plain}, where the plain SAM state dict goes beside "
+                        "the combined file, exists: choose a new path (nothing was overwritten)")
     samples = data.load_from_options(args)
     folds = crossval.plan_folds(config, samples, args.resume)  # impossible folds: refused before any write
     check_cache_budget([config], len(samples), args.cache_memory_gb, args.embedding_cache)

@@ -99,6 +99,14 @@ def test_cli_exit_2_for_other_backbone(main, tmp_path: Path, em6: Path) -> None:
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.pt"))
 
 
+def test_train_refuses_an_existing_plain_file_before_training(main, tmp_path: Path, em6: Path) -> None:
+    """train --instance_decoder --export_merged PATH: an existing <stem>_sam.pt is refused before any work."""
+    (tmp_path / "model_sam.pt").write_bytes(b"mine")
+    assert main(["train", "--data_dir", str(em6), "--output_dir", str(tmp_path / "run"), *TINY_TRAIN,
+                 "--instance_decoder", "--export_merged", str(tmp_path / "model.pt")]) == 2
+    assert (tmp_path / "model_sam.pt").read_bytes() == b"mine" and not (tmp_path / "run").exists()
+
+
 def test_export_merged_refuses_an_existing_plain_file(tmp_path: Path) -> None:
     from samlora.training import crossval
 

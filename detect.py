@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import dataclasses
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,6 +39,7 @@ from samlora.core.errors import UserError
 from samlora.data import dataset as data
 from samlora.data import folds as folds_lib
 from samlora.data import images, volume_io
+from samlora.evaluation import modes
 from samlora.inference import automatic, cluster
 from samlora.inference import sections as stacks
 from samlora.inference import segmenter as inference
@@ -250,16 +252,13 @@ def watershed_options(args: argparse.Namespace, adapter: dict[str, Any] | None) 
     """The seeded watershed's thresholds (AIS; APG's seeds): the ``--model_path`` adapter's
     ``watershed`` (chosen on validation data after training), else micro-sam's defaults; each
     flag given overrides its field."""
-    chosen = (adapter or {}).get("watershed") or {}
+    recorded = modes.watershed_of(adapter or {}, args.model_path)  # a damaged record: one line
     known = {f.name for f in fields(WatershedOptions)}
-    if not isinstance(chosen, dict) or set(chosen) - known:
-        raise UserError(f"{args.model_path}: its config's 'watershed' is not a dict of {', '.join(sorted(known))}; "
-                        "retrain, or give every watershed flag")
-    values = {**chosen, **{name: getattr(args, name) for name in known if getattr(args, name) is not None}}
+    given = {name: getattr(args, name) for name in known if getattr(args, name) is not None}
     try:
-        return WatershedOptions(**values)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"--{exc}" if any(str(exc).startswith(n) for n in known) else f"watershed options: {exc}") from None
+        return dataclasses.replace(recorded, **given)
+    except ValueError as exc:
+        raise UserError(f"--{exc}") from None
 
 
 def check_decoder(args: argparse.Namespace, adapter_state: dict[str, Any] | None, bases: adapters.BaseModels) -> None:

@@ -50,12 +50,10 @@ import torch
 log = logging.getLogger("bench_microsam_decoder")
 
 
-def export(path: Path, original_size: tuple[int, int], seed: int) -> dict:
-    """Our decoder, an embedding and our maps -> ``path`` (torch.save)."""
+def random_decoder():
+    """A random AIS decoder of micro-sam's widths with random BatchNorm statistics too (seed first)."""
     from samlora.models import instance_decoder
-    from samlora.models import sam as model
 
-    torch.manual_seed(seed)
     decoder = instance_decoder.InstanceDecoder()
     with torch.no_grad():
         for name, buffer in decoder.named_buffers():
@@ -63,6 +61,15 @@ def export(path: Path, original_size: tuple[int, int], seed: int) -> dict:
                 buffer.normal_(0.0, 0.1)
             elif name.endswith("running_var"):
                 buffer.uniform_(0.5, 1.5)
+    return decoder
+
+
+def export(path: Path, original_size: tuple[int, int], seed: int) -> dict:
+    """Our decoder, an embedding and our maps -> ``path`` (torch.save)."""
+    from samlora.models import sam as model
+
+    torch.manual_seed(seed)
+    decoder = random_decoder()
     decoder.eval()
     embedding = torch.randn(1, 256, 64, 64)
     input_size = model.preprocess_shape(original_size, 1024)
@@ -123,18 +130,12 @@ def _read_rgb(path: Path):
 
 def base(path: Path, seed: int) -> dict:
     """A random MobileSAM and a random decoder (random BatchNorm statistics too) -> combined ``path``."""
-    from samlora.models import checkpoints, instance_decoder
+    from samlora.models import checkpoints
     from samlora.models import sam as model
 
     torch.manual_seed(seed)
     sam = model.build_model("vit_t", None, 1024).sam
-    decoder = instance_decoder.InstanceDecoder()
-    with torch.no_grad():
-        for name, buffer in decoder.named_buffers():
-            if name.endswith("running_mean"):
-                buffer.normal_(0.0, 0.1)
-            elif name.endswith("running_var"):
-                buffer.uniform_(0.5, 1.5)
+    decoder = random_decoder()
     torch.save(checkpoints.combined_state(sam.state_dict(), decoder.state_dict()), path)
     return {"wrote": str(path)}
 

@@ -35,7 +35,7 @@ from samlora.data.readers import detect_format
 from samlora.data.sample import Sample
 from samlora.inference import segmenter
 from samlora.metrics import scores as metrics
-from samlora.models import adapters
+from samlora.models import adapters, model_options
 from samlora.models import sam as sam_model
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "python main.py demo (needs weights/, see `python main.py download`), or "
                     "python main.py demo --checkpoint none (random weights, no download).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sam_model.add_model_arguments(parser, from_adapter=True)
+    model_options.add_model_arguments(parser, from_adapter=True)
     group = parser.add_argument_group("demo")
     group.add_argument("--model_path", type=Path, default=None,
                        help="a LoRA adapter written by train (RUN/fold_0/best.pt): adds a 'fine-tuned' panel")

@@ -49,17 +49,17 @@ from samlora.inference.propagation import PropagationOptions
 from samlora.inference.instance_watershed import WatershedOptions
 from samlora.inference.segmenter import MODES, SegmentOptions
 from samlora.inference.yolo import (
-    BoxCounts,
     DetectorOptions,
     build_yolo,
     export_yolo_dataset,
     load_detector,
     load_yolo,
     parse_yolo_args,
+    report_validation,
     validate_detector,
     yolo_device,
 )
-from samlora.models import adapters, instance_decoder
+from samlora.models import adapters, model_options
 from samlora.models import sam as sam_model
 
 log = logging.getLogger(__name__)
@@ -114,21 +114,6 @@ def train_detector(yolo: Any, data_yaml: Path, args: argparse.Namespace, device:
     return weights if weights.is_file() else Path(yolo.trainer.last)
 
 
-def report_validation(counts: dict[float, BoxCounts], conf: float, images: int, weights: Path,
-                      path: Path) -> None:
-    """Log the precision / recall table and write it to ``path`` (JSON)."""
-    report = {"weights": str(weights), "iou_threshold": 0.5, "conf": conf, "validation_samples": images,
-              **counts[conf].scores(), "by_conf": {str(c): n.scores() for c, n in counts.items()}}
-    runfiles.write_json(path, report)
-    log.info("detector: %s", weights)
-    log.info("validation boxes at IoU 0.5 (matched when IoU > 0.5), %d images:", images)
-    log.info("   conf  precision  recall     f1     tp     fp     fn")
-    for c, n in counts.items():
-        s = n.scores()
-        log.info("%7.3f  %9.3f  %6.3f  %5.3f  %5d  %5d  %5d%s", c, s["precision"], s["recall"], s["f1"],
-                 s["tp"], s["fp"], s["fn"], "  <- --conf" if c == conf else "")
-
-
 def run_train(args: argparse.Namespace) -> int:
     """Export the YOLO dataset, train the detector offline, report validation box P/R."""
     if args.epochs < 1 or args.batch_size < 1 or args.imgsz < 32:
@@ -161,31 +146,6 @@ def run_train(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # detect predict
 # --------------------------------------------------------------------------------------------
-def find_inputs(path: Path) -> list[Path]:
-    """``--input``: one image, stack file or Zarr volume, or the image / stack files of a folder (sorted)."""
-    if not path.exists():
-        raise UserError(f"--input {path} does not exist")
-    if volume_io.is_zarr(path):
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir()
-                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in images.IMAGE_EXTS)
-        if not files:
-            raise UserError(f"folder {path} holds no images ({', '.join(images.IMAGE_EXTS)})")
-    elif path.suffix.lower() in images.IMAGE_EXTS:
-        files = [path]
-    else:
-        raise UserError(f"--input {path} is neither an image ({', '.join(images.IMAGE_EXTS)}), a folder of "
-                        "images nor a TIFF stack")
-    stems: dict[str, Path] = {}
-    for f in files:
-        if f.stem in stems:
-            raise UserError(f"{stems[f.stem].name} and {f.name} would write the same outputs; "
-                            "rename one or segment them separately")
-        stems[f.stem] = f
-    return files
-
-
 SCALE_TOLERANCE = 1.5  # a tile or YOLO input size this far from the training scale gets a warning
 
 
@@ -266,7 +226,7 @@ def check_decoder(args: argparse.Namespace, adapter_state: dict[str, Any] | None
     adapter nor the base model (a combined ``--checkpoint``) holds an instance decoder."""
     if args.mode not in ("ais", "apg") or (adapter_state is not None and adapters.has_decoder(adapter_state)):
         return
-    if instance_decoder.attached(bases.get(args.seed)) is None:
+    if not bases.carries_decoder():  # no model built here: the segmenter builds it once
         source = f"--model_path {args.model_path} holds no instance decoder" if args.model_path else \
             "no --model_path given and --checkpoint holds no decoder_state"
         raise UserError(f"--mode {args.mode}: {source}; {automatic.NO_DECODER.split(': ', 1)[1]}")
@@ -276,7 +236,7 @@ def check_inputs(args: argparse.Namespace) -> list[tuple[Path, tuple[int, int, i
     """``(file, volume shape or None)`` of every input, each readable (a volume's header read;
     its intensity scale is computed once, when it is segmented) before anything is written."""
     checked = []
-    for path in find_inputs(args.input):
+    for path in volume_io.find_inputs(args.input):
         shape = volume_io.volume_shape(path) if volume_io.is_zarr(path) or images.check_planes(path) else None
         checked.append((path, shape))
     return checked
@@ -440,7 +400,7 @@ def _add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
                     help="mask encoding in coco.json: compressed RLE (exact) or polygons")
     io.add_argument("--no_overlay", action="store_true", help="skip the overlay PNGs")
     io.add_argument("--min_area", type=int, default=10, help="drop objects with fewer pixels")
-    sam_model.add_model_arguments(parser, from_adapter=True)
+    model_options.add_model_arguments(parser, from_adapter=True)
     adapter = parser.add_argument_group("LoRA adapter")
     adapter.add_argument("--model_path", type=Path, default=None, help="LoRA adapter from `train` (omit for the base model)")
     adapter.add_argument("--seed", type=int, default=0,

@@ -47,7 +47,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping
 
-from samlora.core import runfiles
+from samlora.core import logfiles, runfiles
 from samlora.core.errors import UserError, as_flags
 from samlora.data import dataset as data
 from samlora.data import folds as folds_lib
@@ -63,7 +63,7 @@ from samlora.evaluation.scoring import (
 )
 from samlora.inference.linking import LinkOptions, add_link_arguments
 from samlora.inference.yolo import DetectorOptions, load_detector
-from samlora.models import adapters
+from samlora.models import adapters, model_options
 from samlora.models import sam as sam_model
 from samlora.training import runs
 
@@ -88,7 +88,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = ScoreOptions()
     data.add_data_arguments(parser, required=False, data_dir_help="; default with --cv_run: the run's")
-    sam_model.add_model_arguments(parser, from_adapter=True)
+    model_options.add_model_arguments(parser, from_adapter=True)
     ev = parser.add_argument_group("evaluation")
     ev.add_argument("--model_path", type=Path, default=None,
                     help="a LoRA adapter from train (fold_k/best.pt), reported as 'finetuned'; "
@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     lines of those checks are replayed into the log file.
     """
     started = time.time()
-    with runfiles.LogBuffer() as buffer, as_flags():
+    with logfiles.LogBuffer() as buffer, as_flags():
         options = score_options(args)
         check_detector_flags(args)
         sources, run_dirs, run_config = plan(args)

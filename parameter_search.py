@@ -282,7 +282,8 @@ def configuration(base: TrainConfig, rank: int, alpha: float, lr: float, blocks:
 
 
 def objective(trial: optuna.Trial, search: Search) -> float:
-    """Train the trial's configuration (or read its finished summary): its cross-validated Dice.
+    """Train the trial's configuration (or read its finished summary): its cross-validated score
+    of --objective (``search.key``).
     The results row is kept in the trial, so that any worker can write results.csv."""
     config = configuration(search.base, *search.space.suggest(trial))
     name = Path(config.output_dir).name
@@ -307,7 +308,8 @@ def objective(trial: optuna.Trial, search: Search) -> float:
 
 def nested_scores(config: TrainConfig, search: Search) -> list[float | None]:
     """``--nested``: the configuration cross-validated inside each outer fold's training part
-    (finished ones read), its inner cross-validated Dice per outer fold (None: nothing scored)."""
+    (finished ones read), its inner cross-validated ``search.key`` score per outer fold (None:
+    nothing scored)."""
     scores = []
     for k, inner in enumerate(search.inner_folds or []):
         run = dataclasses.replace(config, output_dir=str(search_estimate.nested_dir(config, k)), final_fit=False)
@@ -324,25 +326,26 @@ def nested_scores(config: TrainConfig, search: Search) -> list[float | None]:
 
 
 def pruning(trial: optuna.Trial, config: TrainConfig, key: str = "dice") -> Callable[[int, dict[str, Any]], None]:
-    """``after_fold`` for crossval.run_training: report the fold's Dice (``key``: the per-image
-    score of --objective; Optuna step = fold) and
+    """``after_fold`` for crossval.run_training: report the fold's ``key`` score (the per-image
+    score of --objective: Dice or AIS mSA; Optuna step = fold) and
     stop the configuration when the pruner says so (its row says ``pruned``; without --prune,
     Optuna's NopPruner never does). A trial the study gave up (late heartbeats) reports nothing
     more: its run goes on to the end, which its retry reads."""
     def after_fold(fold: int, result: dict[str, Any]) -> None:
         if not result["scored"]:
             return
-        dice = float(np.mean([r[key] for r in result["scored"]]))
+        score = float(np.mean([r[key] for r in result["scored"]]))
         try:
-            trial.report(dice, fold)
+            trial.report(score, fold)
         except optuna.exceptions.UpdateFinishedTrialError:  # given up by the study: finished for its retry
             return
         if trial.should_prune():
             row = {**config_columns(config), "folds": fold + 1, "state": "pruned"}
             trial.set_user_attr(studies.RESULT, row)
-            log.info("%s: pruned after fold %d (Dice %.4f, below the median of the finished configurations)",
-                     row["name"], fold, dice)
-            raise optuna.TrialPruned(f"fold {fold}: Dice {dice:.4f} below the median")
+            label = search_estimate.LABELS[key]
+            log.info("%s: pruned after fold %d (%s %.4f, below the median of the finished configurations)",
+                     row["name"], fold, label, score)
+            raise optuna.TrialPruned(f"fold {fold}: {label} {score:.4f} below the median")
     return after_fold
 
 
@@ -393,9 +396,9 @@ def write_outputs(out: runfiles.OutputDir, search: Search, study: optuna.Study, 
         return
     with out.lock():  # a final fit for the test split is trained once, whichever workers finish together
         estimate = winner_estimate(rows, search)
-    write_results(root, base, rows, estimate)
+    write_results(root, base, rows, estimate, search.key)
     figures.save_search_history(root / "history.png", studies.history(study), "parameter search: cross-validated "
-                                "Dice per trial", random_weights)
+                                f"{search_estimate.LABELS[search.key]} per trial", random_weights)
     importance = studies.importances(study, base.seed)
     if importance is None:
         log.info("importance.png: needs at least two finished configurations that differ")
@@ -414,7 +417,7 @@ def winner_estimate(rows: Sequence[dict[str, Any]], search: Search) -> dict[str,
     if search.inner_folds is not None:
         return search_estimate.nested(rows, len(search.folds), lambda run: runfiles.read_json(
             Path(run) / runs.SUMMARY_FILE, "a finished training run"), search.samples,
-                                      folds_lib.grouping_of(search.base), seed=search.base.seed)
+                                      folds_lib.grouping_of(search.base), seed=search.base.seed, key=search.key)
     return search_estimate.none("the data has no fixed test split and the search ran without --nested")
 
 
@@ -434,8 +437,10 @@ def final_fit_summary(best: dict[str, Any], search: Search) -> dict[str, Any]:
                                      cache_memory_gb=search.cache_memory_gb, embeddings=search.embeddings)
 
 
-def write_results(root: Path, base: TrainConfig, results: list[dict[str, Any]], estimate: dict[str, Any]) -> None:
-    """results.csv (rows in the order given: best first) and best_config.json; logs the ranking."""
+def write_results(root: Path, base: TrainConfig, results: list[dict[str, Any]], estimate: dict[str, Any],
+                  key: str = "dice") -> None:
+    """results.csv (rows in the order given: best first) and best_config.json; logs the ranking by
+    the cross-validated ``key`` score (the --objective's)."""
     runfiles.write_csv(root / "results.csv", [{"ranked_by": search_estimate.SELECTION, **r} for r in results], COLUMNS)
     best = results[0]
     runfiles.write_json(root / "best_config.json", {
@@ -443,12 +448,13 @@ def write_results(root: Path, base: TrainConfig, results: list[dict[str, Any]], 
         "config": {**base.to_json(), "lora_rank": best["lora_rank"], "lora_alpha": best["lora_alpha"],
                    "learning_rate": best["learning_rate"], "lora_blocks": best["lora_blocks"],
                    "output_dir": str(root / best["name"])}})
-    log.info("parameter search: %d configurations; best %s with cross-validated Dice %.4f +- %.4f (its selection "
-             "score)", len(results), best["name"], best["cv_dice"], best["cv_dice_std"])
+    label, column = search_estimate.LABELS[key], f"cv_{key}"
+    log.info("parameter search: %d configurations; best %s with cross-validated %s %.4f +- %.4f (its selection "
+             "score)", len(results), best["name"], label, best[column], best[f"{column}_std"])
     for r in results:
         if r["state"] == "complete":
-            log.info("  %-28s Dice %.4f +- %.4f [%.4f, %.4f]", r["name"], r["cv_dice"], r["cv_dice_std"],
-                     r["cv_dice_ci_low"], r["cv_dice_ci_high"])
+            log.info("  %-28s %s %.4f +- %.4f [%.4f, %.4f]", r["name"], label, r[column], r[f"{column}_std"],
+                     r[f"{column}_ci_low"], r[f"{column}_ci_high"])
         else:
             log.info("  %-28s pruned after %d fold(s)", r["name"], r["folds"])
-    search_estimate.log_estimate(best["name"], estimate)
+    search_estimate.log_estimate(best["name"], estimate, key)

@@ -11,7 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from samlora.core import runfiles
+from samlora.core import logfiles
 from samlora.core.errors import UserError
 from samlora.data import dataset as data
 from samlora.models import checkpoints
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if args.export_merged is not None and args.export_merged.exists():
         raise UserError(f"--export_merged {args.export_merged} exists: choose a new path (nothing was overwritten)")
     plain = checkpoints.plain_sam_path(args.export_merged) if args.export_merged is not None else None
-    if plain is not None and config.instance_decoder and plain.exists():
+    if plain is not None and plain.exists():  # refused by crossval.export_merged too, after training
         raise UserError(f"--export_merged {args.export_merged}: {plain}, where the plain SAM state dict goes beside "
                         "the combined file, exists: choose a new path (nothing was overwritten)")
     samples = data.load_from_options(args)
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     processes.barrier()
     log_file = Path(config.output_dir) / runs.LOG_FILE
-    with out.active(runs.LOG_FILE) if out is not None else runfiles.log_to_file(log_file):
+    with out.active(runs.LOG_FILE) if out is not None else logfiles.log_to_file(log_file):
         summary = crossval.run_training(config, samples, device, args.num_workers, folds, args.embedding_cache,
                                         args.cache_memory_gb)
         if args.export_merged is not None and processes.rank == 0:

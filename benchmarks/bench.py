@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_loss_resolution(models[0], samples, reps, report, 512 if args.quick else 1024)
     if args.only in ("all", "ais"):
         bench_ais.bench_ais(samples[:1] if args.quick else samples, reps, report,
-                            *((256, 8) if args.quick else (1024, 32)))
+                            *((256, 8) if args.quick else (1024, 32)), larger=() if args.quick else ("vit_b",))
     if args.only == "all":
         bench_rest(models, samples, reps, args.quick, report)
     if args.json:

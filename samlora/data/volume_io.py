@@ -18,7 +18,7 @@ import numpy as np
 import tifffile
 
 from samlora.core.errors import UserError
-from samlora.data.images import TIFF_EXTS, corrupt_file_error, intensity_limits, plane_layout, to_rgb
+from samlora.data.images import IMAGE_EXTS, TIFF_EXTS, corrupt_file_error, intensity_limits, plane_layout, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -263,3 +263,28 @@ def _seed_sections(seeds: Volume, shape: tuple[int, int, int], section: int | No
     if not found:
         raise UserError(f"--seed_labels {path} holds no object (all zeros)")
     return found
+
+
+def find_inputs(path: Path) -> list[Path]:
+    """``--input``: one image, stack file or Zarr volume, or the image / stack files of a folder (sorted)."""
+    if not path.exists():
+        raise UserError(f"--input {path} does not exist")
+    if is_zarr(path):
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir()
+                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS)
+        if not files:
+            raise UserError(f"folder {path} holds no images ({', '.join(IMAGE_EXTS)})")
+    elif path.suffix.lower() in IMAGE_EXTS:
+        files = [path]
+    else:
+        raise UserError(f"--input {path} is neither an image ({', '.join(IMAGE_EXTS)}), a folder of "
+                        "images nor a TIFF stack")
+    stems: dict[str, Path] = {}
+    for f in files:
+        if f.stem in stems:
+            raise UserError(f"{stems[f.stem].name} and {f.name} would write the same outputs; "
+                            "rename one or segment them separately")
+        stems[f.stem] = f
+    return files

@@ -34,7 +34,7 @@ from samlora.inference import automatic, segmenter
 from samlora.inference.instance_watershed import WatershedOptions
 from samlora.inference.linking import LinkOptions
 from samlora.inference.yolo import BoxCounts, Detector
-from samlora.models import adapters, instance_decoder
+from samlora.models import adapters, model_options
 from samlora.models import sam as sam_model
 from samlora.training import runs
 
@@ -61,7 +61,7 @@ class ScoreOptions(SelectOptions):
     """
 
     batch_prompts: int | None = None
-    precision: str = sam_model.ModelOptions.precision
+    precision: str = model_options.ModelOptions.precision
     bootstrap: int = 2000
     points_per_side: int = 32
     pred_iou_thresh: float | None = None
@@ -127,7 +127,7 @@ def assign_modes(options: ScoreOptions, jobs: Sequence[Job], bases: adapters.Bas
         else:
             has = False
         if needs_decoder and not has:  # a combined --checkpoint (model_state + decoder_state) may carry one
-            has = instance_decoder.attached((job.bases or bases).get(options.seed)) is not None
+            has = (job.bases or bases).carries_decoder()
         what = f"model {job.source.name!r} ({job.adapter or 'the base model'})"
         job.modes = automatic_modes.model_modes(options.modes, has, what)
     for source in {job.source.name for job in jobs}:

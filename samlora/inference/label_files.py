@@ -20,7 +20,7 @@ from samlora.core.figures import draw_instances
 from samlora.data.coco import CocoWriter
 from samlora.data.images import file_stem, read_image_file, to_rgb
 from samlora.data.volume_io import is_zarr
-from samlora.inference.segmenter import Segmenter
+from samlora.inference.segmenter import EMPTY_HINT, Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,7 @@ def segment_file(path: Path, name: str, segmenter: Segmenter, coco: CocoWriter,
     labels, kept, maps = segmenter.segment(image)
     coco.add(name, labels, kept)
     if not kept:
-        log.warning("no objects found in %s: wrote an empty label map (lower --conf, or check "
-                    "--yolo_model / --model_path)", name)
+        log.warning("no objects found in %s: wrote an empty label map (%s)", name, EMPTY_HINT)
     write_labels(outputs["labels"], labels)
     if "maps" in outputs and maps is not None:
         write_maps(outputs["maps"], maps)

@@ -19,7 +19,7 @@ from samlora.inference.label_files import output_paths, segment_file, stack_outp
 from samlora.inference.linking import LinkOptions
 from samlora.inference.propagation import PropagationOptions
 from samlora.inference.segmenter import Segmenter
-from samlora.models import sam as sam_model
+from samlora.models import model_options
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class PredictOptions:
     coco_segmentation: str = "rle"
     overlays: bool = True
     resume: bool = False
-    precision: str = sam_model.ModelOptions.precision
+    precision: str = model_options.ModelOptions.precision
     link: LinkOptions | None = field(default_factory=LinkOptions)
     propagation: PropagationOptions = field(default_factory=PropagationOptions)
     description: str = "detect predict"

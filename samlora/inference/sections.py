@@ -30,6 +30,7 @@ from samlora.data.instances import Instance
 from samlora.data.volume_io import Volume
 from samlora.inference.label_files import write_label_stack, write_map_stack
 from samlora.inference.linking import Linked, LinkOptions, iter_linked
+from samlora.inference.segmenter import EMPTY_HINT
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +252,7 @@ def segment_volume(volume: Volume, name: str, source: SectionSource, store: Sect
         write_map_stack(outputs["maps"], volume.shape, (store.load(z).maps for z in range(volume.shape[0])))
     objects = report.objects
     if objects == 0:
-        log.warning("no objects found in %s: wrote an empty label stack (lower --conf, or check --yolo_model / "
-                    "--model_path)", name)
+        log.warning("no objects found in %s: wrote an empty label stack (%s)", name, EMPTY_HINT)
     elif report.empty:
         log.warning("no objects found in %d of %d sections of %s", report.empty, volume.shape[0], name)
     if "overlay" in outputs and report.best_labels is not None:

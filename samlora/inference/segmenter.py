@@ -232,6 +232,9 @@ def automatic_instances(generator: Any, image: np.ndarray, precision: str = "fp3
 # --------------------------------------------------------------------------------------------
 MODES = ("yolo", "amg", "ais", "apg")
 DECODER_MODES = ("ais", "apg")  # the instance decoder's modes (automatic.py)
+#: What to try when a file comes out empty (label_files.py, sections.py), for every mode.
+EMPTY_HINT = ("check --model_path, or loosen the mode's filter: --conf for yolo, --pred_iou_thresh / "
+              "--stability_score_thresh for amg, --foreground_threshold for ais / apg")
 # Where --pred_iou_thresh / --stability_score_thresh are not given: segment_anything's AMG
 # defaults; APG none, as micro-sam's AutomaticPromptGenerator filters none.
 MASK_FILTERS = {"amg": (0.88, 0.95), "apg": (0.0, 0.0)}

@@ -400,3 +400,18 @@ def validate_detector(yolo: Any, samples: Sequence, confs: Sequence[float], iou:
         for conf in confs:
             counts[conf] += match_boxes(gt, boxes[scores >= conf], iou_threshold)
     return counts
+
+
+def report_validation(counts: dict[float, BoxCounts], conf: float, images: int, weights: Path,
+                      path: Path) -> None:
+    """Log the precision / recall table and write it to ``path`` (JSON)."""
+    report = {"weights": str(weights), "iou_threshold": 0.5, "conf": conf, "validation_samples": images,
+              **counts[conf].scores(), "by_conf": {str(c): n.scores() for c, n in counts.items()}}
+    runfiles.write_json(path, report)
+    log.info("detector: %s", weights)
+    log.info("validation boxes at IoU 0.5 (matched when IoU > 0.5), %d images:", images)
+    log.info("   conf  precision  recall     f1     tp     fp     fn")
+    for c, n in counts.items():
+        s = n.scores()
+        log.info("%7.3f  %9.3f  %6.3f  %5.3f  %5d  %5d  %5d%s", c, s["precision"], s["recall"], s["f1"],
+                 s["tp"], s["fp"], s["fn"], "  <- --conf" if c == conf else "")

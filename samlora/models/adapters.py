@@ -22,7 +22,7 @@ from torch import nn
 
 from samlora.core import runfiles
 from samlora.core.errors import UserError
-from samlora.models import checkpoints, combined, encoder_blocks, instance_decoder, lora
+from samlora.models import checkpoints, combined, encoder_blocks, instance_decoder, lora, model_options
 from samlora.models import sam as sam_model
 from samlora.models.model_info import LoadedModel, ModelInfo
 
@@ -220,9 +220,9 @@ def resolve_model_options(model_type: str | None, image_size: int | None,
 
     A flag that is given must agree with every adapter (another value is refused: the adapter
     was trained for its own size and type); a flag left out (None) takes the adapters' common
-    value, else the training run's, else the defaults of ``model.ModelOptions``.
+    value, else the training run's, else the defaults of ``model_options.ModelOptions``.
     """
-    defaults = sam_model.ModelOptions()
+    defaults = model_options.ModelOptions()
     chosen: list[Any] = []
     for key, flag, explicit, fallback in (("model_type", "--model_type", model_type, defaults.model_type),
                                           ("image_size", "--image_size", image_size, defaults.image_size)):
@@ -278,6 +278,11 @@ class BaseModels:
             torch.manual_seed(seed)
             self._built[key] = combined.build_model(self.model_type, self.checkpoint, self.image_size)
         return self._built[key]
+
+    def carries_decoder(self) -> bool:
+        """Whether the base checkpoint is a combined file with a ``decoder_state`` (read
+        memory-mapped, without building a model)."""
+        return self.checkpoint is not None and checkpoints.read_checkpoint(self.checkpoint)[1] is not None
 
     @property
     def sha256(self) -> str | None:

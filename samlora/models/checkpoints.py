@@ -421,8 +421,7 @@ def load_checkpoint(sam: nn.Module, path: str | Path, model_type: str) -> Loaded
     if unexpected:
         log.warning("%s: ignored %d unexpected keys (e.g. %s)", path, len(unexpected), ", ".join(unexpected[:3]))
     sha256 = _cached_sha256(str(Path(path).resolve()), *_file_stamp(path))
-    log.info("loaded %s weights from %s (sha256 %s...)%s", model_type, path, sha256[:12],
-             "" if decoder is None else f" with an AIS decoder ({len(decoder)} tensors)")
+    log.info("loaded %s weights from %s (sha256 %s...)", model_type, path, sha256[:12])  # combined.py logs a decoder
     return LoadedWeights(sha256, decoder)
 
 

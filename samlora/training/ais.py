@@ -201,6 +201,22 @@ def store_watershed(path: Path, sam: nn.Module, options: WatershedOptions, score
     adapters.save_adapter(path, sam, config)
 
 
+def fold_results(ctx: Any, adapter: Path, select: torch.utils.data.DataLoader | None,
+                 score: torch.utils.data.DataLoader | None, scored: list[dict[str, Any]], embed: Embed) -> dict[str, Any]:
+    """After a fold with the AIS decoder: the watershed thresholds chosen on the selection
+    images (:func:`choose_watershed`; the defaults without a selection split), stored in the
+    fold's ``adapter`` (by rank 0); each scored row gets its image's AIS mSA under them
+    (``ais_msa``). Returns the result's ``watershed`` and ``selection_ais_msa``."""
+    options, chosen = choose_watershed(ctx, select, embed) if select is not None else (WatershedOptions(), None)
+    if ctx.rank == 0:
+        store_watershed(adapter, ctx.sam, options, chosen)
+    if score is not None:
+        msa = {r["index"]: r["msa"][0] for r in msa_rows(ctx, score, embed, [options])}
+        for row in scored:
+            row["ais_msa"] = msa[row["index"]]
+    return {"watershed": dataclasses.asdict(options), "selection_ais_msa": chosen}
+
+
 def watershed_of(config: dict[str, Any]) -> WatershedOptions:
     """The watershed options an adapter config records (defaults when it records none)."""
     return WatershedOptions(**config.get(WATERSHED_KEY, {}))

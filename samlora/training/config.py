@@ -2,7 +2,7 @@
 
 :class:`TrainConfig` is written to ``config.json`` next to every run; ``--resume`` compares it
 with the options given. The data and model options take their defaults from
-``dataset.DataOptions`` (its fields are inherited: declared once) and ``model.ModelOptions``.
+``dataset.DataOptions`` (its fields are inherited: declared once) and ``model_options.ModelOptions``.
 """
 from __future__ import annotations
 
@@ -16,11 +16,10 @@ from samlora.core import runfiles
 from samlora.core.errors import UserError
 from samlora.data import dataset as data
 from samlora.data.prompts import PROMPT_MODES
-from samlora.models import encoder_blocks, lora
-from samlora.models import sam as sam_model
+from samlora.models import encoder_blocks, lora, model_options
 from samlora.training.losses import LOSS_RESOLUTIONS, LOSSES
 
-_MODEL = sam_model.ModelOptions()
+_MODEL = model_options.ModelOptions()
 
 
 @dataclass(kw_only=True)
@@ -168,7 +167,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, searched: bool = False)
     (rank, alpha and learning rate from its lists, always cross-validated): those flags are left out.
     """
     data.add_data_arguments(parser)
-    sam_model.add_model_arguments(parser)
+    model_options.add_model_arguments(parser)
     defaults = TrainConfig(data_dir="", output_dir="")
     out = parser.add_argument_group("run")
     out.add_argument("--output_dir", type=Path, default=Path("runs/train"), help="where the run is written")

@@ -33,6 +33,8 @@ NESTED_DIR = "nested"  # a configuration's inner cross-validations: <run>/nested
 SELECTION = "cv_dice (selection score)"  # results.csv's ranked_by: what the rows are ordered by
 SELECTION_NOTE = ("cv_dice ranks the configurations on the same outer folds that give it: the best one's is a "
                   "selection score, biased upwards; `estimate` is the unbiased figure")
+#: The per-image scores a search can rank by (parameter_search --objective), as the logs name them.
+LABELS = {"dice": "Dice", "ais_msa": "AIS mSA"}
 
 
 def nested_dir(config: TrainConfig, outer: int) -> Path:
@@ -74,11 +76,13 @@ def test_split(summary: dict[str, Any], run: str) -> dict[str, Any]:
 
 
 def nested(rows: Sequence[dict[str, Any]], n_outer: int, read_summary: Callable[[str], dict[str, Any]],
-           samples: Sequence[Sample], grouping: folds_lib.Grouping, seed: int = 0) -> dict[str, Any]:
+           samples: Sequence[Sample], grouping: folds_lib.Grouping, seed: int = 0, key: str = "dice") -> dict[str, Any]:
     """The nested estimate from the finished results rows (each with ``nested``: its inner
-    cross-validated Dice per outer fold, None where nothing was scored). Per outer fold the row
-    with the best inner Dice (ties by name) is picked; its run's scored images of that outer
-    fold, pooled over the folds, give the estimate (:func:`crossval.estimate`)."""
+    cross-validated ``key`` score, the --objective's, per outer fold, None where nothing was
+    scored). Per outer fold the row with the best inner score (ties by name) is picked; its run's
+    scored images of that outer fold, pooled over the folds, give the estimate
+    (:func:`crossval.estimate`). ``per_fold`` gives the pick's inner score and its outer Dice
+    (and outer ``key`` score)."""
     complete = [r for r in rows if r["state"] == "complete" and r.get("nested")]
     scored: list[dict[str, Any]] = []
     per_fold = []
@@ -86,13 +90,14 @@ def nested(rows: Sequence[dict[str, Any]], n_outer: int, read_summary: Callable[
         candidates = sorted((r for r in complete if r["nested"][k] is not None),
                             key=lambda r: (-r["nested"][k], r["name"]))
         if not candidates:
-            return none(f"no configuration has an inner cross-validated Dice in outer fold {k}")
+            return none(f"no configuration has an inner cross-validated {LABELS[key]} in outer fold {k}")
         pick = candidates[0]
         fold = read_summary(pick["run"])["folds"][k]
         scored += fold["scored"]
-        per_fold.append({"fold": k, "chosen": pick["name"], "inner_cv_dice": pick["nested"][k],
-                         "n_images": len(fold["scored"]),
-                         "dice": float(np.mean([s["dice"] for s in fold["scored"]])) if fold["scored"] else None})
+        outer = {name: float(np.mean([s[name] for s in fold["scored"]])) if fold["scored"] else None
+                 for name in dict.fromkeys(("dice", key))}
+        per_fold.append({"fold": k, "chosen": pick["name"], f"inner_cv_{key}": pick["nested"][k],
+                         "n_images": len(fold["scored"]), **outer})
     if not scored:
         return none("the picks of the outer folds scored no image")
     return {"kind": "nested", **crossval.estimate(scored, samples, grouping, seed=seed), "per_fold": per_fold,
@@ -100,12 +105,14 @@ def nested(rows: Sequence[dict[str, Any]], n_outer: int, read_summary: Callable[
                         "fold's training part alone, the best one scored once on the outer fold"}
 
 
-def log_estimate(best: str, estimate: dict[str, Any]) -> None:
-    """One line: which estimate the chosen configuration has, or why it has none."""
+def log_estimate(best: str, estimate: dict[str, Any], key: str = "dice") -> None:
+    """One line: which estimate the chosen configuration has (its ``key`` score, the --objective's,
+    and its Dice), or why it has none."""
     if estimate["kind"] == "none":
-        log.warning("parameter search: no unbiased estimate for %s (%s); its cv_dice is a selection score, "
-                    "biased upwards: add a fixed test split to the data, or --nested", best, estimate["reason"])
+        log.warning("parameter search: no unbiased estimate for %s (%s); its cv_%s is a selection score, "
+                    "biased upwards: add a fixed test split to the data, or --nested", best, estimate["reason"], key)
         return
-    dice = estimate["dice"]
-    log.info("parameter search: unbiased estimate of %s (%s): Dice %.4f, 95 %% CI [%.4f, %.4f] over %d images",
-             best, estimate["kind"], dice["mean"], dice["ci_low"], dice["ci_high"], estimate["n_images"])
+    figures = "; ".join(f"{LABELS[name]} {estimate[name]['mean']:.4f}, 95 % CI [{estimate[name]['ci_low']:.4f}, "
+                        f"{estimate[name]['ci_high']:.4f}]" for name in dict.fromkeys((key, "dice")) if name in estimate)
+    log.info("parameter search: unbiased estimate of %s (%s): %s over %d images", best, estimate["kind"], figures,
+             estimate["n_images"])

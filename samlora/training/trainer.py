@@ -9,7 +9,6 @@ interruption ends with the same result as an uninterrupted run. The run director
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -37,7 +36,7 @@ from samlora.training.config import TrainConfig
 from samlora.training.fold_plan import Distributed, FoldPlan, FoldResources, FoldState, StepPlan
 from samlora.training.items import EmbeddingCache, Item, PromptDataset, make_cache, make_loader
 from samlora.training.losses import decoder_targets, hard_dice, object_losses
-from samlora.training.optim import POSITION_TABLES, is_norm_layer, make_schedule, param_groups  # noqa: F401
+from samlora.training.optim import make_schedule, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +410,8 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], plan: FoldPlan, sha
     sam.load_state_dict(adapters.read_adapter(plan.directory / "best.pt")[1], strict=False)  # the chosen epoch
     score = fold_loader(ctx, samples, plan, plan.score_idx, shared.num_workers) if plan.score_idx else None
     scored = validation_rows(ctx, score) if score is not None else []
-    instance = instance_results(ctx, plan, select, score, scored) if ais.training_decoder(sam) is not None else {}
+    instance = ais.fold_results(ctx, plan.directory / "best.pt", select, score, scored, embed) \
+        if ais.training_decoder(sam) is not None else {}
     result = {"fold": plan.fold, "best_epoch": state.best_epoch, "epochs_run": state.epoch + 1,
               "selection": "inner validation split" if plan.select_idx else "last epoch (no inner split)",
               "selection_dice": state.best_dice if plan.select_idx else None,
@@ -422,22 +422,6 @@ def run_fold(config: TrainConfig, samples: Sequence[Sample], plan: FoldPlan, sha
     if shared.rank == 0:
         runfiles.write_json(plan.directory / "done.json", result)
     return result
-
-
-def instance_results(ctx: Context, plan: FoldPlan, select: torch.utils.data.DataLoader | None,
-                     score: torch.utils.data.DataLoader | None, scored: list[dict[str, Any]]) -> dict[str, Any]:
-    """After a fold with the AIS decoder: the watershed thresholds chosen on the selection
-    images (ais.choose_watershed; the defaults without a selection split), stored in ``best.pt``
-    (by rank 0); each scored row gets its image's AIS mSA under them (``ais_msa``). Returns the
-    result's ``watershed`` and ``selection_ais_msa``."""
-    options, chosen = ais.choose_watershed(ctx, select, embed) if select is not None else (ais.WatershedOptions(), None)
-    if ctx.rank == 0:
-        ais.store_watershed(plan.directory / "best.pt", ctx.sam, options, chosen)
-    if score is not None:
-        msa = {r["index"]: r["msa"][0] for r in ais.msa_rows(ctx, score, embed, [options])}
-        for row in scored:
-            row["ais_msa"] = msa[row["index"]]
-    return {"watershed": dataclasses.asdict(options), "selection_ais_msa": chosen}
 
 
 def fold_loader(ctx: Context, samples: Sequence[Sample], plan: FoldPlan, indices: Sequence[int],

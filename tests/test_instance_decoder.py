@@ -122,6 +122,31 @@ def test_per_image_statistics_do_not_depend_on_the_batch() -> None:
     assert float((running - alone).abs().max()) > 1e-3
 
 
+def _torch_em_upsample(self, x: torch.Tensor) -> torch.Tensor:
+    """torch_em's Upsampler2d order: bilinear 2x first, then the 1x1 conv."""
+    return self.conv(torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+
+
+def test_convolving_before_upsampling_gives_torch_ems_maps(monkeypatch) -> None:
+    """_Upsample convolves at the low resolution (a quarter of the cost): the same function as
+    torch_em's upsample-then-convolve, edges included (odd sizes), forward and gradients."""
+    sampler = instance_decoder._Upsample(16, 8)
+    x = torch.randn(2, 16, 5, 7, requires_grad=True)
+    ours = sampler(x)
+    (grad_ours,) = torch.autograd.grad(ours.square().sum(), x)
+    decoder, embedding = small_decoder(seed=3), torch.randn(1, 32, 4, 4)
+    with torch.no_grad():
+        maps_ours = decoder(embedding)
+    monkeypatch.setattr(instance_decoder._Upsample, "forward", _torch_em_upsample)
+    theirs = sampler(x)
+    (grad_theirs,) = torch.autograd.grad(theirs.square().sum(), x)
+    with torch.no_grad():
+        maps_theirs = decoder(embedding)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad_ours, grad_theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(maps_ours, maps_theirs, atol=1e-6, rtol=0)
+
+
 def test_training_updates_every_parameter() -> None:
     decoder = small_decoder(seed=2, image_size=32).train()
     maps = decoder(torch.randn(2, 32, 2, 2))

@@ -1,5 +1,6 @@
 """The AIS decoder: micro-sam's state-dict layout (keys, shapes, order), shapes of its maps, the
-resize back to the image, strict loading of foreign states, per-image BatchNorm statistics."""
+resize back to the image, strict loading of foreign states, per-image BatchNorm statistics, and
+the upsamplers' order (convolve, then upsample) against torch_em's."""
 from __future__ import annotations
 
 import pytest
